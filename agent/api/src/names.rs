@@ -1,0 +1,252 @@
+//! Validated names: container IDs, interface names, and the host veth names derived from them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{AttachmentKey, hex_digest};
+
+/// Linux interface names hold at most 15 bytes (IFNAMSIZ is 16 with the NUL).
+pub const IFNAME_MAX: usize = 15;
+/// Host veth prefixes are at most this long, so at least 8 hex digits of hash remain
+/// (a collision among a node's 250 pods then has odds below 1 in 10^5).
+pub const HOST_VETH_PREFIX_MAX: usize = 7;
+/// Prefix of host veths that DEL has handed to the agent for deletion. Fixed, so the agent and GC
+/// can find tombstones whatever host prefix is configured.
+pub const TOMBSTONE_PREFIX: &str = "vdel";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("container ID is empty")]
+    EmptyContainerId,
+    #[error(
+        "container ID {0:?} is invalid: it must start with a letter or digit and contain only letters, digits, '_', '.' and '-'"
+    )]
+    InvalidContainerId(String),
+    #[error("interface name is empty")]
+    EmptyIfName,
+    #[error("interface name {0:?} is longer than {IFNAME_MAX} bytes")]
+    IfNameTooLong(String),
+    #[error(
+        "interface name {0:?} is invalid: it must not be '.' or '..' nor contain '/', ':' or whitespace"
+    )]
+    InvalidIfName(String),
+    #[error(
+        "host veth prefix {0:?} is invalid: use 1 to {HOST_VETH_PREFIX_MAX} lowercase letters or digits, starting with a letter, not starting with {TOMBSTONE_PREFIX:?}"
+    )]
+    InvalidVethPrefix(String),
+    #[error("expected <container id>/<ifname>")]
+    MissingSeparator,
+}
+
+/// A container ID as the CNI spec allows it: an alphanumeric first character, then
+/// `[A-Za-z0-9_.-]`. It ends up in file names and veth-name hashes, so nothing else gets through.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ContainerId(String);
+
+impl ContainerId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ContainerId {
+    type Error = NameError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        let mut chars = s.chars();
+        match chars.next() {
+            None => return Err(NameError::EmptyContainerId),
+            Some(c) if !c.is_ascii_alphanumeric() => return Err(NameError::InvalidContainerId(s)),
+            Some(_) => {}
+        }
+        if !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+            return Err(NameError::InvalidContainerId(s));
+        }
+        Ok(ContainerId(s))
+    }
+}
+
+impl FromStr for ContainerId {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::try_from(s.to_owned())
+    }
+}
+
+impl From<ContainerId> for String {
+    fn from(id: ContainerId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for ContainerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An interface name the kernel will accept: 1 to 15 bytes, not `.` or `..`, no `/`, `:` or
+/// whitespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IfName(String);
+
+impl IfName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for IfName {
+    type Error = NameError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s.is_empty() {
+            return Err(NameError::EmptyIfName);
+        }
+        if s.len() > IFNAME_MAX {
+            return Err(NameError::IfNameTooLong(s));
+        }
+        if s == "." || s == ".." || s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+            return Err(NameError::InvalidIfName(s));
+        }
+        Ok(IfName(s))
+    }
+}
+
+impl FromStr for IfName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::try_from(s.to_owned())
+    }
+}
+
+impl From<IfName> for String {
+    fn from(name: IfName) -> String {
+        name.0
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Checks a configured host veth prefix (see [`NameError::InvalidVethPrefix`] for the rule).
+pub fn validate_veth_prefix(prefix: &str) -> Result<(), NameError> {
+    let valid = (1..=HOST_VETH_PREFIX_MAX).contains(&prefix.len())
+        && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && !prefix.starts_with(TOMBSTONE_PREFIX)
+        && !TOMBSTONE_PREFIX.starts_with(prefix);
+    if valid {
+        Ok(())
+    } else {
+        Err(NameError::InvalidVethPrefix(prefix.to_owned()))
+    }
+}
+
+/// The host-side veth name of an attachment: `prefix` followed by hex digits of
+/// SHA-256(container ID, ifname), 15 bytes in all. Deterministic, so DEL finds the link without the
+/// pod's netns, and GC can map every link back to an attachment. The prefix must have passed
+/// [`validate_veth_prefix`].
+pub fn host_veth_name(prefix: &str, key: &AttachmentKey) -> String {
+    let digest = hex_digest(&[key.container_id.as_str(), key.ifname.as_str()]);
+    let hex_len = IFNAME_MAX.saturating_sub(prefix.len());
+    format!("{prefix}{}", &digest[..hex_len])
+}
+
+/// The name a host veth is renamed to when DEL hands it over for deletion in the background: it
+/// frees the deterministic name at once (a new ADD for the same pod cannot collide with the dying
+/// link) and stays recognisable ([`TOMBSTONE_PREFIX`]). `nonce` makes it unique per DEL (a
+/// timestamp and the process ID do).
+pub fn tombstone_veth_name(host_veth: &str, nonce: u64) -> String {
+    let digest = hex_digest(&[host_veth, &nonce.to_string()]);
+    format!(
+        "{TOMBSTONE_PREFIX}{}",
+        &digest[..IFNAME_MAX - TOMBSTONE_PREFIX.len()]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str, ifname: &str) -> AttachmentKey {
+        AttachmentKey {
+            container_id: id.parse().unwrap(),
+            ifname: ifname.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn container_ids_follow_the_spec() {
+        for ok in ["a", "0abc", "abc_def.ghi-jkl", &"f".repeat(64)] {
+            assert!(ok.parse::<ContainerId>().is_ok(), "{ok}");
+        }
+        for bad in ["", "-abc", ".abc", "_abc", "a/b", "a b", "a;b", "../x", "ä"] {
+            assert!(bad.parse::<ContainerId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ifnames_follow_the_kernel() {
+        for ok in ["eth0", "net1", "a", "abcdefghijklmno"] {
+            assert!(ok.parse::<IfName>().is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a:b", "a b", "abcdefghijklmnop"] {
+            assert!(bad.parse::<IfName>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_veth_names_are_deterministic_and_fit_the_kernel() {
+        let a = host_veth_name("vnet", &key("abc", "eth0"));
+        assert_eq!(a, host_veth_name("vnet", &key("abc", "eth0")));
+        assert_eq!(a.len(), IFNAME_MAX);
+        assert!(a.starts_with("vnet"));
+        assert!(a[4..].chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, host_veth_name("vnet", &key("abc", "eth1")));
+        assert_ne!(a, host_veth_name("vnet", &key("abd", "eth0")));
+        // The separator keeps differently split inputs apart.
+        assert_ne!(
+            host_veth_name("vnet", &key("ab", "ceth0")),
+            host_veth_name("vnet", &key("abc", "eth0"))
+        );
+        assert_eq!(host_veth_name("v", &key("abc", "eth0")).len(), IFNAME_MAX);
+    }
+
+    #[test]
+    fn host_veth_name_is_stable_across_releases() {
+        // Pods created by one version are deleted by the next: this value must never change.
+        assert_eq!(
+            host_veth_name("vnet", &key("abc", "eth0")),
+            format!("vnet{}", &hex_digest(&["abc", "eth0"])[..11])
+        );
+    }
+
+    #[test]
+    fn veth_prefixes_are_checked() {
+        for ok in ["vnet", "azv", "eni", "p1234567"[..7].as_ref()] {
+            assert!(validate_veth_prefix(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "VNET", "1abc", "toolong1", "vdel", "vdelx", "vde", "v-x"] {
+            assert!(validate_veth_prefix(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tombstones_are_unique_and_recognisable() {
+        let a = tombstone_veth_name("vnet0123456789a", 1);
+        let b = tombstone_veth_name("vnet0123456789a", 2);
+        assert_ne!(a, b);
+        assert_eq!(a.len(), IFNAME_MAX);
+        assert!(a.starts_with(TOMBSTONE_PREFIX));
+    }
+}

@@ -1,0 +1,125 @@
+//! The cloud boundary of vnet-agent.
+//!
+//! [`CloudProvider`] is what the agent needs from a cloud: who this node is, which secondary
+//! addresses its NIC holds, and to add or remove some. [`azure::AzureProvider`] talks to Azure
+//! Resource Manager and IMDS (and, with other base URLs, to `vnet-mockcloud`); [`fake::FakeCloud`]
+//! is an in-process stand-in for the agent's unit tests.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+pub mod fake;
+
+/// Prefix of every ipConfiguration this product creates. Nothing without it is ever touched.
+pub const IP_CONFIG_PREFIX: &str = "vnet-cni-";
+
+/// What discovery learns about the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    /// The VM name as the cloud knows it.
+    pub vm_name: String,
+    /// ARM resource ID of the VM.
+    pub vm_id: String,
+    /// ARM resource ID of the node's primary NIC.
+    pub nic_id: String,
+    /// The NIC's MAC, lowercase with colons (`00:0d:3a:32:85:70`).
+    pub mac: String,
+    pub primary_ip: Ipv4Addr,
+    /// ARM resource ID of the primary IP's subnet.
+    pub subnet_id: String,
+    pub subnet_prefix: Ipv4Network,
+    /// The VNet's address space: the default non-masquerade CIDRs.
+    pub vnet_address_space: Vec<Ipv4Network>,
+}
+
+/// One secondary address on the NIC that this product owns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecondaryIp {
+    /// The ipConfiguration's name (always starts with [`IP_CONFIG_PREFIX`]).
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub subnet_id: String,
+}
+
+/// Errors the agent acts on: each variant implies a different reaction (wait, back off, report).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloudError {
+    #[error("throttled by the cloud API; retry after {retry_after:?}")]
+    Throttled { retry_after: Duration },
+    #[error("the NIC is busy with another operation ({code}); retry after {retry_after:?}")]
+    Busy { code: String, retry_after: Duration },
+    #[error("subnet {subnet_id} is full: {message}")]
+    SubnetFull { subnet_id: String, message: String },
+    #[error("NIC limit reached: {message}")]
+    NicLimitReached { message: String },
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("not authorized: {message}")]
+    Unauthorized { message: String },
+    #[error("transient cloud error: {0}")]
+    Transient(String),
+    #[error("cloud error: {0}")]
+    Fatal(String),
+}
+
+impl CloudError {
+    /// A short stable label for metrics (`code` label) and status.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CloudError::Throttled { .. } => "throttled",
+            CloudError::Busy { .. } => "busy",
+            CloudError::SubnetFull { .. } => "subnet_full",
+            CloudError::NicLimitReached { .. } => "nic_limit",
+            CloudError::NotFound(_) => "not_found",
+            CloudError::Unauthorized { .. } => "unauthorized",
+            CloudError::Transient(_) => "transient",
+            CloudError::Fatal(_) => "fatal",
+        }
+    }
+
+    /// Whether the same call may succeed later without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            CloudError::Throttled { .. } | CloudError::Busy { .. } | CloudError::Transient(_)
+        )
+    }
+
+    /// How long the cloud asked us to wait, when it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CloudError::Throttled { retry_after } | CloudError::Busy { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The agent's view of a cloud. Implementations retry what is retryable internally (honouring
+/// `Retry-After`) and return an error only when they give up; the agent decides what happens next.
+#[async_trait]
+pub trait CloudProvider: Send + Sync + 'static {
+    /// Who is this node, from the instance metadata service and the NIC.
+    async fn discover(&self) -> Result<NodeIdentity, CloudError>;
+
+    /// The secondary addresses this product owns on the NIC (ipConfigurations named with
+    /// [`IP_CONFIG_PREFIX`]). A complete view or an error, never a partial list.
+    async fn list_secondary_ips(&self, nic_id: &str) -> Result<Vec<SecondaryIp>, CloudError>;
+
+    /// Adds `count` dynamic addresses from `subnet_id` and returns exactly the new ones.
+    /// Concurrent calls for one NIC may be coalesced into one cloud write.
+    async fn assign_ips(
+        &self,
+        nic_id: &str,
+        subnet_id: &str,
+        count: usize,
+    ) -> Result<Vec<SecondaryIp>, CloudError>;
+
+    /// Removes the given addresses from the NIC. Addresses already absent are not an error.
+    async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
+}
