@@ -1,0 +1,1 @@
+//! Placeholder: the Kubernetes integration is being written.
