@@ -5,7 +5,7 @@ set -euo pipefail
 
 [[ $(id -u) -eq 0 ]] || { echo "prepare: run as root (the lab and the tests create network namespaces)" >&2; exit 1; }
 command -v cargo >/dev/null || {
-    echo "prepare: cargo not found: install a Rust toolchain (1.88 or newer, e.g. with rustup) first" >&2
+    echo "prepare: cargo not found: install a Rust toolchain (1.89 or newer, e.g. with rustup) first" >&2
     exit 1
 }
 
