@@ -1,0 +1,155 @@
+//! A small HTTP/1.1 client for the vnet-agent API on its Unix socket: one connection per request
+//! (the plugin makes one or two calls per run), with connect and request timeouts.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+use vnet_api::ErrorResponse;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("vnet-agent is not reachable at {socket}: {source}")]
+    Unreachable {
+        socket: String,
+        source: std::io::Error,
+    },
+    #[error("vnet-agent at {socket} did not answer {path} within {timeout:?}")]
+    Timeout {
+        socket: String,
+        path: String,
+        timeout: Duration,
+    },
+    #[error("vnet-agent refused {path} ({status}): {}", body.message)]
+    Refused {
+        path: String,
+        status: StatusCode,
+        body: ErrorResponse,
+    },
+    #[error("vnet-agent answered {path} with something unexpected: {detail}")]
+    Protocol { path: String, detail: String },
+}
+
+impl AgentError {
+    /// True when the agent never got (or never answered) the request: the caller may fall back.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            AgentError::Unreachable { .. } | AgentError::Timeout { .. } => true,
+            AgentError::Refused { body, .. } => body.code == vnet_api::ErrorCode::NotReady,
+            AgentError::Protocol { .. } => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    socket: String,
+    connect_timeout: Duration,
+}
+
+impl AgentClient {
+    pub fn new(socket: impl Into<String>) -> Self {
+        AgentClient {
+            socket: socket.into(),
+            connect_timeout: Duration::from_millis(1000),
+        }
+    }
+
+    pub async fn get<R: DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<R, AgentError> {
+        self.call(Method::GET, path, None, timeout).await
+    }
+
+    pub async fn post<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<R, AgentError> {
+        let body = serde_json::to_vec(body).map_err(|e| AgentError::Protocol {
+            path: path.into(),
+            detail: e.to_string(),
+        })?;
+        self.call(Method::POST, path, Some(body), timeout).await
+    }
+
+    async fn call<R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<R, AgentError> {
+        let timed_out = || AgentError::Timeout {
+            socket: self.socket.clone(),
+            path: path.to_owned(),
+            timeout,
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, UnixStream::connect(&self.socket))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|source| AgentError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        tokio::time::timeout(timeout, self.exchange(stream, method, path, body))
+            .await
+            .map_err(|_| timed_out())?
+    }
+
+    async fn exchange<R: DeserializeOwned>(
+        &self,
+        stream: UnixStream,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<R, AgentError> {
+        let protocol = |detail: String| AgentError::Protocol {
+            path: path.to_owned(),
+            detail,
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| protocol(e.to_string()))?;
+        // The connection task ends when the request is done and `sender` is dropped.
+        tokio::spawn(conn);
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "vnet-agent");
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| protocol(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| protocol(e.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| protocol(e.to_string()))?
+            .to_bytes();
+        if status.is_success() {
+            serde_json::from_slice(&bytes).map_err(|e| protocol(format!("bad JSON: {e}")))
+        } else {
+            let body = serde_json::from_slice::<ErrorResponse>(&bytes).unwrap_or_else(|_| ErrorResponse {
+                code: vnet_api::ErrorCode::Internal,
+                message: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+            Err(AgentError::Refused {
+                path: path.to_owned(),
+                status,
+                body,
+            })
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! GC: forward the valid attachments to the agent (it releases every other allocation), then
+//! remove host veths with our prefix that no valid attachment maps to, and leftover tombstones.
+//! Keeps going on errors and reports them all at the end.
+
+use std::collections::HashSet;
+
+use vnet_api::{GcRequest, GcResponse, PATH_GC, TOMBSTONE_PREFIX, host_veth_name};
+
+use super::add::netlink_socket_error;
+use super::{READ_TIMEOUT, agent_error};
+use crate::cni::gc_keys;
+use crate::datapath;
+use crate::error::{CniError, CniResult, Code};
+use crate::netns;
+use crate::{Context, log_info, log_warn};
+
+pub async fn run(ctx: &Context) -> CniResult<()> {
+    let Some(list) = ctx.conf.valid_attachments.as_deref() else {
+        return Err(CniError::config(
+            "GC needs cni.dev/valid-attachments (or cni.dev/attachments) in the config",
+        ));
+    };
+    let (keys, mut errors) = gc_keys(list);
+    let prefix = ctx.conf.host_veth_prefix.as_str();
+    let keep: HashSet<String> = keys.iter().map(|k| host_veth_name(prefix, k)).collect();
+
+    match ctx
+        .agent
+        .post::<_, GcResponse>(PATH_GC, &GcRequest { valid_attachments: keys }, READ_TIMEOUT)
+        .await
+    {
+        Ok(resp) => log_info!("agent released {} allocations", resp.released.len()),
+        Err(e) => errors.push(agent_error(e).to_string()),
+    }
+
+    let host = netns::host_netlink().map_err(netlink_socket_error)?;
+    match datapath::links(&host).await {
+        Ok(links) => {
+            for link in links {
+                let ours = link.name.starts_with(prefix) && link.is_veth && !keep.contains(&link.name);
+                let tombstone = link.name.starts_with(TOMBSTONE_PREFIX) && link.is_veth;
+                if !(ours || tombstone) {
+                    continue;
+                }
+                match datapath::delete_link(&host, link.index).await {
+                    Ok(()) => log_info!("removed stale veth {}", link.name),
+                    Err(e) => errors.push(format!("cannot remove {}: {e}", link.name)),
+                }
+            }
+        }
+        Err(e) => errors.push(format!("cannot list host links: {e}")),
+    }
+
+    if errors.is_empty() {
+        return Ok(());
+    }
+    for e in &errors {
+        log_warn!("gc: {e}");
+    }
+    Err(CniError::new(
+        Code::GcIncomplete,
+        format!("GC finished with {} errors", errors.len()),
+    )
+    .with_details(errors.join("; ")))
+}

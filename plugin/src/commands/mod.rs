@@ -1,0 +1,40 @@
+//! One module per CNI command.
+
+pub mod add;
+pub mod check;
+pub mod del;
+pub mod gc;
+pub mod status;
+pub mod version;
+
+use std::time::Duration;
+
+use crate::agent::AgentError;
+use crate::error::{CniError, Code};
+
+/// How long ADD waits for an address: the agent may be waiting for a cloud write
+/// (its allocate timeout is 30 s by default).
+pub const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(35);
+/// Reads (status, allocations) are answered from memory.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Maps an agent failure to a CNI error a person can act on.
+pub fn agent_error(err: AgentError) -> CniError {
+    use vnet_api::ErrorCode;
+    let code = match &err {
+        AgentError::Unreachable { .. } | AgentError::Timeout { .. } => Code::TryAgainLater,
+        AgentError::Refused { body, .. } => match body.code {
+            ErrorCode::TryAgainLater | ErrorCode::NotReady => Code::TryAgainLater,
+            ErrorCode::Exhausted => Code::Exhausted,
+            ErrorCode::BadRequest | ErrorCode::Internal => Code::AgentRejected,
+        },
+        AgentError::Protocol { .. } => Code::AgentRejected,
+    };
+    let hint = match code {
+        Code::TryAgainLater if err.is_unavailable() => {
+            "; check that vnet-agent is running on this node (systemctl status vnet-agent / the vnet-agent pod)"
+        }
+        _ => "",
+    };
+    CniError::new(code, format!("{err}{hint}"))
+}
