@@ -1,1 +1,298 @@
-fn main() {}
+//! vnetctl: operator commands for vnet-cni; today the lab (`vnetctl lab ...`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use vnet_lab::lab::{self, DEFAULT_BASE_DIR, Lab, LabConfig, PoolConfig};
+use vnet_lab::{bench, demo, report};
+
+#[derive(Parser)]
+#[command(name = "vnetctl", version, about = "vnet-cni operator tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// A simulated VNet on this machine (network namespaces; run as root).
+    Lab {
+        #[command(subcommand)]
+        command: LabCmd,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Where {
+    /// Lab name (several labs can run side by side).
+    #[arg(long, default_value = "lab")]
+    name: String,
+    /// Parent of the lab state directories.
+    #[arg(long, default_value = DEFAULT_BASE_DIR)]
+    state_dir: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct Build {
+    /// Number of Kubernetes nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// VNet address space and subnet (gateway .1, nodes from .4, then the plain VM).
+    #[arg(long, default_value = "10.240.0.0/16")]
+    subnet: String,
+    /// Free IPs each agent keeps ready.
+    #[arg(long, default_value_t = PoolConfig::default().warm)]
+    warm: u32,
+    /// Pool grow/shrink step.
+    #[arg(long, default_value_t = PoolConfig::default().batch)]
+    batch: u32,
+    /// Most pod IPs per node.
+    #[arg(long, default_value_t = PoolConfig::default().max)]
+    max: u32,
+    #[arg(long, default_value_t = PoolConfig::default().cooldown_secs)]
+    cooldown_secs: u64,
+    #[arg(long, default_value_t = PoolConfig::default().release_delay_secs)]
+    release_delay_secs: u64,
+    /// Mock cloud faults at start (its --faults JSON, e.g. write latency).
+    #[arg(long)]
+    faults: Option<String>,
+    /// Where vnet-mockcloud, vnet-agent and vnet-cni are (default: next to vnetctl).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// cnitool binary (default: $VNET_CNITOOL or /usr/local/bin/cnitool).
+    #[arg(long)]
+    cnitool: Option<PathBuf>,
+    /// Chain the portmap plugin after vnet-cni.
+    #[arg(long)]
+    portmap: bool,
+}
+
+impl Build {
+    fn config(&self, at: &Where) -> LabConfig {
+        let mut cfg = LabConfig::new(&at.name);
+        cfg.nodes = self.nodes;
+        cfg.subnet = self.subnet.clone();
+        cfg.pool = PoolConfig {
+            warm: self.warm,
+            batch: self.batch,
+            max: self.max,
+            cooldown_secs: self.cooldown_secs,
+            release_delay_secs: self.release_delay_secs,
+            ..PoolConfig::default()
+        };
+        cfg.faults = self.faults.clone();
+        cfg.base_dir = at.state_dir.clone();
+        if let Some(b) = &self.bin_dir {
+            cfg.bin_dir = b.clone();
+        }
+        if let Some(c) = &self.cnitool {
+            cfg.cnitool = c.clone();
+        }
+        cfg.portmap = self.portmap;
+        cfg
+    }
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build the lab: router + mock cloud, nodes + agents, plain VM, internet.
+    Up {
+        #[command(flatten)]
+        at: Where,
+        #[command(flatten)]
+        build: Build,
+    },
+    /// Show the lab's processes, nodes (pools) and pods.
+    Status {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Remove everything the lab made (also after a crash); a no-op when there is no lab.
+    Down {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Pods: network namespaces wired by cnitool + vnet-cni on a node.
+    Pod {
+        #[command(subcommand)]
+        command: PodCmd,
+    },
+    /// Up, pods on every node, connectivity checks, tables, down (unless --keep).
+    Demo {
+        #[arg(long, default_value = "demo")]
+        name: String,
+        #[arg(long, default_value = DEFAULT_BASE_DIR)]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        build: Build,
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+        /// Leave the lab running (remove it later with `vnetctl lab down --name demo`).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// vnet-cni versus ptp + host-local, cold-pool burst, agent RSS, data path; writes a report.
+    Bench {
+        #[arg(long, default_value = "bench")]
+        name: String,
+        #[arg(long, default_value = DEFAULT_BASE_DIR)]
+        state_dir: PathBuf,
+        /// Where vnet-mockcloud, vnet-agent and vnet-cni are (use target/release).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        #[arg(long)]
+        cnitool: Option<PathBuf>,
+        /// Output directory for report.md, results.json and latency.svg.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+        /// Pods per latency phase.
+        #[arg(long, default_value_t = 50)]
+        pods: usize,
+        /// Calls in flight in the concurrent phases.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Pods in the cold-pool burst.
+        #[arg(long, default_value_t = 100)]
+        burst: usize,
+        /// Mock cloud write latency for the burst, ms.
+        #[arg(long, default_value_t = 1000)]
+        write_latency_ms: u64,
+        /// iperf3 seconds per data path measurement (0 = skip).
+        #[arg(long, default_value_t = 5)]
+        iperf_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodCmd {
+    /// Create a pod on NODE (name defaults to pod-<n>).
+    Add {
+        node: String,
+        name: Option<String>,
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Delete pod NAME on NODE (cnitool DEL, then the namespace).
+    Del {
+        node: String,
+        name: String,
+        #[command(flatten)]
+        at: Where,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vnetctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let Top::Lab { command } = cli.command;
+    match command {
+        LabCmd::Up { at, build } => {
+            let lab = Lab::up(&build.config(&at))?;
+            print!("{}", report::status(&lab));
+            println!(
+                "\nlab {:?} is up; `vnetctl lab pod add node-1`, `vnetctl lab status`, `vnetctl lab down` (add --name {} if not the default)",
+                at.name, at.name
+            );
+        }
+        LabCmd::Status { at } => {
+            let lab = Lab::open(&at.state_dir, &at.name)?;
+            print!("{}", report::status(&lab));
+        }
+        LabCmd::Down { at } => {
+            if !lab::is_root() {
+                anyhow::bail!(lab::LabError::NeedsRoot);
+            }
+            if Lab::down_by_name(&at.state_dir, &at.name)? {
+                println!("lab {:?} removed", at.name);
+            } else {
+                println!("no lab {:?}: nothing to do", at.name);
+            }
+        }
+        LabCmd::Pod { command } => match command {
+            PodCmd::Add { node, name, at } => {
+                let lab = Lab::open(&at.state_dir, &at.name)?;
+                let name = match name {
+                    Some(n) => n,
+                    None => next_pod_name(&lab, &node),
+                };
+                let pod = lab
+                    .add_pod(&node, &name)
+                    .with_context(|| format!("adding pod {name} on {node}"))?;
+                println!(
+                    "pod {} on {}: ip {}, host veth {}, netns {}",
+                    pod.name, pod.node, pod.ip, pod.host_veth, pod.ns
+                );
+            }
+            PodCmd::Del { node, name, at } => {
+                let lab = Lab::open(&at.state_dir, &at.name)?;
+                lab.del_pod(&node, &name)
+                    .with_context(|| format!("deleting pod {name} on {node}"))?;
+                println!("pod {name} on {node} deleted");
+            }
+        },
+        LabCmd::Demo {
+            name,
+            state_dir,
+            build,
+            pods_per_node,
+            keep,
+        } => {
+            let at = Where { name, state_dir };
+            let ok = demo::run(&build.config(&at), pods_per_node, keep)?;
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        LabCmd::Bench {
+            name,
+            state_dir,
+            bin_dir,
+            cnitool,
+            out,
+            pods,
+            concurrency,
+            burst,
+            write_latency_ms,
+            iperf_secs,
+        } => {
+            let mut cfg = LabConfig::new(&name);
+            cfg.base_dir = state_dir;
+            if let Some(b) = bin_dir {
+                cfg.bin_dir = b;
+            }
+            if let Some(c) = cnitool {
+                cfg.cnitool = c;
+            }
+            let opts = bench::BenchOptions {
+                pods,
+                concurrency,
+                burst,
+                write_latency_ms,
+                iperf_secs,
+                out,
+            };
+            bench::run(&cfg, &opts)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn next_pod_name(lab: &Lab, node: &str) -> String {
+    let st = lab.state();
+    (1..)
+        .map(|i| format!("pod-{i}"))
+        .find(|n| !st.pods.iter().any(|p| p.node == node && &p.name == n))
+        .expect("an unused pod name")
+}
