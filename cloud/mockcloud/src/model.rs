@@ -1,0 +1,1008 @@
+//! The mock's state and Azure's rules for it: NICs with ipConfigurations, dynamic allocation,
+//! etags, and long-running operations. Pure logic, no I/O: the server drives it under one lock.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::MockError;
+use crate::topology::{Topology, derived_mac, is_assignable, nic_name};
+
+/// Azure's limit of ipConfigurations on one NIC.
+pub const MAX_IP_CONFIGS_PER_NIC: usize = 256;
+/// The mock's (unverified) error code for exceeding it; clients should also match the message.
+pub const NIC_LIMIT_CODE: &str = "NetworkInterfaceIpConfigurationCountExceedsLimit";
+/// An operation nobody polls still finishes after this long, so a NIC never stays busy forever.
+const OPERATION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// An Azure error answer: status, `{"error":{"code","message"}}`, optional `Retry-After`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArmError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ArmError {
+    pub fn new(status: u16, code: &str, message: impl Into<String>) -> ArmError {
+        ArmError {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(code: &str, message: impl Into<String>) -> ArmError {
+        ArmError::new(400, code, message)
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> ArmError {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {"code": self.code, "message": self.message, "details": []}})
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpConfig {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    #[serde(rename = "static")]
+    pub static_allocation: bool,
+    /// Subnet name in the topology.
+    pub subnet: String,
+    pub primary: bool,
+    /// Added by an operation that has not finished: no address shown yet.
+    #[serde(skip)]
+    pub pending: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub name: String,
+    pub vm: String,
+    pub mac: String,
+    pub generation: u64,
+    pub provisioning_state: &'static str,
+    pub configs: Vec<IpConfig>,
+    pub active_operation: Option<String>,
+}
+
+impl Nic {
+    pub fn etag(&self) -> String {
+        format!(
+            "W/\"{:08x}-0000-4000-8000-{:012x}\"",
+            fnv(&self.name),
+            self.generation
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OperationStatus {
+    InProgress,
+    Succeeded,
+    Failed { code: String, message: String },
+}
+
+#[derive(Debug)]
+struct Operation {
+    nic: String,
+    polls_left: u32,
+    failure: Option<(String, String)>,
+    previous: Vec<IpConfig>,
+    status: OperationStatus,
+    deadline: Instant,
+}
+
+/// A change the fabric must make for the VNet to deliver an address to its VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteChange {
+    Replace { ip: Ipv4Addr, via: Ipv4Addr },
+    Delete { ip: Ipv4Addr },
+}
+
+/// What survives a restart of the mock (`--state FILE`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PersistedState {
+    pub nics: BTreeMap<String, PersistedNic>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PersistedNic {
+    pub generation: u64,
+    pub ip_configurations: Vec<IpConfig>,
+}
+
+/// `GET /admin/state`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateView {
+    /// Every address on every NIC, one row per ipConfiguration (a duplicate would show twice).
+    pub addresses: Vec<AddressView>,
+    pub nics: Vec<NicView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddressView {
+    pub ip: Ipv4Addr,
+    pub nic: String,
+    pub vm: String,
+    pub ip_configuration: String,
+    pub subnet: String,
+    pub primary: bool,
+    pub pending: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NicView {
+    pub name: String,
+    pub vm: String,
+    pub etag: String,
+    pub provisioning_state: String,
+    pub ip_configurations: usize,
+}
+
+pub struct Cloud {
+    pub topology: Topology,
+    nics: BTreeMap<String, Nic>,
+    /// Every address held in the VNet, with its NIC. During an operation a NIC holds both its old
+    /// and new addresses, so nothing it releases can go elsewhere before the change is final.
+    owners: HashMap<Ipv4Addr, String>,
+    operations: HashMap<String, Operation>,
+    next_operation: u64,
+}
+
+impl Cloud {
+    pub fn new(topology: Topology, persisted: Option<PersistedState>) -> Result<Cloud, MockError> {
+        topology.validate()?;
+        let persisted = persisted.unwrap_or_default();
+        let mut nics = BTreeMap::new();
+        let mut owners = HashMap::new();
+        for vm in &topology.vms {
+            let name = nic_name(&vm.name);
+            let (generation, configs) = match persisted.nics.get(&name) {
+                Some(saved) => (saved.generation, saved.ip_configurations.clone()),
+                None => (
+                    1,
+                    vec![IpConfig {
+                        name: "ipconfig1".into(),
+                        ip: vm.primary_ip,
+                        static_allocation: false,
+                        subnet: vm.subnet.clone(),
+                        primary: true,
+                        pending: false,
+                    }],
+                ),
+            };
+            for config in &configs {
+                let Some(subnet) = topology.subnet(&config.subnet) else {
+                    return Err(MockError::State(format!(
+                        "{name}: unknown subnet {}",
+                        config.subnet
+                    )));
+                };
+                if !is_assignable(subnet.prefix, config.ip) {
+                    return Err(MockError::State(format!(
+                        "{name}: {} not assignable",
+                        config.ip
+                    )));
+                }
+                if let Some(other) = owners.insert(config.ip, name.clone()) {
+                    return Err(MockError::State(format!(
+                        "{} held by {other} and {name}",
+                        config.ip
+                    )));
+                }
+            }
+            nics.insert(
+                name.clone(),
+                Nic {
+                    name,
+                    vm: vm.name.clone(),
+                    mac: vm.mac.clone().unwrap_or_else(|| derived_mac(&vm.name)),
+                    generation,
+                    provisioning_state: "Succeeded",
+                    configs,
+                    active_operation: None,
+                },
+            );
+        }
+        Ok(Cloud {
+            topology,
+            nics,
+            owners,
+            operations: HashMap::new(),
+            next_operation: 1,
+        })
+    }
+
+    pub fn nic(&self, name: &str) -> Option<&Nic> {
+        self.nics
+            .values()
+            .find(|n| n.name.eq_ignore_ascii_case(name))
+    }
+
+    fn nic_key(&self, name: &str) -> Option<String> {
+        self.nic(name).map(|n| n.name.clone())
+    }
+
+    pub fn nic_not_found(&self, name: &str) -> ArmError {
+        ArmError::new(
+            404,
+            "ResourceNotFound",
+            format!(
+                "The Resource 'Microsoft.Network/networkInterfaces/{name}' under resource group '{}' was not found.",
+                self.topology.resource_group
+            ),
+        )
+    }
+
+    /// The NIC as ARM shows it.
+    pub fn nic_json(&self, name: &str) -> Option<Value> {
+        let nic = self.nic(name)?;
+        let topo = &self.topology;
+        let nic_id = topo.nic_id(&nic.name);
+        let etag = nic.etag();
+        let configs: Vec<Value> = nic
+            .configs
+            .iter()
+            .map(|c| {
+                let mut properties = json!({
+                    "provisioningState": if c.pending { "Updating" } else { "Succeeded" },
+                    "privateIPAllocationMethod": if c.static_allocation { "Static" } else { "Dynamic" },
+                    "privateIPAddressVersion": "IPv4",
+                    "subnet": {"id": topo.subnet_id(&c.subnet)},
+                    "primary": c.primary,
+                });
+                if !c.pending || c.static_allocation {
+                    properties["privateIPAddress"] = json!(c.ip.to_string());
+                }
+                json!({
+                    "name": c.name,
+                    "id": format!("{nic_id}/ipConfigurations/{}", c.name),
+                    "etag": etag,
+                    "type": "Microsoft.Network/networkInterfaces/ipConfigurations",
+                    "properties": properties,
+                })
+            })
+            .collect();
+        Some(json!({
+            "name": nic.name,
+            "id": nic_id,
+            "etag": etag,
+            "type": "Microsoft.Network/networkInterfaces",
+            "location": topo.location,
+            "properties": {
+                "provisioningState": nic.provisioning_state,
+                "resourceGuid": format!("{:08x}-0000-4000-8000-000000000000", fnv(&nic.name)),
+                "macAddress": nic.mac.replace(':', "-").to_uppercase(),
+                "primary": true,
+                "enableIPForwarding": false,
+                "virtualMachine": {"id": topo.vm_id(&nic.vm)},
+                "ipConfigurations": configs,
+            }
+        }))
+    }
+
+    /// Simulates another writer touching the NIC (the etag changes, nothing else).
+    pub fn bump_etag(&mut self, name: &str) {
+        if let Some(key) = self.nic_key(name)
+            && let Some(nic) = self.nics.get_mut(&key)
+        {
+            nic.generation += 1;
+        }
+    }
+
+    /// Applies a NIC PUT and starts its long-running operation; returns the operation id.
+    pub fn put_nic(
+        &mut self,
+        name: &str,
+        if_match: Option<&str>,
+        body: &Value,
+        failure: Option<(String, String)>,
+        polls: u32,
+        now: Instant,
+    ) -> Result<String, ArmError> {
+        let key = self.nic_key(name).ok_or_else(|| self.nic_not_found(name))?;
+        let nic = &self.nics[&key];
+        if nic.active_operation.is_some() {
+            return Err(ArmError::new(
+                409,
+                "AnotherOperationInProgress",
+                format!(
+                    "Another operation on this or dependent resource is in progress. To retry later, Resource '{}'.",
+                    self.topology.nic_id(&key)
+                ),
+            ));
+        }
+        if let Some(expected) = if_match
+            && expected != "*"
+            && expected != nic.etag()
+        {
+            return Err(ArmError::new(
+                412,
+                "PreconditionFailed",
+                format!(
+                    "Precondition failed: the etag {expected} does not match the current etag {} of the resource.",
+                    nic.etag()
+                ),
+            ));
+        }
+        let requested = parse_ip_configurations(body)?;
+        let new_configs = self.plan(&key, &requested)?;
+
+        let nic = self.nics.get_mut(&key).expect("NIC exists");
+        let previous = std::mem::replace(&mut nic.configs, new_configs);
+        nic.generation += 1;
+        nic.provisioning_state = "Updating";
+        for config in &nic.configs {
+            self.owners.insert(config.ip, key.clone());
+        }
+        let id = format!(
+            "{:08x}-0000-4000-8000-{:012x}",
+            fnv(&key),
+            self.next_operation
+        );
+        self.next_operation += 1;
+        nic.active_operation = Some(id.clone());
+        self.operations.insert(
+            id.clone(),
+            Operation {
+                nic: key,
+                polls_left: polls,
+                failure,
+                previous,
+                status: OperationStatus::InProgress,
+                deadline: now + OPERATION_DEADLINE,
+            },
+        );
+        Ok(id)
+    }
+
+    /// The NIC's next ipConfigurations for a PUT, with dynamic addresses chosen. Errors as Azure's.
+    fn plan(&self, key: &str, requested: &[RequestedConfig]) -> Result<Vec<IpConfig>, ArmError> {
+        let nic = &self.nics[key];
+        if requested.len() > MAX_IP_CONFIGS_PER_NIC {
+            return Err(ArmError::bad_request(
+                NIC_LIMIT_CODE,
+                format!(
+                    "The total number of IP configurations {} on network interface {key} exceeds the maximum allowed value of {MAX_IP_CONFIGS_PER_NIC}.",
+                    requested.len()
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        for r in requested {
+            if !names.insert(r.name.to_ascii_lowercase()) {
+                return Err(ArmError::bad_request(
+                    "DuplicateResourceName",
+                    format!(
+                        "Resource {key} has two child resources with the same name ({}).",
+                        r.name
+                    ),
+                ));
+            }
+        }
+        let old_primary = nic
+            .configs
+            .iter()
+            .find(|c| c.primary)
+            .expect("a primary config");
+        if !requested.iter().any(|r| r.name == old_primary.name) {
+            return Err(ArmError::bad_request(
+                "IpConfigDeleteNotSupported",
+                format!(
+                    "IP Configuration {} cannot be deleted. Deletion and renaming of primary IP Configuration is not supported.",
+                    old_primary.name
+                ),
+            ));
+        }
+
+        // Addresses this PUT may not take: everything held in the VNet, including what this NIC
+        // releases now (Azure does not hand a released address straight back).
+        let mut taken: HashSet<Ipv4Addr> = self.owners.keys().copied().collect();
+        let mut result = Vec::with_capacity(requested.len());
+        let mut dynamic_needed: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for r in requested {
+            if let Some(existing) = nic
+                .configs
+                .iter()
+                .find(|c| c.name.eq_ignore_ascii_case(&r.name))
+            {
+                // An existing configuration keeps its address and subnet.
+                let mut kept = existing.clone();
+                if let Some(stat) = r.static_allocation {
+                    kept.static_allocation = stat;
+                }
+                result.push(kept);
+                continue;
+            }
+            if r.primary {
+                return Err(ArmError::bad_request(
+                    "NicMustHaveOnePrimaryIpConfiguration",
+                    format!("Network interface {key} can have only one primary IP configuration."),
+                ));
+            }
+            let subnet_id = r.subnet_id.as_deref().ok_or_else(|| {
+                ArmError::bad_request(
+                    "InvalidRequestFormat",
+                    format!(
+                        "IP configuration {} must reference a subnet (properties.subnet.id).",
+                        r.name
+                    ),
+                )
+            })?;
+            let subnet = self.topology.subnet_from_id(subnet_id).ok_or_else(|| {
+                ArmError::bad_request(
+                    "InvalidResourceReference",
+                    format!("Resource {subnet_id} referenced by resource {key} was not found."),
+                )
+            })?;
+            let mut config = IpConfig {
+                name: r.name.clone(),
+                ip: Ipv4Addr::UNSPECIFIED,
+                static_allocation: r.static_allocation.unwrap_or(false),
+                subnet: subnet.name.clone(),
+                primary: false,
+                pending: true,
+            };
+            if config.static_allocation {
+                let ip = r.ip.ok_or_else(|| {
+                    ArmError::bad_request(
+                        "PrivateIPAddressRequired",
+                        format!(
+                            "IP configuration {} is Static but has no privateIPAddress.",
+                            r.name
+                        ),
+                    )
+                })?;
+                if !is_assignable(subnet.prefix, ip) {
+                    return Err(ArmError::bad_request(
+                        "PrivateIPAddressNotInSubnet",
+                        format!(
+                            "Private static IP address {ip} does not belong to the range of subnet prefix {}.",
+                            subnet.prefix
+                        ),
+                    ));
+                }
+                if !taken.insert(ip) {
+                    return Err(ArmError::bad_request(
+                        "PrivateIPAddressInUse",
+                        format!(
+                            "IP configuration {} is using the private IP address {ip} which is already allocated.",
+                            r.name
+                        ),
+                    ));
+                }
+                config.ip = ip;
+            } else {
+                dynamic_needed
+                    .entry(subnet.name.clone())
+                    .or_default()
+                    .push(result.len());
+            }
+            result.push(config);
+        }
+        for (subnet_name, slots) in dynamic_needed {
+            let subnet = self.topology.subnet(&subnet_name).expect("checked above");
+            let first = u32::from(subnet.prefix.network()) + 4;
+            let last = u32::from(subnet.prefix.broadcast()) - 1;
+            let free: Vec<Ipv4Addr> = (first..=last)
+                .map(Ipv4Addr::from)
+                .filter(|ip| !taken.contains(ip))
+                .take(slots.len())
+                .collect();
+            if free.len() < slots.len() {
+                return Err(ArmError::bad_request(
+                    "SubnetIsFull",
+                    format!(
+                        "Subnet {subnet_name} with address prefix {} does not have enough capacity for {} IP addresses.",
+                        subnet.prefix,
+                        slots.len()
+                    ),
+                ));
+            }
+            for (slot, ip) in slots.into_iter().zip(free) {
+                taken.insert(ip);
+                result[slot].ip = ip;
+            }
+        }
+        Ok(result)
+    }
+
+    /// Finishes operations nobody polled in time (as if they had been polled to the end).
+    pub fn expire_operations(&mut self, now: Instant) -> Vec<RouteChange> {
+        let expired: Vec<String> = self
+            .operations
+            .iter()
+            .filter(|(_, op)| op.status == OperationStatus::InProgress && op.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut routes = Vec::new();
+        for id in expired {
+            routes.extend(self.finish(&id));
+        }
+        routes
+    }
+
+    /// One poll of an operation: `InProgress` until its polls are used up, then its final status.
+    /// Finishing returns the route changes the fabric must make before the caller sees `Succeeded`.
+    pub fn poll_operation(
+        &mut self,
+        id: &str,
+    ) -> Result<(OperationStatus, Vec<RouteChange>), ArmError> {
+        let op = self.operations.get_mut(id).ok_or_else(|| {
+            ArmError::new(
+                404,
+                "OperationNotFound",
+                format!("Operation {id} was not found."),
+            )
+        })?;
+        if op.status != OperationStatus::InProgress {
+            return Ok((op.status.clone(), Vec::new()));
+        }
+        if op.polls_left > 0 {
+            op.polls_left -= 1;
+            return Ok((OperationStatus::InProgress, Vec::new()));
+        }
+        let routes = self.finish(id);
+        Ok((self.operations[id].status.clone(), routes))
+    }
+
+    fn finish(&mut self, id: &str) -> Vec<RouteChange> {
+        let op = self.operations.get_mut(id).expect("operation exists");
+        let nic = self.nics.get_mut(&op.nic).expect("NIC exists");
+        let vm_ip = self.topology.vm(&nic.vm).map(|v| v.primary_ip);
+        let old: HashSet<Ipv4Addr> = op.previous.iter().map(|c| c.ip).collect();
+        let new: HashSet<Ipv4Addr> = nic.configs.iter().map(|c| c.ip).collect();
+        let mut routes = Vec::new();
+        match op.failure.take() {
+            None => {
+                for ip in old.difference(&new) {
+                    self.owners.remove(ip);
+                    routes.push(RouteChange::Delete { ip: *ip });
+                }
+                for config in nic.configs.iter_mut() {
+                    config.pending = false;
+                    if !config.primary
+                        && !old.contains(&config.ip)
+                        && let Some(via) = vm_ip
+                    {
+                        routes.push(RouteChange::Replace { ip: config.ip, via });
+                    }
+                }
+                nic.provisioning_state = "Succeeded";
+                op.status = OperationStatus::Succeeded;
+            }
+            Some((code, message)) => {
+                for ip in new.difference(&old) {
+                    self.owners.remove(ip);
+                }
+                nic.configs = std::mem::take(&mut op.previous);
+                nic.generation += 1;
+                nic.provisioning_state = "Failed";
+                op.status = OperationStatus::Failed { code, message };
+            }
+        }
+        nic.active_operation = None;
+        routes
+    }
+
+    /// Every secondary address's route, for (re)programming the fabric at start.
+    pub fn all_routes(&self) -> Vec<RouteChange> {
+        let mut routes = Vec::new();
+        for nic in self.nics.values() {
+            let Some(vm) = self.topology.vm(&nic.vm) else {
+                continue;
+            };
+            for config in nic.configs.iter().filter(|c| !c.primary) {
+                routes.push(RouteChange::Replace {
+                    ip: config.ip,
+                    via: vm.primary_ip,
+                });
+            }
+        }
+        routes
+    }
+
+    pub fn persisted(&self) -> PersistedState {
+        PersistedState {
+            nics: self
+                .nics
+                .values()
+                .map(|nic| {
+                    (
+                        nic.name.clone(),
+                        PersistedNic {
+                            generation: nic.generation,
+                            ip_configurations: nic.configs.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    pub fn state_view(&self) -> StateView {
+        let mut addresses = Vec::new();
+        let mut nics = Vec::new();
+        for nic in self.nics.values() {
+            for c in &nic.configs {
+                addresses.push(AddressView {
+                    ip: c.ip,
+                    nic: nic.name.clone(),
+                    vm: nic.vm.clone(),
+                    ip_configuration: c.name.clone(),
+                    subnet: c.subnet.clone(),
+                    primary: c.primary,
+                    pending: c.pending,
+                });
+            }
+            nics.push(NicView {
+                name: nic.name.clone(),
+                vm: nic.vm.clone(),
+                etag: nic.etag(),
+                provisioning_state: nic.provisioning_state.to_string(),
+                ip_configurations: nic.configs.len(),
+            });
+        }
+        addresses.sort_by_key(|a| a.ip);
+        StateView { addresses, nics }
+    }
+
+    /// The VM whose primary address is `ip` (IMDS answers by the caller's source address).
+    pub fn vm_by_ip(&self, ip: Ipv4Addr) -> Option<String> {
+        self.topology
+            .vms
+            .iter()
+            .find(|v| v.primary_ip == ip)
+            .map(|v| v.name.clone())
+    }
+
+    /// IMDS `metadata/instance` for a VM.
+    pub fn imds_json(&self, vm_name: &str) -> Option<Value> {
+        let topo = &self.topology;
+        let vm = topo.vm(vm_name)?;
+        let nic = self.nic(&nic_name(&vm.name))?;
+        let subnet = topo.subnet(&vm.subnet)?;
+        let mut addresses: Vec<Value> = Vec::new();
+        for c in nic.configs.iter().filter(|c| c.primary) {
+            addresses.push(json!({"privateIpAddress": c.ip.to_string(), "publicIpAddress": ""}));
+        }
+        for c in nic.configs.iter().filter(|c| !c.primary && !c.pending) {
+            addresses.push(json!({"privateIpAddress": c.ip.to_string(), "publicIpAddress": ""}));
+        }
+        Some(json!({
+            "compute": {
+                "name": vm.name,
+                "resourceId": topo.vm_id(&vm.name),
+                "subscriptionId": topo.subscription,
+                "resourceGroupName": topo.resource_group,
+                "location": topo.location,
+                "vmScaleSetName": "",
+                "vmSize": "Standard_D4s_v5",
+                "zone": "",
+                "osType": "Linux",
+                "vmId": format!("{:08x}-0000-4000-8000-000000000001", fnv(&vm.name)),
+            },
+            "network": {
+                "interface": [{
+                    "macAddress": nic.mac.replace(':', "").to_uppercase(),
+                    "ipv4": {
+                        "ipAddress": addresses,
+                        "subnet": [{
+                            "address": subnet.prefix.network().to_string(),
+                            "prefix": subnet.prefix.prefix().to_string(),
+                        }],
+                    },
+                    "ipv6": {"ipAddress": []},
+                }]
+            }
+        }))
+    }
+
+    /// ARM `Microsoft.Compute/virtualMachines/{vm}`: what discovery needs (the NIC reference).
+    pub fn vm_json(&self, vm_name: &str) -> Option<Value> {
+        let topo = &self.topology;
+        let vm = self
+            .topology
+            .vms
+            .iter()
+            .find(|v| v.name.eq_ignore_ascii_case(vm_name))?;
+        Some(json!({
+            "name": vm.name,
+            "id": topo.vm_id(&vm.name),
+            "type": "Microsoft.Compute/virtualMachines",
+            "location": topo.location,
+            "properties": {
+                "vmId": format!("{:08x}-0000-4000-8000-000000000001", fnv(&vm.name)),
+                "provisioningState": "Succeeded",
+                "hardwareProfile": {"vmSize": "Standard_D4s_v5"},
+                "networkProfile": {
+                    "networkInterfaces": [{
+                        "id": topo.nic_id(&nic_name(&vm.name)),
+                        "properties": {"primary": true},
+                    }]
+                }
+            }
+        }))
+    }
+
+    pub fn subnet_json(&self, name: &str) -> Option<Value> {
+        let topo = &self.topology;
+        let subnet = topo
+            .subnets
+            .iter()
+            .find(|s| s.name.eq_ignore_ascii_case(name))?;
+        Some(json!({
+            "name": subnet.name,
+            "id": topo.subnet_id(&subnet.name),
+            "type": "Microsoft.Network/virtualNetworks/subnets",
+            "properties": {
+                "provisioningState": "Succeeded",
+                "addressPrefix": subnet.prefix.to_string(),
+            }
+        }))
+    }
+
+    pub fn vnet_json(&self) -> Value {
+        let topo = &self.topology;
+        let subnets: Vec<Value> = topo
+            .subnets
+            .iter()
+            .filter_map(|s| self.subnet_json(&s.name))
+            .collect();
+        json!({
+            "name": topo.vnet.name,
+            "id": topo.vnet_id(),
+            "type": "Microsoft.Network/virtualNetworks",
+            "location": topo.location,
+            "properties": {
+                "provisioningState": "Succeeded",
+                "addressSpace": {
+                    "addressPrefixes": topo.vnet.address_space.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                },
+                "subnets": subnets,
+            }
+        })
+    }
+}
+
+/// One ipConfiguration as a PUT body asks for it.
+#[derive(Debug)]
+struct RequestedConfig {
+    name: String,
+    ip: Option<Ipv4Addr>,
+    static_allocation: Option<bool>,
+    subnet_id: Option<String>,
+    primary: bool,
+}
+
+fn parse_ip_configurations(body: &Value) -> Result<Vec<RequestedConfig>, ArmError> {
+    let invalid = |m: String| ArmError::bad_request("InvalidRequestFormat", m);
+    let configs = body
+        .get("properties")
+        .and_then(|p| p.get("ipConfigurations"))
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            invalid(
+                "Cannot parse the request: properties.ipConfigurations must be an array.".into(),
+            )
+        })?;
+    configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let name = c
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| invalid(format!("ipConfigurations[{i}].name is required.")))?;
+            if name.len() > 80
+                || !name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+            {
+                return Err(ArmError::bad_request(
+                    "InvalidResourceName",
+                    format!("Resource name {name} is invalid."),
+                ));
+            }
+            let props = c.get("properties").cloned().unwrap_or(Value::Null);
+            let ip = match props.get("privateIPAddress").and_then(Value::as_str) {
+                None | Some("") => None,
+                Some(text) => Some(text.parse().map_err(|_| {
+                    ArmError::bad_request(
+                        "InvalidPrivateIPAddress",
+                        format!("{text} is not a valid IPv4 address."),
+                    )
+                })?),
+            };
+            let static_allocation = match props
+                .get("privateIPAllocationMethod")
+                .and_then(Value::as_str)
+            {
+                None => None,
+                Some(m) if m.eq_ignore_ascii_case("dynamic") => Some(false),
+                Some(m) if m.eq_ignore_ascii_case("static") => Some(true),
+                Some(m) => {
+                    return Err(invalid(format!("Unknown privateIPAllocationMethod {m}.")));
+                }
+            };
+            Ok(RequestedConfig {
+                name: name.to_string(),
+                ip,
+                static_allocation,
+                subnet_id: props
+                    .get("subnet")
+                    .and_then(|s| s.get("id"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                primary: props
+                    .get("primary")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            })
+        })
+        .collect()
+}
+
+fn fnv(text: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in text.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cloud(prefix: &str, vms: usize) -> Cloud {
+        Cloud::new(Topology::single_subnet(prefix.parse().unwrap(), vms), None).unwrap()
+    }
+
+    fn body_adding(cloud: &Cloud, nic: &str, names: &[&str]) -> Value {
+        let mut body = cloud.nic_json(nic).unwrap();
+        let subnet_id = cloud.topology.subnet_id("nodes");
+        let configs = body["properties"]["ipConfigurations"]
+            .as_array_mut()
+            .unwrap();
+        for name in names {
+            configs.push(json!({"name": name, "properties": {"privateIPAllocationMethod": "Dynamic", "subnet": {"id": subnet_id}}}));
+        }
+        body
+    }
+
+    fn finish_all(cloud: &mut Cloud, id: &str) -> OperationStatus {
+        loop {
+            let (status, _) = cloud.poll_operation(id).unwrap();
+            if status != OperationStatus::InProgress {
+                return status;
+            }
+        }
+    }
+
+    #[test]
+    fn dynamic_addresses_skip_reserved_and_used_ones() {
+        let mut c = cloud("10.0.0.0/24", 2); // VMs at .4 and .5
+        let body = body_adding(&c, "node-1-nic", &["a", "b"]);
+        let op = c
+            .put_nic("node-1-nic", None, &body, None, 0, Instant::now())
+            .unwrap();
+        assert_eq!(finish_all(&mut c, &op), OperationStatus::Succeeded);
+        let ips: Vec<String> = c
+            .state_view()
+            .addresses
+            .iter()
+            .map(|a| a.ip.to_string())
+            .collect();
+        assert_eq!(ips, vec!["10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7"]);
+    }
+
+    #[test]
+    fn full_subnet_is_subnet_is_full() {
+        let mut c = cloud("10.0.0.0/29", 1); // assignable .4 .5 .6; VM holds .4
+        let body = body_adding(&c, "node-1-nic", &["a", "b", "c"]);
+        let err = c
+            .put_nic("node-1-nic", None, &body, None, 0, Instant::now())
+            .unwrap_err();
+        assert_eq!(err.code, "SubnetIsFull");
+        assert_eq!(err.status, 400);
+    }
+
+    #[test]
+    fn stale_etag_is_412_and_busy_nic_is_409() {
+        let mut c = cloud("10.0.0.0/24", 1);
+        let body = body_adding(&c, "node-1-nic", &["a"]);
+        let err = c
+            .put_nic(
+                "node-1-nic",
+                Some("W/\"stale\""),
+                &body,
+                None,
+                0,
+                Instant::now(),
+            )
+            .unwrap_err();
+        assert_eq!(err.status, 412);
+        let etag = c.nic("node-1-nic").unwrap().etag();
+        c.put_nic("node-1-nic", Some(&etag), &body, None, 1, Instant::now())
+            .unwrap();
+        let err = c
+            .put_nic("node-1-nic", None, &body, None, 0, Instant::now())
+            .unwrap_err();
+        assert_eq!(
+            (err.status, err.code.as_str()),
+            (409, "AnotherOperationInProgress")
+        );
+    }
+
+    #[test]
+    fn failed_operation_rolls_back() {
+        let mut c = cloud("10.0.0.0/24", 1);
+        let body = body_adding(&c, "node-1-nic", &["a"]);
+        let failure = Some(("InternalServerError".to_string(), "boom".to_string()));
+        let op = c
+            .put_nic("node-1-nic", None, &body, failure, 0, Instant::now())
+            .unwrap();
+        assert!(matches!(
+            finish_all(&mut c, &op),
+            OperationStatus::Failed { .. }
+        ));
+        assert_eq!(c.state_view().addresses.len(), 1);
+    }
+
+    #[test]
+    fn too_many_configs_is_the_nic_limit() {
+        let mut c = cloud("10.0.0.0/16", 1);
+        let names: Vec<String> = (0..256).map(|i| format!("x{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let body = body_adding(&c, "node-1-nic", &refs);
+        let err = c
+            .put_nic("node-1-nic", None, &body, None, 0, Instant::now())
+            .unwrap_err();
+        assert_eq!(err.code, NIC_LIMIT_CODE);
+    }
+
+    #[test]
+    fn released_address_is_not_reused_until_the_operation_ends() {
+        let mut c = cloud("10.0.0.0/29", 2); // assignable .4 .5 .6; VMs hold .4 .5
+        let body = body_adding(&c, "node-1-nic", &["a"]);
+        let op = c
+            .put_nic("node-1-nic", None, &body, None, 0, Instant::now())
+            .unwrap();
+        finish_all(&mut c, &op);
+        // node-1 releases .6; while that runs node-2 cannot get it.
+        let mut body = c.nic_json("node-1-nic").unwrap();
+        body["properties"]["ipConfigurations"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|c| c["name"] != "a");
+        let op = c
+            .put_nic("node-1-nic", None, &body, None, 1, Instant::now())
+            .unwrap();
+        let grab = body_adding(&c, "node-2-nic", &["b"]);
+        assert_eq!(
+            c.put_nic("node-2-nic", None, &grab, None, 0, Instant::now())
+                .unwrap_err()
+                .code,
+            "SubnetIsFull"
+        );
+        finish_all(&mut c, &op);
+        let op2 = c
+            .put_nic("node-2-nic", None, &grab, None, 0, Instant::now())
+            .unwrap();
+        assert_eq!(finish_all(&mut c, &op2), OperationStatus::Succeeded);
+    }
+}
