@@ -120,13 +120,13 @@ pub struct VethSpec<'a> {
     pub pod_netns_fd: std::os::fd::RawFd,
 }
 
-/// Creates the veth pair, both ends up, in one request.
+/// Creates the veth pair in one request, the host end up. The pod end must be set up separately:
+/// asking for it in the same request fails with ENOTCONN when the peer goes to another namespace.
 pub async fn create_veth(handle: &Handle, spec: &VethSpec<'_>) -> NlResult<()> {
     let peer = LinkUnspec::new_with_name(spec.pod_name)
         .mtu(spec.mtu)
         .address(spec.pod_mac.to_vec())
         .setns_by_fd(spec.pod_netns_fd)
-        .up()
         .build();
     let msg = LinkVeth::new(spec.host_name, spec.pod_name)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))

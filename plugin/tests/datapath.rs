@@ -1,0 +1,290 @@
+//! Root tests of the real data path: the built plugin runs inside a test-created node namespace
+//! against a fake agent; pods are test-created namespaces. Everything is removed on drop.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::{FakeAgent, cni_env, conf, exec_plugin, ip, node, path_str};
+use serde_json::Value;
+use vnet_api::{AttachmentKey, host_veth_name, spool_file_name};
+use vnet_testns::Netns;
+
+fn key(id: &str, ifname: &str) -> AttachmentKey {
+    AttachmentKey {
+        container_id: id.parse().unwrap(),
+        ifname: ifname.parse().unwrap(),
+    }
+}
+
+fn add(node: &Netns, agent: &FakeAgent, version: &str, id: &str, pod: &Netns) -> common::Outcome {
+    let cfg = conf(version, agent.socket_str(), &agent.spool_dir()).to_string();
+    exec_plugin(Some(node), &cni_env("ADD", id, &path_str(pod), "eth0"), &cfg)
+}
+
+fn run(node: &Netns, agent: &FakeAgent, command: &str, id: &str, netns: &str) -> common::Outcome {
+    let cfg = conf("1.0.0", agent.socket_str(), &agent.spool_dir()).to_string();
+    exec_plugin(Some(node), &cni_env(command, id, netns, "eth0"), &cfg)
+}
+
+/// True when one line of `text` contains every part.
+fn has_line(text: &str, parts: &[&str]) -> bool {
+    text.lines().any(|l| parts.iter().all(|p| l.contains(p)))
+}
+
+fn pod_ip(result: &Value) -> Ipv4Addr {
+    result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn add_check_del_del_again() {
+    let node = node();
+    let pod = Netns::new("pod").unwrap();
+    let agent = FakeAgent::start([10, 77, 1]);
+    let id = "ctr-lifecycle";
+    let host_veth = host_veth_name("vnet", &key(id, "eth0"));
+
+    let out = add(&node, &agent, "1.0.0", id, &pod);
+    let result = out.assert_ok().json();
+    // Debug logging is on: it must all be on stderr, stdout stays one JSON document.
+    assert!(out.stderr.contains("DEBUG"), "{}", out.stderr);
+    let pod_addr = pod_ip(&result);
+    assert_eq!(result["interfaces"][0]["name"], host_veth.as_str());
+    assert_eq!(result["interfaces"][1]["name"], "eth0");
+    assert_eq!(result["interfaces"][1]["sandbox"], path_str(&pod).as_str());
+
+    // Pod side, as a user would look at it.
+    let addrs = ip(&pod, &["-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(addrs.contains(&format!("{pod_addr}/32")), "{addrs}");
+    let routes = ip(&pod, &["-4", "route", "show"]);
+    assert!(routes.contains("default via 169.254.1.1 dev eth0"), "{routes}");
+    assert!(
+        has_line(&routes, &["169.254.1.1 dev eth0", "scope link"]),
+        "{routes}"
+    );
+    let neigh = ip(&pod, &["neigh", "show", "169.254.1.1", "dev", "eth0"]);
+    let host_mac = result["interfaces"][0]["mac"].as_str().unwrap();
+    assert!(neigh.contains(host_mac) && neigh.contains("PERMANENT"), "{neigh}");
+    // Host side.
+    let host_routes = ip(&node, &["-4", "route", "show"]);
+    assert!(
+        has_line(&host_routes, &[&format!("{pod_addr} dev {host_veth}"), "scope link"]),
+        "{host_routes}"
+    );
+    let link = ip(&node, &["link", "show", &host_veth]);
+    assert!(link.contains("UP") && link.contains("mtu 1500"), "{link}");
+    assert_eq!(
+        node.exec("cat", &[&format!("/proc/sys/net/ipv6/conf/{host_veth}/accept_ra")])
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|_| "0".into()),
+        "0"
+    );
+    // The pod reaches the node through the veth.
+    pod.exec("ping", &["-c", "1", "-W", "2", common::NODE_IP]).unwrap();
+
+    let out = run(&node, &agent, "CHECK", id, &path_str(&pod));
+    out.assert_ok();
+    assert!(out.stdout.trim().is_empty(), "CHECK prints nothing: {:?}", out.stdout);
+
+    let out = run(&node, &agent, "DEL", id, &path_str(&pod));
+    out.assert_ok();
+    assert!(out.stdout.trim().is_empty());
+    let releases = agent.releases();
+    let dying = releases[0].dying_veth.clone().expect("DEL hands the veth over");
+    assert!(dying.starts_with("vdel"));
+    // The deterministic name is free at once, the tombstone is down and has no routes.
+    assert!(!ip(&node, &["link", "show"]).contains(&host_veth));
+    let tomb = ip(&node, &["link", "show", &dying]);
+    assert!(tomb.contains("state DOWN"), "{tomb}");
+    assert!(!ip(&node, &["-4", "route", "show"]).contains(&pod_addr.to_string()));
+    // The pod's interface name is free for a new ADD in the same sandbox.
+    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+
+    // CHECK now fails (the agent holds nothing), DEL again succeeds.
+    assert!(!run(&node, &agent, "CHECK", id, &path_str(&pod)).success);
+    run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
+    run(&node, &agent, "DEL", id, "").assert_ok();
+    assert_eq!(agent.allocation_count(), 0);
+
+    // A new ADD for the same pod in the same sandbox works while the tombstone still exists.
+    let out = add(&node, &agent, "1.0.0", id, &pod);
+    out.assert_ok();
+    run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
+}
+
+#[test]
+fn del_after_the_netns_was_deleted() {
+    let node = node();
+    let mut pod = Netns::new("pod").unwrap();
+    let agent = FakeAgent::start([10, 77, 2]);
+    let id = "ctr-netns-gone";
+    let pod_path = path_str(&pod);
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
+    pod.delete().unwrap();
+    run(&node, &agent, "DEL", id, &pod_path).assert_ok();
+    run(&node, &agent, "DEL", id, "").assert_ok();
+    assert_eq!(agent.allocation_count(), 0);
+    assert!(!ip(&node, &["link", "show"]).contains(&host_veth_name("vnet", &key(id, "eth0"))));
+}
+
+#[test]
+fn add_onto_an_existing_ifname_fails_cleanly() {
+    let node = node();
+    let pod = Netns::new("pod").unwrap();
+    // Something else already called eth0 in the pod (this kernel has no dummy links).
+    pod.exec("ip", &["link", "add", "eth0", "type", "veth", "peer", "name", "other0"])
+        .unwrap();
+    let agent = FakeAgent::start([10, 77, 3]);
+    let before = ip(&node, &["-o", "link", "show"]);
+    let out = add(&node, &agent, "1.0.0", "ctr-exists", &pod);
+    assert_eq!(out.error_code(), 101);
+    assert!(out.json()["msg"].as_str().unwrap().contains("already exists"));
+    // Nothing left behind: no allocation, no new link, the pod's own eth0 untouched.
+    assert_eq!(agent.allocation_count(), 0);
+    assert_eq!(ip(&node, &["-o", "link", "show"]).lines().count(), before.lines().count());
+    assert!(ip(&pod, &["link", "show", "eth0"]).contains("eth0@other0"));
+}
+
+#[test]
+fn results_have_the_right_shape_for_every_version() {
+    let node = node();
+    let agent = FakeAgent::start([10, 77, 4]);
+    for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
+        let pod = Netns::new("pod").unwrap();
+        let id = format!("ctr-version-{i}");
+        let r = add(&node, &agent, version, &id, &pod).assert_ok().json();
+        assert_eq!(r["cniVersion"], *version);
+        assert_eq!(r["interfaces"].as_array().unwrap().len(), 2);
+        assert!(r["interfaces"][0]["mac"].as_str().unwrap().len() == 17);
+        assert!(r["interfaces"][1]["mac"].as_str().unwrap().len() == 17);
+        let ipc = &r["ips"][0];
+        assert_eq!(ipc["interface"], 1);
+        assert_eq!(ipc["gateway"], "169.254.1.1");
+        assert_eq!(ipc.get("version").is_some(), version.starts_with("0."), "{version}");
+        assert_eq!(r["routes"][1]["dst"], "0.0.0.0/0");
+        assert_eq!(r["routes"][1]["gw"], "169.254.1.1");
+        assert_eq!(r["interfaces"][1].get("mtu").is_some(), *version == "1.1.0");
+        run(&node, &agent, "DEL", &id, &path_str(&pod)).assert_ok();
+    }
+}
+
+#[test]
+fn agent_down_add_is_11_and_del_spools() {
+    let node = node();
+    let pod = Netns::new("pod").unwrap();
+    let agent = FakeAgent::start([10, 77, 5]);
+    let id = "ctr-agent-down";
+    // Wire the pod while the agent is up, then "stop" it by pointing at a dead socket.
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
+    let dead = FakeAgent::dead_socket(agent.dir.path());
+    let cfg = conf("1.0.0", dead.to_str().unwrap(), &agent.spool_dir()).to_string();
+
+    let other = Netns::new("pod").unwrap();
+    let links_before = ip(&node, &["-o", "link", "show"]).lines().count();
+    let out = exec_plugin(Some(&node), &cni_env("ADD", "ctr-other", &path_str(&other), "eth0"), &cfg);
+    assert_eq!(out.error_code(), 11);
+    let msg = out.json()["msg"].as_str().unwrap().to_owned();
+    assert!(msg.contains("not reachable") && msg.contains("vnet-agent"), "{msg}");
+    assert_eq!(ip(&node, &["-o", "link", "show"]).lines().count(), links_before);
+    assert!(!ip(&other, &["link", "show"]).contains("eth0"));
+
+    let out = exec_plugin(Some(&node), &cni_env("DEL", id, &path_str(&pod), "eth0"), &cfg);
+    out.assert_ok();
+    let spooled = agent.spool_dir().join(spool_file_name(&key(id, "eth0")));
+    let body: Value = serde_json::from_slice(&std::fs::read(&spooled).unwrap()).unwrap();
+    assert_eq!(body["container_id"], id);
+    assert_eq!(body["ifname"], "eth0");
+    assert!(body.get("dying_veth").is_none());
+    // Deleted synchronously: no tombstone left for an agent that is not there.
+    let links = ip(&node, &["link", "show"]);
+    assert!(!links.contains("vdel") && !links.contains(&host_veth_name("vnet", &key(id, "eth0"))));
+    // DEL again still succeeds.
+    exec_plugin(Some(&node), &cni_env("DEL", id, "", "eth0"), &cfg).assert_ok();
+}
+
+#[test]
+fn fifty_parallel_adds_get_distinct_working_addresses() {
+    let node = node();
+    let agent = FakeAgent::start([10, 78, 0]);
+    let pods: Vec<Netns> = (0..50).map(|_| Netns::new("pod").unwrap()).collect();
+    let results: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| {
+                let (node, agent) = (&node, &agent);
+                s.spawn(move || {
+                    add(node, agent, "1.0.0", &format!("ctr-par-{i}"), pod)
+                        .assert_ok()
+                        .json()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ips: Vec<Ipv4Addr> = results.iter().map(pod_ip).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 50, "distinct addresses");
+    for (i, r) in results.iter().enumerate() {
+        let ip = pod_ip(r).to_string();
+        node.exec("ping", &["-c", "1", "-W", "2", &ip])
+            .unwrap_or_else(|e| panic!("pod {i} at {ip} unreachable from the node: {e}"));
+    }
+    for (i, pod) in pods.iter().enumerate() {
+        run(&node, &agent, "DEL", &format!("ctr-par-{i}"), &path_str(pod)).assert_ok();
+    }
+    assert_eq!(agent.allocation_count(), 0);
+}
+
+#[test]
+fn status_and_gc() {
+    let node = node();
+    let agent = FakeAgent::start([10, 77, 6]);
+    let keep_pod = Netns::new("pod").unwrap();
+    let stale_pod = Netns::new("pod").unwrap();
+    add(&node, &agent, "1.1.0", "ctr-keep", &keep_pod).assert_ok();
+    add(&node, &agent, "1.1.0", "ctr-stale", &stale_pod).assert_ok();
+    // A leftover tombstone from an earlier DEL.
+    node.exec("ip", &["link", "add", "vdel0123456789a", "type", "veth", "peer", "name", "vdelpeer"])
+        .unwrap();
+
+    let mut cfg = conf("1.1.0", agent.socket_str(), &agent.spool_dir());
+    let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "STATUS")], &cfg.to_string());
+    out.assert_ok();
+    assert!(out.stdout.trim().is_empty());
+
+    cfg["cni.dev/valid-attachments"] = serde_json::json!([{"containerID": "ctr-keep", "ifname": "eth0"}]);
+    let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &cfg.to_string());
+    out.assert_ok();
+    let links = ip(&node, &["link", "show"]);
+    assert!(links.contains(&host_veth_name("vnet", &key("ctr-keep", "eth0"))));
+    assert!(!links.contains(&host_veth_name("vnet", &key("ctr-stale", "eth0"))));
+    assert!(!links.contains("vdel"));
+    assert_eq!(agent.allocation_count(), 1);
+    // The older key is accepted as well.
+    let mut old = conf("1.1.0", agent.socket_str(), &agent.spool_dir());
+    old["cni.dev/attachments"] = serde_json::json!([{"containerID": "ctr-keep", "ifname": "eth0"}]);
+    exec_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &old.to_string()).assert_ok();
+    assert_eq!(agent.allocation_count(), 1);
+
+    // STATUS reports the agent's reason when it cannot allocate.
+    agent.state.lock().unwrap().status = Some(vnet_api::StatusResponse {
+        ready: true,
+        can_allocate: false,
+        reason: Some("subnet nodes is full".into()),
+        node: "node-1".into(),
+        pool: Default::default(),
+        subnet_full: true,
+        last_cloud_error: None,
+        unreconciled: vec![],
+    });
+    let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "STATUS")], &cfg.to_string());
+    assert_eq!(out.error_code(), 50);
+    assert!(out.json()["msg"].as_str().unwrap().contains("subnet nodes is full"));
+}
