@@ -1,0 +1,643 @@
+//! Agent configuration: a TOML file, then `VNET_AGENT_<KEY>` environment variables for top-level
+//! keys, then command-line flags, each overriding the one before. Unknown keys are rejected so a
+//! typo surfaces at start instead of silently falling back to a default. [`Config::validate`]
+//! checks every value and names the key and what it allows.
+//!
+//! Every key, default and an example are documented in `docs/configuration.md`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::Parser;
+use ipnetwork::Ipv4Network;
+use serde::Deserialize;
+
+/// Where the agent reads its configuration unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vnet-cni/agent.toml";
+/// Secondary addresses one NIC can hold for pods: Azure's 256 ipConfigurations minus the primary.
+pub const NIC_SECONDARY_LIMIT: u32 = 255;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// `vnet-agent` command line. Flags override the file and the environment.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "vnet-agent",
+    version,
+    about = "vnet-cni node agent: VNet IP pool and allocation API for the vnet-cni plugin"
+)]
+pub struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Unix socket the plugin talks to.
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+    /// Directory of the allocation store and the release spool.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Address of the Prometheus metrics listener (HTTP).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_address: Option<String>,
+    /// Node name (default: the VM name from discovery).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// trace, debug, info, warn or error (or an EnvFilter directive).
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Check the configuration and exit (0 when valid).
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Azure Resource Manager + IMDS.
+    Azure,
+    /// The Azure client against `vnet-mockcloud` endpoints, without a credential.
+    Mock,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    ManagedIdentity,
+    WorkloadIdentity,
+    ClientSecret,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node_name: Option<String>,
+    pub socket_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub metrics_address: String,
+    pub mtu: u32,
+    pub masquerade: bool,
+    pub non_masquerade_cidrs: Vec<String>,
+    pub host_veth_prefix: String,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    /// `false`: leave the host alone (no ip_forward, no nftables, no veth deletion). For tests and
+    /// runs without root; not for production.
+    pub manage_host: bool,
+    pub cloud: CloudConfig,
+    pub pool: PoolConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    pub provider: ProviderKind,
+    pub arm_endpoint: String,
+    pub imds_endpoint: String,
+    pub credential: CredentialKind,
+    pub client_id: String,
+    pub tenant_id: String,
+    pub client_secret_file: String,
+    pub pod_subnet_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub warm: u32,
+    pub batch: u32,
+    pub max: u32,
+    pub release_delay_secs: u64,
+    pub cooldown_secs: u64,
+    pub allocate_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_name: None,
+            socket_path: PathBuf::from(vnet_api::DEFAULT_SOCKET_PATH),
+            state_dir: PathBuf::from("/var/lib/vnet-cni"),
+            metrics_address: "127.0.0.1:9464".into(),
+            mtu: 1500,
+            masquerade: true,
+            non_masquerade_cidrs: Vec::new(),
+            host_veth_prefix: vnet_api::DEFAULT_HOST_VETH_PREFIX.into(),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            manage_host: true,
+            cloud: CloudConfig::default(),
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            provider: ProviderKind::Azure,
+            arm_endpoint: "https://management.azure.com".into(),
+            imds_endpoint: "http://169.254.169.254".into(),
+            credential: CredentialKind::ManagedIdentity,
+            client_id: String::new(),
+            tenant_id: String::new(),
+            client_secret_file: String::new(),
+            pod_subnet_id: String::new(),
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            warm: 8,
+            batch: 8,
+            max: 250,
+            release_delay_secs: 300,
+            cooldown_secs: 30,
+            allocate_timeout_secs: 30,
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not allowed; use one of: text, json")),
+        }
+    }
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        other => Err(format!("{other:?} is not a boolean; use true or false")),
+    }
+}
+
+impl Config {
+    /// Loads file, environment and flags in that order. A missing file is an error unless it is
+    /// the default path (then the defaults apply).
+    pub fn load(cli: &Cli, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let path = cli
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+                path: path.clone(),
+                message,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && cli.config.is_none() => {
+                Config::default()
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        config.apply_env(env)?;
+        config.apply_cli(cli)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn err(var: &str, message: String) -> ConfigError {
+            ConfigError::Env {
+                var: var.to_owned(),
+                message,
+            }
+        }
+        let get = |key: &str| {
+            let var = format!("VNET_AGENT_{}", key.to_ascii_uppercase());
+            env(&var).map(|value| (var, value))
+        };
+        if let Some((_, v)) = get("node_name") {
+            self.node_name = Some(v);
+        }
+        if let Some((_, v)) = get("socket_path") {
+            self.socket_path = v.into();
+        }
+        if let Some((_, v)) = get("state_dir") {
+            self.state_dir = v.into();
+        }
+        if let Some((_, v)) = get("metrics_address") {
+            self.metrics_address = v;
+        }
+        if let Some((var, v)) = get("mtu") {
+            self.mtu = v
+                .parse()
+                .map_err(|e| err(&var, format!("{v:?} is not a number: {e}")))?;
+        }
+        if let Some((var, v)) = get("masquerade") {
+            self.masquerade = parse_bool(&v).map_err(|m| err(&var, m))?;
+        }
+        if let Some((_, v)) = get("non_masquerade_cidrs") {
+            self.non_masquerade_cidrs = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if let Some((_, v)) = get("host_veth_prefix") {
+            self.host_veth_prefix = v;
+        }
+        if let Some((var, v)) = get("log_format") {
+            self.log_format = v.parse().map_err(|m| err(&var, m))?;
+        }
+        if let Some((_, v)) = get("log_level") {
+            self.log_level = v;
+        }
+        if let Some((var, v)) = get("manage_host") {
+            self.manage_host = parse_bool(&v).map_err(|m| err(&var, m))?;
+        }
+        Ok(())
+    }
+
+    fn apply_cli(&mut self, cli: &Cli) -> Result<(), ConfigError> {
+        if let Some(v) = &cli.socket_path {
+            self.socket_path = v.clone();
+        }
+        if let Some(v) = &cli.state_dir {
+            self.state_dir = v.clone();
+        }
+        if let Some(v) = &cli.metrics_address {
+            self.metrics_address = v.clone();
+        }
+        if let Some(v) = &cli.node_name {
+            self.node_name = Some(v.clone());
+        }
+        if let Some(v) = &cli.log_level {
+            self.log_level = v.clone();
+        }
+        if let Some(v) = &cli.log_format {
+            self.log_format = v.parse().map_err(|m: String| invalid("log_format", m))?;
+        }
+        Ok(())
+    }
+
+    /// Checks every value; the error names the key and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(name) = &self.node_name
+            && (name.is_empty() || name.len() > 253)
+        {
+            return Err(invalid("node_name", "must be 1 to 253 characters"));
+        }
+        if !self.socket_path.is_absolute() {
+            return Err(invalid("socket_path", "must be an absolute path"));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path"));
+        }
+        self.metrics_socket_addr()?;
+        if !(576..=9000).contains(&self.mtu) {
+            return Err(invalid(
+                "mtu",
+                format!("{} is out of range; use 576 to 9000", self.mtu),
+            ));
+        }
+        self.non_masquerade_networks()?;
+        vnet_api::validate_veth_prefix(&self.host_veth_prefix)
+            .map_err(|e| invalid("host_veth_prefix", e.to_string()))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            invalid(
+                "log_level",
+                format!(
+                    "{:?} is not a level or filter ({e}); use trace, debug, info, warn or error",
+                    self.log_level
+                ),
+            )
+        })?;
+        let cloud = &self.cloud;
+        for (key, url) in [
+            ("cloud.arm_endpoint", &cloud.arm_endpoint),
+            ("cloud.imds_endpoint", &cloud.imds_endpoint),
+        ] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    key,
+                    format!("{url:?} must be an http:// or https:// URL"),
+                ));
+            }
+        }
+        if cloud.credential == CredentialKind::ClientSecret {
+            if cloud.tenant_id.is_empty() {
+                return Err(invalid(
+                    "cloud.tenant_id",
+                    "required when cloud.credential = \"client_secret\"",
+                ));
+            }
+            if cloud.client_id.is_empty() {
+                return Err(invalid(
+                    "cloud.client_id",
+                    "required when cloud.credential = \"client_secret\"",
+                ));
+            }
+            if cloud.client_secret_file.is_empty() {
+                return Err(invalid(
+                    "cloud.client_secret_file",
+                    "required when cloud.credential = \"client_secret\"",
+                ));
+            }
+        }
+        if cloud.credential == CredentialKind::WorkloadIdentity && cloud.tenant_id.is_empty() {
+            return Err(invalid(
+                "cloud.tenant_id",
+                "required when cloud.credential = \"workload_identity\"",
+            ));
+        }
+        let pool = &self.pool;
+        if pool.max == 0 || pool.max > NIC_SECONDARY_LIMIT {
+            return Err(invalid(
+                "pool.max",
+                format!(
+                    "{} is out of range; use 1 to {NIC_SECONDARY_LIMIT} (a NIC holds 256 addresses including the primary)",
+                    pool.max
+                ),
+            ));
+        }
+        if pool.batch == 0 || pool.batch > pool.max {
+            return Err(invalid(
+                "pool.batch",
+                format!(
+                    "{} is out of range; use 1 to pool.max ({})",
+                    pool.batch, pool.max
+                ),
+            ));
+        }
+        if pool.warm > pool.max {
+            return Err(invalid(
+                "pool.warm",
+                format!(
+                    "{} is out of range; use 0 to pool.max ({})",
+                    pool.warm, pool.max
+                ),
+            ));
+        }
+        if pool.allocate_timeout_secs == 0 || pool.allocate_timeout_secs > 600 {
+            return Err(invalid(
+                "pool.allocate_timeout_secs",
+                format!(
+                    "{} is out of range; use 1 to 600",
+                    pool.allocate_timeout_secs
+                ),
+            ));
+        }
+        if pool.cooldown_secs > 3600 {
+            return Err(invalid(
+                "pool.cooldown_secs",
+                format!("{} is out of range; use 0 to 3600", pool.cooldown_secs),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn metrics_socket_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.metrics_address.parse().map_err(|_| {
+            invalid(
+                "metrics_address",
+                format!(
+                    "{:?} is not an address; use IP:PORT, e.g. 127.0.0.1:9464",
+                    self.metrics_address
+                ),
+            )
+        })
+    }
+
+    /// The configured non-masquerade CIDRs (empty: use the VNet's address space).
+    pub fn non_masquerade_networks(&self) -> Result<Vec<Ipv4Network>, ConfigError> {
+        self.non_masquerade_cidrs
+            .iter()
+            .map(|s| {
+                s.parse::<Ipv4Network>().map_err(|_| {
+                    invalid(
+                        "non_masquerade_cidrs",
+                        format!("{s:?} is not an IPv4 CIDR such as 10.240.0.0/16"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.state_dir.join("spool")
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Reads a secret file's content, trimmed (used for `cloud.client_secret_file`).
+pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+node_name = "node-1"
+socket_path = "/run/vnet-cni/agent.sock"
+state_dir = "/var/lib/vnet-cni"
+metrics_address = "127.0.0.1:9464"
+mtu = 1500
+masquerade = true
+non_masquerade_cidrs = []
+host_veth_prefix = "vnet"
+log_format = "text"
+log_level = "info"
+[cloud]
+provider = "azure"
+arm_endpoint = "https://management.azure.com"
+imds_endpoint = "http://169.254.169.254"
+credential = "managed_identity"
+client_id = ""
+tenant_id = ""
+client_secret_file = ""
+pod_subnet_id = ""
+[pool]
+warm = 8
+batch = 8
+max = 250
+release_delay_secs = 300
+cooldown_secs = 30
+allocate_timeout_secs = 30
+"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn the_documented_example_parses_to_the_defaults() {
+        let config = Config::from_toml(FULL).unwrap();
+        config.validate().unwrap();
+        let mut defaults = Config::default();
+        defaults.node_name = Some("node-1".into());
+        assert_eq!(config, defaults);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::from_toml("[pool]\nwram = 3\n").unwrap_err();
+        assert!(err.contains("wram"), "{err}");
+        let err = Config::from_toml("sokcet_path = \"/x\"\n").unwrap_err();
+        assert!(err.contains("sokcet_path"), "{err}");
+    }
+
+    #[test]
+    fn enum_values_list_what_is_allowed() {
+        let err = Config::from_toml("[cloud]\nprovider = \"aws\"\n").unwrap_err();
+        assert!(err.contains("azure") && err.contains("mock"), "{err}");
+        let err = Config::from_toml("log_format = \"xml\"\n").unwrap_err();
+        assert!(err.contains("json"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_key_and_the_range() {
+        let cases: &[(&str, &str)] = &[
+            ("[pool]\nmax = 300\n", "pool.max"),
+            ("[pool]\nbatch = 0\n", "pool.batch"),
+            ("[pool]\nwarm = 251\n", "pool.warm"),
+            (
+                "[pool]\nallocate_timeout_secs = 0\n",
+                "pool.allocate_timeout_secs",
+            ),
+            ("mtu = 100\n", "mtu"),
+            ("metrics_address = \"localhost\"\n", "metrics_address"),
+            (
+                "non_masquerade_cidrs = [\"10.0.0.0/33\"]\n",
+                "non_masquerade_cidrs",
+            ),
+            ("host_veth_prefix = \"vdel\"\n", "host_veth_prefix"),
+            ("socket_path = \"relative.sock\"\n", "socket_path"),
+            ("log_level = \"loud[\"\n", "log_level"),
+            (
+                "[cloud]\ncredential = \"client_secret\"\n",
+                "cloud.tenant_id",
+            ),
+            (
+                "[cloud]\narm_endpoint = \"ftp://x\"\n",
+                "cloud.arm_endpoint",
+            ),
+        ];
+        for (toml, key) in cases {
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn env_overrides_the_file_and_flags_override_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "mtu = 1400\nlog_level = \"warn\"\n").unwrap();
+        let cli = Cli {
+            config: Some(path),
+            log_level: Some("debug".into()),
+            ..Cli::default()
+        };
+        let env = |var: &str| match var {
+            "VNET_AGENT_MTU" => Some("9000".to_string()),
+            "VNET_AGENT_LOG_LEVEL" => Some("error".to_string()),
+            "VNET_AGENT_NON_MASQUERADE_CIDRS" => Some("10.0.0.0/8, 192.168.0.0/16".to_string()),
+            "VNET_AGENT_MASQUERADE" => Some("false".to_string()),
+            _ => None,
+        };
+        let config = Config::load(&cli, env).unwrap();
+        assert_eq!(config.mtu, 9000);
+        assert_eq!(config.log_level, "debug");
+        assert!(!config.masquerade);
+        assert_eq!(config.non_masquerade_networks().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn bad_env_values_name_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "").unwrap();
+        let cli = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        let err =
+            Config::load(&cli, |v| (v == "VNET_AGENT_MTU").then(|| "big".into())).unwrap_err();
+        assert!(err.to_string().contains("VNET_AGENT_MTU"), "{err}");
+        let cli = Cli {
+            log_format: Some("xml".into()),
+            ..cli
+        };
+        let err = Config::load(&cli, no_env).unwrap_err();
+        assert!(err.to_string().contains("log_format"), "{err}");
+    }
+
+    #[test]
+    fn an_explicit_missing_file_is_an_error() {
+        let cli = Cli {
+            config: Some("/nonexistent/agent.toml".into()),
+            ..Cli::default()
+        };
+        assert!(matches!(
+            Config::load(&cli, no_env),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

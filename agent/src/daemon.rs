@@ -1,0 +1,292 @@
+//! Start-up, serving and shutdown, in this order:
+//!
+//! 1. discover the node through the cloud provider (retried until it answers);
+//! 2. open the store (recovering from any crash) and rebuild the IPAM state;
+//! 3. reconcile with the cloud's list of the NIC's addresses (retried; a failed read changes
+//!    nothing, and allocations are never dropped — see [`crate::ipam`]);
+//! 4. start the veth reaper and hand it every dying veth and leftover tombstone;
+//! 5. drain the release spool (before any allocation can be served);
+//! 6. enable IPv4 forwarding and install the masquerade table;
+//! 7. serve metrics (TCP) and the API (Unix socket), start the pool task, report ready.
+//!
+//! On shutdown (SIGTERM in `main`): stop accepting, let in-flight requests finish (bounded),
+//! stop the pool task, flush and close the store, remove the socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+use vnet_cloud::{CloudError, CloudProvider};
+
+use crate::agent::{Agent, AgentError, AgentSettings};
+use crate::config::Config;
+use crate::masq::{self, HostError};
+use crate::metrics::{MeteredCloud, Metrics};
+use crate::netlink::LinkOps;
+use crate::pool;
+use crate::spool;
+use crate::store::{JournalOptions, JournalStore, StoreError};
+
+/// How long shutdown waits for in-flight requests (an allocation may wait for the cloud).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(35);
+/// How often the spool is drained after start-up (a DEL may race the start).
+const SPOOL_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("host setup: {0}")]
+    Host(#[from] HostError),
+    #[error("cannot serve the API on {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot serve metrics on {address}: {source}")]
+    Metrics {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cloud: {0}")]
+    Cloud(#[from] CloudError),
+    #[error("shut down before start-up finished")]
+    Interrupted,
+}
+
+pub struct Options {
+    pub config: Config,
+    pub cloud: Arc<dyn CloudProvider>,
+    pub links: Arc<dyn LinkOps>,
+    pub journal: JournalOptions,
+}
+
+async fn retry<T, F, Fut>(
+    what: &str,
+    shutdown: &mut watch::Receiver<bool>,
+    mut f: F,
+) -> Result<T, DaemonError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, CloudError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                attempt += 1;
+                let delay = Duration::from_secs((1u64 << attempt.min(5)).min(30));
+                warn!(error = %e, attempt, ?delay, "{what} failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => return Err(DaemonError::Interrupted),
+                }
+            }
+        }
+    }
+}
+
+/// Drains the spool once; returns how many releases were applied.
+pub async fn drain_spool(agent: &Agent, dir: &std::path::Path) -> usize {
+    let entries = match spool::read_spool(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "cannot read the release spool");
+            return 0;
+        }
+    };
+    let mut drained = 0;
+    for entry in entries {
+        match agent.release(entry.request.clone()).await {
+            Ok(_) => {
+                spool::remove(&entry);
+                drained += 1;
+            }
+            Err(AgentError::BadRequest(message)) => {
+                warn!(file = %entry.path.display(), message, "spooled release is invalid; set aside");
+                let _ = std::fs::rename(&entry.path, entry.path.with_extension("invalid"));
+            }
+            Err(e) => {
+                warn!(file = %entry.path.display(), error = %e, "spooled release failed; kept for the next drain")
+            }
+        }
+    }
+    if drained > 0 {
+        info!(drained, "spooled releases applied");
+    }
+    drained
+}
+
+/// Runs the agent until `shutdown` turns true.
+pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
+    let Options {
+        config,
+        cloud,
+        links,
+        journal,
+    } = options;
+    let metrics = Arc::new(Metrics::new());
+    let cloud: Arc<dyn CloudProvider> = Arc::new(MeteredCloud::new(cloud, metrics.clone()));
+
+    let identity = retry("node discovery", &mut shutdown, || cloud.discover()).await?;
+    info!(vm = identity.vm_name, nic = identity.nic_id, primary_ip = %identity.primary_ip, subnet = %identity.subnet_prefix, "node discovered");
+
+    let state_dir = config.state_dir.clone();
+    let (store, loaded) =
+        tokio::task::spawn_blocking(move || JournalStore::open(&state_dir, journal))
+            .await
+            .expect("store open does not panic")?;
+    let store = Arc::new(store);
+    info!(
+        allocations = loaded.allocations.len(),
+        pool = loaded.pool.len(),
+        cooldown = loaded.cooldown.len(),
+        "store loaded"
+    );
+
+    let subnet_id = if config.cloud.pod_subnet_id.is_empty() {
+        identity.subnet_id.clone()
+    } else {
+        config.cloud.pod_subnet_id.clone()
+    };
+    let settings = AgentSettings {
+        node_name: config
+            .node_name
+            .clone()
+            .unwrap_or_else(|| identity.vm_name.clone()),
+        pool: pool::Settings {
+            warm: config.pool.warm,
+            batch: config.pool.batch,
+            max: config.pool.max,
+            release_delay: Duration::from_secs(config.pool.release_delay_secs),
+        },
+        cooldown_secs: config.pool.cooldown_secs,
+        allocate_timeout: Duration::from_secs(config.pool.allocate_timeout_secs),
+        host_veth_prefix: config.host_veth_prefix.clone(),
+        mtu: config.mtu,
+        subnet_id,
+    };
+    let agent = Agent::new(
+        settings,
+        identity.clone(),
+        cloud.clone(),
+        store.clone(),
+        loaded,
+        metrics,
+    );
+
+    retry("reading the NIC's addresses", &mut shutdown, || {
+        agent.reconcile_with_cloud()
+    })
+    .await?;
+
+    tokio::spawn(agent.clone().run_reaper(links.clone()));
+    agent.sweep_tombstones(links.as_ref()).await;
+
+    let spool_dir = config.spool_dir();
+    drain_spool(&agent, &spool_dir).await;
+
+    if config.manage_host {
+        tokio::task::spawn_blocking(masq::enable_forwarding)
+            .await
+            .expect("no panic")?;
+        if config.masquerade {
+            let mut non_masq = config.non_masquerade_networks()?;
+            if non_masq.is_empty() {
+                non_masq = identity.vnet_address_space.clone();
+            }
+            let script =
+                masq::masquerade_script(identity.subnet_prefix, identity.primary_ip, &non_masq);
+            tokio::task::spawn_blocking(move || masq::apply_nft(&script, masq::NFT_TIMEOUT))
+                .await
+                .expect("no panic")?;
+            info!(non_masquerade = ?non_masq, "masquerade table installed");
+        }
+    }
+
+    let metrics_address = config.metrics_socket_addr()?;
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_address)
+        .await
+        .map_err(|source| DaemonError::Metrics {
+            address: config.metrics_address.clone(),
+            source,
+        })?;
+    info!(address = %metrics_listener.local_addr().map_or(metrics_address, |a| a), "serving metrics");
+    let metrics_app = crate::api::metrics_router(agent.clone());
+    let mut metrics_shutdown = shutdown.clone();
+    let metrics_task = tokio::spawn(async move {
+        let _ = axum::serve(metrics_listener, metrics_app)
+            .with_graceful_shutdown(async move {
+                let _ = metrics_shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+    });
+
+    let socket_path = config.socket_path.clone();
+    let listener = crate::api::bind_socket(&socket_path).map_err(|source| DaemonError::Socket {
+        path: socket_path.clone(),
+        source,
+    })?;
+    let app = crate::api::router(agent.clone());
+    let mut api_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = api_shutdown.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let pool_task = tokio::spawn(agent.clone().run_pool(shutdown.clone()));
+    let spool_task = {
+        let agent = agent.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let stop = tokio::select! {
+                    _ = tokio::time::sleep(SPOOL_INTERVAL) => false,
+                    _ = shutdown.wait_for(|s| *s) => true,
+                };
+                if stop {
+                    break;
+                }
+                drain_spool(&agent, &spool_dir).await;
+            }
+        })
+    };
+    agent.set_ready(true);
+    info!(socket = %socket_path.display(), node = agent.settings().node_name, "ready");
+
+    let _ = shutdown.wait_for(|s| *s).await;
+    info!("shutting down: no new requests; finishing those in flight");
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => error!(error = %e, "API server failed"),
+        Ok(Err(e)) => error!(error = %e, "API server task failed"),
+        Err(_) => warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}"),
+    }
+    agent.set_ready(false);
+    if tokio::time::timeout(SHUTDOWN_GRACE, pool_task)
+        .await
+        .is_err()
+    {
+        warn!(
+            "the pool task did not stop in time; an interrupted cloud write is reconciled at the next start"
+        );
+    }
+    spool_task.abort();
+    metrics_task.abort();
+    if let Err(e) = agent.flush().await {
+        error!(error = %e, "final store flush failed");
+    }
+    let closing = store.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+    let _ = std::fs::remove_file(&socket_path);
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,460 @@
+//! The in-memory IPAM state: which address is free, allocated, cooling down or unreconciled.
+//!
+//! Every method is synchronous and returns the [`Record`]s that describe its change; the caller
+//! holds the lock, submits the records to the store in the same critical section (so the log
+//! order is the order of the changes) and waits for durability after releasing it.
+//!
+//! Invariants (checked by [`Ipam::check`] in tests):
+//! - an address is in at most one of: free, allocated, cooldown;
+//! - free and cooldown addresses are in the pool (on the NIC as far as we know);
+//! - an allocated address not in the pool is *unreconciled*: the cloud did not show it. It stays
+//!   allocated (the pod may well be using it) but is never handed out again; its release drops it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use vnet_api::{AllocateRequest, Allocation, AttachmentKey};
+
+use crate::store::{Cooldown, Record, StoreState};
+
+#[derive(Debug, Default)]
+pub struct Ipam {
+    pool: BTreeSet<Ipv4Addr>,
+    free: BTreeSet<Ipv4Addr>,
+    allocations: HashMap<AttachmentKey, Allocation>,
+    by_ip: HashMap<Ipv4Addr, AttachmentKey>,
+    cooldown: BTreeMap<Ipv4Addr, Cooldown>,
+    unreconciled: BTreeSet<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllocOutcome {
+    /// The attachment already holds this address (a repeated ADD).
+    Existing(Allocation),
+    New(Allocation, Record),
+    /// No free address now.
+    Empty,
+}
+
+/// What a reconcile with the cloud's view changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// On the NIC, unknown to the store: now free.
+    pub adopted: Vec<Ipv4Addr>,
+    /// Free or cooling down in the store, absent from the NIC: dropped from the pool.
+    pub dropped: Vec<Ipv4Addr>,
+    /// Allocated, absent from the NIC: kept, never handed out again.
+    pub unreconciled: Vec<Ipv4Addr>,
+    /// Unreconciled before, shown by the cloud again.
+    pub recovered: Vec<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpamCounts {
+    pub total: u32,
+    pub allocated: u32,
+    pub free: u32,
+    pub cooldown: u32,
+    pub unreconciled: u32,
+}
+
+impl Ipam {
+    /// Rebuilds the working state from what the store replayed.
+    pub fn from_state(state: StoreState) -> Ipam {
+        let mut ipam = Ipam {
+            pool: state.pool,
+            ..Ipam::default()
+        };
+        for (key, allocation) in state.allocations {
+            if let Some(other) = ipam.by_ip.get(&allocation.ip) {
+                // Cannot happen with this store; if it ever does, keep both and say so loudly
+                // rather than pick a winner and break a running pod.
+                tracing::error!(ip = %allocation.ip, first = %other, second = %key, "address held by two attachments in the store");
+            }
+            ipam.by_ip.insert(allocation.ip, key.clone());
+            if !ipam.pool.contains(&allocation.ip) {
+                ipam.unreconciled.insert(allocation.ip);
+            }
+            ipam.allocations.insert(key, allocation);
+        }
+        for (ip, c) in state.cooldown {
+            if ipam.pool.contains(&ip) && !ipam.by_ip.contains_key(&ip) {
+                ipam.cooldown.insert(ip, c);
+            }
+        }
+        ipam.free = ipam
+            .pool
+            .iter()
+            .filter(|ip| !ipam.by_ip.contains_key(ip) && !ipam.cooldown.contains_key(ip))
+            .copied()
+            .collect();
+        ipam
+    }
+
+    pub fn get(&self, key: &AttachmentKey) -> Option<&Allocation> {
+        self.allocations.get(key)
+    }
+
+    pub fn allocate(&mut self, req: &AllocateRequest, host_veth: String, now: u64) -> AllocOutcome {
+        if let Some(existing) = self.allocations.get(&req.key) {
+            return AllocOutcome::Existing(existing.clone());
+        }
+        let Some(ip) = self.free.pop_first() else {
+            return AllocOutcome::Empty;
+        };
+        let allocation = Allocation {
+            ip,
+            key: req.key.clone(),
+            pod: req.pod.clone(),
+            host_veth,
+            allocated_at: now,
+        };
+        self.by_ip.insert(ip, req.key.clone());
+        self.allocations.insert(req.key.clone(), allocation.clone());
+        let record = Record::Allocate {
+            allocation: allocation.clone(),
+        };
+        AllocOutcome::New(allocation, record)
+    }
+
+    /// Releases the attachment's address into cooldown (or out of the pool when it was
+    /// unreconciled). `None` when the attachment holds nothing.
+    pub fn release(
+        &mut self,
+        key: &AttachmentKey,
+        dying_veth: Option<String>,
+        now: u64,
+        cooldown_secs: u64,
+    ) -> Option<(Allocation, Vec<Record>)> {
+        let allocation = self.allocations.remove(key)?;
+        let ip = allocation.ip;
+        self.by_ip.remove(&ip);
+        let until = now + cooldown_secs;
+        let mut records = vec![Record::Release {
+            key: key.clone(),
+            ip,
+            cooldown_until: until,
+            dying_veth: dying_veth.clone(),
+        }];
+        if self.unreconciled.remove(&ip) {
+            records.push(Record::PoolRemove { ips: vec![ip] });
+        } else {
+            self.cooldown.insert(
+                ip,
+                Cooldown {
+                    ip,
+                    until,
+                    dying_veth,
+                },
+            );
+        }
+        Some((allocation, records))
+    }
+
+    /// Moves cooldowns that are over (and whose veth is gone) to free; returns how many.
+    pub fn promote_cooldowns(&mut self, now: u64) -> usize {
+        let done: Vec<Ipv4Addr> = self
+            .cooldown
+            .values()
+            .filter(|c| c.dying_veth.is_none() && c.until <= now)
+            .map(|c| c.ip)
+            .collect();
+        for ip in &done {
+            self.cooldown.remove(ip);
+            self.free.insert(*ip);
+        }
+        done.len()
+    }
+
+    /// The dying veth of `ip` is gone: its cooldown starts now.
+    pub fn veth_gone(&mut self, ip: Ipv4Addr, now: u64, cooldown_secs: u64) -> Option<Record> {
+        let c = self.cooldown.get_mut(&ip)?;
+        c.dying_veth.as_ref()?;
+        c.dying_veth = None;
+        c.until = now + cooldown_secs;
+        Some(Record::Cooldown { ip, until: c.until })
+    }
+
+    /// Addresses waiting for their old veth to disappear, with the veth's name.
+    pub fn dying(&self) -> Vec<(Ipv4Addr, String)> {
+        self.cooldown
+            .values()
+            .filter_map(|c| c.dying_veth.clone().map(|v| (c.ip, v)))
+            .collect()
+    }
+
+    /// New addresses from the cloud join the free set.
+    pub fn add_to_pool(&mut self, ips: &[Ipv4Addr]) -> Option<Record> {
+        let mut added = Vec::new();
+        for ip in ips {
+            if self.pool.insert(*ip) {
+                let recovered = self.unreconciled.remove(ip);
+                if !recovered && !self.by_ip.contains_key(ip) && !self.cooldown.contains_key(ip) {
+                    self.free.insert(*ip);
+                }
+                added.push(*ip);
+            }
+        }
+        (!added.is_empty()).then_some(Record::PoolAdd { ips: added })
+    }
+
+    /// Takes up to `n` free addresses out of the pool, highest first (low addresses stay, which
+    /// keeps a node's pod addresses compact and easy to read).
+    pub fn take_for_release(&mut self, n: u32) -> (Vec<Ipv4Addr>, Option<Record>) {
+        let mut ips = Vec::new();
+        while ips.len() < n as usize {
+            let Some(ip) = self.free.pop_last() else {
+                break;
+            };
+            self.pool.remove(&ip);
+            ips.push(ip);
+        }
+        let record = (!ips.is_empty()).then(|| Record::PoolRemove { ips: ips.clone() });
+        (ips, record)
+    }
+
+    /// Aligns the pool with the cloud's complete list of the NIC's addresses. Allocations are
+    /// never removed: an allocated address the cloud does not show becomes unreconciled.
+    pub fn reconcile(&mut self, on_nic: &BTreeSet<Ipv4Addr>) -> (ReconcileReport, Vec<Record>) {
+        let mut report = ReconcileReport::default();
+        for ip in on_nic {
+            if self.pool.contains(ip) {
+                continue;
+            }
+            self.pool.insert(*ip);
+            if self.unreconciled.remove(ip) {
+                report.recovered.push(*ip);
+            } else {
+                if !self.by_ip.contains_key(ip) && !self.cooldown.contains_key(ip) {
+                    self.free.insert(*ip);
+                }
+                report.adopted.push(*ip);
+            }
+        }
+        let gone: Vec<Ipv4Addr> = self.pool.difference(on_nic).copied().collect();
+        for ip in &gone {
+            self.pool.remove(ip);
+            if self.by_ip.contains_key(ip) {
+                self.unreconciled.insert(*ip);
+                report.unreconciled.push(*ip);
+            } else {
+                self.free.remove(ip);
+                self.cooldown.remove(ip);
+                report.dropped.push(*ip);
+            }
+        }
+        let mut records = Vec::new();
+        let added: Vec<Ipv4Addr> = report
+            .adopted
+            .iter()
+            .chain(&report.recovered)
+            .copied()
+            .collect();
+        if !added.is_empty() {
+            records.push(Record::PoolAdd { ips: added });
+        }
+        if !gone.is_empty() {
+            records.push(Record::PoolRemove { ips: gone });
+        }
+        (report, records)
+    }
+
+    pub fn counts(&self) -> IpamCounts {
+        IpamCounts {
+            total: self.pool.len() as u32,
+            allocated: self.allocations.len() as u32,
+            free: self.free.len() as u32,
+            cooldown: self.cooldown.len() as u32,
+            unreconciled: self.unreconciled.len() as u32,
+        }
+    }
+
+    pub fn allocations(&self) -> Vec<Allocation> {
+        let mut all: Vec<Allocation> = self.allocations.values().cloned().collect();
+        all.sort_by_key(|a| a.ip);
+        all
+    }
+
+    pub fn keys(&self) -> Vec<AttachmentKey> {
+        self.allocations.keys().cloned().collect()
+    }
+
+    pub fn unreconciled(&self) -> Vec<Ipv4Addr> {
+        self.unreconciled.iter().copied().collect()
+    }
+
+    pub fn pool(&self) -> &BTreeSet<Ipv4Addr> {
+        &self.pool
+    }
+
+    /// Panics when an invariant of the module doc is broken (tests only).
+    pub fn check(&self) {
+        for ip in &self.free {
+            assert!(self.pool.contains(ip), "free {ip} outside the pool");
+            assert!(!self.by_ip.contains_key(ip), "free {ip} is allocated");
+            assert!(!self.cooldown.contains_key(ip), "free {ip} is cooling down");
+        }
+        for ip in self.cooldown.keys() {
+            assert!(self.pool.contains(ip), "cooling {ip} outside the pool");
+            assert!(!self.by_ip.contains_key(ip), "cooling {ip} is allocated");
+        }
+        assert_eq!(
+            self.by_ip.len(),
+            self.allocations.len(),
+            "an address held twice"
+        );
+        for ip in &self.unreconciled {
+            assert!(self.by_ip.contains_key(ip) && !self.pool.contains(ip));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: &str) -> AllocateRequest {
+        AllocateRequest {
+            key: format!("{id}/eth0").parse().unwrap(),
+            network: None,
+            netns: None,
+            pod: Default::default(),
+        }
+    }
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 240, 0, last)
+    }
+
+    fn ipam_with(ips: &[u8]) -> Ipam {
+        let mut ipam = Ipam::default();
+        ipam.add_to_pool(&ips.iter().map(|&i| ip(i)).collect::<Vec<_>>());
+        ipam
+    }
+
+    fn allocated_ip(outcome: AllocOutcome) -> Ipv4Addr {
+        match outcome {
+            AllocOutcome::New(a, _) | AllocOutcome::Existing(a) => a.ip,
+            AllocOutcome::Empty => panic!("pool empty"),
+        }
+    }
+
+    #[test]
+    fn allocate_is_idempotent_per_attachment() {
+        let mut ipam = ipam_with(&[10, 11]);
+        let a = allocated_ip(ipam.allocate(&req("a"), "v".into(), 0));
+        assert!(
+            matches!(ipam.allocate(&req("a"), "v".into(), 0), AllocOutcome::Existing(x) if x.ip == a)
+        );
+        let b = allocated_ip(ipam.allocate(&req("b"), "v".into(), 0));
+        assert_ne!(a, b);
+        assert_eq!(ipam.allocate(&req("c"), "v".into(), 0), AllocOutcome::Empty);
+        ipam.check();
+    }
+
+    #[test]
+    fn released_addresses_wait_out_the_cooldown_and_their_veth() {
+        let mut ipam = ipam_with(&[10]);
+        ipam.allocate(&req("a"), "v".into(), 0);
+        let (_, records) = ipam
+            .release(&req("a").key, Some("vdelx".into()), 100, 30)
+            .unwrap();
+        assert_eq!(records.len(), 1);
+        assert!(
+            ipam.release(&req("a").key, None, 100, 30).is_none(),
+            "release is idempotent"
+        );
+        assert_eq!(ipam.promote_cooldowns(1_000), 0, "the veth is not gone yet");
+        assert_eq!(ipam.dying(), vec![(ip(10), "vdelx".to_string())]);
+        assert_eq!(
+            ipam.veth_gone(ip(10), 200, 30),
+            Some(Record::Cooldown {
+                ip: ip(10),
+                until: 230
+            })
+        );
+        assert_eq!(ipam.promote_cooldowns(229), 0);
+        assert_eq!(ipam.allocate(&req("b"), "v".into(), 0), AllocOutcome::Empty);
+        assert_eq!(ipam.promote_cooldowns(230), 1);
+        assert_eq!(
+            allocated_ip(ipam.allocate(&req("b"), "v".into(), 0)),
+            ip(10)
+        );
+        ipam.check();
+    }
+
+    #[test]
+    fn reconcile_adopts_drops_and_never_erases_allocations() {
+        let mut ipam = ipam_with(&[10, 11, 12]);
+        let a = allocated_ip(ipam.allocate(&req("a"), "v".into(), 0));
+        assert_eq!(a, ip(10));
+        // The cloud shows 11 and 13, not 10 (allocated) nor 12 (free).
+        let on_nic: BTreeSet<_> = [ip(11), ip(13)].into();
+        let (report, records) = ipam.reconcile(&on_nic);
+        assert_eq!(report.adopted, vec![ip(13)]);
+        assert_eq!(report.dropped, vec![ip(12)]);
+        assert_eq!(report.unreconciled, vec![ip(10)]);
+        assert_eq!(records.len(), 2);
+        assert_eq!(
+            ipam.get(&req("a").key).unwrap().ip,
+            ip(10),
+            "allocation kept"
+        );
+        ipam.check();
+        // Never handed out again.
+        let others: Vec<_> = ["b", "c", "d"]
+            .iter()
+            .map(|id| ipam.allocate(&req(id), "v".into(), 0))
+            .collect();
+        assert!(
+            others
+                .iter()
+                .all(|o| !matches!(o, AllocOutcome::New(x, _) if x.ip == ip(10)))
+        );
+        // Its release drops it instead of cooling it down.
+        let (_, records) = ipam.release(&req("a").key, None, 0, 30).unwrap();
+        assert!(records.contains(&Record::PoolRemove { ips: vec![ip(10)] }));
+        assert_eq!(ipam.counts().cooldown, 0);
+        ipam.check();
+    }
+
+    #[test]
+    fn an_unreconciled_address_the_cloud_shows_again_is_recovered() {
+        let mut ipam = ipam_with(&[10]);
+        ipam.allocate(&req("a"), "v".into(), 0);
+        ipam.reconcile(&BTreeSet::new());
+        assert_eq!(ipam.unreconciled(), vec![ip(10)]);
+        let (report, _) = ipam.reconcile(&[ip(10)].into());
+        assert_eq!(report.recovered, vec![ip(10)]);
+        assert!(ipam.unreconciled().is_empty());
+        assert_eq!(ipam.counts().free, 0);
+        ipam.check();
+    }
+
+    #[test]
+    fn state_round_trips_through_records() {
+        let mut ipam = Ipam::default();
+        let mut state = StoreState::default();
+        let mut apply = |records: Vec<Record>| {
+            for r in &records {
+                state.apply(r);
+            }
+        };
+        apply(
+            ipam.add_to_pool(&[ip(10), ip(11), ip(12)])
+                .into_iter()
+                .collect(),
+        );
+        for id in ["a", "b"] {
+            if let AllocOutcome::New(_, r) = ipam.allocate(&req(id), "v".into(), 0) {
+                apply(vec![r]);
+            }
+        }
+        apply(ipam.release(&req("a").key, None, 0, 3_000).unwrap().1);
+        apply(ipam.take_for_release(1).1.into_iter().collect());
+        let rebuilt = Ipam::from_state(state);
+        assert_eq!(rebuilt.counts(), ipam.counts());
+        assert_eq!(rebuilt.allocations(), ipam.allocations());
+        rebuilt.check();
+    }
+}

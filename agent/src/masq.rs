@@ -1,0 +1,151 @@
+//! IPv4 forwarding and the masquerade rule for pod egress.
+//!
+//! Pod traffic to destinations inside the non-masquerade CIDRs (the VNet by default) keeps the
+//! pod's address: that is what makes pods first-class VNet addresses. Everything else leaves with
+//! the node's address. The rule matches the pod subnet minus the node's own address, so host
+//! traffic is never rewritten.
+//!
+//! The whole table is replaced in one `nft -f -` transaction (`table` + `delete table` + the new
+//! definition): applying it twice, or after a restart with different CIDRs, leaves exactly one
+//! current copy and never a moment without a rule.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ipnetwork::Ipv4Network;
+
+pub const TABLE: &str = "vnet-cni";
+pub const NFT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot enable IPv4 forwarding ({path}): {source}")]
+    Forwarding {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot run nft: {0}")]
+    Spawn(std::io::Error),
+    #[error("nft did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("nft failed ({status}): {stderr}")]
+    Nft { status: String, stderr: String },
+}
+
+/// The nftables script that installs (or replaces) the masquerade table.
+pub fn masquerade_script(
+    pod_subnet: Ipv4Network,
+    node_ip: Ipv4Addr,
+    non_masq: &[Ipv4Network],
+) -> String {
+    let mut elements: Vec<String> = non_masq.iter().map(|n| n.to_string()).collect();
+    if elements.is_empty() {
+        // An empty set would masquerade even traffic to the pod subnet itself.
+        elements.push(pod_subnet.to_string());
+    }
+    format!(
+        "table ip {TABLE}\n\
+         delete table ip {TABLE}\n\
+         table ip {TABLE} {{\n\
+         \tset non_masquerade {{\n\
+         \t\ttype ipv4_addr\n\
+         \t\tflags interval\n\
+         \t\tauto-merge\n\
+         \t\telements = {{ {} }}\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {pod_subnet} ip saddr != {node_ip} ip daddr != @non_masquerade masquerade comment \"vnet-cni pod egress\"\n\
+         \t}}\n\
+         }}\n",
+        elements.join(", ")
+    )
+}
+
+/// Feeds `script` to `nft -f -`, killing it after `timeout`. Blocking: call from a blocking
+/// thread.
+pub fn apply_nft(script: &str, timeout: Duration) -> Result<(), HostError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(HostError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(HostError::Spawn)?;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().map_err(HostError::Spawn)? {
+            if status.success() {
+                return Ok(());
+            }
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+            }
+            return Err(HostError::Nft {
+                status: status.to_string(),
+                stderr: stderr.trim().to_owned(),
+            });
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(HostError::Timeout(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sets `net.ipv4.ip_forward = 1` (and `conf.all.forwarding`, its alias) for the current netns.
+pub fn enable_forwarding() -> Result<(), HostError> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    let current = std::fs::read_to_string(path).unwrap_or_default();
+    if current.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(path, "1").map_err(|source| HostError::Forwarding {
+        path: path.into(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_replaces_the_table_atomically_and_spares_the_node() {
+        let script = masquerade_script(
+            "10.240.0.0/16".parse().unwrap(),
+            Ipv4Addr::new(10, 240, 0, 4),
+            &[
+                "10.240.0.0/16".parse().unwrap(),
+                "192.168.0.0/16".parse().unwrap(),
+            ],
+        );
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(lines[0], "table ip vnet-cni");
+        assert_eq!(lines[1], "delete table ip vnet-cni");
+        assert!(script.contains("elements = { 10.240.0.0/16, 192.168.0.0/16 }"));
+        assert!(script.contains(
+            "ip saddr 10.240.0.0/16 ip saddr != 10.240.0.4 ip daddr != @non_masquerade masquerade"
+        ));
+    }
+
+    #[test]
+    fn no_cidrs_still_keeps_pod_subnet_traffic_unmasqueraded() {
+        let script = masquerade_script(
+            "10.1.0.0/24".parse().unwrap(),
+            Ipv4Addr::new(10, 1, 0, 4),
+            &[],
+        );
+        assert!(script.contains("elements = { 10.1.0.0/24 }"));
+    }
+}

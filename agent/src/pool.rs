@@ -1,0 +1,336 @@
+//! Pool sizing: pure decisions from counts, settings and a clock, so every rule has a table test.
+//!
+//! Rules, in order:
+//! 1. One cloud write at a time: while one is in flight, wait (its result changes the counts;
+//!    requests that arrive meanwhile are served together by the next write — coalescing).
+//! 2. Above the cap (configuration lowered): shrink free addresses down to the cap.
+//! 3. Grow when waiting allocations outnumber free addresses, or when free plus cooling-down
+//!    addresses are fewer than `warm`. Addresses in cooldown count towards `warm` because they
+//!    come back on their own; counting them as gone would make every pod churn a cloud write. A
+//!    waiting allocation never waits for a cooldown, though. The step is rounded up to a multiple
+//!    of `batch` and clipped to the cap (`max`, and the NIC's 255 secondary addresses).
+//! 4. During a back-off (after `SubnetIsFull` or a failed write) nothing grows.
+//! 5. Shrink only after free addresses have stayed above `warm + batch` for `release_delay`
+//!    without interruption (hysteresis), and then by whole batches, never below `warm`.
+
+use std::time::Duration;
+
+use crate::config::NIC_SECONDARY_LIMIT;
+
+/// What the pool holds right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Addresses on the NIC owned by the pool (allocated, free and cooling down).
+    pub total: u32,
+    pub free: u32,
+    pub cooldown: u32,
+    /// Requested from the cloud, not yet confirmed.
+    pub pending: u32,
+    /// Allocation requests waiting for an address.
+    pub waiters: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub warm: u32,
+    pub batch: u32,
+    pub max: u32,
+    pub release_delay: Duration,
+}
+
+impl Settings {
+    pub fn cap(&self) -> u32 {
+        self.max.min(NIC_SECONDARY_LIMIT)
+    }
+}
+
+/// What the pool remembers between decisions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Since when free has been above `warm + batch` without interruption.
+    pub excess_since: Option<Duration>,
+    /// No growth before this instant.
+    pub backoff_until: Option<Duration>,
+    /// The NIC refused more addresses at this total: treat it as the cap until the total falls.
+    pub nic_limit_at: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Nothing,
+    /// Ask the cloud for this many addresses.
+    Grow(u32),
+    /// Give this many free addresses back.
+    Shrink(u32),
+    /// Short of addresses but may not grow: the cap is reached.
+    AtCap,
+    /// Short of addresses, backing off until the given instant.
+    BackingOff(Duration),
+}
+
+/// The total the pool steers towards with the current demand (for status and metrics).
+pub fn target(c: &Counts, s: &Settings, m: &Memory) -> u32 {
+    let allocated = c.total.saturating_sub(c.free + c.cooldown);
+    (allocated + c.cooldown + s.warm.max(c.waiters)).min(effective_cap(c, s, m))
+}
+
+fn effective_cap(c: &Counts, s: &Settings, m: &Memory) -> u32 {
+    match m.nic_limit_at {
+        Some(at) if c.total >= at => s.cap().min(at),
+        _ => s.cap(),
+    }
+}
+
+/// `now` is any monotonic clock (the caller's `Instant` offset); only differences matter.
+pub fn decide(c: &Counts, s: &Settings, m: &mut Memory, now: Duration) -> Decision {
+    if c.pending > 0 {
+        return Decision::Nothing;
+    }
+    if m.nic_limit_at.is_some_and(|at| c.total < at) {
+        m.nic_limit_at = None;
+    }
+    let cap = effective_cap(c, s, m);
+    if c.total > cap {
+        m.excess_since = None;
+        let n = (c.total - cap).min(c.free);
+        return if n > 0 {
+            Decision::Shrink(n)
+        } else {
+            Decision::Nothing
+        };
+    }
+
+    let short_for_waiters = c.waiters.saturating_sub(c.free);
+    let short_for_warm = s
+        .warm
+        .saturating_sub((c.free + c.cooldown).saturating_sub(c.waiters));
+    let deficit = if short_for_waiters > 0 {
+        short_for_waiters + s.warm
+    } else {
+        short_for_warm
+    };
+    if deficit > 0 {
+        m.excess_since = None;
+        if let Some(until) = m.backoff_until {
+            if now < until {
+                return Decision::BackingOff(until);
+            }
+            m.backoff_until = None;
+        }
+        let room = cap.saturating_sub(c.total + c.pending);
+        let step = deficit.div_ceil(s.batch) * s.batch;
+        let n = step.min(room);
+        return if n > 0 {
+            Decision::Grow(n)
+        } else {
+            Decision::AtCap
+        };
+    }
+
+    if c.waiters == 0 && c.free > s.warm + s.batch {
+        let since = *m.excess_since.get_or_insert(now);
+        if now.saturating_sub(since) >= s.release_delay {
+            m.excess_since = None;
+            return Decision::Shrink((c.free - s.warm) / s.batch * s.batch);
+        }
+    } else {
+        m.excess_since = None;
+    }
+    Decision::Nothing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Settings = Settings {
+        warm: 8,
+        batch: 8,
+        max: 250,
+        release_delay: Duration::from_secs(300),
+    };
+
+    fn counts(total: u32, free: u32, cooldown: u32, pending: u32, waiters: u32) -> Counts {
+        Counts {
+            total,
+            free,
+            cooldown,
+            pending,
+            waiters,
+        }
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn growth_decisions() {
+        use Decision::*;
+        // (what, counts, settings, expected)
+        let table: &[(&str, Counts, Settings, Decision)] = &[
+            (
+                "empty pool grows one batch to warm",
+                counts(0, 0, 0, 0, 0),
+                S,
+                Grow(8),
+            ),
+            ("warm satisfied", counts(8, 8, 0, 0, 0), S, Nothing),
+            (
+                "one below warm grows a whole batch",
+                counts(8, 7, 0, 0, 0),
+                S,
+                Grow(8),
+            ),
+            (
+                "cooldown counts towards warm",
+                counts(16, 4, 4, 0, 0),
+                S,
+                Nothing,
+            ),
+            (
+                "a write in flight blocks another",
+                counts(0, 0, 0, 8, 5),
+                S,
+                Nothing,
+            ),
+            (
+                "200 waiters coalesce into one write, rounded to batches",
+                counts(8, 0, 0, 0, 200),
+                S,
+                Grow(208),
+            ),
+            (
+                "waiters do not wait for a cooldown",
+                counts(8, 0, 8, 0, 1),
+                S,
+                Grow(16),
+            ),
+            (
+                "growth is clipped to max",
+                counts(245, 0, 0, 0, 20),
+                S,
+                Grow(5),
+            ),
+            (
+                "growth is clipped to the NIC limit",
+                counts(250, 0, 0, 0, 20),
+                Settings { max: 255, ..S },
+                Grow(5),
+            ),
+            ("at max nothing to grow", counts(250, 0, 0, 0, 3), S, AtCap),
+            (
+                "batch 1 grows exactly",
+                counts(3, 0, 0, 0, 2),
+                Settings {
+                    warm: 0,
+                    batch: 1,
+                    ..S
+                },
+                Grow(2),
+            ),
+            (
+                "warm 0 grows only for waiters",
+                counts(3, 0, 0, 0, 0),
+                Settings { warm: 0, ..S },
+                Nothing,
+            ),
+            (
+                "a lowered max shrinks free addresses",
+                counts(40, 30, 0, 0, 0),
+                Settings { max: 16, ..S },
+                Shrink(24),
+            ),
+        ];
+        for (what, c, s, expected) in table {
+            let mut m = Memory::default();
+            assert_eq!(decide(c, s, &mut m, secs(0)), *expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn release_delay_and_hysteresis() {
+        let mut m = Memory::default();
+        let excess = counts(40, 30, 0, 0, 0);
+        assert_eq!(decide(&excess, &S, &mut m, secs(0)), Decision::Nothing);
+        assert_eq!(decide(&excess, &S, &mut m, secs(299)), Decision::Nothing);
+        // 30 free, warm 8: release two whole batches, keeping 14 (>= warm).
+        assert_eq!(decide(&excess, &S, &mut m, secs(300)), Decision::Shrink(16));
+
+        // An interruption restarts the delay.
+        let mut m = Memory::default();
+        decide(&excess, &S, &mut m, secs(0));
+        decide(&counts(40, 12, 0, 0, 0), &S, &mut m, secs(200));
+        assert_eq!(decide(&excess, &S, &mut m, secs(300)), Decision::Nothing);
+        assert_eq!(decide(&excess, &S, &mut m, secs(600)), Decision::Shrink(16));
+
+        // Exactly warm + batch free is inside the band: never released (no churn flapping).
+        let mut m = Memory::default();
+        let band = counts(40, 16, 0, 0, 0);
+        decide(&band, &S, &mut m, secs(0));
+        assert_eq!(decide(&band, &S, &mut m, secs(10_000)), Decision::Nothing);
+
+        // Waiting allocations stop a shrink.
+        let mut m = Memory::default();
+        decide(&excess, &S, &mut m, secs(0));
+        assert_eq!(
+            decide(&counts(40, 30, 0, 0, 1), &S, &mut m, secs(400)),
+            Decision::Nothing
+        );
+    }
+
+    #[test]
+    fn churn_inside_the_warm_pool_makes_no_cloud_writes() {
+        // After the first growth, create/delete cycles move addresses between allocated, cooldown
+        // and free; none of them may call the cloud.
+        let mut m = Memory::default();
+        for (free, cooldown) in [(16, 0), (15, 0), (15, 1), (14, 1), (14, 2), (16, 0)] {
+            assert_eq!(
+                decide(&counts(24, free, cooldown, 0, 0), &S, &mut m, secs(1)),
+                Decision::Nothing,
+                "free {free}, cooldown {cooldown}"
+            );
+        }
+    }
+
+    #[test]
+    fn subnet_full_backs_off_then_retries() {
+        let mut m = Memory {
+            backoff_until: Some(secs(60)),
+            ..Memory::default()
+        };
+        let short = counts(8, 0, 0, 0, 1);
+        assert_eq!(
+            decide(&short, &S, &mut m, secs(10)),
+            Decision::BackingOff(secs(60))
+        );
+        assert_eq!(decide(&short, &S, &mut m, secs(60)), Decision::Grow(16));
+        assert_eq!(m.backoff_until, None);
+    }
+
+    #[test]
+    fn the_nic_limit_caps_until_the_total_falls() {
+        let mut m = Memory {
+            nic_limit_at: Some(100),
+            ..Memory::default()
+        };
+        assert_eq!(
+            decide(&counts(100, 0, 0, 0, 1), &S, &mut m, secs(0)),
+            Decision::AtCap
+        );
+        assert_eq!(
+            decide(&counts(92, 0, 0, 0, 1), &S, &mut m, secs(0)),
+            Decision::Grow(16)
+        );
+        assert_eq!(m.nic_limit_at, None);
+    }
+
+    #[test]
+    fn target_reports_what_the_pool_steers_to() {
+        assert_eq!(target(&counts(10, 2, 0, 0, 0), &S, &Memory::default()), 16);
+        assert_eq!(
+            target(&counts(250, 0, 0, 0, 9), &S, &Memory::default()),
+            250
+        );
+    }
+}
