@@ -1,0 +1,138 @@
+//! An in-process agent on a real Unix socket in a temp dir, against `FakeCloud` (or any provider).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use vnet_agent::client::AgentClient;
+use vnet_agent::config::Config;
+use vnet_agent::daemon::{self, DaemonError};
+use vnet_agent::netlink::{LinkOps, NoLinks};
+use vnet_api::{AllocateRequest, AttachmentKey, ReleaseRequest};
+use vnet_cloud::CloudProvider;
+
+pub struct TestAgent {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub metrics_address: String,
+    pub client: AgentClient,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), DaemonError>>,
+}
+
+/// A config for tests: everything under `root`, no host changes, a free loopback metrics port.
+pub fn test_config(root: &std::path::Path) -> Config {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = Config {
+        socket_path: root.join("run/agent.sock"),
+        state_dir: root.join("state"),
+        metrics_address: format!("127.0.0.1:{port}"),
+        manage_host: false,
+        masquerade: false,
+        ..Config::default()
+    };
+    config.pool.cooldown_secs = 0;
+    config
+}
+
+impl TestAgent {
+    pub async fn start(config: Config, cloud: Arc<dyn CloudProvider>) -> TestAgent {
+        Self::start_with_links(config, cloud, Arc::new(NoLinks)).await
+    }
+
+    pub async fn start_with_links(
+        config: Config,
+        cloud: Arc<dyn CloudProvider>,
+        links: Arc<dyn LinkOps>,
+    ) -> TestAgent {
+        let (shutdown, rx) = watch::channel(false);
+        let socket = config.socket_path.clone();
+        let state_dir = config.state_dir.clone();
+        let metrics_address = config.metrics_address.clone();
+        let task = tokio::spawn(daemon::run(
+            daemon::Options {
+                config,
+                cloud,
+                links,
+                journal: Default::default(),
+            },
+            rx,
+        ));
+        let client = AgentClient::new(&socket);
+        // Bounded wait for readiness (not a timing assertion: a slow machine just waits longer).
+        for _ in 0..1_000 {
+            if task.is_finished() {
+                panic!("agent exited during start-up: {:?}", task.await);
+            }
+            if let Ok(h) = client.health().await
+                && h.ready
+            {
+                return TestAgent {
+                    socket,
+                    state_dir,
+                    metrics_address,
+                    client,
+                    shutdown,
+                    task,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("agent did not become ready");
+    }
+
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        self.task
+            .await
+            .expect("agent task")
+            .expect("agent exits cleanly");
+    }
+}
+
+pub fn key(id: &str) -> AttachmentKey {
+    format!("{id}/eth0").parse().unwrap()
+}
+
+pub fn alloc_req(id: &str) -> AllocateRequest {
+    AllocateRequest {
+        key: key(id),
+        network: Some("vnet".into()),
+        netns: None,
+        pod: vnet_api::PodRef {
+            namespace: Some("default".into()),
+            name: Some(format!("pod-{id}")),
+            uid: None,
+        },
+    }
+}
+
+pub fn release_req(id: &str) -> ReleaseRequest {
+    ReleaseRequest {
+        key: key(id),
+        dying_veth: None,
+    }
+}
+
+/// Polls `check` until it returns true (bounded; panics with `what` otherwise).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for _ in 0..1_500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never happened: {what}");
+}
