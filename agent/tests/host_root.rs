@@ -1,0 +1,128 @@
+//! Kernel effects (netlink veth deletion, nftables, ip_forward) in a private network namespace.
+//! Needs root: without it the tests fail with a clear message (vnet-testns `require_root`).
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+
+use vnet_agent::masq;
+use vnet_agent::netlink::{LinkOps, Rtnetlink};
+use vnet_testns::Netns;
+
+/// Runs `f` on a fresh std thread that has entered `ns`, with a current-thread tokio runtime. The
+/// thread never switches back: it just ends.
+fn in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce(&tokio::runtime::Runtime) -> T + Send + 'static,
+) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file = File::open(&path).expect("open netns");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        f(&rt)
+    })
+    .join()
+    .expect("netns thread")
+}
+
+#[test]
+fn dying_veths_are_found_and_deleted_and_a_missing_one_is_success() {
+    vnet_testns::require_root();
+    let ns = Netns::new("agentlink").unwrap();
+    // veth pairs (the kernel may lack the dummy module); deleting one end deletes both.
+    for (name, peer) in [
+        ("vdel0123456789a", "peer0"),
+        ("vdelb", "peerb"),
+        ("keepme0", "keepme1"),
+    ] {
+        ns.exec(
+            "ip",
+            &["link", "add", name, "type", "veth", "peer", "name", peer],
+        )
+        .unwrap();
+    }
+    let (found, after) = in_netns(&ns, |rt| {
+        rt.block_on(async {
+            let links = Rtnetlink::open().unwrap();
+            let mut found = links.links_with_prefix("vdel").await.unwrap();
+            found.sort();
+            links.delete_link("vdel0123456789a").await.unwrap();
+            links
+                .delete_link("vdel0123456789a")
+                .await
+                .expect("deleting a gone link is success");
+            links.delete_link("vdelneverexist").await.unwrap();
+            let mut after = links.links_with_prefix("").await.unwrap();
+            after.sort();
+            (found, after)
+        })
+    });
+    assert_eq!(
+        found,
+        vec!["vdel0123456789a".to_string(), "vdelb".to_string()]
+    );
+    assert!(!after.contains(&"vdel0123456789a".to_string()));
+    assert!(
+        after.contains(&"keepme0".to_string()),
+        "other links are untouched"
+    );
+}
+
+#[test]
+fn masquerade_table_is_installed_idempotently_and_forwarding_enabled() {
+    vnet_testns::require_root();
+    let ns = Netns::new("agentnft").unwrap();
+    let script_a = masq::masquerade_script(
+        "10.240.0.0/16".parse().unwrap(),
+        Ipv4Addr::new(10, 240, 0, 4),
+        &["10.240.0.0/16".parse().unwrap()],
+    );
+    let script_b = masq::masquerade_script(
+        "10.240.0.0/16".parse().unwrap(),
+        Ipv4Addr::new(10, 240, 0, 4),
+        &[
+            "10.240.0.0/16".parse().unwrap(),
+            "172.16.0.0/12".parse().unwrap(),
+        ],
+    );
+    in_netns(&ns, move |_| {
+        masq::enable_forwarding().unwrap();
+        masq::apply_nft(&script_a, masq::NFT_TIMEOUT).unwrap();
+        masq::apply_nft(&script_a, masq::NFT_TIMEOUT).unwrap();
+        // A restart with other CIDRs replaces the table.
+        masq::apply_nft(&script_b, masq::NFT_TIMEOUT).unwrap();
+    });
+    let out = ns
+        .exec("nft", &["list", "table", "ip", "vnet-cni"])
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        listing.matches("vnet-cni pod egress").count(),
+        1,
+        "exactly one rule:\n{listing}"
+    );
+    assert!(listing.contains("172.16.0.0/12"), "{listing}");
+    let tables = ns.exec("nft", &["list", "tables"]).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&tables.stdout)
+            .matches("vnet-cni")
+            .count(),
+        1
+    );
+    let fwd = ns.exec("cat", &["/proc/sys/net/ipv4/ip_forward"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "1");
+}
+
+#[test]
+fn a_bad_script_is_reported_with_nft_stderr() {
+    vnet_testns::require_root();
+    let ns = Netns::new("agentnftbad").unwrap();
+    let err = in_netns(&ns, |_| {
+        masq::apply_nft("table ip x { nonsense }\n", masq::NFT_TIMEOUT)
+    })
+    .unwrap_err();
+    assert!(matches!(err, masq::HostError::Nft { .. }), "{err}");
+}
