@@ -13,3 +13,4 @@ pub use lab::{Lab, LabConfig, LabError, LabGuard, PoolConfig};
 pub mod bench;
 pub mod demo;
 pub mod report;
+pub mod verify;
