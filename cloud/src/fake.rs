@@ -66,7 +66,11 @@ impl FakeCloud {
 
     /// The next write fails with `error` (queue several for several writes).
     pub fn fail_next(&self, error: CloudError) {
-        self.state.lock().unwrap().scripted_failures.push_back(error);
+        self.state
+            .lock()
+            .unwrap()
+            .scripted_failures
+            .push_back(error);
     }
 
     /// Puts an address on the NIC behind the agent's back (as another writer would).

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
+pub mod azure;
 pub mod fake;
 
 /// Prefix of every ipConfiguration this product creates. Nothing without it is ever touched.

@@ -557,6 +557,17 @@ impl Cloud {
         Ok((self.operations[id].status.clone(), routes))
     }
 
+    /// A GET of a NIC with a running operation counts as one poll of it: the operation moves on
+    /// even when its caller lost the operation URL (as Azure's would, with time).
+    pub fn observe_nic(&mut self, name: &str) -> Vec<RouteChange> {
+        let Some(id) = self.nic(name).and_then(|n| n.active_operation.clone()) else {
+            return Vec::new();
+        };
+        self.poll_operation(&id)
+            .map(|(_, routes)| routes)
+            .unwrap_or_default()
+    }
+
     fn finish(&mut self, id: &str) -> Vec<RouteChange> {
         let op = self.operations.get_mut(id).expect("operation exists");
         let nic = self.nics.get_mut(&op.nic).expect("NIC exists");

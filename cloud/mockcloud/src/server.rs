@@ -575,7 +575,13 @@ async fn arm(
             nic_put(app, ctx, nic)
         }
         ["Microsoft.Network", "networkInterfaces", nic] => {
-            let (doc, _) = app.with_cloud(|c| (c.nic_json(nic), Vec::new()));
+            let (doc, routed) = app.with_cloud(|c| {
+                let routes = c.observe_nic(nic);
+                (c.nic_json(nic), routes)
+            });
+            if routed {
+                app.flush_fabric().await;
+            }
             match doc {
                 Some(doc) => nic_response(StatusCode::OK, doc),
                 None => not_found("Microsoft.Network/networkInterfaces", nic),

@@ -1,0 +1,609 @@
+//! [`AzureProvider`]: the [`CloudProvider`] for Azure standalone VMs, over ARM and IMDS.
+//!
+//! Secondary addresses are ipConfigurations named `vnet-cni-<random>` on the node's NIC. Each
+//! change is a read-modify-write of the whole NIC (GET, edit only our entries, PUT with
+//! `If-Match`, follow `Azure-AsyncOperation`, GET again to read the addresses). Writes to one NIC
+//! are serialized, and requests that arrive while a write runs are coalesced into the next PUT.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ipnetwork::Ipv4Network;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::{CloudError, CloudProvider, IP_CONFIG_PREFIX, NodeIdentity, SecondaryIp};
+
+mod client;
+mod config;
+
+use client::{Client, Reply, Target, error_from_reply, error_parts, map_error};
+pub use client::{Sleeper, TokioSleeper};
+pub use config::{
+    ARM_SCOPE, AzureConfig, COMPUTE_API_VERSION, CredentialConfig, DEFAULT_ARM_ENDPOINT,
+    DEFAULT_IMDS_ENDPOINT, IMDS_API_VERSION, NETWORK_API_VERSION, RetryPolicy,
+};
+
+#[derive(Clone)]
+pub struct AzureProvider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    writers: Mutex<HashMap<String, Arc<NicWriter>>>,
+}
+
+/// Serializes the writes to one NIC and collects the requests waiting for the next one.
+struct NicWriter {
+    pending: Mutex<Vec<Pending>>,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+enum Job {
+    Assign {
+        subnet_id: String,
+        names: Vec<String>,
+    },
+    Release {
+        ips: Vec<Ipv4Addr>,
+    },
+}
+
+struct Pending {
+    job: Job,
+    reply: oneshot::Sender<Result<Vec<SecondaryIp>, CloudError>>,
+}
+
+impl AzureProvider {
+    /// Builds the HTTP clients and the credential; makes no request.
+    pub fn new(config: AzureConfig) -> Result<AzureProvider, CloudError> {
+        Ok(AzureProvider {
+            inner: Arc::new(Inner {
+                client: Client::new(config)?,
+                writers: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Replaces how retries wait (tests record the delays instead of sleeping them).
+    pub fn with_sleeper(
+        config: AzureConfig,
+        sleeper: Arc<dyn Sleeper>,
+    ) -> Result<AzureProvider, CloudError> {
+        let mut client = Client::new(config)?;
+        client.sleeper = sleeper;
+        Ok(AzureProvider {
+            inner: Arc::new(Inner {
+                client,
+                writers: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &AzureConfig {
+        &self.inner.client.config
+    }
+}
+
+impl Inner {
+    fn arm_url(&self, resource_id: &str, api_version: &str) -> String {
+        format!(
+            "{}{resource_id}?api-version={api_version}",
+            self.client.config.arm_endpoint
+        )
+    }
+
+    async fn arm_get(&self, resource_id: &str, api_version: &str) -> Result<Value, CloudError> {
+        Ok(self
+            .client
+            .get(Target::Arm, &self.arm_url(resource_id, api_version))
+            .await?
+            .body)
+    }
+
+    /// The NIC once no operation runs on it, and its etag.
+    async fn settled_nic(&self, nic_id: &str) -> Result<(Value, String), CloudError> {
+        let policy = &self.client.config.retry;
+        let url = self.arm_url(nic_id, NETWORK_API_VERSION);
+        let mut waited = Duration::ZERO;
+        loop {
+            let reply = self.client.get(Target::Arm, &url).await?;
+            let state = reply.body["properties"]["provisioningState"]
+                .as_str()
+                .unwrap_or("Succeeded");
+            if state != "Updating" {
+                let etag = reply.body["etag"]
+                    .as_str()
+                    .map(str::to_string)
+                    .or_else(|| reply.header("etag"))
+                    .unwrap_or_default();
+                return Ok((reply.body, etag));
+            }
+            if waited >= policy.operation_timeout {
+                return Err(CloudError::Transient(format!(
+                    "NIC {nic_id} still Updating after {waited:?}"
+                )));
+            }
+            let delay = reply.retry_after().unwrap_or(policy.default_poll_interval);
+            waited += delay;
+            self.client.sleep(delay).await;
+        }
+    }
+
+    /// Polls `Azure-AsyncOperation` until `Succeeded` (Ok) or `Failed`/`Canceled` (the error).
+    async fn follow_operation(
+        &self,
+        put: &Reply,
+        subnet_id: Option<&str>,
+    ) -> Result<(), CloudError> {
+        let policy = &self.client.config.retry;
+        let Some(url) = put.header("azure-asyncoperation") else {
+            // Finished synchronously; the re-read waits for provisioningState if needed.
+            return Ok(());
+        };
+        let mut delay = put.retry_after().unwrap_or(policy.default_poll_interval);
+        let mut waited = Duration::ZERO;
+        loop {
+            if waited > policy.operation_timeout {
+                return Err(CloudError::Transient(format!(
+                    "operation {url} still running after {waited:?}"
+                )));
+            }
+            self.client.sleep(delay).await;
+            waited += delay;
+            let reply = self.client.get(Target::Arm, &url).await?;
+            match reply.body["status"].as_str().unwrap_or_default() {
+                "Succeeded" => return Ok(()),
+                status @ ("Failed" | "Canceled") => {
+                    let (code, message) = error_parts(&reply.body);
+                    tracing::warn!(%url, status, %code, %message, "NIC operation did not succeed");
+                    let message = format!("operation {status}: {message}");
+                    return Err(map_error(
+                        200,
+                        &code,
+                        &message,
+                        reply.retry_after(),
+                        subnet_id,
+                    ));
+                }
+                _ => delay = reply.retry_after().unwrap_or(policy.default_poll_interval),
+            }
+        }
+    }
+
+    fn writer(&self, nic_id: &str) -> Arc<NicWriter> {
+        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers
+            .entry(nic_id.to_ascii_lowercase())
+            .or_insert_with(|| {
+                Arc::new(NicWriter {
+                    pending: Mutex::new(Vec::new()),
+                    write_lock: Arc::new(tokio::sync::Mutex::new(())),
+                })
+            })
+            .clone()
+    }
+
+    /// Queues `job` for the NIC; whoever gets the write lock next writes every queued job in one
+    /// PUT. The write runs in its own task, so a caller that gives up cannot cut it short.
+    async fn submit(
+        self: &Arc<Self>,
+        nic_id: &str,
+        job: Job,
+    ) -> Result<Vec<SecondaryIp>, CloudError> {
+        let writer = self.writer(nic_id);
+        let (reply, answer) = oneshot::channel();
+        writer
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Pending { job, reply });
+        let guard = writer.write_lock.clone().lock_owned().await;
+        let batch = std::mem::take(&mut *writer.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if !batch.is_empty() {
+            let inner = self.clone();
+            let nic_id = nic_id.to_string();
+            tokio::spawn(async move {
+                let _guard = guard;
+                inner.write_batch(&nic_id, batch).await;
+            });
+        } else {
+            drop(guard);
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(CloudError::Fatal("the NIC writer stopped".into())))
+    }
+
+    async fn write_batch(&self, nic_id: &str, batch: Vec<Pending>) {
+        let mut adds: Vec<(String, String)> = Vec::new();
+        let mut releases: HashSet<Ipv4Addr> = HashSet::new();
+        for pending in &batch {
+            match &pending.job {
+                Job::Assign { subnet_id, names } => {
+                    adds.extend(names.iter().map(|n| (n.clone(), subnet_id.clone())));
+                }
+                Job::Release { ips } => releases.extend(ips.iter().copied()),
+            }
+        }
+        tracing::info!(
+            nic_id,
+            requests = batch.len(),
+            add = adds.len(),
+            release = releases.len(),
+            "updating NIC"
+        );
+        let result = self.update_nic(nic_id, &adds, &releases).await;
+        for pending in batch {
+            let answer = match (&result, &pending.job) {
+                (Err(error), _) => Err(error.clone()),
+                (Ok(_), Job::Release { .. }) => Ok(Vec::new()),
+                (Ok(nic), Job::Assign { names, .. }) => assigned(nic, names),
+            };
+            let _ = pending.reply.send(answer);
+        }
+    }
+
+    /// The read-modify-write loop. Returns the NIC as read after the change took effect.
+    async fn update_nic(
+        &self,
+        nic_id: &str,
+        adds: &[(String, String)],
+        releases: &HashSet<Ipv4Addr>,
+    ) -> Result<Value, CloudError> {
+        let policy = &self.client.config.retry;
+        let subnet_id = adds.first().map(|(_, s)| s.as_str());
+        let url = self.arm_url(nic_id, NETWORK_API_VERSION);
+        let mut attempt = 0;
+        let mut last_error: Option<CloudError> = None;
+        loop {
+            // Reading first also settles a write whose outcome we did not learn (timeout, 5xx):
+            // if it took effect there is nothing left to change.
+            let (nic, etag) = self.settled_nic(nic_id).await?;
+            let Some(body) = edited(&nic, adds, releases) else {
+                return Ok(nic);
+            };
+            attempt += 1;
+            if attempt > policy.max_write_attempts {
+                let last = last_error.map(|e| e.to_string()).unwrap_or_default();
+                return Err(CloudError::Transient(format!(
+                    "NIC {nic_id}: giving up after {} write attempts; last error: {last}",
+                    policy.max_write_attempts
+                )));
+            }
+            let if_match = (!etag.is_empty()).then_some(etag.as_str());
+            let error = match self
+                .client
+                .send(Target::Arm, Method::PUT, &url, Some(&body), if_match)
+                .await
+            {
+                Ok(reply) if reply.status.is_success() => {
+                    match self.follow_operation(&reply, subnet_id).await {
+                        Ok(()) => continue,
+                        Err(error) => error,
+                    }
+                }
+                Ok(reply) if reply.status.as_u16() == 412 => {
+                    tracing::debug!(nic_id, attempt, "etag changed under us; re-reading");
+                    last_error = Some(CloudError::Transient(
+                        "412 Precondition Failed (etag changed)".into(),
+                    ));
+                    continue;
+                }
+                Ok(reply) => error_from_reply(&reply, subnet_id),
+                Err(error) => error,
+            };
+            if !error.is_retryable() {
+                return Err(error);
+            }
+            let delay = match error.retry_after() {
+                Some(after) if after > policy.max_retry_after => return Err(error),
+                Some(after) => after,
+                None => policy.backoff(attempt),
+            };
+            tracing::info!(nic_id, attempt, ?delay, %error, "NIC write failed; retrying");
+            last_error = Some(error);
+            self.client.sleep(delay).await;
+        }
+    }
+}
+
+/// The NIC body with our entries changed, or `None` when it already is as wanted.
+fn edited(nic: &Value, adds: &[(String, String)], releases: &HashSet<Ipv4Addr>) -> Option<Value> {
+    let configs = nic["properties"]["ipConfigurations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let before = configs.len();
+    let mut configs: Vec<Value> = configs
+        .into_iter()
+        .filter(|c| {
+            let ours = c["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(IP_CONFIG_PREFIX));
+            let address = c["properties"]["privateIPAddress"]
+                .as_str()
+                .and_then(|a| a.parse().ok());
+            !(ours && address.is_some_and(|a: Ipv4Addr| releases.contains(&a)))
+        })
+        .collect();
+    let mut changed = configs.len() != before;
+    for (name, subnet_id) in adds {
+        if !configs.iter().any(|c| c["name"].as_str() == Some(name)) {
+            configs.push(json!({
+                "name": name,
+                "properties": {
+                    "privateIPAllocationMethod": "Dynamic",
+                    "privateIPAddressVersion": "IPv4",
+                    "primary": false,
+                    "subnet": {"id": subnet_id},
+                }
+            }));
+            changed = true;
+        }
+    }
+    if !changed {
+        return None;
+    }
+    let mut body = nic.clone();
+    body["properties"]["ipConfigurations"] = Value::Array(configs);
+    Some(body)
+}
+
+/// Our ipConfigurations with their addresses.
+fn secondary_ips(nic: &Value) -> Vec<SecondaryIp> {
+    let configs = nic["properties"]["ipConfigurations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    configs
+        .iter()
+        .filter_map(|c| {
+            let name = c["name"].as_str()?;
+            if !name.starts_with(IP_CONFIG_PREFIX) {
+                return None;
+            }
+            let ip = c["properties"]["privateIPAddress"].as_str()?.parse().ok()?;
+            Some(SecondaryIp {
+                name: name.to_string(),
+                ip,
+                subnet_id: c["properties"]["subnet"]["id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            })
+        })
+        .collect()
+}
+
+fn assigned(nic: &Value, names: &[String]) -> Result<Vec<SecondaryIp>, CloudError> {
+    let all = secondary_ips(nic);
+    names
+        .iter()
+        .map(|name| {
+            all.iter()
+                .find(|s| &s.name == name)
+                .cloned()
+                .ok_or_else(|| {
+                    CloudError::Transient(format!(
+                        "ipConfiguration {name} has no address after the update"
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn unique_name() -> String {
+    format!("{IP_CONFIG_PREFIX}{:016x}", rand::random::<u64>())
+}
+
+/// `00-0D-3A-32-85-70` or `000D3A328570` -> `00:0d:3a:32:85:70`.
+fn normalize_mac(raw: &str) -> Option<String> {
+    let hex: String = raw.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    if hex.len() != 12 {
+        return None;
+    }
+    let lower = hex.to_ascii_lowercase();
+    Some(
+        (0..6)
+            .map(|i| &lower[i * 2..i * 2 + 2])
+            .collect::<Vec<_>>()
+            .join(":"),
+    )
+}
+
+fn field<'a>(doc: &'a Value, path: &[&str], what: &str) -> Result<&'a Value, CloudError> {
+    let mut value = doc;
+    for key in path {
+        value = &value[*key];
+    }
+    if value.is_null() {
+        return Err(CloudError::Fatal(format!(
+            "{what}: missing {}",
+            path.join(".")
+        )));
+    }
+    Ok(value)
+}
+
+fn parse_net(text: &str, what: &str) -> Result<Ipv4Network, CloudError> {
+    text.parse()
+        .map_err(|e| CloudError::Fatal(format!("{what}: bad prefix {text:?}: {e}")))
+}
+
+#[async_trait]
+impl CloudProvider for AzureProvider {
+    async fn discover(&self) -> Result<NodeIdentity, CloudError> {
+        let inner = &self.inner;
+        let imds_url = format!(
+            "{}/metadata/instance?api-version={IMDS_API_VERSION}",
+            inner.client.config.imds_endpoint
+        );
+        let imds = inner.client.get(Target::Imds, &imds_url).await?.body;
+        let compute = field(&imds, &["compute"], "IMDS")?;
+        if let Some(vmss) = compute["vmScaleSetName"].as_str().filter(|s| !s.is_empty()) {
+            return Err(CloudError::Fatal(format!(
+                "this VM belongs to scale set {vmss}; scale-set NICs are not supported yet (see docs/cloud.md)"
+            )));
+        }
+        let vm_id = field(compute, &["resourceId"], "IMDS compute")?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let vm_name = compute["name"].as_str().unwrap_or_default().to_string();
+
+        // The NIC's resource ID is not in IMDS: the VM's network profile names it.
+        let vm = inner.arm_get(&vm_id, COMPUTE_API_VERSION).await?;
+        let nics = field(
+            &vm,
+            &["properties", "networkProfile", "networkInterfaces"],
+            "VM",
+        )?
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+        let nic_ref = nics
+            .iter()
+            .find(|n| n["properties"]["primary"].as_bool() == Some(true))
+            .or_else(|| nics.first())
+            .ok_or_else(|| CloudError::Fatal(format!("VM {vm_id} has no network interface")))?;
+        let nic_id = nic_ref["id"].as_str().unwrap_or_default().to_string();
+
+        let (nic, _) = inner.settled_nic(&nic_id).await?;
+        let configs = nic["properties"]["ipConfigurations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let primary = configs
+            .iter()
+            .find(|c| c["properties"]["primary"].as_bool() == Some(true))
+            .ok_or_else(|| {
+                CloudError::Fatal(format!("NIC {nic_id} has no primary ipConfiguration"))
+            })?;
+        let primary_ip: Ipv4Addr = primary["properties"]["privateIPAddress"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| CloudError::Fatal(format!("NIC {nic_id}: primary address missing")))?;
+        let subnet_id = primary["properties"]["subnet"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let mac = nic["properties"]["macAddress"]
+            .as_str()
+            .and_then(normalize_mac)
+            .or_else(|| {
+                imds["network"]["interface"][0]["macAddress"]
+                    .as_str()
+                    .and_then(normalize_mac)
+            })
+            .ok_or_else(|| CloudError::Fatal(format!("NIC {nic_id}: no MAC address")))?;
+
+        let subnet = inner.arm_get(&subnet_id, NETWORK_API_VERSION).await?;
+        let prefix_text = subnet["properties"]["addressPrefix"]
+            .as_str()
+            .or_else(|| subnet["properties"]["addressPrefixes"][0].as_str())
+            .ok_or_else(|| CloudError::Fatal(format!("subnet {subnet_id} has no IPv4 prefix")))?;
+        let subnet_prefix = parse_net(prefix_text, "subnet")?;
+
+        let vnet_id = subnet_id
+            .rsplit_once("/subnets/")
+            .map(|(vnet, _)| vnet.to_string())
+            .ok_or_else(|| CloudError::Fatal(format!("not a subnet ID: {subnet_id}")))?;
+        let vnet = inner.arm_get(&vnet_id, NETWORK_API_VERSION).await?;
+        let vnet_address_space = vnet["properties"]["addressSpace"]["addressPrefixes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|p| !p.contains(':'))
+            .map(|p| parse_net(p, "VNet"))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let identity = NodeIdentity {
+            vm_name,
+            vm_id,
+            nic_id,
+            mac,
+            primary_ip,
+            subnet_id,
+            subnet_prefix,
+            vnet_address_space,
+        };
+        tracing::info!(?identity, "discovered node");
+        Ok(identity)
+    }
+
+    async fn list_secondary_ips(&self, nic_id: &str) -> Result<Vec<SecondaryIp>, CloudError> {
+        let (nic, _) = self.inner.settled_nic(nic_id).await?;
+        Ok(secondary_ips(&nic))
+    }
+
+    async fn assign_ips(
+        &self,
+        nic_id: &str,
+        subnet_id: &str,
+        count: usize,
+    ) -> Result<Vec<SecondaryIp>, CloudError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let names = (0..count).map(|_| unique_name()).collect();
+        let job = Job::Assign {
+            subnet_id: subnet_id.to_string(),
+            names,
+        };
+        self.inner.submit(nic_id, job).await
+    }
+
+    async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
+        if ips.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .submit(nic_id, Job::Release { ips: ips.to_vec() })
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_touches_only_our_entries() {
+        let nic = json!({"properties": {"ipConfigurations": [
+            {"name": "ipconfig1", "properties": {"privateIPAddress": "10.0.0.4", "primary": true}},
+            {"name": "someone-else", "properties": {"privateIPAddress": "10.0.0.9"}},
+            {"name": "vnet-cni-a", "properties": {"privateIPAddress": "10.0.0.5"}},
+        ]}});
+        let release: HashSet<Ipv4Addr> =
+            ["10.0.0.9".parse().unwrap(), "10.0.0.5".parse().unwrap()].into();
+        let body = edited(&nic, &[("vnet-cni-b".into(), "/s".into())], &release).unwrap();
+        let names: Vec<&str> = body["properties"]["ipConfigurations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, vec!["ipconfig1", "someone-else", "vnet-cni-b"]);
+        // Once applied there is nothing left to do: an unknown outcome resolves by re-reading.
+        assert!(edited(&body, &[("vnet-cni-b".into(), "/s".into())], &release).is_none());
+    }
+
+    #[test]
+    fn macs_are_normalized() {
+        assert_eq!(
+            normalize_mac("00-0D-3A-32-85-70").unwrap(),
+            "00:0d:3a:32:85:70"
+        );
+        assert_eq!(normalize_mac("000D3A328570").unwrap(), "00:0d:3a:32:85:70");
+        assert!(normalize_mac("xyz").is_none());
+    }
+}

@@ -1,0 +1,151 @@
+//! A real vnet-mockcloud on 127.0.0.1 and an AzureProvider pointed at it.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use vnet_cloud::azure::{AzureConfig, AzureProvider, CredentialConfig, RetryPolicy, Sleeper};
+use vnet_mockcloud::{Counters, MockConfig, MockServer, StateView, Topology};
+
+/// Records every delay the provider asks for and waits only a millisecond, so retry timing is
+/// asserted on what the client decided, not on the clock.
+#[derive(Default)]
+pub struct RecordingSleeper {
+    delays: Mutex<Vec<Duration>>,
+}
+
+impl RecordingSleeper {
+    pub fn delays(&self) -> Vec<Duration> {
+        self.delays.lock().unwrap().clone()
+    }
+}
+
+impl Sleeper for RecordingSleeper {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        self.delays.lock().unwrap().push(duration);
+        Box::pin(tokio::time::sleep(Duration::from_millis(1)))
+    }
+}
+
+pub struct Lab {
+    pub mock: MockServer,
+    pub http: reqwest::Client,
+}
+
+impl Lab {
+    pub async fn start(topology: Topology) -> Lab {
+        let mock = MockServer::start(MockConfig::new(topology), "127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("mock starts");
+        Lab {
+            mock,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// `vm_count` VMs node-1.. in one subnet `prefix`.
+    pub async fn with_subnet(prefix: &str, vm_count: usize) -> Lab {
+        Lab::start(Topology::single_subnet(prefix.parse().unwrap(), vm_count)).await
+    }
+
+    pub fn provider(&self, vm: &str) -> (AzureProvider, Arc<RecordingSleeper>) {
+        let sleeper = Arc::new(RecordingSleeper::default());
+        let mut config = AzureConfig::new(
+            &self.mock.base_url(),
+            &self.mock.imds_endpoint(vm),
+            CredentialConfig::None,
+        );
+        config.retry = RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(60),
+            max_write_attempts: 20,
+            default_poll_interval: Duration::from_secs(2),
+            operation_timeout: Duration::from_secs(300),
+        };
+        config.request_timeout = Duration::from_secs(20);
+        let provider = AzureProvider::with_sleeper(config, sleeper.clone()).expect("provider");
+        (provider, sleeper)
+    }
+
+    pub fn nic_id(&self, vm: &str) -> String {
+        format!(
+            "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Network/networkInterfaces/{vm}-nic"
+        )
+    }
+
+    pub fn subnet_id(&self) -> String {
+        "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/vnet/subnets/nodes"
+            .to_string()
+    }
+
+    /// Replaces the faults through the admin API (as the lab does).
+    pub async fn set_faults(&self, faults: Value) {
+        let response = self
+            .http
+            .put(format!("{}/admin/faults", self.mock.base_url()))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "faults rejected: {}",
+            response.text().await.unwrap()
+        );
+    }
+
+    pub async fn counters(&self) -> Counters {
+        self.http
+            .get(format!("{}/admin/counters", self.mock.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn reset_counters(&self) {
+        let url = format!("{}/admin/counters/reset", self.mock.base_url());
+        assert!(
+            self.http
+                .post(url)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .is_success()
+        );
+    }
+
+    pub async fn state(&self) -> StateView {
+        self.http
+            .get(format!("{}/admin/state", self.mock.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Secondary (non-primary) addresses the cloud shows on `vm`'s NIC.
+    pub async fn secondary_on(&self, vm: &str) -> Vec<std::net::Ipv4Addr> {
+        let mut ips: Vec<_> = self
+            .state()
+            .await
+            .addresses
+            .into_iter()
+            .filter(|a| a.vm == vm && !a.primary)
+            .map(|a| a.ip)
+            .collect();
+        ips.sort();
+        ips
+    }
+}
