@@ -892,6 +892,8 @@ impl Lab {
         let (pod_ip, host_veth) = match result {
             Ok(r) => r,
             Err(e) => {
+                // As a runtime does after a failed ADD: DEL, so nothing half-made stays behind.
+                let _ = self.cnitool(node, "del", &st.network, &n.conf_dir, &ns);
                 let _ = ip(&["netns", "del", &ns]);
                 return Err(e);
             }
