@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Builds the node-image release tarball: vnet-cni-<version>-linux-amd64.tar.gz with bin/ (vnet-cni,
+# vnet-agent, vnetctl), the agent.toml and conflist templates, the systemd unit, the sysctl drop-in,
+# the conflist publisher, install.sh, the docs and SHA256SUMS over every file.
+#
+#   deploy/node-image/release.sh [--out-dir DIR] [--bin-dir DIR] [--version VERSION]
+#
+# --out-dir DIR  where the tarball and its .sha256 go (default: <cargo target dir>/dist).
+# --bin-dir DIR  package prebuilt binaries from DIR instead of building (env VNET_RELEASE_BIN_DIR);
+#                the tests use this with target/debug so they need no release build.
+# --version V    override the version (env VNET_RELEASE_VERSION); default: the workspace version
+#                and the git commit, e.g. 0.1.0-g1a2b3c4d.
+#
+# The build links glibc statically (-C target-feature=+crt-static for x86_64-unknown-linux-gnu):
+# see docs/install-node-image.md for why, and for the one caveat (NSS modules).
+# Prints the tarball's path as the last line of stdout; progress goes to stderr.
+set -euo pipefail
+
+readonly TARGET=x86_64-unknown-linux-gnu
+readonly BINARIES=(vnet-cni vnet-agent vnetctl)
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+
+out_dir=
+bin_dir=${VNET_RELEASE_BIN_DIR:-}
+version=${VNET_RELEASE_VERSION:-}
+
+die() {
+    echo "release.sh: error: $*" >&2
+    exit 1
+}
+log() { echo "release.sh: $*" >&2; }
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+    --out-dir) out_dir=${2:?--out-dir needs a directory}; shift ;;
+    --out-dir=*) out_dir=${1#*=} ;;
+    --bin-dir) bin_dir=${2:?--bin-dir needs a directory}; shift ;;
+    --bin-dir=*) bin_dir=${1#*=} ;;
+    --version) version=${2:?--version needs a value}; shift ;;
+    --version=*) version=${1#*=} ;;
+    -h | --help) sed -n '2,17s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+    esac
+    shift
+done
+
+cd "$repo"
+metadata=$(timeout 120 cargo metadata --no-deps --format-version 1)
+target_dir=$(jq -r .target_directory <<<"$metadata")
+if [[ -z $version ]]; then
+    crate_version=$(jq -r '.packages[] | select(.name == "vnet-agent") | .version' <<<"$metadata")
+    commit=$(git rev-parse --short=8 HEAD 2>/dev/null || echo unknown)
+    version="$crate_version-g$commit"
+fi
+[[ $version =~ ^[A-Za-z0-9._+-]+$ ]] || die "version '$version' has characters unfit for a file name"
+out_dir=${out_dir:-$target_dir/dist}
+
+if [[ -z $bin_dir ]]; then
+    # Build only what ships (vnet-mockcloud is a test tool). The explicit --target keeps build
+    # scripts and proc macros dynamically linked, which they must be.
+    log "building ${BINARIES[*]} (release, static glibc); this takes minutes"
+    RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+        cargo build --release --locked --target "$TARGET" -p vnet-cni -p vnet-agent -p vnet-lab --bins >&2
+    bin_dir=$target_dir/$TARGET/release
+    origin=release-build
+else
+    log "packaging prebuilt binaries from $bin_dir"
+    origin=prebuilt
+fi
+for bin in "${BINARIES[@]}"; do
+    [[ -x $bin_dir/$bin ]] || die "$bin_dir/$bin is missing or not executable"
+done
+
+name="vnet-cni-$version-linux-amd64"
+stage_root=$(mktemp -d)
+trap 'rm -rf "$stage_root"' EXIT
+stage=$stage_root/$name
+mkdir -p "$stage"/{bin,etc,systemd,sysctl,libexec,doc}
+
+for bin in "${BINARIES[@]}"; do
+    install -m 0755 "$bin_dir/$bin" "$stage/bin/$bin"
+done
+install -m 0644 "$here/agent.toml" "$stage/etc/agent.toml"
+install -m 0644 "$here/10-vnet-cni.conflist" "$stage/etc/10-vnet-cni.conflist"
+install -m 0644 "$here/vnet-agent.service" "$stage/systemd/vnet-agent.service"
+install -m 0644 "$here/90-vnet-cni.conf" "$stage/sysctl/90-vnet-cni.conf"
+install -m 0755 "$here/publish-conflist" "$stage/libexec/publish-conflist"
+install -m 0755 "$here/install.sh" "$stage/install.sh"
+install -m 0644 "$repo/docs/install-node-image.md" "$stage/doc/install-node-image.md"
+
+# static, dynamic (needs a program interpreter, i.e. ld.so and shared libraries) or not-elf.
+linkage() {
+    if [[ $(head -c 4 "$1" | od -An -c | tr -d ' ') != '177ELF' ]]; then
+        echo not-elf
+    elif ! command -v readelf >/dev/null; then
+        echo unknown
+    elif LC_ALL=C readelf --program-headers "$1" 2>/dev/null | grep -q 'INTERP'; then
+        echo dynamic
+    else
+        echo static
+    fi
+}
+
+# Say what was linked how, so an operator can tell a static release from a test package.
+{
+    echo "vnet-cni $version"
+    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "target $TARGET"
+    for bin in "${BINARIES[@]}"; do
+        if [[ $origin == release-build && $(linkage "$stage/bin/$bin") != static ]]; then
+            die "$bin is not statically linked: the release promises self-contained binaries"
+        fi
+    done
+    for bin in "${BINARIES[@]}"; do
+        echo "$bin $(linkage "$stage/bin/$bin") ($origin)"
+    done
+} >"$stage/VERSION"
+chmod 0644 "$stage/VERSION"
+
+(cd "$stage" && find . -type f | sed 's|^\./||' | LC_ALL=C sort | xargs sha256sum) >"$stage_root/SHA256SUMS"
+mv "$stage_root/SHA256SUMS" "$stage/SHA256SUMS"
+chmod 0644 "$stage/SHA256SUMS"
+
+# Reproducible archive: fixed order, owner and mtime (the commit's time).
+mtime=$(git log -1 --format=%ct 2>/dev/null || echo 0)
+mkdir -p "$out_dir"
+tarball=$out_dir/$name.tar.gz
+tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$mtime" -C "$stage_root" -cf - "$name" |
+    gzip -n >"$tarball.tmp"
+mv -f "$tarball.tmp" "$tarball"
+(cd "$out_dir" && sha256sum "$name.tar.gz" >"$name.tar.gz.sha256")
+log "wrote $tarball and $name.tar.gz.sha256"
+echo "$tarball"
