@@ -1,0 +1,505 @@
+//! CI checks of deploy/: every Kubernetes manifest deserializes into its k8s-openapi type without
+//! losing a field (a misspelled or misplaced key fails), the checked-in CRD is what the Rust types
+//! generate, the agent configs use only keys the agent knows, and the Terraform files parse and
+//! are tidy.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+}
+
+fn files_under(dir: &Path, extensions: &[&str]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if !name.starts_with('.') {
+                    pending.push(path);
+                }
+            } else if extensions.iter().any(|ext| name.ends_with(ext)) {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Kubernetes manifests: deploy/crds, deploy/manifests, deploy/kind (but its kind cluster config)
+/// and deploy/*.yaml. deploy/node-image (cloud-init for image builders) and deploy/terraform are
+/// not Kubernetes objects.
+fn manifest_files() -> Vec<PathBuf> {
+    let deploy = deploy_dir();
+    let top_level = std::fs::read_dir(&deploy)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"));
+    let mut files: Vec<PathBuf> = ["crds", "manifests", "kind"]
+        .into_iter()
+        .flat_map(|dir| files_under(&deploy.join(dir), &[".yaml", ".yml"]))
+        .chain(top_level)
+        .filter(|p| p.file_name().unwrap() != "kind-config.yaml")
+        .collect();
+    files.sort();
+    files
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            let yaml = serde_yaml::Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
+            serde_json::to_value(yaml).unwrap()
+        })
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// The first place where `a` and `b` differ, as a JSON path.
+fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| match (x.get(k), y.get(k)) {
+                (Some(xv), Some(yv)) => first_difference(xv, yv, &format!("{path}.{k}")),
+                (Some(_), None) => {
+                    Some(format!("{path}.{k} (dropped: unknown or misplaced field)"))
+                }
+                (None, Some(_)) => Some(format!("{path}.{k} (added)")),
+                (None, None) => None,
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (xv, yv))| first_difference(xv, yv, &format!("{path}[{i}]"))),
+        (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => None,
+        _ if a == b => None,
+        _ => Some(format!("{path}: {a} != {b}")),
+    }
+}
+
+/// Deserializes into `T` and back: a field k8s-openapi does not know is dropped and reported.
+fn typed<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<T, String> {
+    let value: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&value).unwrap();
+    match first_difference(doc, &back, "") {
+        None => Ok(value),
+        Some(difference) => Err(difference),
+    }
+}
+
+fn check_document(doc: &Value) -> Result<(), String> {
+    let api_version = doc["apiVersion"].as_str().unwrap_or_default();
+    let kind = doc["kind"].as_str().unwrap_or_default();
+    match (api_version, kind) {
+        ("apps/v1", "DaemonSet") => typed::<DaemonSet>(doc).map(drop),
+        ("apps/v1", "Deployment") => typed::<Deployment>(doc).map(drop),
+        ("v1", "ConfigMap") => typed::<ConfigMap>(doc).map(drop),
+        ("v1", "Service") => typed::<Service>(doc).map(drop),
+        ("v1", "ServiceAccount") => typed::<ServiceAccount>(doc).map(drop),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => typed::<ClusterRole>(doc).map(drop),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+            typed::<ClusterRoleBinding>(doc).map(drop)
+        }
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+            typed::<CustomResourceDefinition>(doc).map(drop)
+        }
+        _ => Err(format!("no check for {api_version} {kind}: add one")),
+    }
+}
+
+fn all_documents() -> Vec<(PathBuf, Value)> {
+    manifest_files()
+        .into_iter()
+        .flat_map(|path| {
+            documents(&path)
+                .into_iter()
+                .map(move |doc| (path.clone(), doc))
+        })
+        .collect()
+}
+
+fn find(kind: &str, name: &str) -> Value {
+    all_documents()
+        .into_iter()
+        .map(|(_, doc)| doc)
+        .find(|doc| doc["kind"] == kind && doc["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/"))
+}
+
+#[test]
+fn every_manifest_is_a_valid_kubernetes_object() {
+    let files = manifest_files();
+    assert!(files.len() >= 6, "too few manifests found: {files:?}");
+    let mut failures = Vec::new();
+    let mut kinds = BTreeSet::new();
+    for (path, doc) in all_documents() {
+        kinds.insert(doc["kind"].as_str().unwrap_or_default().to_string());
+        if let Err(e) = check_document(&doc) {
+            failures.push(format!(
+                "{} ({} {}): {e}",
+                path.display(),
+                doc["kind"],
+                doc["metadata"]["name"]
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "invalid manifests:\n{}",
+        failures.join("\n")
+    );
+    for kind in [
+        "CustomResourceDefinition",
+        "DaemonSet",
+        "ConfigMap",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+    ] {
+        assert!(kinds.contains(kind), "no {kind} in deploy/");
+    }
+}
+
+#[test]
+fn the_check_catches_a_misspelled_field() {
+    let doc = serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "x", "namespce": "kube-system"},
+    });
+    let err = check_document(&doc).unwrap_err();
+    assert!(err.contains("metadata.namespce"), "{err}");
+}
+
+#[test]
+fn checked_in_crd_is_what_the_types_generate() {
+    let path = deploy_dir().join("crds/nodeippool.yaml");
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == vnet_kube::crd_yaml(),
+        "{} is stale: run `cargo run -p vnet-kube --bin crdgen > deploy/crds/nodeippool.yaml`",
+        path.display()
+    );
+}
+
+#[test]
+fn agent_runs_with_least_privilege_and_api_independent_probes() {
+    let ds: DaemonSet = typed(&find("DaemonSet", "vnet-cni-agent")).unwrap();
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let tolerations = pod.tolerations.unwrap();
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
+    );
+    assert_eq!(pod.service_account_name.as_deref(), Some("vnet-cni-agent"));
+
+    let agent = pod.containers.iter().find(|c| c.name == "agent").unwrap();
+    let security = agent.security_context.as_ref().unwrap();
+    assert_ne!(security.privileged, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    let caps = security.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
+
+    for (probe, path) in [
+        (agent.liveness_probe.as_ref(), "/healthz"),
+        (agent.readiness_probe.as_ref(), "/readyz"),
+    ] {
+        let get = probe.unwrap().http_get.as_ref().expect("an httpGet probe");
+        assert_eq!(get.host.as_deref(), Some("127.0.0.1"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9464)
+        );
+    }
+
+    let host_paths: BTreeSet<String> = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .filter_map(|v| v.host_path.map(|h| h.path))
+        .collect();
+    for dir in [
+        "/run/vnet-cni",
+        "/var/lib/vnet-cni",
+        "/etc/cni/net.d",
+        "/opt/cni/bin",
+    ] {
+        assert!(host_paths.contains(dir), "{dir} not mounted");
+    }
+
+    let install = pod
+        .init_containers
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == "install-cni")
+        .unwrap();
+    let script = install.command.unwrap().join(" ");
+    assert!(
+        script.contains(".tmp") && script.contains("mv -f"),
+        "install-cni must copy to a temp file and rename: {script}"
+    );
+}
+
+#[test]
+fn cluster_role_grants_exactly_what_the_agent_uses() {
+    let role: ClusterRole = typed(&find("ClusterRole", "vnet-cni-agent")).unwrap();
+    let granted: BTreeSet<String> = role
+        .rules
+        .unwrap()
+        .into_iter()
+        .flat_map(|rule| {
+            let groups = rule.api_groups.unwrap_or_default();
+            let resources = rule.resources.unwrap_or_default();
+            let verbs = rule.verbs;
+            groups.into_iter().flat_map(move |g| {
+                let verbs = verbs.clone();
+                resources.clone().into_iter().flat_map(move |r| {
+                    let g = g.clone();
+                    verbs
+                        .clone()
+                        .into_iter()
+                        .map(move |v| format!("{g}/{r}:{v}"))
+                })
+            })
+        })
+        .collect();
+    let expected: BTreeSet<String> = [
+        "/pods:get",
+        "/pods:list",
+        "/pods:watch",
+        "/nodes:get",
+        "/nodes:list",
+        "/nodes:watch",
+        "vnet-cni.io/nodeippools:get",
+        "vnet-cni.io/nodeippools:list",
+        "vnet-cni.io/nodeippools:watch",
+        "vnet-cni.io/nodeippools:create",
+        "vnet-cni.io/nodeippools:patch",
+        "vnet-cni.io/nodeippools:update",
+        "vnet-cni.io/nodeippools/status:get",
+        "vnet-cni.io/nodeippools/status:patch",
+        "vnet-cni.io/nodeippools/status:update",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(granted, expected);
+}
+
+/// The agent rejects unknown keys: a ConfigMap with a typo would crash-loop on every node.
+#[test]
+fn agent_configs_use_only_keys_the_agent_knows() {
+    let top: BTreeSet<&str> = [
+        "node_name",
+        "socket_path",
+        "state_dir",
+        "metrics_address",
+        "mtu",
+        "masquerade",
+        "non_masquerade_cidrs",
+        "host_veth_prefix",
+        "log_format",
+        "log_level",
+        "cloud",
+        "pool",
+    ]
+    .into();
+    let cloud: BTreeSet<&str> = [
+        "provider",
+        "arm_endpoint",
+        "imds_endpoint",
+        "credential",
+        "client_id",
+        "tenant_id",
+        "client_secret_file",
+        "pod_subnet_id",
+    ]
+    .into();
+    let pool: BTreeSet<&str> = [
+        "warm",
+        "batch",
+        "max",
+        "release_delay_secs",
+        "cooldown_secs",
+        "allocate_timeout_secs",
+    ]
+    .into();
+    let mut seen = 0;
+    for (path, doc) in all_documents() {
+        let Some(text) = doc["data"]["agent.toml"].as_str() else {
+            continue;
+        };
+        seen += 1;
+        let config: toml::Table = text
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: agent.toml: {e}", path.display()));
+        for (key, value) in &config {
+            assert!(
+                top.contains(key.as_str()),
+                "{}: unknown key {key}",
+                path.display()
+            );
+            let allowed = match key.as_str() {
+                "cloud" => &cloud,
+                "pool" => &pool,
+                _ => continue,
+            };
+            for sub in value.as_table().unwrap().keys() {
+                assert!(
+                    allowed.contains(sub.as_str()),
+                    "{}: unknown key {key}.{sub}",
+                    path.display()
+                );
+            }
+        }
+        // The probes use this port.
+        assert!(
+            config["metrics_address"]
+                .as_str()
+                .unwrap()
+                .ends_with(":9464"),
+            "{}: metrics_address must stay on port 9464 (the DaemonSet's probes)",
+            path.display()
+        );
+    }
+    assert_eq!(seen, 2, "expected the AKS and the kind agent configs");
+}
+
+#[test]
+fn kind_setup_is_consistent() {
+    let config = documents(&deploy_dir().join("kind/kind-config.yaml"));
+    let config = &config[0];
+    assert_eq!(config["kind"], "Cluster");
+    assert_eq!(config["networking"]["disableDefaultCNI"], true);
+    let roles: Vec<&str> = config["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["control-plane", "worker", "worker"]);
+
+    // The agent reaches the mock through the Service's fixed ClusterIP (no DNS before the CNI).
+    let service: Service = typed(&find("Service", "vnet-mockcloud")).unwrap();
+    let spec = service.spec.unwrap();
+    let endpoint = format!(
+        "http://{}:{}",
+        spec.cluster_ip.unwrap(),
+        spec.ports.unwrap()[0].port
+    );
+    let kind_config = documents(&deploy_dir().join("kind/agent-config.yaml"));
+    let agent: toml::Table = kind_config[0]["data"]["agent.toml"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        agent["cloud"]["arm_endpoint"].as_str(),
+        Some(endpoint.as_str())
+    );
+    assert_eq!(
+        agent["cloud"]["imds_endpoint"].as_str(),
+        Some(endpoint.as_str())
+    );
+    assert_eq!(agent["cloud"]["provider"].as_str(), Some("mock"));
+}
+
+fn terraform_files() -> Vec<PathBuf> {
+    files_under(&deploy_dir().join("terraform"), &[".tf"])
+}
+
+#[test]
+fn terraform_files_parse_and_are_tidy() {
+    let files = terraform_files();
+    assert!(!files.is_empty(), "no .tf files in deploy/terraform");
+    for path in &files {
+        let text = std::fs::read_to_string(path).unwrap();
+        if let Err(e) = hcl::parse(&text) {
+            panic!("{}: not valid HCL: {e}", path.display());
+        }
+        for (number, line) in text.lines().enumerate() {
+            assert!(
+                !line.contains('\t'),
+                "{}:{}: tab (terraform fmt uses two spaces)",
+                path.display(),
+                number + 1
+            );
+            assert_eq!(
+                line.trim_end(),
+                line,
+                "{}:{}: trailing whitespace",
+                path.display(),
+                number + 1
+            );
+        }
+        assert!(
+            text.ends_with('\n') && !text.ends_with("\n\n"),
+            "{}: must end with one newline",
+            path.display()
+        );
+    }
+}
+
+/// `terraform fmt -check` when terraform is installed; hcl-rs cannot check terraform's layout
+/// (alignment of `=`), so without terraform only the tidiness test above runs.
+#[test]
+fn terraform_files_are_formatted_when_terraform_is_installed() {
+    let Ok(mut child) = Command::new("terraform")
+        .args(["fmt", "-check", "-diff", "-recursive"])
+        .arg(deploy_dir().join("terraform"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!(
+            "terraform is not installed: `terraform fmt -check` skipped (parse and tidiness still checked)"
+        );
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("terraform fmt did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "terraform fmt -check failed; run `terraform fmt -recursive deploy/terraform`:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
