@@ -447,3 +447,46 @@ async fn sixteen_nics_never_share_an_address() {
         "the run should have seen etag races"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_coalesced_with_a_failing_assign_still_happen() {
+    // /28: 10 free addresses besides the VM's own.
+    let lab = Lab::with_subnet("10.240.0.0/28", 1).await;
+    lab.set_faults(json!({"operation_retry_after_secs": 0}))
+        .await;
+    let (provider, _) = lab.provider("node-1");
+    let nic = lab.nic_id("node-1");
+    let held: Vec<Ipv4Addr> = provider
+        .assign_ips(&nic, &lab.subnet_id(), 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.ip)
+        .collect();
+    // Hold the NIC's writer with a slow write so the next two requests land in one batch.
+    lab.set_faults(
+        json!({"latency": {"nic_put": {"fixed_ms": 300}}, "operation_retry_after_secs": 0}),
+    )
+    .await;
+    let first = {
+        let (provider, nic) = (provider.clone(), nic.clone());
+        let ip = held[0];
+        tokio::spawn(async move { provider.release_ips(&nic, &[ip]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (p1, p2, n1, n2, subnet) = (
+        provider.clone(),
+        provider.clone(),
+        nic.clone(),
+        nic.clone(),
+        lab.subnet_id(),
+    );
+    let too_many = tokio::spawn(async move { p1.assign_ips(&n1, &subnet, 5).await });
+    let ip = held[1];
+    let release = tokio::spawn(async move { p2.release_ips(&n2, &[ip]).await });
+    first.await.unwrap().unwrap();
+    let err = too_many.await.unwrap().unwrap_err();
+    assert!(matches!(err, CloudError::SubnetFull { .. }), "{err:?}");
+    release.await.unwrap().unwrap();
+    assert_eq!(lab.secondary_on("node-1").await.len(), 8);
+}

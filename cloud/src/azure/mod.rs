@@ -239,10 +239,18 @@ impl Inner {
             "updating NIC"
         );
         let result = self.update_nic(nic_id, &adds, &releases).await;
+        // A full subnet or NIC must not hold back the releases that came in the same batch.
+        let release_result = match &result {
+            Err(error) if !error.is_retryable() && !adds.is_empty() && !releases.is_empty() => {
+                tracing::info!(nic_id, %error, "batch failed; writing its releases alone");
+                self.update_nic(nic_id, &[], &releases).await
+            }
+            other => other.clone(),
+        };
         for pending in batch {
             let answer = match (&result, &pending.job) {
+                (_, Job::Release { .. }) => release_result.clone().map(|_| Vec::new()),
                 (Err(error), _) => Err(error.clone()),
-                (Ok(_), Job::Release { .. }) => Ok(Vec::new()),
                 (Ok(nic), Job::Assign { names, .. }) => assigned(nic, names),
             };
             let _ = pending.reply.send(answer);
@@ -446,15 +454,21 @@ impl CloudProvider for AzureProvider {
         );
         let imds = inner.client.get(Target::Imds, &imds_url).await?.body;
         let compute = field(&imds, &["compute"], "IMDS")?;
-        if let Some(vmss) = compute["vmScaleSetName"].as_str().filter(|s| !s.is_empty()) {
-            return Err(CloudError::Fatal(format!(
-                "this VM belongs to scale set {vmss}; scale-set NICs are not supported yet (see docs/cloud.md)"
-            )));
-        }
         let vm_id = field(compute, &["resourceId"], "IMDS compute")?
             .as_str()
             .unwrap_or_default()
             .to_string();
+        // Flexible scale-set members are ordinary VMs with ordinary NICs; Uniform instances
+        // (`.../virtualMachineScaleSets/{ss}/virtualMachines/{n}`) are changed through the scale set.
+        if vm_id
+            .to_ascii_lowercase()
+            .contains("/virtualmachinescalesets/")
+        {
+            let vmss = compute["vmScaleSetName"].as_str().unwrap_or_default();
+            return Err(CloudError::Fatal(format!(
+                "this VM is an instance of Uniform scale set {vmss}; its NIC cannot be written directly and scale-set support is missing (see docs/cloud.md)"
+            )));
+        }
         let vm_name = compute["name"].as_str().unwrap_or_default().to_string();
 
         // The NIC's resource ID is not in IMDS: the VM's network profile names it.
