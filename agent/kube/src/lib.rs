@@ -10,6 +10,21 @@
 //! Every API-server failure (including an RBAC 403) is logged, shown as the
 //! `KubeAccessDegraded` condition when the status can still be written, and retried: the node keeps
 //! being served whatever the API server says.
+//!
+//! # Wiring it into the agent
+//!
+//! ```ignore
+//! // Once the agent is ready (both modes): publish the conflist. Remove it only on uninstall.
+//! let conf = vnet_kube::conflist(&ConflistOptions::default());
+//! vnet_kube::write_conflist(Path::new(vnet_kube::conflist::DEFAULT_CNI_CONF_DIR), &conf)?;
+//!
+//! // In a cluster: run the integration beside the API server until shutdown.
+//! let source = vnet_kube::ClientSource::from_env(cli.kubeconfig.as_deref());
+//! if let Some(client) = vnet_kube::client(&source).await? {
+//!     let agent: Arc<dyn NodeAgent> = Arc::new(AgentHandle::new(...));
+//!     tokio::spawn(vnet_kube::run(client, node_name, agent, KubeConfig::default(), shutdown));
+//! }
+//! ```
 
 pub mod conflist;
 pub mod crd;
