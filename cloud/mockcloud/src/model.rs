@@ -158,6 +158,8 @@ pub struct Cloud {
     owners: HashMap<Ipv4Addr, String>,
     operations: HashMap<String, Operation>,
     next_operation: u64,
+    /// Bumped by every change worth persisting.
+    pub version: u64,
 }
 
 impl Cloud {
@@ -221,6 +223,7 @@ impl Cloud {
             owners,
             operations: HashMap::new(),
             next_operation: 1,
+            version: 0,
         })
     }
 
@@ -298,6 +301,7 @@ impl Cloud {
             && let Some(nic) = self.nics.get_mut(&key)
         {
             nic.generation += 1;
+            self.version += 1;
         }
     }
 
@@ -352,6 +356,7 @@ impl Cloud {
             self.next_operation
         );
         self.next_operation += 1;
+        self.version += 1;
         nic.active_operation = Some(id.clone());
         self.operations.insert(
             id.clone(),
@@ -569,6 +574,7 @@ impl Cloud {
     }
 
     fn finish(&mut self, id: &str) -> Vec<RouteChange> {
+        self.version += 1;
         let op = self.operations.get_mut(id).expect("operation exists");
         let nic = self.nics.get_mut(&op.nic).expect("NIC exists");
         let vm_ip = self.topology.vm(&nic.vm).map(|v| v.primary_ip);

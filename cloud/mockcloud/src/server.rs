@@ -119,13 +119,16 @@ impl App {
     /// changes (in state order) and publishes a snapshot for the state file.
     fn with_cloud<T>(&self, f: impl FnOnce(&mut Cloud) -> (T, Vec<RouteChange>)) -> (T, bool) {
         let mut cloud = lock(&self.cloud);
+        let version = cloud.version;
         let mut routes = cloud.expire_operations(Instant::now());
         let (value, more) = f(&mut cloud);
         routes.extend(more);
         if let Some(fabric) = &self.fabric {
             fabric.submit(routes.iter().cloned());
         }
-        if let Some((_, tx)) = &self.persist {
+        if let Some((_, tx)) = &self.persist
+            && cloud.version != version
+        {
             tx.send_replace(cloud.persisted());
         }
         (value, !routes.is_empty())
