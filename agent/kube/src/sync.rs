@@ -213,16 +213,20 @@ pub async fn run<F>(
                     pending_pods = gc.tick(&pods, agent.as_ref(), cfg.release_grace).await;
                 } else {
                     gc.forget();
+                    // A stale demand would keep the pool grown for pods we can no longer see.
+                    if pending_pods != 0 {
+                        pending_pods = 0;
+                        agent.set_pending_demand(0);
+                    }
                 }
             }
             _ = status_tick.tick() => {
-                let spec = pools_synced.load(Ordering::Acquire).then(|| {
+                let seen = pools_synced.load(Ordering::Acquire).then(|| {
                     pool_store
                         .get(&ObjectRef::new(&node_name))
                         .map(|pool| pool.spec.clone())
-                        .unwrap_or_default()
                 });
-                publisher.tick(spec, pending_pods, cfg.status_resync).await;
+                publisher.tick(seen, pending_pods, cfg.status_resync).await;
             }
         }
     }
@@ -267,18 +271,22 @@ struct StatusPublisher {
 }
 
 impl StatusPublisher {
+    /// `seen`: `None` until the NodeIPPool watch has synced, then the resource's spec if it exists.
     async fn tick(
         &mut self,
-        spec: Option<NodeIPPoolSpec>,
+        seen: Option<Option<NodeIPPoolSpec>>,
         pending_pods: u32,
         resync: std::time::Duration,
     ) {
-        if let Some(spec) = spec {
-            if spec != NodeIPPoolSpec::default() {
+        if let Some(found) = seen {
+            if found.is_some() {
                 self.exists = true;
             }
+            let spec = found.unwrap_or_default();
             if self.applied_overrides.as_ref() != Some(&spec) {
-                info!(?spec, "applying the NodeIPPool's pool overrides");
+                if spec != NodeIPPoolSpec::default() {
+                    info!(?spec, "applying the NodeIPPool's pool overrides");
+                }
                 self.agent.apply_pool_overrides(&spec);
                 self.applied_overrides = Some(spec);
             }
@@ -311,11 +319,13 @@ impl StatusPublisher {
             }
         }
         let patch = Patch::Merge(serde_json::json!({ "status": status }));
-        match self
-            .pools
-            .patch_status(&self.node_name, &PatchParams::default(), &patch)
-            .await
-        {
+        let written = with_timeout(self.pools.patch_status(
+            &self.node_name,
+            &PatchParams::default(),
+            &patch,
+        ))
+        .await;
+        match written {
             Ok(_) => {
                 self.health.clear(Area::PoolStatus);
                 self.last_written = Some((status, Instant::now()));
@@ -331,7 +341,7 @@ impl StatusPublisher {
 
     /// Creates the resource, owned by the Node so it goes away with it. Already existing is fine.
     async fn create(&self) -> Result<(), kube::Error> {
-        let node = self.nodes.get(&self.node_name).await?;
+        let node = with_timeout(self.nodes.get(&self.node_name)).await?;
         let owner = OwnerReference {
             api_version: "v1".into(),
             kind: "Node".into(),
@@ -355,7 +365,7 @@ impl StatusPublisher {
             spec: NodeIPPoolSpec::default(),
             status: None,
         };
-        match self.pools.create(&PostParams::default(), &pool).await {
+        match with_timeout(self.pools.create(&PostParams::default(), &pool)).await {
             Ok(_) => {
                 info!(node = %self.node_name, "created NodeIPPool");
                 Ok(())
@@ -364,6 +374,21 @@ impl StatusPublisher {
             Err(error) => Err(error),
         }
     }
+}
+
+/// A hung API call must not stall the loop (and with it the release of leaked addresses).
+const API_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn with_timeout<T>(
+    call: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    tokio::time::timeout(API_CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                format!("no answer from the API server within {API_CALL_TIMEOUT:?}").into(),
+            ))
+        })
 }
 
 /// The status from the agent's view; condition times carry over while a condition keeps its value.

@@ -147,6 +147,11 @@ fn start(
     fake: &FakeApi,
     agent: &Arc<FakeAgent>,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    // Logs show up with a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("vnet_kube=debug")
+        .try_init();
     let (stop, stopped) = oneshot::channel::<()>();
     let agent: Arc<dyn NodeAgent> = agent.clone();
     let task = tokio::spawn(vnet_kube::run(
@@ -249,6 +254,15 @@ async fn node_ip_pool_is_created_owned_by_the_node_and_its_status_follows_the_ag
             .as_ref()
             .and_then(|o| o.warm)
             == Some(32)
+    })
+    .await;
+
+    // Deleted behind the agent's back: it comes back, still owned by the node.
+    fake.delete(POOLS, NODE);
+    wait_for("recreated", Duration::from_secs(400), || {
+        fake.get(POOLS, NODE).is_some_and(|p| {
+            p["status"]["free"] == 0 && p["metadata"]["ownerReferences"][0]["uid"] == NODE_UID
+        })
     })
     .await;
 
@@ -406,13 +420,24 @@ async fn an_rbac_403_is_reported_and_the_node_keeps_being_served() {
 
     // Status writes forbidden too: the loop keeps going and recovers when RBAC is fixed.
     fake.forbid(Method::PATCH, POOLS);
+    let mut status = agent.status();
+    status.pool.total = 20;
+    *agent.status.lock().unwrap() = Some(status);
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(!task.is_finished());
+    assert_eq!(fake.get(POOLS, NODE).unwrap()["status"]["total"], 16);
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|r| r == &format!("PATCH {POOLS}/{NODE}/status")),
+        "the agent must keep trying to write its status"
+    );
     fake.allow_everything();
     wait_for("recovered", Duration::from_secs(600), || {
-        fake.get(POOLS, NODE)
-            .and_then(|p| condition(&p, "KubeAccessDegraded"))
-            .is_some_and(|(status, _)| status == "False")
+        fake.get(POOLS, NODE).is_some_and(|p| {
+            p["status"]["total"] == 20
+                && condition(&p, "KubeAccessDegraded").is_some_and(|(status, _)| status == "False")
+        })
     })
     .await;
     // With the pod view back, the allocation of a pod that does not exist is released.
