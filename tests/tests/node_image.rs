@@ -1,7 +1,8 @@
 //! The node-image release and installer (deploy/node-image): builds the release tarball from the
 //! binaries already in the target directory (`release.sh --bin-dir`, no release build), installs it
 //! into temporary roots with `install.sh --destdir` and checks what a node image would then hold.
-//! Nothing here touches the host's own /etc, /opt or /usr, so no root is needed.
+//! Nothing here touches the host's own /etc, /opt or /usr, so no root is needed, except for the
+//! last test: an in-place upgrade of one node of the lab (network namespaces) while its pods answer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -12,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+mod common;
 
 /// Every external command runs under coreutils `timeout` with this limit.
 const COMMAND_TIMEOUT_SECS: u32 = 300;
@@ -1177,4 +1181,207 @@ fn the_conflist_is_published_only_once_the_agent_is_ready() {
     assert_eq!(fs::read_to_string(&published).unwrap(), agents);
     let _ = std::os::unix::net::UnixStream::connect(&socket);
     server.join().unwrap();
+}
+
+// --- In-place upgrade in the lab ------------------------------------------------------------------
+
+/// SIGTERM: how systemd stops the agent on `systemctl restart`.
+const SIGTERM: i32 = 15;
+
+/// Probes `to` from `from_ns`, once more after a miss, so one delayed SYN on a loaded machine is
+/// not taken for a pod that stopped answering.
+fn answers(from_ns: &str, to: std::net::Ipv4Addr) -> Result<(), String> {
+    let first = vnet_lab::probe::probe(from_ns, to);
+    if first.ok() {
+        return Ok(());
+    }
+    let second = vnet_lab::probe::probe(from_ns, to);
+    if second.ok() {
+        Ok(())
+    } else {
+        Err(format!("{to}: {:?} then {:?}", first.error, second.error))
+    }
+}
+
+/// The node-image upgrade on one lab node: the lab runs the binaries that install.sh put into a
+/// node root; a new release is installed over them and node-1's agent is restarted, as
+/// `install.sh` does with `systemctl restart` on a real node, while pods on node-1 are probed
+/// continuously from node-2. (The lab's nodes share one binary directory, so the new plugin
+/// serves node-2 too; only node-1's agent is restarted.)
+#[test]
+fn lab_upgrade_in_place_keeps_pods_answering_and_loses_no_allocation() {
+    use vnet_lab::lab::{Lab, LabConfig, LabGuard, PoolConfig, default_bin_dir, is_root};
+    use vnet_lab::probe::Responder;
+
+    assert!(
+        is_root(),
+        "needs root: the lab builds network namespaces (run `cargo test` as root)"
+    );
+    let target_bins = default_bin_dir();
+    for bin in ["vnet-mockcloud", "vnet-agent", "vnet-cni"] {
+        assert!(
+            target_bins.join(bin).is_file(),
+            "{bin} not built in {}: run `cargo build --workspace --bins` before this test",
+            target_bins.display()
+        );
+    }
+    let pkg = package();
+    let real = fs::read_to_string(pkg.dir.join("VERSION")).unwrap();
+    assert!(
+        !real.contains("not-elf"),
+        "the package holds stand-ins, not the real binaries:\n{real}"
+    );
+
+    // The node root, release 1, and a lab whose binaries are the ones installed there.
+    let tmp = TempDir::new("lab-upgrade");
+    let root = tmp.path().join("root");
+    install_ok(&pkg.dir, &root, &["--no-enable"]);
+    let lab_bin = tmp.path().join("lab-bin");
+    fs::create_dir_all(&lab_bin).unwrap();
+    for (name, installed) in [
+        ("vnet-agent", root.join("usr/local/bin/vnet-agent")),
+        ("vnet-cni", root.join("opt/cni/bin/vnet-cni")),
+        ("vnet-mockcloud", target_bins.join("vnet-mockcloud")),
+    ] {
+        std::os::unix::fs::symlink(&installed, lab_bin.join(name)).unwrap();
+    }
+    let mut cfg = LabConfig::new(&format!("ni-upgrade-{}", std::process::id()));
+    cfg.nodes = 2;
+    cfg.bin_dir = lab_bin;
+    cfg.pool = PoolConfig {
+        warm: 4,
+        batch: 4,
+        ..PoolConfig::default()
+    };
+    assert!(
+        cfg.cnitool.is_file(),
+        "cnitool not found at {} (tests/tools/build-cnitool.sh, or set VNET_CNITOOL)",
+        cfg.cnitool.display()
+    );
+    let lab: LabGuard = LabGuard::new(Lab::up(&cfg).unwrap_or_else(|e| panic!("lab up: {e}")));
+
+    let client = lab.add_pod("node-2", "client").expect("client pod");
+    let servers: Vec<_> = (0..3)
+        .map(|i| {
+            lab.add_pod("node-1", &format!("web{i}"))
+                .expect("pod on node-1")
+        })
+        .collect();
+    let _responders: Vec<Responder> = servers
+        .iter()
+        .map(|s| Responder::start(&s.ns).expect("responder"))
+        .collect();
+    for s in &servers {
+        answers(&client.ns, s.ip).unwrap_or_else(|e| panic!("{} before the upgrade: {e}", s.name));
+    }
+    let allocations = |lab: &Lab| -> BTreeSet<(String, std::net::Ipv4Addr)> {
+        lab.agent_allocations("node-1")
+            .expect("node-1 allocations")
+            .allocations
+            .into_iter()
+            .map(|a| (a.host_veth, a.ip))
+            .collect()
+    };
+    let before = allocations(&lab);
+    assert_eq!(
+        before.len(),
+        servers.len(),
+        "one allocation per pod: {before:?}"
+    );
+    let old_agent = lab.agent_pid("node-1").expect("node-1 agent");
+
+    // Probe node-1's pods from node-2 the whole time the upgrade runs.
+    let next = next_release_of_agent_and_plugin(tmp.path());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (rounds, misses) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let mut rounds = 0u32;
+            let mut misses = Vec::new();
+            while !stop.load(Ordering::SeqCst) || rounds == 0 {
+                for s in &servers {
+                    if let Err(e) = answers(&client.ns, s.ip) {
+                        misses.push(format!("{}: {e}", s.name));
+                    }
+                }
+                rounds += 1;
+            }
+            (rounds, misses)
+        });
+        // The upgrade: new binaries renamed into place, then the agent restarted.
+        let output = install_ok(&next, &root, &["--no-enable"]);
+        assert!(
+            output.contains("installed /usr/local/bin/vnet-agent"),
+            "{output}"
+        );
+        assert!(
+            output.contains("installed /opt/cni/bin/vnet-cni"),
+            "{output}"
+        );
+        lab.signal_agent("node-1", SIGTERM)
+            .expect("stop the old agent");
+        lab.start_agent("node-1").expect("start the new agent");
+        lab.wait_agent_ready("node-1", Duration::from_secs(120))
+            .expect("the new agent gets ready");
+        stop.store(true, Ordering::SeqCst);
+        prober.join().expect("prober")
+    });
+    eprintln!("node_image: {rounds} probe rounds over the upgrade");
+    assert!(
+        misses.is_empty(),
+        "pods stopped answering during the upgrade: {misses:?}"
+    );
+
+    // The new agent runs the new release's binary, and holds every allocation it had.
+    let new_agent = lab.agent_pid("node-1").expect("node-1 agent");
+    assert_ne!(new_agent, old_agent, "the agent was restarted");
+    assert_eq!(
+        sha256(&PathBuf::from(format!("/proc/{new_agent}/exe"))),
+        expected_sums(&next)["bin/vnet-agent"],
+        "node-1 runs the new agent"
+    );
+    assert_eq!(allocations(&lab), before, "allocations after the upgrade");
+
+    // The upgraded node still serves new pods (through the new plugin), and nothing is doubled.
+    let fresh = lab
+        .add_pod("node-1", "fresh")
+        .expect("ADD after the upgrade");
+    assert!(
+        !before.iter().any(|(_, ip)| *ip == fresh.ip),
+        "{} reused",
+        fresh.ip
+    );
+    let _fresh_responder = Responder::start(&fresh.ns).expect("responder");
+    for s in servers.iter().chain(std::iter::once(&fresh)) {
+        answers(&client.ns, s.ip).unwrap_or_else(|e| panic!("{} after the upgrade: {e}", s.name));
+    }
+    common::assert_ip_accounting(&lab);
+    for pod in lab.state().pods {
+        lab.del_pod(&pod.node, &pod.name).expect("delete pod");
+    }
+    common::assert_ip_accounting(&lab);
+    common::assert_no_leftover_links(&lab);
+}
+
+/// A new release whose agent and plugin binaries differ from the installed ones (a byte appended
+/// after the ELF image changes the file, not what runs).
+fn next_release_of_agent_and_plugin(into: &Path) -> PathBuf {
+    let next = next_release(into);
+    let mut agent = fs::OpenOptions::new()
+        .append(true)
+        .open(next.join("bin/vnet-agent"))
+        .unwrap();
+    agent.write_all(b"\nnext release\n").unwrap();
+    drop(agent);
+    run_ok(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "cd '{}' && find . -type f ! -name SHA256SUMS | sed 's|^\\./||' | LC_ALL=C sort | xargs sha256sum > SHA256SUMS",
+                next.display()
+            ),
+        ],
+        &[],
+    );
+    next
 }
