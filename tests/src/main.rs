@@ -170,14 +170,14 @@ enum PodCmd {
     /// Create a pod on NODE (name defaults to pod-<n>).
     Add {
         node: String,
-        name: Option<String>,
+        pod: Option<String>,
         #[command(flatten)]
         at: Where,
     },
-    /// Delete pod NAME on NODE (cnitool DEL, then the namespace).
+    /// Delete pod POD on NODE (cnitool DEL, then the namespace).
     Del {
         node: String,
-        name: String,
+        pod: String,
         #[command(flatten)]
         at: Where,
     },
@@ -219,9 +219,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         LabCmd::Pod { command } => match command {
-            PodCmd::Add { node, name, at } => {
+            PodCmd::Add { node, pod, at } => {
                 let lab = Lab::open(&at.state_dir, &at.name)?;
-                let name = match name {
+                let name = match pod {
                     Some(n) => n,
                     None => next_pod_name(&lab, &node),
                 };
@@ -233,7 +233,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     pod.name, pod.node, pod.ip, pod.host_veth, pod.ns
                 );
             }
-            PodCmd::Del { node, name, at } => {
+            PodCmd::Del {
+                node,
+                pod: name,
+                at,
+            } => {
                 let lab = Lab::open(&at.state_dir, &at.name)?;
                 lab.del_pod(&node, &name)
                     .with_context(|| format!("deleting pod {name} on {node}"))?;
@@ -295,4 +299,20 @@ fn next_pod_name(lab: &Lab, node: &str) -> String {
         .map(|i| format!("pod-{i}"))
         .find(|n| !st.pods.iter().any(|p| p.node == node && &p.name == n))
         .expect("an unused pod name")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "vnetctl", "lab", "pod", "add", "node-1", "web", "--name", "x",
+        ]);
+        assert!(cli.is_ok());
+    }
 }
