@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,7 +55,7 @@ pub(crate) struct App {
     faults: Mutex<Faults>,
     counters: Mutex<Counters>,
     fabric: Option<Fabric>,
-    persist: Option<(PathBuf, watch::Sender<PersistedState>)>,
+    persist: Option<(Arc<StateWriter>, watch::Sender<PersistedState>)>,
 }
 
 impl App {
@@ -80,8 +81,13 @@ impl App {
         }
         let persist = config.state_file.map(|path| {
             let (tx, rx) = watch::channel(cloud.persisted());
-            tokio::spawn(persist_loop(path.clone(), rx));
-            (path, tx)
+            let writer = Arc::new(StateWriter {
+                path,
+                write_lock: tokio::sync::Mutex::new(()),
+                closed: AtomicBool::new(false),
+            });
+            tokio::spawn(persist_loop(writer.clone(), rx));
+            (writer, tx)
         });
         Ok(Arc::new(App {
             cloud: Mutex::new(cloud),
@@ -109,9 +115,12 @@ impl App {
     }
 
     pub(crate) async fn persist_now(&self) {
-        if let Some((path, _)) = &self.persist {
+        if let Some((writer, _)) = &self.persist {
+            // Waits for a background write in flight, and stops later ones: this is the last.
+            let _guard = writer.write_lock.lock().await;
+            writer.closed.store(true, Ordering::SeqCst);
             let snapshot = lock(&self.cloud).persisted();
-            write_state(path.clone(), snapshot).await;
+            write_state(writer.path.clone(), snapshot).await;
         }
     }
 
@@ -157,10 +166,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn persist_loop(path: PathBuf, mut rx: watch::Receiver<PersistedState>) {
+/// Writes the state file; one write at a time, none after the final one at shutdown.
+struct StateWriter {
+    path: PathBuf,
+    write_lock: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+}
+
+async fn persist_loop(writer: Arc<StateWriter>, mut rx: watch::Receiver<PersistedState>) {
     while rx.changed().await.is_ok() {
+        let _guard = writer.write_lock.lock().await;
+        if writer.closed.load(Ordering::SeqCst) {
+            return;
+        }
         let snapshot = rx.borrow_and_update().clone();
-        write_state(path.clone(), snapshot).await;
+        write_state(writer.path.clone(), snapshot).await;
     }
 }
 
