@@ -1,0 +1,279 @@
+//! The agent with the real Azure client against a real vnet-mockcloud (HTTP on 127.0.0.1).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use vnet_agent::client::ClientError;
+use vnet_agent::config::{Config, CredentialKind, ProviderKind};
+use vnet_agent::store::JournalStore;
+use vnet_api::ErrorCode;
+use vnet_mockcloud::{FaultSpec, Faults, MockConfig, MockServer, Topology};
+
+async fn start_mock() -> MockServer {
+    let topology = Topology::single_subnet("10.240.0.0/16".parse().unwrap(), 2);
+    MockServer::start(MockConfig::new(topology), "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("mock starts")
+}
+
+fn mock_config(root: &std::path::Path, mock: &MockServer) -> Config {
+    let mut config = test_config(root);
+    config.cloud.provider = ProviderKind::Mock;
+    config.cloud.credential = CredentialKind::None;
+    config.cloud.arm_endpoint = mock.base_url();
+    config.cloud.imds_endpoint = mock.imds_endpoint("node-1");
+    config
+}
+
+/// The secondary addresses the mock holds on node-1's NIC.
+fn nic_ips(mock: &MockServer) -> BTreeSet<Ipv4Addr> {
+    mock.state()
+        .addresses
+        .iter()
+        .filter(|a| a.vm == "node-1" && !a.primary)
+        .map(|a| a.ip)
+        .collect()
+}
+
+fn every_address_once(mock: &MockServer) {
+    let state = mock.state();
+    let mut seen = BTreeSet::new();
+    for a in &state.addresses {
+        assert!(seen.insert(a.ip), "{} is on two ipConfigurations", a.ip);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_allocations_match_the_nic() {
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = mock_config(dir.path(), &mock);
+    config.pool.warm = 0;
+    config.pool.batch = 1;
+    let agent = TestAgent::start(config, agent_provider(&mock)).await;
+
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let client = agent.client.clone();
+        tasks.push(tokio::spawn(async move {
+            client.allocate(&alloc_req(&format!("pod{i}"))).await
+        }));
+    }
+    let mut ips = BTreeSet::new();
+    for t in tasks {
+        let ip = t.await.unwrap().expect("allocation succeeds").allocation.ip;
+        assert!(ips.insert(ip), "duplicate {ip}");
+    }
+    assert_eq!(ips.len(), 200);
+    assert_eq!(nic_ips(&mock), ips, "the agent's allocations equal the NIC's addresses");
+    every_address_once(&mock);
+    let counters = mock.counters();
+    eprintln!("NIC PUTs for 200 concurrent allocations: {}", counters.calls("nic_put"));
+    let state_dir = agent.state_dir.clone();
+    agent.stop().await;
+    let disk = JournalStore::read_state(&state_dir).unwrap();
+    let disk_ips: BTreeSet<Ipv4Addr> = disk.allocations.values().map(|a| a.ip).collect();
+    assert_eq!(disk_ips, ips, "all on disk");
+    assert_eq!(disk.pool, ips);
+}
+
+fn agent_provider(mock: &MockServer) -> Arc<dyn vnet_cloud::CloudProvider> {
+    let dir = std::path::Path::new("/");
+    vnet_agent::provider::build(&mock_config(dir, mock).cloud).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_thirty_percent_cloud_faults_every_allocation_succeeds_without_duplicates() {
+    let mock = start_mock().await;
+    let fault = |p: f64| {
+        Some(FaultSpec {
+            probability: p,
+            retry_after_secs: 1,
+            ..FaultSpec::default()
+        })
+    };
+    mock.set_faults(Faults {
+        throttle: fault(0.10),
+        server_error: fault(0.10),
+        busy: fault(0.10),
+        ..Faults::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = mock_config(dir.path(), &mock);
+    let agent = TestAgent::start(config, agent_provider(&mock)).await;
+
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let client = agent.client.clone();
+        tasks.push(tokio::spawn(async move {
+            // As the plugin's caller (kubelet) does: retry on "try again later".
+            loop {
+                match client.allocate(&alloc_req(&format!("pod{i}"))).await {
+                    Ok(r) => return r.allocation.ip,
+                    Err(ClientError::Api { error, .. }) if error.code == ErrorCode::TryAgainLater => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => panic!("allocation failed: {e}"),
+                }
+            }
+        }));
+    }
+    let mut ips = BTreeSet::new();
+    for t in tasks {
+        let ip = t.await.unwrap();
+        assert!(ips.insert(ip), "duplicate {ip}");
+    }
+    let counters = mock.counters();
+    let injected = counters.injected("throttle") + counters.injected("server_error") + counters.injected("busy");
+    eprintln!("faults injected: {injected}");
+    assert!(injected > 0, "the test exercised faults");
+    mock.set_faults(Faults::default());
+    assert!(ips.is_subset(&nic_ips(&mock)));
+    every_address_once(&mock);
+    // Releases under faults too, then the books still balance.
+    for i in 0..100 {
+        agent.client.release(&release_req(&format!("pod{i}"))).await.unwrap();
+    }
+    let state_dir = agent.state_dir.clone();
+    agent.stop().await;
+    let disk = JournalStore::read_state(&state_dir).unwrap();
+    assert!(disk.allocations.is_empty());
+    assert_eq!(disk.pool, nic_ips(&mock), "agent and cloud agree");
+}
+
+/// kill -9 the agent binary at random moments during 1,000 allocate/release operations from 8
+/// clients, restarting it each time. At the end: no address held twice, every acknowledged
+/// allocation present and no other, and the agent's pool equal to the NIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_at_random_moments_loses_nothing_and_duplicates_nothing() {
+    use rand::RngExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = mock_config(dir.path(), &mock);
+    config.pool.cooldown_secs = 0;
+    config.pool.warm = 4;
+    config.pool.batch = 4;
+    config.pool.release_delay_secs = 0;
+    config.log_level = "warn".into();
+    let config_path = dir.path().join("agent.toml");
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let log_path = dir.path().join("agent.log");
+    let spawn = || {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_vnet-agent"))
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn vnet-agent")
+    };
+    let client = vnet_agent::client::AgentClient::new(&config.socket_path);
+    let wait_ready = || async {
+        eventually("agent ready", || async {
+            client.health().await.is_ok_and(|h| h.ready)
+        })
+        .await
+    };
+    let mut child = spawn();
+    wait_ready().await;
+
+    const CLIENTS: usize = 8;
+    const OPS: usize = 1_000;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let client = client.clone();
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            // What this client has been told it holds.
+            let mut held: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
+            let mut next = 0;
+            for _ in 0..OPS / CLIENTS {
+                let release = !held.is_empty() && rand::rng().random_bool(0.45);
+                // Retry the same operation until acknowledged: both are idempotent.
+                if release {
+                    let id = held.keys().nth(rand::rng().random_range(0..held.len())).unwrap().clone();
+                    loop {
+                        match client.release(&release_req(&id)).await {
+                            Ok(_) => break,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
+                    }
+                    held.remove(&id);
+                } else {
+                    let id = format!("c{c}n{next}");
+                    next += 1;
+                    let ip = loop {
+                        match client.allocate(&alloc_req(&id)).await {
+                            Ok(r) => break r.allocation.ip,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
+                    };
+                    held.insert(id, ip);
+                }
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+            held
+        }));
+    }
+
+    let mut kills = 0;
+    {
+        let mut next_kill = rand::rng().random_range(30..90);
+        while acked.load(Ordering::SeqCst) < OPS {
+            if acked.load(Ordering::SeqCst) >= next_kill {
+                tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..15))).await;
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+                child = spawn();
+                next_kill = acked.load(Ordering::SeqCst) + rand::rng().random_range(30..90);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let mut expected: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
+    for t in tasks {
+        expected.extend(t.await.unwrap());
+    }
+    wait_ready().await;
+    eprintln!("kill -9 count: {kills}");
+    assert!(kills > 0);
+
+    let allocations = client.allocations().await.unwrap().allocations;
+    let actual: BTreeMap<String, Ipv4Addr> = allocations
+        .iter()
+        .map(|a| (a.key.container_id.to_string(), a.ip))
+        .collect();
+    assert_eq!(actual.len(), allocations.len());
+    assert_eq!(actual, expected, "the agent holds exactly what clients were told");
+    let distinct: BTreeSet<Ipv4Addr> = actual.values().copied().collect();
+    assert_eq!(distinct.len(), actual.len(), "no address held by two containers");
+    every_address_once(&mock);
+
+    // Graceful stop (SIGTERM) exits 0; then compare the store with the NIC.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status}; log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+    let disk = JournalStore::read_state(&config.state_dir).unwrap();
+    assert!(disk.duplicate_ips().is_empty());
+    let nic = nic_ips(&mock);
+    assert!(distinct.is_subset(&nic), "every allocation is on the NIC");
+    assert_eq!(disk.pool, nic, "agent and cloud agree: nothing lost, nothing extra");
+}
