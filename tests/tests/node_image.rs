@@ -1041,6 +1041,55 @@ fn the_unit_is_hardened_and_passes_systemd_analyze_verify() {
     }
 }
 
+/// `vnet-agent --config FILE --print-config`, without `VNET_AGENT_*` overrides from the caller.
+fn agent_effective_config(agent: &Path, config: &Path) -> String {
+    let mut command = Command::new("timeout");
+    command
+        .arg(COMMAND_TIMEOUT_SECS.to_string())
+        .arg(agent)
+        .arg("--config")
+        .arg(config)
+        .arg("--print-config");
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("VNET_AGENT_")) {
+        command.env_remove(key);
+    }
+    let out = command.output().expect("run vnet-agent");
+    assert!(
+        out.status.success(),
+        "vnet-agent rejects {}: {}",
+        config.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_shipped_agent_config_is_valid_and_states_the_agents_defaults() {
+    let agent = vnet_lab::lab::default_bin_dir().join("vnet-agent");
+    assert!(
+        agent.is_file(),
+        "vnet-agent not built at {}: run `cargo build --workspace --bins` first",
+        agent.display()
+    );
+    let template = node_image_dir().join("agent.toml");
+    let check = run(
+        agent.to_str().unwrap(),
+        &["--config", template.to_str().unwrap(), "--check-config"],
+        &[],
+    );
+    assert!(
+        check.status.success(),
+        "vnet-agent --check-config rejects the shipped agent.toml: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // The template says its values are the defaults: the agent must agree.
+    assert_eq!(
+        agent_effective_config(&agent, &template),
+        agent_effective_config(&agent, Path::new("/dev/null")),
+        "deploy/node-image/agent.toml differs from the agent's defaults"
+    );
+}
+
 #[test]
 fn the_scripts_are_valid_shell() {
     let dir = node_image_dir();
