@@ -35,19 +35,7 @@ node_subnet=$(docker network inspect kind -f '{{range .IPAM.Config}}{{.Subnet}} 
 vms=$(kubectl get nodes -o jsonpath='{range .items[*]}{.metadata.name} {.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}')
 topology=$(mktemp)
 trap 'rm -f "$topology"' EXIT
-{
-    printf '{"subscription":"sub","resource_group":"rg","location":"local",\n'
-    printf ' "vnet":{"name":"vnet","address_space":["%s","%s"]},\n' "$node_subnet" "$POD_SUBNET"
-    printf ' "subnets":[{"name":"nodes","prefix":"%s"},{"name":"pods","prefix":"%s"}],\n' "$node_subnet" "$POD_SUBNET"
-    printf ' "vms":['
-    sep=""
-    while read -r name ip; do
-        [[ -n $name ]] || continue
-        printf '%s\n  {"name":"%s","subnet":"nodes","primary_ip":"%s"}' "$sep" "$name" "$ip"
-        sep=","
-    done <<<"$vms"
-    printf ']}\n'
-} >"$topology"
+deploy/kind/topology.sh "$node_subnet" "$POD_SUBNET" <<<"$vms" >"$topology"
 cat "$topology"
 kubectl -n "$NS" create configmap vnet-mockcloud-topology --from-file=topology.json="$topology" \
     --dry-run=client -o yaml | kubectl apply -f -

@@ -1,6 +1,7 @@
 # An AKS cluster with bring-your-own CNI (network_plugin = "none") on its own VNet, ready for
 # vnet-cni: a node subnet, an optional pod subnet, and a user-assigned identity for the agent that
-# holds exactly the permissions docs/cloud.md lists, on the subnets and the node resource group only.
+# holds exactly the permissions docs/cloud.md lists: on the subnets, the node resource group, the
+# VNet (its read only) and the subscription (operation polling only).
 #
 # The agent authenticates with managed_identity through IMDS on its node, so the identity is the
 # node pool's kubelet identity: it is attached to every node VM. (Workload identity would need the
@@ -44,16 +45,42 @@ locals {
   node_resource_group_name = "${var.name}-nodes-rg"
   node_resource_group_id   = azurerm_kubernetes_cluster.main.node_resource_group_id
 
-  # Exactly the actions docs/cloud.md lists for the agent.
-  agent_actions = [
-    "Microsoft.Network/networkInterfaces/read",
-    "Microsoft.Network/networkInterfaces/write",
-    "Microsoft.Network/virtualNetworks/subnets/join/action",
-    "Microsoft.Network/virtualNetworks/subnets/read",
-    "Microsoft.Network/virtualNetworks/read",
-    "Microsoft.Compute/virtualMachines/read",
-    "Microsoft.Network/locations/operations/read",
-  ]
+  # Exactly the actions docs/cloud.md lists for the agent, split by the scope each one needs, so
+  # no action is granted wider than that: NICs and VMs in the node resource group, join and read on
+  # the cluster's subnets only, the VNet's own read (its address space), and the polling of
+  # long-running operations, which live at the subscription level.
+  agent_roles = {
+    nodes = {
+      actions = [
+        "Microsoft.Compute/virtualMachines/read",
+        "Microsoft.Network/networkInterfaces/read",
+        "Microsoft.Network/networkInterfaces/write",
+      ]
+      scopes = [local.node_resource_group_id]
+    }
+    subnets = {
+      actions = [
+        "Microsoft.Network/virtualNetworks/subnets/read",
+        "Microsoft.Network/virtualNetworks/subnets/join/action",
+      ]
+      scopes = local.subnet_ids
+    }
+    vnet = {
+      actions = ["Microsoft.Network/virtualNetworks/read"]
+      scopes  = [azurerm_virtual_network.main.id]
+    }
+    operations = {
+      actions = ["Microsoft.Network/locations/operations/read"]
+      scopes  = [data.azurerm_subscription.current.id]
+    }
+  }
+
+  # One assignment per (role, scope); keys use indexes because ids are unknown until apply.
+  agent_assignments = merge([
+    for role, spec in local.agent_roles : {
+      for index, scope in spec.scopes : "${role}-${index}" => { role = role, scope = scope }
+    }
+  ]...)
 }
 
 # The control plane's identity: manages the node pool and may assign the kubelet identity.
@@ -86,28 +113,23 @@ resource "azurerm_role_assignment" "cluster_joins_node_subnet" {
 }
 
 resource "azurerm_role_definition" "agent" {
-  name        = "${var.name}-vnet-cni-agent"
+  for_each    = local.agent_roles
+  name        = "${var.name}-vnet-cni-agent-${each.key}"
   scope       = data.azurerm_subscription.current.id
-  description = "vnet-cni agent: add and remove secondary IP configurations on its node's NIC."
+  description = "vnet-cni agent (${each.key}): add and remove secondary IP configurations on its node's NIC."
 
   permissions {
-    actions     = local.agent_actions
+    actions     = each.value.actions
     not_actions = []
   }
 
-  assignable_scopes = concat(local.subnet_ids, [local.node_resource_group_id])
+  assignable_scopes = each.value.scopes
 }
 
-resource "azurerm_role_assignment" "agent_on_subnets" {
-  count              = length(local.subnet_ids)
-  scope              = local.subnet_ids[count.index]
-  role_definition_id = azurerm_role_definition.agent.role_definition_resource_id
-  principal_id       = azurerm_user_assigned_identity.agent.principal_id
-}
-
-resource "azurerm_role_assignment" "agent_on_node_resource_group" {
-  scope              = local.node_resource_group_id
-  role_definition_id = azurerm_role_definition.agent.role_definition_resource_id
+resource "azurerm_role_assignment" "agent" {
+  for_each           = local.agent_assignments
+  scope              = each.value.scope
+  role_definition_id = azurerm_role_definition.agent[each.value.role].role_definition_resource_id
   principal_id       = azurerm_user_assigned_identity.agent.principal_id
 }
 

@@ -503,3 +503,197 @@ fn terraform_files_are_formatted_when_terraform_is_installed() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Every `"Microsoft.…/…"` string literal in a Terraform file.
+fn azure_actions_in(text: &str) -> BTreeSet<String> {
+    text.split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| s.starts_with("Microsoft.") && s.contains('/') && !s.contains(' '))
+        .map(String::from)
+        .collect()
+}
+
+/// The agent's Azure role grants exactly the actions docs/cloud.md lists, no more, no fewer.
+#[test]
+fn terraform_grants_the_agent_exactly_the_actions_docs_cloud_md_lists() {
+    let cloud_md = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/cloud.md");
+    let doc =
+        std::fs::read_to_string(&cloud_md).expect("docs/cloud.md lists the agent's permissions");
+    // The rows of its permission table: "| `Microsoft.X/y` | why | scope |".
+    let documented: BTreeSet<String> = doc
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split_once('`'))
+        .map(|(action, _)| action.to_string())
+        .filter(|action| action.starts_with("Microsoft."))
+        .collect();
+    assert!(
+        documented.len() >= 5,
+        "no permission table found in docs/cloud.md"
+    );
+    let main_tf = std::fs::read_to_string(deploy_dir().join("terraform/main.tf")).unwrap();
+    assert_eq!(
+        azure_actions_in(&main_tf),
+        documented,
+        "deploy/terraform/main.tf and docs/cloud.md disagree on the agent's permissions"
+    );
+}
+
+/// Runs `program` with `args`, stdin and env, killing it after 30 s.
+fn run_with_timeout(
+    program: &str,
+    args: &[&str],
+    stdin: &str,
+    env: &[(&str, String)],
+) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{program} {args:?} did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn kind_topology_lists_every_node_as_a_vm_in_the_node_subnet() {
+    let script = deploy_dir().join("kind/topology.sh");
+    let output = run_with_timeout(
+        "bash",
+        &[script.to_str().unwrap(), "172.18.0.0/16", "10.250.0.0/16"],
+        "vnet-cni-control-plane 172.18.0.3\nvnet-cni-worker 172.18.0.2\nvnet-cni-worker2 172.18.0.4\n",
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let topology: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        topology["vnet"]["address_space"],
+        serde_json::json!(["172.18.0.0/16", "10.250.0.0/16"])
+    );
+    assert_eq!(
+        topology["subnets"],
+        serde_json::json!([{"name": "nodes", "prefix": "172.18.0.0/16"},
+                           {"name": "pods", "prefix": "10.250.0.0/16"}])
+    );
+    let vms = topology["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 3);
+    assert_eq!(
+        vms[2],
+        serde_json::json!({"name": "vnet-cni-worker2", "subnet": "nodes", "primary_ip": "172.18.0.4"})
+    );
+    // The agent's pod_subnet_id names that "pods" subnet.
+    let kind_config = documents(&deploy_dir().join("kind/agent-config.yaml"));
+    let agent: toml::Table = kind_config[0]["data"]["agent.toml"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        agent["cloud"]["pod_subnet_id"]
+            .as_str()
+            .unwrap()
+            .ends_with("/virtualNetworks/vnet/subnets/pods")
+    );
+}
+
+/// The kind fabric's shell loop, run for two rounds against fake `wget`/`ip`/`sleep`: it routes
+/// other nodes' pod addresses via their node, leaves its own node's alone, and removes the route of
+/// a released address.
+#[test]
+fn kind_fabric_routes_other_nodes_pod_addresses_and_forgets_released_ones() {
+    let ds = find("DaemonSet", "vnet-kind-fabric");
+    let script = ds["spec"]["template"]["spec"]["containers"][0]["command"][2]
+        .as_str()
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let work_dir = work.path().display().to_string();
+    let script = script.replace("/tmp/", &format!("{work_dir}/"));
+    let bin = work.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let fakes = [
+        (
+            "wget",
+            r#"n=$(cat "$WORK/wget.count" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > "$WORK/wget.count"
+while [ $# -gt 0 ]; do [ "$1" = -O ] && out=$2; shift; done
+cp "$WORK/state$n.json" "$out""#,
+        ),
+        ("ip", r#"echo "$*" >> "$WORK/ip.log""#),
+        (
+            "sleep",
+            r#"n=$(cat "$WORK/sleep.count" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > "$WORK/sleep.count"
+[ "$n" -ge 2 ] && kill "$PPID"; exit 0"#,
+        ),
+    ];
+    for (name, body) in fakes {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // The shape of the mock's GET /admin/state.
+    let address = |ip: &str, vm: &str, primary: bool| {
+        serde_json::json!({"ip": ip, "nic": format!("{vm}-nic"), "vm": vm, "ip_configuration": "c",
+                           "subnet": if primary { "nodes" } else { "pods" }, "primary": primary, "pending": false})
+    };
+    let nics = serde_json::json!([{"name": "worker-nic", "vm": "worker", "etag": "1", "provisioning_state": "Succeeded", "ip_configurations": 2}]);
+    let first = serde_json::json!({"addresses": [
+        address("172.18.0.2", "worker", true), address("172.18.0.3", "worker2", true),
+        address("10.250.0.5", "worker2", false), address("10.250.0.6", "worker", false),
+        address("10.250.0.7", "worker2", false)], "nics": nics});
+    let second = serde_json::json!({"addresses": [
+        address("172.18.0.2", "worker", true), address("172.18.0.3", "worker2", true),
+        address("10.250.0.6", "worker", false), address("10.250.0.7", "worker2", false)], "nics": nics});
+    std::fs::write(work.path().join("state1.json"), first.to_string()).unwrap();
+    std::fs::write(work.path().join("state2.json"), second.to_string()).unwrap();
+
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run_with_timeout(
+        "sh",
+        &["-c", &script],
+        "",
+        &[
+            ("PATH", path),
+            ("WORK", work_dir.clone()),
+            ("NODE_NAME", "worker".into()),
+            ("MOCK", "http://mock".into()),
+        ],
+    );
+    let log = std::fs::read_to_string(work.path().join("ip.log")).unwrap_or_default();
+    let calls: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        calls,
+        [
+            "route replace 10.250.0.5/32 via 172.18.0.3",
+            "route replace 10.250.0.7/32 via 172.18.0.3",
+            "route replace 10.250.0.7/32 via 172.18.0.3",
+            "route del 10.250.0.5/32",
+        ],
+        "the fabric's ip calls"
+    );
+}
