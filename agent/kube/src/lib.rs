@@ -134,6 +134,9 @@ impl ClientSource {
 
 /// Builds the client for `source`; `Ok(None)` means standalone.
 pub async fn client(source: &ClientSource) -> Result<Option<kube::Client>, ClientError> {
+    // rustls needs one process-wide crypto provider; without this, building a TLS client panics
+    // whenever the dependency graph enables none or both. Already installed (by us or the agent) is fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let config = match source {
         ClientSource::None => return Ok(None),
         ClientSource::InCluster => kube::Config::incluster().map_err(ClientError::InCluster)?,
@@ -177,6 +180,35 @@ mod tests {
         );
         assert_eq!(ClientSource::choose(None, true), ClientSource::InCluster);
         assert_eq!(ClientSource::choose(None, false), ClientSource::None);
+    }
+
+    #[tokio::test]
+    async fn a_kubeconfig_file_gives_a_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            r#"apiVersion: v1
+kind: Config
+clusters:
+- name: c
+  cluster:
+    server: https://127.0.0.1:6443
+    insecure-skip-tls-verify: true
+users:
+- name: u
+  user:
+    token: not-a-real-token
+contexts:
+- name: ctx
+  context: {cluster: c, user: u}
+current-context: ctx
+"#,
+        )
+        .unwrap();
+        let source = ClientSource::choose(Some(&path), false);
+        let client = client(&source).await.map_err(|e| e.to_string()).unwrap();
+        assert!(client.is_some());
     }
 
     #[tokio::test]
