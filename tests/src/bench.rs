@@ -213,6 +213,9 @@ fn latency(lab: &Lab, opts: &BenchOptions) -> Result<LatencyRuns, LabError> {
             }
             for (pi, phase) in PHASES.iter().enumerate() {
                 let op = &phase[..3];
+                if op == "add" && v.label == "vnet-cni" {
+                    wait_for_free(lab, "node-1", opts.pods as u32);
+                }
                 let conc = if phase.ends_with("conc") {
                     opts.concurrency
                 } else {
@@ -227,6 +230,20 @@ fn latency(lab: &Lab, opts: &BenchOptions) -> Result<LatencyRuns, LabError> {
         }
     }
     Ok(results)
+}
+
+/// Steady state before an ADD phase: addresses released by the previous DEL phase wait out
+/// their cooldown (and their old veth's removal) before reuse; without this wait the phase would
+/// time cloud writes, which the cold burst measures on its own.
+fn wait_for_free(lab: &Lab, node: &str, want: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match lab.agent_status(node) {
+            Ok(s) if s.pool.free >= want && s.pool.pending == 0 => return,
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    eprintln!("    pool on {node} did not reach {want} free addresses; timing anyway");
 }
 
 /// Empty-pool burst in a separate one-node lab with slow NIC writes.
@@ -303,14 +320,25 @@ fn agent_rss(lab: &Lab) -> Result<Value, LabError> {
                     }
                     let body =
                         json!({"container_id": format!("rss-{i}"), "ifname": "eth0"}).to_string();
-                    let r = crate::http::unix_request(
-                        &node.socket,
-                        "POST",
-                        vnet_api::PATH_ALLOCATE,
-                        Some(&body),
-                    );
-                    if !matches!(r, Ok(ref r) if r.status == 200) {
-                        failures.fetch_add(1, Ordering::SeqCst);
+                    // 503 = try again later (the pool is growing): retry as the plugin would.
+                    let give_up = Instant::now() + Duration::from_secs(120);
+                    loop {
+                        let r = crate::http::unix_request(
+                            &node.socket,
+                            "POST",
+                            vnet_api::PATH_ALLOCATE,
+                            Some(&body),
+                        );
+                        match r {
+                            Ok(r) if r.status == 200 => break,
+                            Ok(r) if r.status == 503 && Instant::now() < give_up => {
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            _ => {
+                                failures.fetch_add(1, Ordering::SeqCst);
+                                break;
+                            }
+                        }
                     }
                 }
             });
@@ -480,7 +508,7 @@ pub fn run(cfg: &LabConfig, opts: &BenchOptions) -> Result<(), LabError> {
         batch: 16,
         max: 250,
         release_delay_secs: 3600,
-        cooldown_secs: 5,
+        cooldown_secs: 1,
         allocate_timeout_secs: 60,
     };
     let started = Instant::now();
@@ -731,7 +759,7 @@ fn svg_chart(lat: &LatencyRuns) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{pad}" y="24" font-size="16">cnitool call latency, CDF of all samples (ms)</text>"#
     );
     for (i, (label, _)) in lat.iter().enumerate() {
-        let x = pad + 350.0 + i as f64 * 170.0;
+        let x = pad + 480.0 + i as f64 * 170.0;
         let _ = write!(
             svg,
             r#"<rect x="{x}" y="12" width="12" height="12" fill="{}"/><text x="{}" y="23">{label}</text>"#,
