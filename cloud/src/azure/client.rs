@@ -328,7 +328,8 @@ pub fn map_error(
         429 => CloudError::Throttled {
             retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
         },
-        408 | 500..=599 => CloudError::Transient(detail),
+        // 410: IMDS answers Gone while the VM is still starting.
+        408 | 410 | 500..=599 => CloudError::Transient(detail),
         // A failed long-running operation with an internal error is worth another try.
         200 if code == "InternalServerError" => CloudError::Transient(detail),
         _ => CloudError::Fatal(detail),
