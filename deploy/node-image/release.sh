@@ -48,10 +48,12 @@ done
 cd "$repo"
 metadata=$(timeout 120 cargo metadata --no-deps --format-version 1)
 target_dir=$(jq -r .target_directory <<<"$metadata")
+# Read once: the build takes minutes and HEAD may move meanwhile.
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+mtime=$(git log -1 --format=%ct "$commit" 2>/dev/null || echo 0)
 if [[ -z $version ]]; then
     crate_version=$(jq -r '.packages[] | select(.name == "vnet-agent") | .version' <<<"$metadata")
-    commit=$(git rev-parse --short=8 HEAD 2>/dev/null || echo unknown)
-    version="$crate_version-g$commit"
+    version="$crate_version-g${commit:0:8}"
 fi
 [[ $version =~ ^[A-Za-z0-9._+-]+$ ]] || die "version '$version' has characters unfit for a file name"
 out_dir=${out_dir:-$target_dir/dist}
@@ -105,7 +107,7 @@ linkage() {
 # Say what was linked how, so an operator can tell a static release from a test package.
 {
     echo "vnet-cni $version"
-    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "commit $commit"
     echo "target $TARGET"
     for bin in "${BINARIES[@]}"; do
         if [[ $origin == release-build && $(linkage "$stage/bin/$bin") != static ]]; then
@@ -123,7 +125,6 @@ mv "$stage_root/SHA256SUMS" "$stage/SHA256SUMS"
 chmod 0644 "$stage/SHA256SUMS"
 
 # Reproducible archive: fixed order, owner and mtime (the commit's time).
-mtime=$(git log -1 --format=%ct 2>/dev/null || echo 0)
 mkdir -p "$out_dir"
 tarball=$out_dir/$name.tar.gz
 tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$mtime" -C "$stage_root" -cf - "$name" |
