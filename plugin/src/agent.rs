@@ -60,7 +60,11 @@ impl AgentClient {
         }
     }
 
-    pub async fn get<R: DeserializeOwned>(&self, path: &str, timeout: Duration) -> Result<R, AgentError> {
+    pub async fn get<R: DeserializeOwned>(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<R, AgentError> {
         self.call(Method::GET, path, None, timeout).await
     }
 
@@ -141,10 +145,11 @@ impl AgentClient {
         if status.is_success() {
             serde_json::from_slice(&bytes).map_err(|e| protocol(format!("bad JSON: {e}")))
         } else {
-            let body = serde_json::from_slice::<ErrorResponse>(&bytes).unwrap_or_else(|_| ErrorResponse {
-                code: vnet_api::ErrorCode::Internal,
-                message: String::from_utf8_lossy(&bytes).into_owned(),
-            });
+            let body =
+                serde_json::from_slice::<ErrorResponse>(&bytes).unwrap_or_else(|_| ErrorResponse {
+                    code: vnet_api::ErrorCode::Internal,
+                    message: String::from_utf8_lossy(&bytes).into_owned(),
+                });
             Err(AgentError::Refused {
                 path: path.to_owned(),
                 status,

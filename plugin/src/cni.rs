@@ -117,7 +117,8 @@ impl NetConf {
             ));
         }
         let raw: RawConf = serde_json::from_value(value).map_err(|e| {
-            CniError::config("network config has a field of the wrong type").with_details(e.to_string())
+            CniError::config("network config has a field of the wrong type")
+                .with_details(e.to_string())
         })?;
         let version = raw
             .cni_version
@@ -330,8 +331,10 @@ mod tests {
         assert_eq!(c.spool_dir, vnet_api::DEFAULT_SPOOL_DIR);
         assert_eq!(c.log_level, Level::Warn);
         assert_eq!(c.mtu, None);
-        let c = conf(r#","mtu":1400,"hostVethPrefix":"azv","logLevel":"debug","agentSocket":"/x.sock""#)
-            .unwrap();
+        let c = conf(
+            r#","mtu":1400,"hostVethPrefix":"azv","logLevel":"debug","agentSocket":"/x.sock""#,
+        )
+        .unwrap();
         assert_eq!(c.mtu, Some(1400));
         assert_eq!(c.host_veth_prefix, "azv");
         assert_eq!(c.agent_socket, "/x.sock");
@@ -341,21 +344,36 @@ mod tests {
     fn config_errors_have_the_right_codes() {
         assert_eq!(NetConf::parse(b"nope").unwrap_err().code, Code::Decode);
         assert_eq!(NetConf::parse(b"[1]").unwrap_err().code, Code::Decode);
-        assert_eq!(conf(r#","mtu":"big""#).unwrap_err().code, Code::InvalidConfig);
         assert_eq!(
-            NetConf::parse(br#"{"cniVersion":"1.0.0","type":"vnet-cni"}"#).unwrap_err().code,
+            conf(r#","mtu":"big""#).unwrap_err().code,
             Code::InvalidConfig
         );
         assert_eq!(
-            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n"}"#).unwrap_err().code,
+            NetConf::parse(br#"{"cniVersion":"1.0.0","type":"vnet-cni"}"#)
+                .unwrap_err()
+                .code,
             Code::InvalidConfig
         );
         assert_eq!(
-            NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n","type":"t"}"#).unwrap_err().code,
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n"}"#)
+                .unwrap_err()
+                .code,
+            Code::InvalidConfig
+        );
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n","type":"t"}"#)
+                .unwrap_err()
+                .code,
             Code::IncompatibleVersion
         );
-        assert_eq!(conf(r#","hostVethPrefix":"vdel""#).unwrap_err().code, Code::InvalidConfig);
-        assert_eq!(conf(r#","logLevel":"loud""#).unwrap_err().code, Code::InvalidConfig);
+        assert_eq!(
+            conf(r#","hostVethPrefix":"vdel""#).unwrap_err().code,
+            Code::InvalidConfig
+        );
+        assert_eq!(
+            conf(r#","logLevel":"loud""#).unwrap_err().code,
+            Code::InvalidConfig
+        );
     }
 
     #[test]
@@ -378,8 +396,14 @@ mod tests {
         assert_eq!(a.pod.name.as_deref(), Some("web-0"));
         assert_eq!(a.pod.uid.as_deref(), Some("u1"));
         assert_eq!(a.infra_container_id.as_deref(), Some("abc"));
-        assert_eq!(CniArgs::parse("FOO=bar").unwrap_err().code, Code::InvalidEnvironment);
-        assert_eq!(CniArgs::parse("FOO").unwrap_err().code, Code::InvalidEnvironment);
+        assert_eq!(
+            CniArgs::parse("FOO=bar").unwrap_err().code,
+            Code::InvalidEnvironment
+        );
+        assert_eq!(
+            CniArgs::parse("FOO").unwrap_err().code,
+            Code::InvalidEnvironment
+        );
         assert_eq!(CniArgs::parse("").unwrap(), CniArgs::default());
     }
 
@@ -416,7 +440,10 @@ mod tests {
             assert_eq!(r["routes"][1]["gw"], "169.254.1.1");
             let has_version = r["ips"][0].get("version").is_some();
             assert_eq!(has_version, version < Version::V1_0_0, "{v}");
-            assert_eq!(r["routes"][0].get("scope").is_some(), version == Version::V1_1_0);
+            assert_eq!(
+                r["routes"][0].get("scope").is_some(),
+                version == Version::V1_1_0
+            );
             assert_eq!(prev_result_ips(&r), vec![Ipv4Addr::new(10, 240, 0, 9)]);
         }
     }

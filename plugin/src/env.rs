@@ -71,7 +71,11 @@ fn non_empty<'a>(env: &'a HashMap<String, String>, name: &str) -> Option<&'a str
     env.get(name).map(String::as_str).filter(|v| !v.is_empty())
 }
 
-fn required<'a>(env: &'a HashMap<String, String>, name: &str, command: Command) -> CniResult<&'a str> {
+fn required<'a>(
+    env: &'a HashMap<String, String>,
+    name: &str,
+    command: Command,
+) -> CniResult<&'a str> {
     non_empty(env, name)
         .ok_or_else(|| CniError::env(format!("{name} is required for {}", command.as_str())))
 }
@@ -142,7 +146,10 @@ mod tests {
     fn add_needs_every_variable() {
         assert!(parse(&env(&add_env())).is_ok());
         for missing in ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"] {
-            let e: Vec<_> = add_env().into_iter().filter(|(k, _)| *k != missing).collect();
+            let e: Vec<_> = add_env()
+                .into_iter()
+                .filter(|(k, _)| *k != missing)
+                .collect();
             let err = parse(&env(&e)).unwrap_err();
             assert_eq!(err.code, Code::InvalidEnvironment, "{missing}");
             assert!(err.msg.contains(missing), "{}", err.msg);

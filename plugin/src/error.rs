@@ -105,7 +105,8 @@ mod tests {
 
     #[test]
     fn error_json_has_the_spec_fields() {
-        let err = CniError::new(Code::TryAgainLater, "agent is down").with_details("connect: ENOENT");
+        let err =
+            CniError::new(Code::TryAgainLater, "agent is down").with_details("connect: ENOENT");
         let v: serde_json::Value = serde_json::from_str(&err.to_json("1.0.0")).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(v["code"], 11);

@@ -89,7 +89,9 @@ fn dispatch(env: &HashMap<String, String>, stdin: &[u8]) -> CniResult<Option<Val
         .enable_io()
         .enable_time()
         .build()
-        .map_err(|e| CniError::new(Code::Io, "cannot start the async runtime").with_details(e.to_string()))?;
+        .map_err(|e| {
+            CniError::new(Code::Io, "cannot start the async runtime").with_details(e.to_string())
+        })?;
     let result = runtime.block_on(async {
         match ctx.env.command {
             Command::Add => commands::add::run(&ctx).await.map(Some),

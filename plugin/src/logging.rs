@@ -53,15 +53,16 @@ static LOGGER: OnceLock<Logger> = OnceLock::new();
 /// Sets up logging once per process. A file that cannot be opened is reported on stderr and
 /// skipped: logging must never fail a CNI call.
 pub fn init(level: Level, file: Option<&str>, context: String) {
-    let file = file.and_then(|path| {
-        match OpenOptions::new().create(true).append(true).open(path) {
-            Ok(f) => Some(Mutex::new(f)),
-            Err(e) => {
-                eprintln!("vnet-cni: cannot open logFile {path}: {e}");
-                None
-            }
-        }
-    });
+    let file =
+        file.and_then(
+            |path| match OpenOptions::new().create(true).append(true).open(path) {
+                Ok(f) => Some(Mutex::new(f)),
+                Err(e) => {
+                    eprintln!("vnet-cni: cannot open logFile {path}: {e}");
+                    None
+                }
+            },
+        );
     let _ = LOGGER.set(Logger {
         level,
         context,

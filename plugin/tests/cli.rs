@@ -6,17 +6,26 @@ mod common;
 use common::{conf, exec_plugin};
 use serde_json::json;
 
-fn add_env<'a>(netns: &'a str) -> Vec<(&'a str, &'a str)> {
+fn add_env(netns: &str) -> Vec<(&str, &str)> {
     common::cni_env("ADD", "abc123", netns, "eth0")
 }
 
 fn good_conf() -> String {
-    conf("1.0.0", "/nonexistent/agent.sock", std::path::Path::new("/nonexistent/spool")).to_string()
+    conf(
+        "1.0.0",
+        "/nonexistent/agent.sock",
+        std::path::Path::new("/nonexistent/spool"),
+    )
+    .to_string()
 }
 
 #[test]
 fn version_lists_every_supported_version() {
-    let out = exec_plugin(None, &[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.4.0"}"#);
+    let out = exec_plugin(
+        None,
+        &[("CNI_COMMAND", "VERSION")],
+        r#"{"cniVersion":"0.4.0"}"#,
+    );
     out.assert_ok();
     let v = out.json();
     assert_eq!(v["cniVersion"], "0.4.0");
@@ -64,13 +73,21 @@ fn unsupported_version_is_code_1() {
 }
 
 fn conf_version(v: &str) -> String {
-    conf(v, "/nonexistent/agent.sock", std::path::Path::new("/nonexistent")).to_string()
+    conf(
+        v,
+        "/nonexistent/agent.sock",
+        std::path::Path::new("/nonexistent"),
+    )
+    .to_string()
 }
 
 #[test]
 fn invalid_environment_is_code_4() {
     // Missing CNI_NETNS on ADD.
-    let env: Vec<_> = add_env("").into_iter().filter(|(k, _)| *k != "CNI_NETNS").collect();
+    let env: Vec<_> = add_env("")
+        .into_iter()
+        .filter(|(k, _)| *k != "CNI_NETNS")
+        .collect();
     let out = exec_plugin(None, &env, &good_conf());
     assert_eq!(out.error_code(), 4);
     assert!(out.json()["msg"].as_str().unwrap().contains("CNI_NETNS"));
@@ -99,14 +116,28 @@ fn invalid_environment_is_code_4() {
 
 #[test]
 fn a_missing_netns_fails_add_before_anything_is_allocated() {
-    let out = exec_plugin(None, &add_env("/var/run/netns/does-not-exist-vnet"), &good_conf());
+    let out = exec_plugin(
+        None,
+        &add_env("/var/run/netns/does-not-exist-vnet"),
+        &good_conf(),
+    );
     assert_eq!(out.error_code(), 103);
-    assert!(out.json()["msg"].as_str().unwrap().contains("does-not-exist-vnet"));
+    assert!(
+        out.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("does-not-exist-vnet")
+    );
 }
 
 #[test]
 fn status_with_the_agent_down_is_code_50() {
     let out = exec_plugin(None, &[("CNI_COMMAND", "STATUS")], &conf_version("1.1.0"));
     assert_eq!(out.error_code(), 50);
-    assert!(out.json()["msg"].as_str().unwrap().contains("not reachable"));
+    assert!(
+        out.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("not reachable")
+    );
 }

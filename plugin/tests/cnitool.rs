@@ -49,7 +49,10 @@ impl Tool {
             ("NETCONFPATH", confdir.as_str()),
             ("CNI_PATH", path.as_str()),
             ("CNI_IFNAME", "eth0"),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+            ),
         ];
         env.extend_from_slice(extra_env);
         let pod_path = path_str(pod);
@@ -102,7 +105,10 @@ fn cnitool_add_check_del() {
 }
 
 /// Runs `f` on a std thread that entered `ns` (never a tokio worker), so sockets it opens live there.
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+fn in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let file = File::open(ns.path()).unwrap();
     std::thread::spawn(move || {
         // SAFETY: setns on this thread only; the thread ends with `f`.
@@ -184,7 +190,10 @@ fn chained_with_portmap_bandwidth_tuning() {
         .unwrap();
     let check = tool.run("check", &pod, &env);
     // Our own CHECK ran first in the chain and passed.
-    assert!(check.stderr.contains("CHECK") && check.stderr.contains("done: ok=true"), "{check:?}");
+    assert!(
+        check.stderr.contains("CHECK") && check.stderr.contains("done: ok=true"),
+        "{check:?}"
+    );
     if !check.success {
         // Debian's portmap 1.1.1 fails CHECK on IPv4-only results (upstream
         // containernetworking/plugins#819, fixed in 1.2.0): that failure, and only that, is tolerated.

@@ -19,7 +19,11 @@ fn key(id: &str, ifname: &str) -> AttachmentKey {
 
 fn add(node: &Netns, agent: &FakeAgent, version: &str, id: &str, pod: &Netns) -> common::Outcome {
     let cfg = conf(version, agent.socket_str(), &agent.spool_dir()).to_string();
-    exec_plugin(Some(node), &cni_env("ADD", id, &path_str(pod), "eth0"), &cfg)
+    exec_plugin(
+        Some(node),
+        &cni_env("ADD", id, &path_str(pod), "eth0"),
+        &cfg,
+    )
 }
 
 fn run(node: &Netns, agent: &FakeAgent, command: &str, id: &str, netns: &str) -> common::Outcome {
@@ -62,40 +66,60 @@ fn add_check_del_del_again() {
     let addrs = ip(&pod, &["-4", "-o", "addr", "show", "dev", "eth0"]);
     assert!(addrs.contains(&format!("{pod_addr}/32")), "{addrs}");
     let routes = ip(&pod, &["-4", "route", "show"]);
-    assert!(routes.contains("default via 169.254.1.1 dev eth0"), "{routes}");
+    assert!(
+        routes.contains("default via 169.254.1.1 dev eth0"),
+        "{routes}"
+    );
     assert!(
         has_line(&routes, &["169.254.1.1 dev eth0", "scope link"]),
         "{routes}"
     );
     let neigh = ip(&pod, &["neigh", "show", "169.254.1.1", "dev", "eth0"]);
     let host_mac = result["interfaces"][0]["mac"].as_str().unwrap();
-    assert!(neigh.contains(host_mac) && neigh.contains("PERMANENT"), "{neigh}");
+    assert!(
+        neigh.contains(host_mac) && neigh.contains("PERMANENT"),
+        "{neigh}"
+    );
     // Host side.
     let host_routes = ip(&node, &["-4", "route", "show"]);
     assert!(
-        has_line(&host_routes, &[&format!("{pod_addr} dev {host_veth}"), "scope link"]),
+        has_line(
+            &host_routes,
+            &[&format!("{pod_addr} dev {host_veth}"), "scope link"]
+        ),
         "{host_routes}"
     );
     let link = ip(&node, &["link", "show", &host_veth]);
     assert!(link.contains("UP") && link.contains("mtu 1500"), "{link}");
     assert_eq!(
-        node.exec("cat", &[&format!("/proc/sys/net/ipv6/conf/{host_veth}/accept_ra")])
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_else(|_| "0".into()),
+        node.exec(
+            "cat",
+            &[&format!("/proc/sys/net/ipv6/conf/{host_veth}/accept_ra")]
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "0".into()),
         "0"
     );
     // The pod reaches the node through the veth.
-    pod.exec("ping", &["-c", "1", "-W", "2", common::NODE_IP]).unwrap();
+    pod.exec("ping", &["-c", "1", "-W", "2", common::NODE_IP])
+        .unwrap();
 
     let out = run(&node, &agent, "CHECK", id, &path_str(&pod));
     out.assert_ok();
-    assert!(out.stdout.trim().is_empty(), "CHECK prints nothing: {:?}", out.stdout);
+    assert!(
+        out.stdout.trim().is_empty(),
+        "CHECK prints nothing: {:?}",
+        out.stdout
+    );
 
     let out = run(&node, &agent, "DEL", id, &path_str(&pod));
     out.assert_ok();
     assert!(out.stdout.trim().is_empty());
     let releases = agent.releases();
-    let dying = releases[0].dying_veth.clone().expect("DEL hands the veth over");
+    let dying = releases[0]
+        .dying_veth
+        .clone()
+        .expect("DEL hands the veth over");
     assert!(dying.starts_with("vdel"));
     // The deterministic name is free at once, the tombstone is down and has no routes.
     assert!(!ip(&node, &["link", "show"]).contains(&host_veth));
@@ -137,16 +161,29 @@ fn add_onto_an_existing_ifname_fails_cleanly() {
     let node = node();
     let pod = Netns::new("pod").unwrap();
     // Something else already called eth0 in the pod (this kernel has no dummy links).
-    pod.exec("ip", &["link", "add", "eth0", "type", "veth", "peer", "name", "other0"])
-        .unwrap();
+    pod.exec(
+        "ip",
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "other0",
+        ],
+    )
+    .unwrap();
     let agent = FakeAgent::start([10, 77, 3]);
     let before = ip(&node, &["-o", "link", "show"]);
     let out = add(&node, &agent, "1.0.0", "ctr-exists", &pod);
     assert_eq!(out.error_code(), 101);
-    assert!(out.json()["msg"].as_str().unwrap().contains("already exists"));
+    assert!(
+        out.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("already exists")
+    );
     // Nothing left behind: no allocation, no new link, the pod's own eth0 untouched.
     assert_eq!(agent.allocation_count(), 0);
-    assert_eq!(ip(&node, &["-o", "link", "show"]).lines().count(), before.lines().count());
+    assert_eq!(
+        ip(&node, &["-o", "link", "show"]).lines().count(),
+        before.lines().count()
+    );
     assert!(ip(&pod, &["link", "show", "eth0"]).contains("eth0@other0"));
 }
 
@@ -154,7 +191,10 @@ fn add_onto_an_existing_ifname_fails_cleanly() {
 fn results_have_the_right_shape_for_every_version() {
     let node = node();
     let agent = FakeAgent::start([10, 77, 4]);
-    for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
+    for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+        .iter()
+        .enumerate()
+    {
         let pod = Netns::new("pod").unwrap();
         let id = format!("ctr-version-{i}");
         let r = add(&node, &agent, version, &id, &pod).assert_ok().json();
@@ -165,7 +205,11 @@ fn results_have_the_right_shape_for_every_version() {
         let ipc = &r["ips"][0];
         assert_eq!(ipc["interface"], 1);
         assert_eq!(ipc["gateway"], "169.254.1.1");
-        assert_eq!(ipc.get("version").is_some(), version.starts_with("0."), "{version}");
+        assert_eq!(
+            ipc.get("version").is_some(),
+            version.starts_with("0."),
+            "{version}"
+        );
         assert_eq!(r["routes"][1]["dst"], "0.0.0.0/0");
         assert_eq!(r["routes"][1]["gw"], "169.254.1.1");
         assert_eq!(r["interfaces"][1].get("mtu").is_some(), *version == "1.1.0");
@@ -186,14 +230,28 @@ fn agent_down_add_is_11_and_del_spools() {
 
     let other = Netns::new("pod").unwrap();
     let links_before = ip(&node, &["-o", "link", "show"]).lines().count();
-    let out = exec_plugin(Some(&node), &cni_env("ADD", "ctr-other", &path_str(&other), "eth0"), &cfg);
+    let out = exec_plugin(
+        Some(&node),
+        &cni_env("ADD", "ctr-other", &path_str(&other), "eth0"),
+        &cfg,
+    );
     assert_eq!(out.error_code(), 11);
     let msg = out.json()["msg"].as_str().unwrap().to_owned();
-    assert!(msg.contains("not reachable") && msg.contains("vnet-agent"), "{msg}");
-    assert_eq!(ip(&node, &["-o", "link", "show"]).lines().count(), links_before);
+    assert!(
+        msg.contains("not reachable") && msg.contains("vnet-agent"),
+        "{msg}"
+    );
+    assert_eq!(
+        ip(&node, &["-o", "link", "show"]).lines().count(),
+        links_before
+    );
     assert!(!ip(&other, &["link", "show"]).contains("eth0"));
 
-    let out = exec_plugin(Some(&node), &cni_env("DEL", id, &path_str(&pod), "eth0"), &cfg);
+    let out = exec_plugin(
+        Some(&node),
+        &cni_env("DEL", id, &path_str(&pod), "eth0"),
+        &cfg,
+    );
     out.assert_ok();
     let spooled = agent.spool_dir().join(spool_file_name(&key(id, "eth0")));
     let body: Value = serde_json::from_slice(&std::fs::read(&spooled).unwrap()).unwrap();
@@ -237,7 +295,14 @@ fn fifty_parallel_adds_get_distinct_working_addresses() {
             .unwrap_or_else(|e| panic!("pod {i} at {ip} unreachable from the node: {e}"));
     }
     for (i, pod) in pods.iter().enumerate() {
-        run(&node, &agent, "DEL", &format!("ctr-par-{i}"), &path_str(pod)).assert_ok();
+        run(
+            &node,
+            &agent,
+            "DEL",
+            &format!("ctr-par-{i}"),
+            &path_str(pod),
+        )
+        .assert_ok();
     }
     assert_eq!(agent.allocation_count(), 0);
 }
@@ -251,15 +316,28 @@ fn status_and_gc() {
     add(&node, &agent, "1.1.0", "ctr-keep", &keep_pod).assert_ok();
     add(&node, &agent, "1.1.0", "ctr-stale", &stale_pod).assert_ok();
     // A leftover tombstone from an earlier DEL.
-    node.exec("ip", &["link", "add", "vdel0123456789a", "type", "veth", "peer", "name", "vdelpeer"])
-        .unwrap();
+    node.exec(
+        "ip",
+        &[
+            "link",
+            "add",
+            "vdel0123456789a",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vdelpeer",
+        ],
+    )
+    .unwrap();
 
     let mut cfg = conf("1.1.0", agent.socket_str(), &agent.spool_dir());
     let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "STATUS")], &cfg.to_string());
     out.assert_ok();
     assert!(out.stdout.trim().is_empty());
 
-    cfg["cni.dev/valid-attachments"] = serde_json::json!([{"containerID": "ctr-keep", "ifname": "eth0"}]);
+    cfg["cni.dev/valid-attachments"] =
+        serde_json::json!([{"containerID": "ctr-keep", "ifname": "eth0"}]);
     let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &cfg.to_string());
     out.assert_ok();
     let links = ip(&node, &["link", "show"]);
@@ -286,5 +364,10 @@ fn status_and_gc() {
     });
     let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "STATUS")], &cfg.to_string());
     assert_eq!(out.error_code(), 50);
-    assert!(out.json()["msg"].as_str().unwrap().contains("subnet nodes is full"));
+    assert!(
+        out.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("subnet nodes is full")
+    );
 }

@@ -109,10 +109,15 @@ async fn wire(
         let Some(stale) = stale else {
             return Err(interface_exists(key, netns.path()));
         };
-        log_warn!("removing stale host veth {host_veth} (index {})", stale.index);
+        log_warn!(
+            "removing stale host veth {host_veth} (index {})",
+            stale.index
+        );
         datapath::delete_link(host, stale.index)
             .await
-            .map_err(|e| CniError::netlink(format!("cannot remove stale host veth {host_veth}"), e))?;
+            .map_err(|e| {
+                CniError::netlink(format!("cannot remove stale host veth {host_veth}"), e)
+            })?;
         datapath::create_veth(host, &spec).await.map_err(|e| {
             if is_errno(&e, libc::EEXIST) {
                 interface_exists(key, netns.path())
@@ -126,21 +131,27 @@ async fn wire(
         let link = datapath::link_by_name(host, host_veth)
             .await
             .map_err(|e| CniError::netlink("cannot look up the new host veth", e))?
-            .ok_or_else(|| CniError::new(Code::Netlink, format!("host veth {host_veth} vanished")))?;
+            .ok_or_else(|| {
+                CniError::new(Code::Netlink, format!("host veth {host_veth} vanished"))
+            })?;
         datapath::disable_accept_ra(host_veth).map_err(|e| {
             CniError::new(Code::Io, format!("cannot set accept_ra=0 on {host_veth}"))
                 .with_details(e.to_string())
         })?;
         datapath::add_link_route(host, link.index, ip)
             .await
-            .map_err(|e| CniError::netlink(format!("cannot add host route {ip}/32 dev {host_veth}"), e))?;
+            .map_err(|e| {
+                CniError::netlink(format!("cannot add host route {ip}/32 dev {host_veth}"), e)
+            })?;
         Ok::<_, CniError>(link)
     };
     let pod_side = async {
         let link = datapath::link_by_name(pod, ifname)
             .await
             .map_err(|e| CniError::netlink("cannot look up the pod interface", e))?
-            .ok_or_else(|| CniError::new(Code::Netlink, format!("pod interface {ifname} vanished")))?;
+            .ok_or_else(|| {
+                CniError::new(Code::Netlink, format!("pod interface {ifname} vanished"))
+            })?;
         if !link.up {
             datapath::set_link_up(pod, link.index)
                 .await
@@ -151,10 +162,14 @@ async fn wire(
             .map_err(|e| CniError::netlink(format!("cannot add {ip}/32 to {ifname}"), e))?;
         datapath::add_permanent_neighbour(pod, link.index, gateway, &spec.host_mac)
             .await
-            .map_err(|e| CniError::netlink(format!("cannot add the neighbour entry for {gateway}"), e))?;
+            .map_err(|e| {
+                CniError::netlink(format!("cannot add the neighbour entry for {gateway}"), e)
+            })?;
         datapath::add_link_route(pod, link.index, gateway)
             .await
-            .map_err(|e| CniError::netlink(format!("cannot add route {gateway}/32 dev {ifname}"), e))?;
+            .map_err(|e| {
+                CniError::netlink(format!("cannot add route {gateway}/32 dev {ifname}"), e)
+            })?;
         datapath::add_default_route(pod, link.index, gateway)
             .await
             .map_err(|e| CniError::netlink(format!("cannot add default route via {gateway}"), e))?;

@@ -8,11 +8,11 @@ use vnet_api::{AllocationsResponse, PATH_ALLOCATIONS, POD_GATEWAY, host_veth_nam
 
 use super::add::netlink_socket_error;
 use super::{READ_TIMEOUT, agent_error};
+use crate::Context;
 use crate::cni::prev_result_ips;
 use crate::datapath;
 use crate::error::{CniError, CniResult, Code};
 use crate::netns::{self, Netns};
-use crate::Context;
 
 fn failed(msg: impl Into<String>) -> CniError {
     CniError::new(Code::CheckFailed, msg)
@@ -25,7 +25,11 @@ fn nl(what: &str) -> impl Fn(rtnetlink::Error) -> CniError + '_ {
 pub async fn run(ctx: &Context) -> CniResult<()> {
     let key = ctx.env.key();
     let ifname = key.ifname.as_str();
-    let netns_path = ctx.env.netns.as_deref().expect("CHECK always has CNI_NETNS");
+    let netns_path = ctx
+        .env
+        .netns
+        .as_deref()
+        .expect("CHECK always has CNI_NETNS");
     let host_veth = host_veth_name(&ctx.conf.host_veth_prefix, key);
 
     let allocations: AllocationsResponse = ctx
@@ -88,7 +92,9 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
         return Err(failed(format!("{ifname} lacks {ip}/32 (has {addrs:?})")));
     }
 
-    let pod_routes = datapath::main_routes(&pod).await.map_err(nl("pod routes"))?;
+    let pod_routes = datapath::main_routes(&pod)
+        .await
+        .map_err(nl("pod routes"))?;
     let has_gateway_route = pod_routes.iter().any(|r| {
         r.dst == POD_GATEWAY
             && r.prefix == 32
@@ -100,11 +106,13 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
             "pod route {POD_GATEWAY}/32 dev {ifname} scope link is missing"
         )));
     }
-    let has_default = pod_routes.iter().any(|r| {
-        r.prefix == 0 && r.gateway == Some(POD_GATEWAY) && r.oif == Some(pod_link.index)
-    });
+    let has_default = pod_routes
+        .iter()
+        .any(|r| r.prefix == 0 && r.gateway == Some(POD_GATEWAY) && r.oif == Some(pod_link.index));
     if !has_default {
-        return Err(failed(format!("pod default route via {POD_GATEWAY} is missing")));
+        return Err(failed(format!(
+            "pod default route via {POD_GATEWAY} is missing"
+        )));
     }
 
     match datapath::neighbour(&pod, pod_link.index, POD_GATEWAY)
@@ -119,12 +127,19 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
         }
     }
 
-    let host_routes = datapath::main_routes(&host).await.map_err(nl("host routes"))?;
+    let host_routes = datapath::main_routes(&host)
+        .await
+        .map_err(nl("host routes"))?;
     let has_host_route = host_routes.iter().any(|r| {
-        r.dst == ip && r.prefix == 32 && r.oif == Some(host_link.index) && r.scope == RouteScope::Link
+        r.dst == ip
+            && r.prefix == 32
+            && r.oif == Some(host_link.index)
+            && r.scope == RouteScope::Link
     });
     if !has_host_route {
-        return Err(failed(format!("host route {ip}/32 dev {host_veth} is missing")));
+        return Err(failed(format!(
+            "host route {ip}/32 dev {host_veth} is missing"
+        )));
     }
     Ok(())
 }

@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rtnetlink::Handle;
 use vnet_api::{
-    AttachmentKey, PATH_RELEASE, ReleaseRequest, ReleaseResponse, host_veth_name,
-    spool_file_name, tombstone_veth_name,
+    AttachmentKey, PATH_RELEASE, ReleaseRequest, ReleaseResponse, host_veth_name, spool_file_name,
+    tombstone_veth_name,
 };
 
 use super::add::netlink_socket_error;
@@ -53,7 +53,9 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
     match host_result {
         Ok(()) => {
             if release(ctx, key, Some(&tombstone)).await {
-                log_info!("released; {tombstone} (was {host_veth}) handed to the agent for deletion");
+                log_info!(
+                    "released; {tombstone} (was {host_veth}) handed to the agent for deletion"
+                );
                 return Ok(());
             }
             delete_now(&host, &host_link, &tombstone).await?;
@@ -99,7 +101,9 @@ async fn retire_pod_end(ctx: &Context, host_link: &Link, tombstone: &str) -> Res
         return Ok(());
     };
     if !link.is_veth || link.peer_index != Some(host_link.index) {
-        return Err(format!("{ifname} in {path} is not the peer of our host veth; left alone"));
+        return Err(format!(
+            "{ifname} in {path} is not the peer of our host veth; left alone"
+        ));
     }
     datapath::down_and_rename(&pod, link.index, tombstone)
         .await
@@ -147,8 +151,11 @@ pub(crate) async fn release_or_spool(
 fn spool(ctx: &Context, key: &AttachmentKey) -> CniResult<()> {
     let dir = Path::new(&ctx.conf.spool_dir);
     let io = |what: &str, e: std::io::Error| {
-        CniError::new(Code::Io, format!("cannot spool the release of {key}: {what}"))
-            .with_details(e.to_string())
+        CniError::new(
+            Code::Io,
+            format!("cannot spool the release of {key}: {what}"),
+        )
+        .with_details(e.to_string())
     };
     std::fs::create_dir_all(dir).map_err(|e| io("create spool dir", e))?;
     let name = spool_file_name(key);

@@ -26,7 +26,13 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
 
     match ctx
         .agent
-        .post::<_, GcResponse>(PATH_GC, &GcRequest { valid_attachments: keys }, READ_TIMEOUT)
+        .post::<_, GcResponse>(
+            PATH_GC,
+            &GcRequest {
+                valid_attachments: keys,
+            },
+            READ_TIMEOUT,
+        )
         .await
     {
         Ok(resp) => log_info!("agent released {} allocations", resp.released.len()),
@@ -37,7 +43,8 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
     match datapath::links(&host).await {
         Ok(links) => {
             for link in links {
-                let ours = link.name.starts_with(prefix) && link.is_veth && !keep.contains(&link.name);
+                let ours =
+                    link.name.starts_with(prefix) && link.is_veth && !keep.contains(&link.name);
                 let tombstone = link.name.starts_with(TOMBSTONE_PREFIX) && link.is_veth;
                 if !(ours || tombstone) {
                     continue;

@@ -27,10 +27,7 @@ pub fn decide(status: &StatusResponse) -> CniResult<()> {
     let impaired = !status.unreconciled.is_empty();
     if status.ready && status.can_allocate {
         if impaired {
-            log_warn!(
-                "addresses no longer on the NIC: {:?}",
-                status.unreconciled
-            );
+            log_warn!("addresses no longer on the NIC: {:?}", status.unreconciled);
         }
         return Ok(());
     }
@@ -97,6 +94,9 @@ mod tests {
         let e = decide(&status(false, 0)).unwrap_err();
         assert_eq!(e.code, Code::NotAvailable);
         assert!(e.msg.contains("subnet full"));
-        assert_eq!(decide(&status(false, 2)).unwrap_err().code, Code::NotAvailableDegraded);
+        assert_eq!(
+            decide(&status(false, 2)).unwrap_err().code,
+            Code::NotAvailableDegraded
+        );
     }
 }

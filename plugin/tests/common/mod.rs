@@ -20,8 +20,8 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use vnet_api::{
     AllocateRequest, AllocateResponse, Allocation, AllocationsResponse, AttachmentKey,
-    ErrorResponse, GcRequest, GcResponse, POD_GATEWAY, PoolStatus, ReleaseRequest,
-    ReleaseResponse, StatusResponse,
+    ErrorResponse, GcRequest, GcResponse, POD_GATEWAY, PoolStatus, ReleaseRequest, ReleaseResponse,
+    StatusResponse,
 };
 use vnet_testns::Netns;
 
@@ -87,7 +87,10 @@ async fn allocate(
     }))
 }
 
-async fn release(State(s): State<Shared>, Json(req): Json<ReleaseRequest>) -> Json<ReleaseResponse> {
+async fn release(
+    State(s): State<Shared>,
+    Json(req): Json<ReleaseRequest>,
+) -> Json<ReleaseResponse> {
     let mut st = s.lock().unwrap();
     let released = st.allocations.remove(&req.key);
     st.releases.push(req);
@@ -216,7 +219,9 @@ impl Outcome {
 
     pub fn error_code(&self) -> u64 {
         assert!(!self.success, "expected failure, got {self:?}");
-        self.json()["code"].as_u64().expect("error has a numeric code")
+        self.json()["code"]
+            .as_u64()
+            .expect("error has a numeric code")
     }
 
     pub fn assert_ok(&self) -> &Self {
@@ -314,8 +319,11 @@ pub fn cni_env<'a>(
 /// where the plugin runs.
 pub fn node() -> Netns {
     let ns = Netns::new("node").unwrap();
-    ns.exec("ip", &["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])
-        .unwrap();
+    ns.exec(
+        "ip",
+        &["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"],
+    )
+    .unwrap();
     ns
 }
 
