@@ -39,6 +39,9 @@ const POOL_TICK: Duration = Duration::from_secs(1);
 /// Retry delay for a veth deletion that failed.
 const REAP_RETRY: Duration = Duration::from_secs(5);
 
+/// A dying veth to delete, and the address that waits for it (none for a leftover).
+type ReapJob = (Option<Ipv4Addr>, String);
+
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     pub node_name: String,
@@ -107,8 +110,8 @@ pub struct Agent {
     changed: Notify,
     /// Wake the pool task.
     kick: Notify,
-    reaper_tx: mpsc::UnboundedSender<(Option<Ipv4Addr>, String)>,
-    reaper_rx: Mutex<Option<mpsc::UnboundedReceiver<(Option<Ipv4Addr>, String)>>>,
+    reaper_tx: mpsc::UnboundedSender<ReapJob>,
+    reaper_rx: Mutex<Option<mpsc::UnboundedReceiver<ReapJob>>>,
     ready: AtomicBool,
     epoch: Instant,
 }

@@ -41,14 +41,10 @@ impl IntoResponse for AgentError {
     }
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| {
-        error_response(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
-            format!("invalid request body: {e}"),
-        )
-    })
+/// Parses a request body; the error is the 400 to send.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AgentError> {
+    serde_json::from_slice(body)
+        .map_err(|e| AgentError::BadRequest(format!("invalid request body: {e}")))
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {
@@ -92,7 +88,7 @@ async fn track(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Res
 async fn allocate(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
     let req: AllocateRequest = match parse(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     match agent.allocate(req).await {
         Ok(r) => Json(r).into_response(),
@@ -103,7 +99,7 @@ async fn allocate(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
 async fn release(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
     let req: ReleaseRequest = match parse(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     if !agent.is_ready() {
         return AgentError::NotReady("the agent is not ready".into()).into_response();
@@ -117,7 +113,7 @@ async fn release(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
 async fn gc(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
     let req: GcRequest = match parse(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     if !agent.is_ready() {
         return AgentError::NotReady("the agent is not ready".into()).into_response();

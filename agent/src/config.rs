@@ -530,8 +530,10 @@ allocate_timeout_secs = 30
     fn the_documented_example_parses_to_the_defaults() {
         let config = Config::from_toml(FULL).unwrap();
         config.validate().unwrap();
-        let mut defaults = Config::default();
-        defaults.node_name = Some("node-1".into());
+        let defaults = Config {
+            node_name: Some("node-1".into()),
+            ..Config::default()
+        };
         assert_eq!(config, defaults);
     }
 

@@ -70,10 +70,17 @@ async fn two_hundred_concurrent_allocations_match_the_nic() {
         assert!(ips.insert(ip), "duplicate {ip}");
     }
     assert_eq!(ips.len(), 200);
-    assert_eq!(nic_ips(&mock), ips, "the agent's allocations equal the NIC's addresses");
+    assert_eq!(
+        nic_ips(&mock),
+        ips,
+        "the agent's allocations equal the NIC's addresses"
+    );
     every_address_once(&mock);
     let counters = mock.counters();
-    eprintln!("NIC PUTs for 200 concurrent allocations: {}", counters.calls("nic_put"));
+    eprintln!(
+        "NIC PUTs for 200 concurrent allocations: {}",
+        counters.calls("nic_put")
+    );
     let state_dir = agent.state_dir.clone();
     agent.stop().await;
     let disk = JournalStore::read_state(&state_dir).unwrap();
@@ -115,7 +122,9 @@ async fn with_thirty_percent_cloud_faults_every_allocation_succeeds_without_dupl
             loop {
                 match client.allocate(&alloc_req(&format!("pod{i}"))).await {
                     Ok(r) => return r.allocation.ip,
-                    Err(ClientError::Api { error, .. }) if error.code == ErrorCode::TryAgainLater => {
+                    Err(ClientError::Api { error, .. })
+                        if error.code == ErrorCode::TryAgainLater =>
+                    {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                     Err(e) => panic!("allocation failed: {e}"),
@@ -129,7 +138,9 @@ async fn with_thirty_percent_cloud_faults_every_allocation_succeeds_without_dupl
         assert!(ips.insert(ip), "duplicate {ip}");
     }
     let counters = mock.counters();
-    let injected = counters.injected("throttle") + counters.injected("server_error") + counters.injected("busy");
+    let injected = counters.injected("throttle")
+        + counters.injected("server_error")
+        + counters.injected("busy");
     eprintln!("faults injected: {injected}");
     assert!(injected > 0, "the test exercised faults");
     mock.set_faults(Faults::default());
@@ -137,7 +148,11 @@ async fn with_thirty_percent_cloud_faults_every_allocation_succeeds_without_dupl
     every_address_once(&mock);
     // Releases under faults too, then the books still balance.
     for i in 0..100 {
-        agent.client.release(&release_req(&format!("pod{i}"))).await.unwrap();
+        agent
+            .client
+            .release(&release_req(&format!("pod{i}")))
+            .await
+            .unwrap();
     }
     let state_dir = agent.state_dir.clone();
     agent.stop().await;
@@ -155,12 +170,19 @@ async fn crash_at_random_moments_loses_nothing_and_duplicates_nothing() {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     let mock = start_mock().await;
+    // Long-running operations finish at the first poll, without a Retry-After pause: the test is
+    // about crashes, not about cloud latency.
+    mock.set_faults(Faults {
+        operation_polls: Some(0),
+        operation_retry_after_secs: Some(0),
+        ..Faults::default()
+    });
     let dir = tempfile::tempdir().unwrap();
     let mut config = mock_config(dir.path(), &mock);
     config.pool.cooldown_secs = 0;
     config.pool.warm = 4;
     config.pool.batch = 4;
-    config.pool.release_delay_secs = 0;
+    config.pool.release_delay_secs = 1;
     config.log_level = "warn".into();
     let config_path = dir.path().join("agent.toml");
     std::fs::write(&config_path, config.to_toml()).unwrap();
@@ -204,7 +226,11 @@ async fn crash_at_random_moments_loses_nothing_and_duplicates_nothing() {
                 let release = !held.is_empty() && rand::rng().random_bool(0.45);
                 // Retry the same operation until acknowledged: both are idempotent.
                 if release {
-                    let id = held.keys().nth(rand::rng().random_range(0..held.len())).unwrap().clone();
+                    let id = held
+                        .keys()
+                        .nth(rand::rng().random_range(0..held.len()))
+                        .unwrap()
+                        .clone();
                     loop {
                         match client.release(&release_req(&id)).await {
                             Ok(_) => break,
@@ -231,7 +257,7 @@ async fn crash_at_random_moments_loses_nothing_and_duplicates_nothing() {
 
     let mut kills = 0;
     {
-        let mut next_kill = rand::rng().random_range(30..90);
+        let mut next_kill = rand::rng().random_range(10..60);
         while acked.load(Ordering::SeqCst) < OPS {
             if acked.load(Ordering::SeqCst) >= next_kill {
                 tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..15))).await;
@@ -239,7 +265,7 @@ async fn crash_at_random_moments_loses_nothing_and_duplicates_nothing() {
                 child.wait().unwrap();
                 kills += 1;
                 child = spawn();
-                next_kill = acked.load(Ordering::SeqCst) + rand::rng().random_range(30..90);
+                next_kill = acked.load(Ordering::SeqCst) + rand::rng().random_range(10..60);
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -249,7 +275,12 @@ async fn crash_at_random_moments_loses_nothing_and_duplicates_nothing() {
         expected.extend(t.await.unwrap());
     }
     wait_ready().await;
-    eprintln!("kill -9 count: {kills}");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    eprintln!(
+        "kill -9 count: {kills}; agent warnings: {}; NIC PUTs: {}",
+        log.lines().filter(|l| l.contains("WARN")).count(),
+        mock.counters().calls("nic_put")
+    );
     assert!(kills > 0);
 
     let allocations = client.allocations().await.unwrap().allocations;
@@ -258,9 +289,16 @@ async fn crash_at_random_moments_loses_nothing_and_duplicates_nothing() {
         .map(|a| (a.key.container_id.to_string(), a.ip))
         .collect();
     assert_eq!(actual.len(), allocations.len());
-    assert_eq!(actual, expected, "the agent holds exactly what clients were told");
+    assert_eq!(
+        actual, expected,
+        "the agent holds exactly what clients were told"
+    );
     let distinct: BTreeSet<Ipv4Addr> = actual.values().copied().collect();
-    assert_eq!(distinct.len(), actual.len(), "no address held by two containers");
+    assert_eq!(
+        distinct.len(),
+        actual.len(),
+        "no address held by two containers"
+    );
     every_address_once(&mock);
 
     // Graceful stop (SIGTERM) exits 0; then compare the store with the NIC.
@@ -270,10 +308,17 @@ async fn crash_at_random_moments_loses_nothing_and_duplicates_nothing() {
     )
     .unwrap();
     let status = child.wait().unwrap();
-    assert!(status.success(), "SIGTERM exits 0: {status}; log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status}; log:\n{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
     let disk = JournalStore::read_state(&config.state_dir).unwrap();
     assert!(disk.duplicate_ips().is_empty());
     let nic = nic_ips(&mock);
     assert!(distinct.is_subset(&nic), "every allocation is on the NIC");
-    assert_eq!(disk.pool, nic, "agent and cloud agree: nothing lost, nothing extra");
+    assert_eq!(
+        disk.pool, nic,
+        "agent and cloud agree: nothing lost, nothing extra"
+    );
 }
