@@ -497,3 +497,49 @@ async fn releases_coalesced_with_a_failing_assign_still_happen() {
     release.await.unwrap().unwrap();
     assert_eq!(lab.secondary_on("node-1").await.len(), 8);
 }
+
+#[test]
+fn every_credential_kind_builds_without_network() {
+    use vnet_cloud::azure::{AzureConfig, AzureProvider, CredentialConfig};
+    let dir = std::env::temp_dir().join(format!("vnet-cloud-cred-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    let token = dir.join("token");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    std::fs::write(&token, "eyJhbGciOi.fake.token").unwrap();
+    let tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    let kinds = [
+        CredentialConfig::from_settings("managed_identity", "", "", "").unwrap(),
+        CredentialConfig::from_settings(
+            "managed_identity",
+            "11111111-2222-3333-4444-555555555555",
+            "",
+            "",
+        )
+        .unwrap(),
+        CredentialConfig::WorkloadIdentity {
+            tenant_id: Some(tenant.into()),
+            client_id: Some("app".into()),
+            token_file: Some(token.clone()),
+        },
+        CredentialConfig::from_settings("client_secret", "app", tenant, secret.to_str().unwrap())
+            .unwrap(),
+        CredentialConfig::from_settings("none", "", "", "").unwrap(),
+    ];
+    for credential in kinds {
+        let config = AzureConfig::azure(credential.clone());
+        assert!(AzureProvider::new(config).is_ok(), "{credential:?}");
+    }
+    // A secret file that cannot be read is a clear configuration error.
+    let missing =
+        CredentialConfig::from_settings("client_secret", "app", tenant, "/nonexistent/secret")
+            .unwrap();
+    let err = AzureProvider::new(AzureConfig::azure(missing))
+        .err()
+        .expect("must fail");
+    assert!(
+        matches!(&err, CloudError::Fatal(m) if m.contains("/nonexistent/secret")),
+        "{err:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
