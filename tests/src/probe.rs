@@ -106,7 +106,21 @@ impl Probe {
 }
 
 /// Connects from inside `from_ns` to `to`:[`PROBE_PORT`] (1 s timeout) and reads the answer.
+/// A failed attempt is retried twice, so one lost first packet on a loaded machine (ARP, a
+/// SYN dropped while a route appears) is not reported as broken connectivity.
 pub fn probe(from_ns: &str, to: Ipv4Addr) -> Probe {
+    let mut last = probe_once(from_ns, to);
+    for _ in 0..2 {
+        if last.ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        last = probe_once(from_ns, to);
+    }
+    last
+}
+
+fn probe_once(from_ns: &str, to: Ipv4Addr) -> Probe {
     let outcome = in_netns(from_ns, move || {
         let start = Instant::now();
         let addr = SocketAddr::V4(SocketAddrV4::new(to, PROBE_PORT));
