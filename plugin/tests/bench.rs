@@ -38,8 +38,12 @@ fn add_and_del_timings() {
     let mut add = Vec::new();
     for (i, pod) in pods.iter().enumerate() {
         let start = Instant::now();
-        exec_plugin(Some(&node), &cni_env("ADD", &format!("b{i}"), &path_str(pod), "eth0"), &live)
-            .assert_ok();
+        exec_plugin(
+            Some(&node),
+            &cni_env("ADD", &format!("b{i}"), &path_str(pod), "eth0"),
+            &live,
+        )
+        .assert_ok();
         add.push(start.elapsed());
     }
     let mut del_fast = Vec::new();
@@ -51,8 +55,12 @@ fn add_and_del_timings() {
             (&dead, &mut del_sync)
         };
         let start = Instant::now();
-        exec_plugin(Some(&node), &cni_env("DEL", &format!("b{i}"), &path_str(pod), "eth0"), cfg)
-            .assert_ok();
+        exec_plugin(
+            Some(&node),
+            &cni_env("DEL", &format!("b{i}"), &path_str(pod), "eth0"),
+            cfg,
+        )
+        .assert_ok();
         samples.push(start.elapsed());
     }
     report("ADD", &mut add);

@@ -141,3 +141,22 @@ fn status_with_the_agent_down_is_code_50() {
             .contains("not reachable")
     );
 }
+
+#[test]
+fn errors_are_logged_to_the_log_file_and_stdout_stays_one_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("vnet-cni.log");
+    let mut cfg = conf("1.1.0", "/nonexistent/agent.sock", dir.path());
+    cfg["logFile"] = json!(log);
+    let out = exec_plugin(None, &[("CNI_COMMAND", "STATUS")], &cfg.to_string());
+    assert_eq!(out.error_code(), 50);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("ERROR STATUS") && logged.contains("not reachable"),
+        "{logged}"
+    );
+    assert!(
+        logged.contains("DEBUG"),
+        "debug lines go to the file too: {logged}"
+    );
+}

@@ -351,6 +351,22 @@ fn status_and_gc() {
     exec_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &old.to_string()).assert_ok();
     assert_eq!(agent.allocation_count(), 1);
 
+    // A bad entry does not stop GC: everything else is done, every error reported.
+    let stale_pod2 = Netns::new("pod").unwrap();
+    add(&node, &agent, "1.1.0", "ctr-stale2", &stale_pod2).assert_ok();
+    let mut bad = conf("1.1.0", agent.socket_str(), &agent.spool_dir());
+    bad["cni.dev/valid-attachments"] = serde_json::json!([
+        {"containerID": "-bad", "ifname": "eth0"},
+        {"containerID": "ctr-keep", "ifname": "eth0"},
+    ]);
+    let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &bad.to_string());
+    assert_eq!(out.error_code(), 106);
+    assert!(out.json()["details"].as_str().unwrap().contains("-bad"));
+    let links = ip(&node, &["link", "show"]);
+    assert!(!links.contains(&host_veth_name("vnet", &key("ctr-stale2", "eth0"))));
+    assert!(links.contains(&host_veth_name("vnet", &key("ctr-keep", "eth0"))));
+    assert_eq!(agent.allocation_count(), 1);
+
     // STATUS reports the agent's reason when it cannot allocate.
     agent.state.lock().unwrap().status = Some(vnet_api::StatusResponse {
         ready: true,
