@@ -66,6 +66,22 @@ impl Tool {
     }
 }
 
+impl Drop for Tool {
+    /// libcni caches results under /var/lib/cni/results/<network>-...; a test that panics before
+    /// its DEL would leave them. Network names carry our PID, so only our files match.
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") else {
+            return;
+        };
+        let prefix = format!("{}-", self.network);
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
 fn setup(network: &str, file_name: &str, conf: Value) -> Option<Tool> {
     let bin = cnitool()?;
     let confdir = tempfile::tempdir().unwrap();
