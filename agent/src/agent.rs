@@ -33,7 +33,8 @@ use crate::pool::{self, Decision};
 use crate::store::{Store, StoreError, StoreState, Ticket};
 
 /// How often the pool is compared with the cloud's view of the NIC in steady state.
-pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+/// (ARM reads are rate-limited per subscription: at 5 minutes, 1,000 nodes make ~3 reads/s.)
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(300);
 /// How long the pool task sleeps when nobody kicks it.
 const POOL_TICK: Duration = Duration::from_secs(1);
 /// Retry delay for a veth deletion that failed.
@@ -92,6 +93,7 @@ struct Inner {
     memory: pool::Memory,
     pending: u32,
     waiters: u32,
+    demand: u32,
     subnet_full: bool,
     failures: u32,
     last_cloud_error: Option<String>,
@@ -166,6 +168,7 @@ impl Agent {
                 memory: pool::Memory::default(),
                 pending: 0,
                 waiters: 0,
+                demand: 0,
                 subnet_full: false,
                 failures: 0,
                 last_cloud_error: None,
@@ -411,6 +414,16 @@ impl Agent {
         self.state.lock().unwrap().ipam.allocations()
     }
 
+    /// Pods on their way to this node without an address (e.g. from a Kubernetes pod watch): the
+    /// pool grows ahead of them. Replaces the previous value.
+    pub fn set_pending_demand(&self, pods: u32) {
+        let mut st = self.state.lock().unwrap();
+        if st.demand != pods {
+            st.demand = pods;
+            self.kick.notify_one();
+        }
+    }
+
     /// The addresses the pool believes are on the NIC.
     pub fn pool_ips(&self) -> BTreeSet<Ipv4Addr> {
         self.state.lock().unwrap().ipam.pool().clone()
@@ -424,6 +437,7 @@ impl Agent {
             cooldown: c.cooldown,
             pending: st.pending,
             waiters: st.waiters,
+            demand: st.demand,
         }
     }
 

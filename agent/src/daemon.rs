@@ -200,8 +200,14 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
             if non_masq.is_empty() {
                 non_masq = identity.vnet_address_space.clone();
             }
-            let script =
-                masq::masquerade_script(identity.subnet_prefix, identity.primary_ip, &non_masq);
+            // Pods draw from the NIC's subnet unless pod_subnet_id names another one, whose
+            // prefix discovery does not know: then match any VNet source (still not the node).
+            let sources = if agent.settings().subnet_id == identity.subnet_id {
+                vec![identity.subnet_prefix]
+            } else {
+                identity.vnet_address_space.clone()
+            };
+            let script = masq::masquerade_script(&sources, identity.primary_ip, &non_masq);
             tokio::task::spawn_blocking(move || masq::apply_nft(&script, masq::NFT_TIMEOUT))
                 .await
                 .expect("no panic")?;

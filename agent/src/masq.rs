@@ -36,15 +36,23 @@ pub enum HostError {
 
 /// The nftables script that installs (or replaces) the masquerade table.
 pub fn masquerade_script(
-    pod_subnet: Ipv4Network,
+    pod_sources: &[Ipv4Network],
     node_ip: Ipv4Addr,
     non_masq: &[Ipv4Network],
 ) -> String {
-    let mut elements: Vec<String> = non_masq.iter().map(|n| n.to_string()).collect();
-    if elements.is_empty() {
-        // An empty set would masquerade even traffic to the pod subnet itself.
-        elements.push(pod_subnet.to_string());
-    }
+    let join = |nets: &[Ipv4Network]| {
+        nets.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // An empty set would masquerade even traffic to the pods' own subnet.
+    let non_masq = if non_masq.is_empty() {
+        pod_sources
+    } else {
+        non_masq
+    };
+    let sources = join(pod_sources);
     format!(
         "table ip {TABLE}\n\
          delete table ip {TABLE}\n\
@@ -57,10 +65,10 @@ pub fn masquerade_script(
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr {pod_subnet} ip saddr != {node_ip} ip daddr != @non_masquerade masquerade comment \"vnet-cni pod egress\"\n\
+         \t\tip saddr {{ {sources} }} ip saddr != {node_ip} ip daddr != @non_masquerade masquerade comment \"vnet-cni pod egress\"\n\
          \t}}\n\
          }}\n",
-        elements.join(", ")
+        join(non_masq)
     )
 }
 
@@ -123,7 +131,7 @@ mod tests {
     #[test]
     fn the_script_replaces_the_table_atomically_and_spares_the_node() {
         let script = masquerade_script(
-            "10.240.0.0/16".parse().unwrap(),
+            &["10.240.0.0/16".parse().unwrap()],
             Ipv4Addr::new(10, 240, 0, 4),
             &[
                 "10.240.0.0/16".parse().unwrap(),
@@ -135,14 +143,14 @@ mod tests {
         assert_eq!(lines[1], "delete table ip vnet-cni");
         assert!(script.contains("elements = { 10.240.0.0/16, 192.168.0.0/16 }"));
         assert!(script.contains(
-            "ip saddr 10.240.0.0/16 ip saddr != 10.240.0.4 ip daddr != @non_masquerade masquerade"
+            "ip saddr { 10.240.0.0/16 } ip saddr != 10.240.0.4 ip daddr != @non_masquerade masquerade"
         ));
     }
 
     #[test]
     fn no_cidrs_still_keeps_pod_subnet_traffic_unmasqueraded() {
         let script = masquerade_script(
-            "10.1.0.0/24".parse().unwrap(),
+            &["10.1.0.0/24".parse().unwrap()],
             Ipv4Addr::new(10, 1, 0, 4),
             &[],
         );

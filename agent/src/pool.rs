@@ -10,6 +10,7 @@
 //!    waiting allocation never waits for a cooldown, though. The step is rounded up to a multiple
 //!    of `batch` and clipped to the cap (`max`, and the NIC's 255 secondary addresses).
 //! 4. During a back-off (after `SubnetIsFull` or a failed write) nothing grows.
+//!    Known demand (pods scheduled to the node, not yet here) adds to `warm`.
 //! 5. Shrink only after free addresses have stayed above `warm + batch` for `release_delay`
 //!    without interruption (hysteresis), and then by whole batches, never below `warm`.
 
@@ -28,6 +29,9 @@ pub struct Counts {
     pub pending: u32,
     /// Allocation requests waiting for an address.
     pub waiters: u32,
+    /// Pods known to be on their way to this node without an address yet (from the Kubernetes
+    /// pod watch, when there is one): the pool grows ahead of them.
+    pub demand: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +75,7 @@ pub enum Decision {
 /// The total the pool steers towards with the current demand (for status and metrics).
 pub fn target(c: &Counts, s: &Settings, m: &Memory) -> u32 {
     let allocated = c.total.saturating_sub(c.free + c.cooldown);
-    (allocated + c.cooldown + s.warm.max(c.waiters)).min(effective_cap(c, s, m))
+    (allocated + c.cooldown + (s.warm + c.demand).max(c.waiters)).min(effective_cap(c, s, m))
 }
 
 fn effective_cap(c: &Counts, s: &Settings, m: &Memory) -> u32 {
@@ -100,12 +104,11 @@ pub fn decide(c: &Counts, s: &Settings, m: &mut Memory, now: Duration) -> Decisi
         };
     }
 
+    let warm = s.warm + c.demand;
     let short_for_waiters = c.waiters.saturating_sub(c.free);
-    let short_for_warm = s
-        .warm
-        .saturating_sub((c.free + c.cooldown).saturating_sub(c.waiters));
+    let short_for_warm = warm.saturating_sub((c.free + c.cooldown).saturating_sub(c.waiters));
     let deficit = if short_for_waiters > 0 {
-        short_for_waiters + s.warm
+        short_for_waiters + warm
     } else {
         short_for_warm
     };
@@ -127,11 +130,11 @@ pub fn decide(c: &Counts, s: &Settings, m: &mut Memory, now: Duration) -> Decisi
         };
     }
 
-    if c.waiters == 0 && c.free > s.warm + s.batch {
+    if c.waiters == 0 && c.free > warm + s.batch {
         let since = *m.excess_since.get_or_insert(now);
         if now.saturating_sub(since) >= s.release_delay {
             m.excess_since = None;
-            return Decision::Shrink((c.free - s.warm) / s.batch * s.batch);
+            return Decision::Shrink((c.free - warm) / s.batch * s.batch);
         }
     } else {
         m.excess_since = None;
@@ -157,6 +160,7 @@ mod tests {
             cooldown,
             pending,
             waiters,
+            demand: 0,
         }
     }
 
@@ -234,6 +238,15 @@ mod tests {
                 counts(3, 0, 0, 0, 0),
                 Settings { warm: 0, ..S },
                 Nothing,
+            ),
+            (
+                "known demand grows ahead of the pods",
+                Counts {
+                    demand: 20,
+                    ..counts(16, 8, 0, 0, 0)
+                },
+                S,
+                Grow(24),
             ),
             (
                 "a lowered max shrinks free addresses",

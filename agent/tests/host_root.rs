@@ -76,12 +76,12 @@ fn masquerade_table_is_installed_idempotently_and_forwarding_enabled() {
     vnet_testns::require_root();
     let ns = Netns::new("agentnft").unwrap();
     let script_a = masq::masquerade_script(
-        "10.240.0.0/16".parse().unwrap(),
+        &["10.240.0.0/16".parse().unwrap()],
         Ipv4Addr::new(10, 240, 0, 4),
         &["10.240.0.0/16".parse().unwrap()],
     );
     let script_b = masq::masquerade_script(
-        "10.240.0.0/16".parse().unwrap(),
+        &["10.240.0.0/16".parse().unwrap()],
         Ipv4Addr::new(10, 240, 0, 4),
         &[
             "10.240.0.0/16".parse().unwrap(),
