@@ -112,6 +112,31 @@ fn add_check_del_del_again() {
         out.stdout
     );
 
+    // CHECK notices when a piece ADD made is gone.
+    pod.exec("ip", &["route", "del", "default"]).unwrap();
+    let out = run(&node, &agent, "CHECK", id, &path_str(&pod));
+    assert_eq!(out.error_code(), 105);
+    assert!(
+        out.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("default route")
+    );
+    pod.exec(
+        "ip",
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    run(&node, &agent, "CHECK", id, &path_str(&pod)).assert_ok();
+
     let out = run(&node, &agent, "DEL", id, &path_str(&pod));
     out.assert_ok();
     assert!(out.stdout.trim().is_empty());
@@ -386,4 +411,53 @@ fn status_and_gc() {
             .unwrap()
             .contains("subnet nodes is full")
     );
+}
+
+#[test]
+fn a_failure_half_way_is_undone() {
+    let node = node();
+    let pod = Netns::new("pod").unwrap();
+    let agent = FakeAgent::start([10, 77, 7]);
+    // The fake hands out 10.77.7.1 first; a route for it already on the node makes the host route
+    // fail after the veth exists.
+    node.exec("ip", &["route", "add", "10.77.7.1/32", "dev", "lo"])
+        .unwrap();
+    let links_before = ip(&node, &["-o", "link", "show"]).lines().count();
+    let out = add(&node, &agent, "1.0.0", "ctr-undo", &pod);
+    assert_eq!(out.error_code(), 102);
+    assert!(out.json()["msg"].as_str().unwrap().contains("host route"));
+    assert_eq!(
+        ip(&node, &["-o", "link", "show"]).lines().count(),
+        links_before
+    );
+    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+    assert_eq!(agent.allocation_count(), 0, "the address was released");
+    assert_eq!(agent.releases().len(), 1);
+}
+
+#[test]
+fn agent_refusals_map_to_cni_codes() {
+    let node = node();
+    let pod = Netns::new("pod").unwrap();
+    let agent = FakeAgent::start([10, 77, 8]);
+    for (code, expected) in [
+        (vnet_api::ErrorCode::TryAgainLater, 11),
+        (vnet_api::ErrorCode::NotReady, 11),
+        (vnet_api::ErrorCode::Exhausted, 104),
+        (vnet_api::ErrorCode::Internal, 100),
+    ] {
+        agent.state.lock().unwrap().refuse_allocate = Some(vnet_api::ErrorResponse {
+            code,
+            message: "pool is empty, cloud write pending".into(),
+        });
+        let out = add(&node, &agent, "1.0.0", "ctr-refused", &pod);
+        assert_eq!(out.error_code(), expected, "{code:?}");
+        assert!(
+            out.json()["msg"]
+                .as_str()
+                .unwrap()
+                .contains("pool is empty")
+        );
+        assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+    }
 }
