@@ -37,6 +37,9 @@ pub struct FakeState {
     pub gcs: Vec<GcRequest>,
     pub status: Option<StatusResponse>,
     pub refuse_allocate: Option<ErrorResponse>,
+    /// When set, dying veths handed over by DEL are deleted in this namespace in the background,
+    /// as the real agent does (benchmarks: the kernel work must still happen somewhere).
+    pub reap_in: Option<String>,
 }
 
 /// An in-test vnet-agent speaking the real wire contract over a Unix socket.
@@ -67,10 +70,15 @@ async fn allocate(
     let allocation = match st.allocations.get(&req.key) {
         Some(a) => a.clone(),
         None => {
-            st.next_host += 1;
+            // Lowest free host number, so long runs reuse released addresses.
             let [a, b, c] = st.base;
+            let used: Vec<Ipv4Addr> = st.allocations.values().map(|a| a.ip).collect();
+            let host = (1..=254u8)
+                .find(|h| !used.contains(&Ipv4Addr::new(a, b, c, *h)))
+                .expect("fake agent pool exhausted");
+            st.next_host = u32::from(host);
             let a = Allocation {
-                ip: Ipv4Addr::new(a, b, c, st.next_host as u8),
+                ip: Ipv4Addr::new(a, b, c, host),
                 key: req.key.clone(),
                 pod: req.pod.clone(),
                 host_veth: vnet_api::host_veth_name("vnet", &req.key),
@@ -93,6 +101,11 @@ async fn release(
 ) -> Json<ReleaseResponse> {
     let mut st = s.lock().unwrap();
     let released = st.allocations.remove(&req.key);
+    if let (Some(ns), Some(veth)) = (st.reap_in.clone(), req.dying_veth.clone()) {
+        std::thread::spawn(move || {
+            let _ = vnet_testns::run("ip", &["-n", &ns, "link", "del", &veth]);
+        });
+    }
     st.releases.push(req);
     Json(ReleaseResponse { released })
 }
