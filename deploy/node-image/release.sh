@@ -9,7 +9,7 @@
 # --bin-dir DIR  package prebuilt binaries from DIR instead of building (env VNET_RELEASE_BIN_DIR);
 #                the tests use this with target/debug so they need no release build.
 # --version V    override the version (env VNET_RELEASE_VERSION); default: the workspace version
-#                and the git commit, e.g. 0.1.0-g1a2b3c4d.
+#                and the git commit, e.g. 0.1.0-g1a2b3c4d (just 0.1.0 outside a git checkout).
 #
 # The build links glibc statically (-C target-feature=+crt-static for x86_64-unknown-linux-gnu):
 # see docs/install-node-image.md for why, and for the one caveat (NSS modules).
@@ -46,14 +46,18 @@ while [[ $# -gt 0 ]]; do
 done
 
 cd "$repo"
+# No jq on a bare build machine: the two fields are plain JSON strings.
 metadata=$(timeout 120 cargo metadata --no-deps --format-version 1)
-target_dir=$(jq -r .target_directory <<<"$metadata")
+target_dir=$(sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p' <<<"$metadata")
+[[ -n $target_dir ]] || die "cannot find the cargo target directory"
 # Read once: the build takes minutes and HEAD may move meanwhile.
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 mtime=$(git log -1 --format=%ct "$commit" 2>/dev/null || echo 0)
 if [[ -z $version ]]; then
-    crate_version=$(jq -r '.packages[] | select(.name == "vnet-agent") | .version' <<<"$metadata")
-    version="$crate_version-g${commit:0:8}"
+    # "path+file:///...#vnet-agent@0.1.0" (or "...#0.1.0" from older cargo)
+    crate_version=$(timeout 120 cargo pkgid -p vnet-agent | sed 's/.*[#@]//')
+    version=$crate_version
+    [[ $commit == unknown ]] || version="$crate_version-g${commit:0:8}"
 fi
 [[ $version =~ ^[A-Za-z0-9._+-]+$ ]] || die "version '$version' has characters unfit for a file name"
 out_dir=${out_dir:-$target_dir/dist}
