@@ -14,6 +14,14 @@ use crate::error::{CniError, CniResult, Code};
 use crate::netns;
 use crate::{Context, log_info, log_warn};
 
+/// Our names are exactly `prefix` + hex digits, 15 bytes: a user's `vnet0` is not ours to delete.
+fn looks_like(name: &str, prefix: &str) -> bool {
+    name.len() == vnet_api::IFNAME_MAX
+        && name
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 pub async fn run(ctx: &Context) -> CniResult<()> {
     let Some(list) = ctx.conf.valid_attachments.as_deref() else {
         return Err(CniError::config(
@@ -44,8 +52,8 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
         Ok(links) => {
             for link in links {
                 let ours =
-                    link.name.starts_with(prefix) && link.is_veth && !keep.contains(&link.name);
-                let tombstone = link.name.starts_with(TOMBSTONE_PREFIX) && link.is_veth;
+                    looks_like(&link.name, prefix) && link.is_veth && !keep.contains(&link.name);
+                let tombstone = looks_like(&link.name, TOMBSTONE_PREFIX) && link.is_veth;
                 if !(ours || tombstone) {
                     continue;
                 }
@@ -69,4 +77,18 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
         format!("GC finished with {} errors", errors.len()),
     )
     .with_details(errors.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_generated_names_are_ours() {
+        assert!(looks_like("vnet0123456789a", "vnet"));
+        assert!(looks_like("vdel0123456789a", TOMBSTONE_PREFIX));
+        assert!(!looks_like("vnet0", "vnet"));
+        assert!(!looks_like("vnet-my-bridge1", "vnet"));
+        assert!(!looks_like("eth0123456789ab", "vnet"));
+    }
 }
