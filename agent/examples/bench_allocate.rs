@@ -1,22 +1,26 @@
 //! Reports (never asserts) the agent's allocation latency, memory and cloud writes.
 //!
-//! `cargo run --release -p vnet-agent --example bench_allocate`
+//! ```text
+//! cargo build --release -p vnet-agent && cargo run --release -p vnet-agent --example bench_allocate
+//! ```
 //!
-//! The agent runs in this process, with its real Unix socket, journal (fsync) and pool logic, and
-//! the in-process FakeCloud (so the numbers exclude cloud latency: with a warm pool the cloud is
-//! not on the allocation path anyway). `cooldown_secs = 0` so that back-to-back churn keeps the
-//! pool warm. RSS is this whole process (agent + benchmark clients): an upper bound for the agent.
+//! Runs the real `vnet-agent` binary (found next to this example's directory, i.e.
+//! `target/<profile>/vnet-agent`) against an in-process vnet-mockcloud on 127.0.0.1, talking to it
+//! over its Unix socket like the plugin does (one connection per request). Without the binary the
+//! agent runs inside this process instead (then RSS covers agent and clients together).
+//! `cooldown_secs = 0` so back-to-back churn keeps the pool warm; the journal is fsync'd as always.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use vnet_agent::client::AgentClient;
-use vnet_agent::config::Config;
+use vnet_agent::config::{Config, CredentialKind, ProviderKind};
 use vnet_agent::daemon;
 use vnet_agent::netlink::NoLinks;
 use vnet_api::{AllocateRequest, ReleaseRequest};
-use vnet_cloud::fake::FakeCloud;
+use vnet_mockcloud::{Faults, MockConfig, MockServer, Topology};
 
 fn req(id: &str) -> AllocateRequest {
     AllocateRequest {
@@ -39,8 +43,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -75,8 +79,25 @@ async fn latency_run(client: &AgentClient, clients: usize, per_client: usize) ->
     all
 }
 
+fn agent_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("vnet-agent");
+    bin.exists().then_some(bin)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let mock = MockServer::start(
+        MockConfig::new(Topology::single_subnet("10.240.0.0/16".parse().unwrap(), 1)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .expect("mock");
+    mock.set_faults(Faults {
+        operation_polls: Some(0),
+        operation_retry_after_secs: Some(0),
+        ..Faults::default()
+    });
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config {
         socket_path: dir.path().join("run/agent.sock"),
@@ -87,20 +108,43 @@ async fn main() {
         log_level: "warn".into(),
         ..Config::default()
     };
+    config.cloud.provider = ProviderKind::Mock;
+    config.cloud.credential = CredentialKind::None;
+    config.cloud.arm_endpoint = mock.base_url();
+    config.cloud.imds_endpoint = mock.imds_endpoint("node-1");
     config.pool.warm = 32;
     config.pool.batch = 32;
     config.pool.cooldown_secs = 0;
-    let cloud = Arc::new(FakeCloud::new());
+
     let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(daemon::run(
-        daemon::Options {
-            config: config.clone(),
-            cloud: cloud.clone(),
-            links: Arc::new(NoLinks),
-            journal: Default::default(),
-        },
-        rx,
-    ));
+    let (mut child, pid, in_process) = match agent_binary() {
+        Some(bin) => {
+            let path = dir.path().join("agent.toml");
+            std::fs::write(&path, config.to_toml()).unwrap();
+            let child = std::process::Command::new(&bin)
+                .arg("--config")
+                .arg(&path)
+                .spawn()
+                .expect("spawn vnet-agent");
+            let pid = child.id().to_string();
+            println!("agent: {} (pid {pid})", bin.display());
+            (Some(child), pid, None)
+        }
+        None => {
+            println!("agent: in this process (build the vnet-agent binary for a separate RSS)");
+            let cloud = vnet_agent::provider::build(&config.cloud).unwrap();
+            let task = tokio::spawn(daemon::run(
+                daemon::Options {
+                    config: config.clone(),
+                    cloud,
+                    links: Arc::new(NoLinks),
+                    journal: Default::default(),
+                },
+                rx,
+            ));
+            (None, "self".to_string(), Some(task))
+        }
+    };
     let client = AgentClient::new(&config.socket_path);
     loop {
         if let Ok(s) = client.status().await
@@ -126,8 +170,7 @@ async fn main() {
         );
     }
 
-    // Churn inside the warm pool: one pod deleted, one created, 100 times.
-    let writes = || cloud.assign_calls() + cloud.release_calls();
+    let writes = || mock.counters().calls("nic_put");
     let before = writes();
     for i in 0..100 {
         let id = format!("churn{i}");
@@ -135,10 +178,9 @@ async fn main() {
         client.release(&rel(&id)).await.unwrap();
     }
     println!(
-        "cloud writes for 100 pods of churn within the warm pool: {}",
+        "cloud writes (NIC PUTs) for 100 pods of churn within the warm pool: {}",
         writes() - before
     );
-    // A burst of 100 pods (beyond the warm pool), then their deletion.
     let before = writes();
     let mut tasks = Vec::new();
     for i in 0..100 {
@@ -154,21 +196,33 @@ async fn main() {
         client.release(&rel(&format!("burst{i}"))).await.unwrap();
     }
     println!(
-        "cloud writes for a burst of 100 new pods then their deletion (release delay not yet passed): {}",
+        "cloud writes for a burst of 100 new pods beyond the warm pool, then their deletion: {}",
         writes() - before
     );
 
-    let rss_before = rss_kib();
     for i in 0..250 {
         client.allocate(&req(&format!("rss{i}"))).await.unwrap();
     }
     let status = client.status().await.unwrap();
     println!(
-        "RSS with {} allocations: {:.1} MiB (whole process, agent + clients; {:.1} MiB before)",
+        "agent RSS with {} allocations: {:.1} MiB{}",
         status.pool.allocated,
-        rss_kib() as f64 / 1024.0,
-        rss_before as f64 / 1024.0
+        rss_kib(&pid) as f64 / 1024.0,
+        if in_process.is_some() {
+            " (agent and benchmark clients together)"
+        } else {
+            ""
+        }
     );
+    if let Some(child) = child.as_mut() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = child.wait();
+    }
     let _ = stop.send(true);
-    let _ = task.await;
+    if let Some(task) = in_process {
+        let _ = task.await;
+    }
 }
