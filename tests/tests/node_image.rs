@@ -1412,6 +1412,123 @@ fn lab_upgrade_in_place_keeps_pods_answering_and_loses_no_allocation() {
     common::assert_no_leftover_links(&lab);
 }
 
+/// The unit's privilege claims, without systemd: in a private network and mount namespace
+/// (anonymous, gone with its processes), forwarding is switched on first (the unit's
+/// `ExecStartPre=+systemd-sysctl`), `/proc/sys` is made read-only (`ProtectKernelTunables=yes`),
+/// and the packaged agent runs with CAP_NET_ADMIN as its only capability and no new privileges
+/// (`CapabilityBoundingSet=CAP_NET_ADMIN`, `NoNewPrivileges=yes`) against vnet-mockcloud on
+/// the namespace's loopback. It must get ready and install its nftables table.
+#[test]
+fn the_agent_gets_ready_with_only_cap_net_admin_and_read_only_sysctls() {
+    use vnet_lab::lab::{default_bin_dir, is_root};
+
+    assert!(
+        is_root(),
+        "needs root: the test makes a private network namespace"
+    );
+    for tool in ["unshare", "setpriv", "nft", "curl"] {
+        assert!(have(tool), "{tool} is needed for this test");
+    }
+    let mock = default_bin_dir().join("vnet-mockcloud");
+    assert!(
+        mock.is_file(),
+        "vnet-mockcloud not built at {}: run `cargo build --workspace --bins` first",
+        mock.display()
+    );
+    let pkg = package();
+    let agent = pkg.dir.join("bin/vnet-agent");
+    let version = fs::read_to_string(pkg.dir.join("VERSION")).unwrap();
+    assert!(
+        !version.contains("vnet-agent not-elf"),
+        "the package holds a stand-in agent, not the real one:\n{version}"
+    );
+
+    let tmp = TempDir::new("caps");
+    let dir = tmp.path();
+    fs::write(
+        dir.join("topology.json"),
+        r#"{"subscription":"sub","resource_group":"rg","location":"westeurope",
+            "vnet":{"name":"vnet","address_space":["10.240.0.0/16"]},
+            "subnets":[{"name":"nodes","prefix":"10.240.0.0/16"}],
+            "vms":[{"name":"node-1","subnet":"nodes","primary_ip":"10.240.0.4"}]}"#,
+    )
+    .unwrap();
+    fs::write(
+        dir.join("agent.toml"),
+        format!(
+            r#"socket_path = "{dir}/run/agent.sock"
+state_dir = "{dir}/state"
+metrics_address = "127.0.0.1:19464"
+[cloud]
+provider = "mock"
+arm_endpoint = "http://127.0.0.1:18080"
+imds_endpoint = "http://127.0.0.1:18080/vms/node-1"
+credential = "none"
+[pool]
+warm = 2
+batch = 2
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    // Children are stopped on every exit path of the script; the namespaces die with them.
+    let script = r#"
+set -eu
+dir=$1 mock=$2 agent=$3
+pids=
+trap 'for p in $pids; do kill $p 2>/dev/null || true; done; wait' EXIT
+ip link set lo up
+echo 1 > /proc/sys/net/ipv4/ip_forward
+mount --make-rprivate /
+mount --bind -o ro /proc/sys /proc/sys
+"$mock" --listen 127.0.0.1:18080 --topology "$dir/topology.json" >"$dir/mock.log" 2>&1 &
+pids="$pids $!"
+setpriv --bounding-set=-all,+net_admin --inh-caps=-all --no-new-privs     "$agent" --config "$dir/agent.toml" >"$dir/agent.log" 2>&1 &
+agent_pid=$!
+pids="$pids $agent_pid"
+tries=0
+until curl -fsS --max-time 2 --unix-socket "$dir/run/agent.sock" http://agent/v1/health 2>/dev/null | grep -q '"ready":true'; do
+    kill -0 "$agent_pid" 2>/dev/null || { echo "agent exited"; exit 1; }
+    tries=$((tries + 1))
+    [ "$tries" -lt 120 ] || { echo "agent not ready"; exit 1; }
+    sleep 0.5
+done
+echo "ready"
+grep CapEff /proc/"$agent_pid"/status
+nft list table ip vnet-cni >/dev/null && echo "nft table present"
+"#;
+    let out = run(
+        "unshare",
+        &[
+            "--net",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            dir.to_str().unwrap(),
+            mock.to_str().unwrap(),
+            agent.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        out.status.success() && stdout.contains("ready\n"),
+        "the agent did not get ready with CAP_NET_ADMIN only ({}):\n{stdout}{}\nagent log:\n{log}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // CAP_NET_ADMIN is bit 12: the agent held nothing else.
+    assert!(stdout.contains("CapEff:\t0000000000001000"), "{stdout}");
+    assert!(
+        stdout.contains("nft table present"),
+        "{stdout}\nagent log:\n{log}"
+    );
+}
+
 /// A new release whose agent and plugin binaries differ from the installed ones (a byte appended
 /// after the ELF image changes the file, not what runs).
 fn next_release_of_agent_and_plugin(into: &Path) -> PathBuf {
