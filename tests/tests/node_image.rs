@@ -1415,11 +1415,12 @@ fn lab_upgrade_in_place_keeps_pods_answering_and_loses_no_allocation() {
 /// The unit's privilege claims, without systemd: in a private network and mount namespace
 /// (anonymous, gone with its processes), forwarding is switched on first (the unit's
 /// `ExecStartPre=+systemd-sysctl`), `/proc/sys` is made read-only (`ProtectKernelTunables=yes`),
-/// and the packaged agent runs with CAP_NET_ADMIN as its only capability and no new privileges
+/// so is `/` except the agent's directories (`ProtectSystem=strict`, `ReadWritePaths=`), and the
+/// packaged agent runs with CAP_NET_ADMIN as its only capability and no new privileges
 /// (`CapabilityBoundingSet=CAP_NET_ADMIN`, `NoNewPrivileges=yes`) against vnet-mockcloud on
 /// the namespace's loopback. It must get ready and install its nftables table.
 #[test]
-fn the_agent_gets_ready_with_only_cap_net_admin_and_read_only_sysctls() {
+fn the_agent_gets_ready_with_only_cap_net_admin_and_a_read_only_system() {
     use vnet_lab::lab::{default_bin_dir, is_root};
 
     assert!(
@@ -1482,6 +1483,11 @@ ip link set lo up
 echo 1 > /proc/sys/net/ipv4/ip_forward
 mount --make-rprivate /
 mount --bind -o ro /proc/sys /proc/sys
+# ProtectSystem=strict + ReadWritePaths: everything read-only but the test's directory (state,
+# socket). Every other mount (/dev, /proc, /tmp if separate) is left as it is.
+mount --bind "$dir" "$dir"
+mount -o remount,bind,ro /
+if touch /vnet-node-image-probe 2>/dev/null; then rm -f /vnet-node-image-probe; echo "/ is writable"; exit 1; fi
 "$mock" --listen 127.0.0.1:18080 --topology "$dir/topology.json" >"$dir/mock.log" 2>&1 &
 pids="$pids $!"
 setpriv --bounding-set=-all,+net_admin --inh-caps=-all --no-new-privs     "$agent" --config "$dir/agent.toml" >"$dir/agent.log" 2>&1 &
