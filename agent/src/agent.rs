@@ -597,6 +597,11 @@ impl Agent {
 
     /// One pool decision and its execution.
     pub async fn pool_step(&self) {
+        // A release a crash interrupted is finished first.
+        let leftover = self.state.lock().unwrap().ipam.releasing();
+        if !leftover.is_empty() {
+            self.finish_release(leftover).await;
+        }
         let decision = {
             let mut st = self.state.lock().unwrap();
             if st.ipam.promote_cooldowns(now_secs()) > 0 {
@@ -682,27 +687,38 @@ impl Agent {
         if ips.is_empty() {
             return;
         }
+        // The intent is durable before the cloud hears of it.
         if let Some(t) = ticket
             && self.submit_timed(t).await.is_err()
         {
             return;
         }
-        match self.cloud.release_ips(&self.identity.nic_id, &ips).await {
-            Ok(()) => info!(count = ips.len(), addresses = ?ips, "pool shrank"),
-            Err(e) => {
-                warn!(error = %e, "cloud refused to release addresses; keeping them");
-                let ticket = {
-                    let mut st = self.state.lock().unwrap();
-                    st.last_cloud_error = Some(e.to_string());
-                    st.ipam
-                        .add_to_pool(&ips)
-                        .map(|r| self.store.submit(vec![r]))
-                };
-                if let Some(t) = ticket {
-                    let _ = self.submit_timed(t).await;
+        self.finish_release(ips).await;
+    }
+
+    /// Removes releasing addresses from the NIC; on failure they return to the free set.
+    async fn finish_release(&self, ips: Vec<Ipv4Addr>) {
+        let result = self.cloud.release_ips(&self.identity.nic_id, &ips).await;
+        let ticket = {
+            let mut st = self.state.lock().unwrap();
+            match &result {
+                Ok(()) => {
+                    info!(count = ips.len(), addresses = ?ips, "pool shrank");
+                    st.ipam.release_done(&ips)
                 }
-                self.changed.notify_waiters();
+                Err(e) => {
+                    warn!(error = %e, "cloud refused to release addresses; keeping them");
+                    st.last_cloud_error = Some(e.to_string());
+                    st.ipam.add_to_pool(&ips)
+                }
             }
+            .map(|r| self.store.submit(vec![r]))
+        };
+        if let Some(t) = ticket {
+            let _ = self.submit_timed(t).await;
+        }
+        if result.is_err() {
+            self.changed.notify_waiters();
         }
     }
 

@@ -25,6 +25,8 @@ pub struct Ipam {
     by_ip: HashMap<Ipv4Addr, AttachmentKey>,
     cooldown: BTreeMap<Ipv4Addr, Cooldown>,
     unreconciled: BTreeSet<Ipv4Addr>,
+    /// Out of the pool, being removed from the NIC (survives restarts; see `PoolReleasing`).
+    releasing: BTreeSet<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +64,7 @@ impl Ipam {
     /// Rebuilds the working state from what the store replayed.
     pub fn from_state(state: StoreState) -> Ipam {
         let mut ipam = Ipam {
+            releasing: state.releasing.difference(&state.pool).copied().collect(),
             pool: state.pool,
             ..Ipam::default()
         };
@@ -187,7 +190,8 @@ impl Ipam {
     pub fn add_to_pool(&mut self, ips: &[Ipv4Addr]) -> Option<Record> {
         let mut added = Vec::new();
         for ip in ips {
-            if self.pool.insert(*ip) {
+            let was_releasing = self.releasing.remove(ip);
+            if self.pool.insert(*ip) || was_releasing {
                 let recovered = self.unreconciled.remove(ip);
                 if !recovered && !self.by_ip.contains_key(ip) && !self.cooldown.contains_key(ip) {
                     self.free.insert(*ip);
@@ -199,7 +203,7 @@ impl Ipam {
     }
 
     /// Takes up to `n` free addresses out of the pool, highest first (low addresses stay, which
-    /// keeps a node's pod addresses compact and easy to read).
+    /// keeps a node's pod addresses compact and easy to read), into the releasing set.
     pub fn take_for_release(&mut self, n: u32) -> (Vec<Ipv4Addr>, Option<Record>) {
         let mut ips = Vec::new();
         while ips.len() < n as usize {
@@ -207,18 +211,40 @@ impl Ipam {
                 break;
             };
             self.pool.remove(&ip);
+            self.releasing.insert(ip);
             ips.push(ip);
         }
-        let record = (!ips.is_empty()).then(|| Record::PoolRemove { ips: ips.clone() });
+        let record = (!ips.is_empty()).then(|| Record::PoolReleasing { ips: ips.clone() });
         (ips, record)
+    }
+
+    /// The cloud confirmed the removal of these releasing addresses.
+    pub fn release_done(&mut self, ips: &[Ipv4Addr]) -> Option<Record> {
+        let done: Vec<Ipv4Addr> = ips
+            .iter()
+            .filter(|ip| self.releasing.remove(ip))
+            .copied()
+            .collect();
+        (!done.is_empty()).then_some(Record::PoolRemove { ips: done })
+    }
+
+    /// Addresses still to be removed from the NIC (left by a crash or a failed call).
+    pub fn releasing(&self) -> Vec<Ipv4Addr> {
+        self.releasing.iter().copied().collect()
     }
 
     /// Aligns the pool with the cloud's complete list of the NIC's addresses. Allocations are
     /// never removed: an allocated address the cloud does not show becomes unreconciled.
     pub fn reconcile(&mut self, on_nic: &BTreeSet<Ipv4Addr>) -> (ReconcileReport, Vec<Record>) {
         let mut report = ReconcileReport::default();
+        let mut records = Vec::new();
+        // Still on the NIC: the release is finished later. Gone: the release is done.
+        let released: Vec<Ipv4Addr> = self.releasing.difference(on_nic).copied().collect();
+        if let Some(r) = self.release_done(&released) {
+            records.push(r);
+        }
         for ip in on_nic {
-            if self.pool.contains(ip) {
+            if self.pool.contains(ip) || self.releasing.contains(ip) {
                 continue;
             }
             self.pool.insert(*ip);
@@ -243,7 +269,6 @@ impl Ipam {
                 report.dropped.push(*ip);
             }
         }
-        let mut records = Vec::new();
         let added: Vec<Ipv4Addr> = report
             .adopted
             .iter()
@@ -305,6 +330,12 @@ impl Ipam {
         );
         for ip in &self.unreconciled {
             assert!(self.by_ip.contains_key(ip) && !self.pool.contains(ip));
+        }
+        for ip in &self.releasing {
+            assert!(
+                !self.pool.contains(ip) && !self.by_ip.contains_key(ip),
+                "releasing {ip} in use"
+            );
         }
     }
 }
@@ -428,6 +459,24 @@ mod tests {
         assert_eq!(report.recovered, vec![ip(10)]);
         assert!(ipam.unreconciled().is_empty());
         assert_eq!(ipam.counts().free, 0);
+        ipam.check();
+    }
+
+    #[test]
+    fn an_interrupted_release_is_neither_reused_nor_readopted() {
+        let mut ipam = ipam_with(&[10, 11]);
+        let (ips, record) = ipam.take_for_release(1);
+        assert_eq!(ips, vec![ip(11)]);
+        assert_eq!(record, Some(Record::PoolReleasing { ips: vec![ip(11)] }));
+        // After a crash the cloud still shows it: not adopted back into the pool.
+        let (report, _) = ipam.reconcile(&[ip(10), ip(11)].into());
+        assert!(report.adopted.is_empty());
+        assert_eq!(ipam.releasing(), vec![ip(11)]);
+        assert_eq!(ipam.counts().free, 1);
+        // Once the cloud no longer shows it, the release is done.
+        let (_, records) = ipam.reconcile(&[ip(10)].into());
+        assert_eq!(records, vec![Record::PoolRemove { ips: vec![ip(11)] }]);
+        assert!(ipam.releasing().is_empty());
         ipam.check();
     }
 

@@ -11,12 +11,13 @@
 //! {"op":"allocate","allocation":{"ip":"10.240.0.10","container_id":"abc","ifname":"eth0","pod":{},"host_veth":"vnet5d1e0c2a9f3","allocated_at":1764550000}}
 //! {"op":"release","key":{"container_id":"abc","ifname":"eth0"},"ip":"10.240.0.10","cooldown_until":1764550030}
 //! {"op":"cooldown","ip":"10.240.0.10","until":1764550042}
+//! {"op":"pool_releasing","ips":["10.240.0.11"]}
 //! {"op":"pool_remove","ips":["10.240.0.11"]}
 //! ```
 //!
 //! `<state_dir>/allocations.snapshot.json`: the whole state at one point, as one JSON document
 //! (`{"format":"vnet-agent-snapshot","version":1,"generation":3,"pool":[...],"allocations":[...],
-//! "cooldown":[...]}`). The state is the snapshot with the journal's records replayed on top.
+//! "cooldown":[...],"releasing":[...]}`). The state is the snapshot with the journal's records replayed on top.
 //!
 //! Plain JSON because a person debugging a node at 3 a.m. can read it with `jq`, and because the
 //! state is small (at most 255 addresses): an embedded database would buy nothing.
@@ -92,6 +93,8 @@ struct Snapshot {
     pool: Vec<std::net::Ipv4Addr>,
     allocations: Vec<Allocation>,
     cooldown: Vec<Cooldown>,
+    #[serde(default)]
+    releasing: Vec<std::net::Ipv4Addr>,
 }
 
 struct Batch {
@@ -183,6 +186,7 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
                 .map(|a| (a.key.clone(), a))
                 .collect();
             state.cooldown = snap.cooldown.into_iter().map(|c| (c.ip, c)).collect();
+            state.releasing = snap.releasing.into_iter().collect();
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(&snap_path, e)),
@@ -448,6 +452,7 @@ impl Writer {
             pool: self.state.pool.iter().copied().collect(),
             allocations: self.state.allocations.values().cloned().collect(),
             cooldown: self.state.cooldown.values().cloned().collect(),
+            releasing: self.state.releasing.iter().copied().collect(),
         };
         let bytes = serde_json::to_vec(&snapshot).expect("snapshot serializes");
         write_atomic(&self.dir, SNAPSHOT_FILE, &bytes)?;

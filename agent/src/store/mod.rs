@@ -28,8 +28,10 @@ pub use memory::MemoryStore;
 pub enum Record {
     /// Addresses the cloud assigned to the NIC for the pool.
     PoolAdd { ips: Vec<Ipv4Addr> },
-    /// Addresses leaving the pool (written before the cloud is asked to remove them, so a crash
-    /// in between at worst leaves an address on the NIC that the next reconcile adopts again).
+    /// Addresses the agent is giving back to the cloud: written before the cloud is asked, so
+    /// after a crash the agent neither hands them out nor re-adopts them, and finishes the job.
+    PoolReleasing { ips: Vec<Ipv4Addr> },
+    /// Addresses gone from the pool (released to the cloud, or no longer on the NIC).
     PoolRemove { ips: Vec<Ipv4Addr> },
     /// An address handed to an attachment.
     Allocate { allocation: Allocation },
@@ -63,16 +65,31 @@ pub struct StoreState {
     pub pool: BTreeSet<Ipv4Addr>,
     pub allocations: BTreeMap<AttachmentKey, Allocation>,
     pub cooldown: BTreeMap<Ipv4Addr, Cooldown>,
+    /// Out of the pool, being removed from the NIC.
+    pub releasing: BTreeSet<Ipv4Addr>,
 }
 
 impl StoreState {
     pub fn apply(&mut self, record: &Record) {
         match record {
-            Record::PoolAdd { ips } => self.pool.extend(ips.iter().copied()),
+            Record::PoolAdd { ips } => {
+                for ip in ips {
+                    self.pool.insert(*ip);
+                    self.releasing.remove(ip);
+                }
+            }
+            Record::PoolReleasing { ips } => {
+                for ip in ips {
+                    self.pool.remove(ip);
+                    self.cooldown.remove(ip);
+                    self.releasing.insert(*ip);
+                }
+            }
             Record::PoolRemove { ips } => {
                 for ip in ips {
                     self.pool.remove(ip);
                     self.cooldown.remove(ip);
+                    self.releasing.remove(ip);
                 }
             }
             Record::Allocate { allocation } => {
