@@ -35,6 +35,8 @@ use crate::store::{Store, StoreError, StoreState, Ticket};
 /// How often the pool is compared with the cloud's view of the NIC in steady state.
 /// (ARM reads are rate-limited per subscription: at 5 minutes, 1,000 nodes make ~3 reads/s.)
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(300);
+/// The start-up reconcile is repeated after this long.
+const FIRST_RECONCILE_REPEAT: Duration = Duration::from_secs(30);
 /// How long the pool task sleeps when nobody kicks it.
 const POOL_TICK: Duration = Duration::from_secs(1);
 /// Retry delay for a veth deletion that failed.
@@ -98,7 +100,9 @@ struct Inner {
     failures: u32,
     last_cloud_error: Option<String>,
     store_error: Option<String>,
-    last_reconcile: Option<Instant>,
+    /// When the pool task compares the pool with the NIC again.
+    next_reconcile: Option<Instant>,
+    reconciles: u64,
 }
 
 pub struct Agent {
@@ -173,7 +177,8 @@ impl Agent {
                 failures: 0,
                 last_cloud_error: None,
                 store_error: None,
-                last_reconcile: None,
+                next_reconcile: None,
+                reconciles: 0,
             }),
             changed: Notify::new(),
             kick: Notify::new(),
@@ -497,7 +502,9 @@ impl Agent {
             Ok(listed) => listed,
             Err(e) => {
                 warn!(error = %e, "cannot read the NIC's addresses; keeping the pool as it is");
-                self.state.lock().unwrap().last_cloud_error = Some(e.to_string());
+                let mut st = self.state.lock().unwrap();
+                st.last_cloud_error = Some(e.to_string());
+                st.next_reconcile = Some(Instant::now() + FIRST_RECONCILE_REPEAT);
                 return Err(e);
             }
         };
@@ -505,7 +512,15 @@ impl Agent {
         let (report, ticket) = {
             let mut st = self.state.lock().unwrap();
             let (report, records) = st.ipam.reconcile(&on_nic);
-            st.last_reconcile = Some(Instant::now());
+            // The first reconcile (start-up) is repeated soon: a cloud write the previous run
+            // started just before dying may land after it.
+            st.reconciles += 1;
+            let delay = if st.reconciles == 1 {
+                FIRST_RECONCILE_REPEAT
+            } else {
+                RECONCILE_INTERVAL
+            };
+            st.next_reconcile = Some(Instant::now() + delay);
             (report, self.store.submit(records))
         };
         let _ = self.submit_timed(ticket).await;
@@ -582,8 +597,8 @@ impl Agent {
                 .state
                 .lock()
                 .unwrap()
-                .last_reconcile
-                .is_none_or(|t| t.elapsed() >= RECONCILE_INTERVAL);
+                .next_reconcile
+                .is_none_or(|t| Instant::now() >= t);
             if due {
                 let _ = self.reconcile_with_cloud().await;
             }
