@@ -76,7 +76,11 @@ where
 {
     let mut attempt = 0u32;
     loop {
-        match f().await {
+        let result = tokio::select! {
+            r = f() => r,
+            _ = shutdown.wait_for(|s| *s) => return Err(DaemonError::Interrupted),
+        };
+        match result {
             Ok(v) => return Ok(v),
             Err(e) => {
                 attempt += 1;
@@ -84,7 +88,7 @@ where
                 warn!(error = %e, attempt, ?delay, "{what} failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => return Err(DaemonError::Interrupted),
+                    _ = shutdown.wait_for(|s| *s) => return Err(DaemonError::Interrupted),
                 }
             }
         }
@@ -130,6 +134,13 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         links,
         journal,
     } = options;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        socket = %config.socket_path.display(),
+        state_dir = %config.state_dir.display(),
+        provider = ?config.cloud.provider,
+        "vnet-agent starting"
+    );
     let metrics = Arc::new(Metrics::new());
     let cloud: Arc<dyn CloudProvider> = Arc::new(MeteredCloud::new(cloud, metrics.clone()));
 

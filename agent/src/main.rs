@@ -67,7 +67,7 @@ async fn main_async(config: Config) -> anyhow::Result<()> {
         }
         let _ = tx.send(true);
     });
-    daemon::run(
+    match daemon::run(
         daemon::Options {
             config,
             cloud,
@@ -76,6 +76,10 @@ async fn main_async(config: Config) -> anyhow::Result<()> {
         },
         rx,
     )
-    .await?;
-    Ok(())
+    .await
+    {
+        // SIGTERM while still starting (e.g. the cloud unreachable): a clean stop.
+        Ok(()) | Err(daemon::DaemonError::Interrupted) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }

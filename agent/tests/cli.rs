@@ -71,3 +71,35 @@ fn print_config_shows_file_env_and_flags_merged() {
     assert!(out.contains("log_level = \"debug\""), "{out}");
     assert!(out.contains("warm = 3"), "{out}");
 }
+
+#[test]
+fn json_logs_and_sigterm_during_start_up_exit_0() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    // Nothing listens on port 1: discovery keeps failing and retrying.
+    let toml = format!(
+        "socket_path = \"{0}/run/agent.sock\"\nstate_dir = \"{0}/state\"\nmetrics_address = \"127.0.0.1:0\"\nmanage_host = false\nlog_format = \"json\"\n[cloud]\nprovider = \"mock\"\narm_endpoint = \"http://127.0.0.1:1\"\nimds_endpoint = \"http://127.0.0.1:1/vms/node-1\"\n",
+        dir.path().display()
+    );
+    std::fs::write(&path, toml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vnet-agent"))
+        .args(["--config", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().expect("a log line").unwrap();
+    let parsed: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("not JSON ({e}): {first}"));
+    assert!(parsed["level"].is_string(), "{first}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {rest:?}");
+    assert!(!dir.path().join("run/agent.sock").exists());
+}
