@@ -55,9 +55,12 @@ struct Build {
     cooldown_secs: u64,
     #[arg(long, default_value_t = PoolConfig::default().release_delay_secs)]
     release_delay_secs: u64,
-    /// Mock cloud faults at start (its --faults JSON, e.g. write latency).
+    /// Mock cloud faults at start (its --faults JSON, the shape of PUT /admin/faults).
     #[arg(long)]
     faults: Option<String>,
+    /// Added latency of every mock cloud call, ms (merged into --faults as latency."*").
+    #[arg(long)]
+    cloud_latency_ms: Option<u64>,
     /// Where vnet-mockcloud, vnet-agent and vnet-cni are (default: next to vnetctl).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -70,7 +73,7 @@ struct Build {
 }
 
 impl Build {
-    fn config(&self, at: &Where) -> LabConfig {
+    fn config(&self, at: &Where) -> Result<LabConfig> {
         let mut cfg = LabConfig::new(&at.name);
         cfg.nodes = self.nodes;
         cfg.subnet = self.subnet.clone();
@@ -82,7 +85,7 @@ impl Build {
             release_delay_secs: self.release_delay_secs,
             ..PoolConfig::default()
         };
-        cfg.faults = self.faults.clone();
+        cfg.faults = merge_latency(self.faults.as_deref(), self.cloud_latency_ms)?;
         cfg.base_dir = at.state_dir.clone();
         if let Some(b) = &self.bin_dir {
             cfg.bin_dir = b.clone();
@@ -91,7 +94,7 @@ impl Build {
             cfg.cnitool = c.clone();
         }
         cfg.portmap = self.portmap;
-        cfg
+        Ok(cfg)
     }
 }
 
@@ -197,7 +200,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let Top::Lab { command } = cli.command;
     match command {
         LabCmd::Up { at, build } => {
-            let lab = Lab::up(&build.config(&at))?;
+            let lab = Lab::up(&build.config(&at)?)?;
             print!("{}", report::status(&lab));
             println!(
                 "\nlab {:?} is up; `vnetctl lab pod add node-1`, `vnetctl lab status`, `vnetctl lab down` (add --name {} if not the default)",
@@ -252,7 +255,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             keep,
         } => {
             let at = Where { name, state_dir };
-            let ok = demo::run(&build.config(&at), pods_per_node, keep)?;
+            let ok = demo::run(&build.config(&at)?, pods_per_node, keep)?;
             return Ok(if ok {
                 ExitCode::SUCCESS
             } else {
@@ -293,6 +296,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--faults` with `--cloud-latency-ms` added as the default latency of every operation.
+fn merge_latency(faults: Option<&str>, latency_ms: Option<u64>) -> Result<Option<String>> {
+    let Some(ms) = latency_ms else {
+        return Ok(faults.map(str::to_owned));
+    };
+    let mut value: serde_json::Value = match faults {
+        Some(text) => serde_json::from_str(text).context("--faults is not JSON")?,
+        None => serde_json::json!({}),
+    };
+    let object = value
+        .as_object_mut()
+        .context("--faults must be a JSON object")?;
+    let latency = object
+        .entry("latency")
+        .or_insert_with(|| serde_json::json!({}));
+    latency["*"] = serde_json::json!({ "fixed_ms": ms });
+    Ok(Some(value.to_string()))
+}
+
 fn next_pod_name(lab: &Lab, node: &str) -> String {
     let st = lab.state();
     (1..)
@@ -314,5 +336,15 @@ mod tests {
             "vnetctl", "lab", "pod", "add", "node-1", "web", "--name", "x",
         ]);
         assert!(cli.is_ok());
+    }
+
+    #[test]
+    fn cloud_latency_merges_into_the_faults() {
+        assert_eq!(merge_latency(None, None).unwrap(), None);
+        let merged = merge_latency(Some(r#"{"throttle":{"probability":0.1}}"#), Some(200)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&merged.unwrap()).unwrap();
+        assert_eq!(v["latency"]["*"]["fixed_ms"], 200);
+        assert_eq!(v["throttle"]["probability"], 0.1);
+        assert!(merge_latency(Some("[1]"), Some(1)).is_err());
     }
 }
