@@ -513,3 +513,28 @@ async fn reqwest_metrics(address: &str) -> String {
     stream.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_the_answer_is_exhausted_unless_an_address_is_cooling_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.pool.max = 3;
+    config.pool.warm = 1;
+    config.pool.batch = 1;
+    config.pool.cooldown_secs = 3_600;
+    config.pool.allocate_timeout_secs = 1;
+    let agent = TestAgent::start(config, Arc::new(FakeCloud::new())).await;
+    for id in ["a", "b", "c"] {
+        agent.client.allocate(&alloc_req(id)).await.unwrap();
+    }
+    let err = agent.client.allocate(&alloc_req("d")).await.unwrap_err();
+    assert_eq!(api_error(err), (503, ErrorCode::Exhausted));
+    let status = agent.client.status().await.unwrap();
+    assert!(!status.can_allocate);
+    assert_eq!(status.pool.max, 3);
+    // One address comes back later (cooldown): not exhausted, but not now either.
+    agent.client.release(&release_req("a")).await.unwrap();
+    let err = agent.client.allocate(&alloc_req("d")).await.unwrap_err();
+    assert_eq!(api_error(err), (503, ErrorCode::TryAgainLater));
+    agent.stop().await;
+}
