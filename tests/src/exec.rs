@@ -159,8 +159,9 @@ fn kill_after(
     let pid = child.id() as libc::pid_t;
     let handle = std::thread::spawn(move || match rx.recv_timeout(timeout) {
         Err(mpsc::RecvTimeoutError::Timeout) => {
-            // SAFETY: kill(2) with a pid we spawned and have not reaped yet (the waiter is
-            // blocked in wait until the child dies), so it cannot name another process.
+            // SAFETY: kill(2) on the pid of a child we spawned. Until the waiter reaps it the pid
+            // cannot be reused; the waiter drops the sender right after reaping, so only a timeout
+            // expiring within that instant could reach a recycled pid.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             true
         }
