@@ -139,6 +139,7 @@ async fn main() {
                     cloud,
                     links: Arc::new(NoLinks),
                     journal: Default::default(),
+                    on_ready: None,
                 },
                 rx,
             ));

@@ -63,6 +63,9 @@ pub struct Options {
     pub cloud: Arc<dyn CloudProvider>,
     pub links: Arc<dyn LinkOps>,
     pub journal: JournalOptions,
+    /// Receives the agent once it is ready, for an embedder (e.g. the Kubernetes integration,
+    /// which calls `status`, `allocations`, `release` and `set_pending_demand`).
+    pub on_ready: Option<tokio::sync::oneshot::Sender<Arc<Agent>>>,
 }
 
 async fn retry<T, F, Fut>(
@@ -133,6 +136,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         cloud,
         links,
         journal,
+        on_ready,
     } = options;
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -277,6 +281,9 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         })
     };
     agent.set_ready(true);
+    if let Some(tx) = on_ready {
+        let _ = tx.send(agent.clone());
+    }
     info!(socket = %socket_path.display(), node = agent.settings().node_name, "ready");
 
     let _ = shutdown.wait_for(|s| *s).await;

@@ -73,6 +73,7 @@ async fn main_async(config: Config) -> anyhow::Result<()> {
             cloud,
             links,
             journal: Default::default(),
+            on_ready: None,
         },
         rx,
     )

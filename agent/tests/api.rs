@@ -538,3 +538,22 @@ async fn at_max_the_answer_is_exhausted_unless_an_address_is_cooling_down() {
     assert_eq!(api_error(err), (503, ErrorCode::TryAgainLater));
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_demand_grows_the_pool_ahead_of_the_pods() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(FakeCloud::new());
+    let agent = TestAgent::start(test_config(dir.path()), cloud.clone()).await;
+    eventually("warm pool", || async {
+        agent.client.status().await.unwrap().pool.free >= 8
+    })
+    .await;
+    // What the Kubernetes integration does when 20 pods are scheduled to the node.
+    agent.agent.set_pending_demand(20);
+    eventually("pool grown for warm + demand", || async {
+        agent.client.status().await.unwrap().pool.free >= 28
+    })
+    .await;
+    assert!(cloud.secondary_ips().len() >= 28);
+    agent.stop().await;
+}

@@ -19,6 +19,8 @@ pub struct TestAgent {
     pub state_dir: PathBuf,
     pub metrics_address: String,
     pub client: AgentClient,
+    /// The in-process agent, as an embedder sees it.
+    pub agent: Arc<vnet_agent::agent::Agent>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), DaemonError>>,
 }
@@ -56,12 +58,14 @@ impl TestAgent {
         let socket = config.socket_path.clone();
         let state_dir = config.state_dir.clone();
         let metrics_address = config.metrics_address.clone();
+        let (ready_tx, mut ready_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(daemon::run(
             daemon::Options {
                 config,
                 cloud,
                 links,
                 journal: Default::default(),
+                on_ready: Some(ready_tx),
             },
             rx,
         ));
@@ -71,10 +75,10 @@ impl TestAgent {
             if task.is_finished() {
                 panic!("agent exited during start-up: {:?}", task.await);
             }
-            if let Ok(h) = client.health().await
-                && h.ready
-            {
+            if let Ok(agent) = ready_rx.try_recv() {
+                assert!(client.health().await.unwrap().ready);
                 return TestAgent {
+                    agent,
                     socket,
                     state_dir,
                     metrics_address,
