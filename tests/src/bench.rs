@@ -247,6 +247,45 @@ fn wait_for_free(lab: &Lab, node: &str, want: u32) {
     eprintln!("    pool on {node} did not reach {want} free addresses; timing anyway");
 }
 
+const ANCHOR_RUNS: usize = 100;
+
+/// Whole-process start cost (spawn to exit) of the binaries every CNI call starts: the floor of
+/// ADD and DEL, measured in the same run because it moves with the machine's load.
+fn start_anchors(cfg: &LabConfig) -> Value {
+    progress("process start anchors");
+    let plugin = cfg.bin_dir.join("vnet-cni");
+    let cases: Vec<(&str, PathBuf, bool)> = vec![
+        (
+            "/bin/true (fork+exec floor)",
+            PathBuf::from("/bin/true"),
+            false,
+        ),
+        ("cnitool (usage)", cfg.cnitool.clone(), false),
+        ("vnet-cni VERSION", plugin, true),
+        ("ptp VERSION", PathBuf::from("/usr/lib/cni/ptp"), true),
+        (
+            "host-local VERSION",
+            PathBuf::from("/usr/lib/cni/host-local"),
+            true,
+        ),
+    ];
+    let mut out = serde_json::Map::new();
+    for (name, path, version) in cases {
+        let mut samples = Vec::with_capacity(ANCHOR_RUNS);
+        for _ in 0..ANCHOR_RUNS {
+            let mut cmd = Command::new(&path);
+            if version {
+                cmd.env("CNI_COMMAND", "VERSION");
+            }
+            if let Ok((_, took)) = exec::run_timed(&mut cmd, None, Duration::from_secs(10)) {
+                samples.push(took.as_secs_f64() * 1e3);
+            }
+        }
+        out.insert(name.to_owned(), json!(stats(&samples)));
+    }
+    Value::Object(out)
+}
+
 /// Empty-pool burst in a separate one-node lab with slow NIC writes.
 fn cold_burst(cfg: &LabConfig, opts: &BenchOptions) -> Result<Value, LabError> {
     let mut c = cfg.clone();
@@ -572,6 +611,7 @@ pub fn run(cfg: &LabConfig, opts: &BenchOptions) -> Result<(), LabError> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let anchors = start_anchors(&c);
     let lat = latency(&lab, opts)?;
     let rss = agent_rss(&lab)?;
     let dp = if opts.iperf_secs > 0 {
@@ -643,6 +683,7 @@ pub fn run(cfg: &LabConfig, opts: &BenchOptions) -> Result<(), LabError> {
         "cold_burst": burst,
         "agent_rss": rss,
         "binary_sizes": sizes,
+        "start_anchors_ms": anchors,
         "data_path": dp,
         "total_runtime_s": started.elapsed().as_secs_f64(),
     });
@@ -730,6 +771,15 @@ fn markdown(r: &Value, summary: &[(String, String, Stats, f64, usize)]) -> Strin
         f2(&b["add_ms"]["p50"]),
         f2(&b["add_ms"]["p99"])
     );
+    let _ = writeln!(
+        md,
+        "\n## Process start anchors (same run, p50 / p99 ms over {ANCHOR_RUNS} runs)\n\n| binary | p50 ms | p99 ms |\n|---|---|---|"
+    );
+    if let Some(a) = r["start_anchors_ms"].as_object() {
+        for (name, st) in a {
+            let _ = writeln!(md, "| {name} | {} | {} |", f2(&st["p50"]), f2(&st["p99"]));
+        }
+    }
     let rss = &r["agent_rss"];
     let _ = writeln!(md, "\n## Footprint\n");
     let _ = writeln!(
