@@ -236,7 +236,9 @@ mod tests {
         for ok in ["vnet", "azv", "eni", "p1234567"[..7].as_ref()] {
             assert!(validate_veth_prefix(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "VNET", "1abc", "toolong1", "vdel", "vdelx", "vde", "v-x"] {
+        for bad in [
+            "", "VNET", "1abc", "toolong1", "vdel", "vdelx", "vde", "v-x",
+        ] {
             assert!(validate_veth_prefix(bad).is_err(), "{bad}");
         }
     }

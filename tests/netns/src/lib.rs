@@ -76,7 +76,11 @@ fn next_id() -> u32 {
 /// A link name unique to this process and call, at most 15 bytes: `vt` + 5 hex digits of the PID
 /// + 4 hex digits of a counter + up to 4 bytes of `tag`.
 pub fn unique_link_name(tag: &str) -> String {
-    let tag: String = tag.chars().filter(char::is_ascii_alphanumeric).take(4).collect();
+    let tag: String = tag
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(4)
+        .collect();
     format!(
         "{LINK_PREFIX}{:05x}{:04x}{tag}",
         std::process::id() & 0xfffff,
