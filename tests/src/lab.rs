@@ -373,6 +373,8 @@ impl Lab {
         let cni_bin = dir.join("cni-bin");
         fs::create_dir_all(&cni_bin).map_err(io_err(&cni_bin))?;
         let link = cni_bin.join("vnet-cni");
+        // Left over by a start that died before its state file was written.
+        let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(bin_dir.join("vnet-cni"), &link).map_err(io_err(&link))?;
 
         let gateway = nth_host(network, 1);
