@@ -92,6 +92,8 @@ impl AgentError {
 
 struct Inner {
     ipam: Ipam,
+    /// The configured pool settings with any per-node overrides applied.
+    pool: pool::Settings,
     memory: pool::Memory,
     pending: u32,
     waiters: u32,
@@ -161,6 +163,7 @@ impl Agent {
         metrics: Arc<Metrics>,
     ) -> Arc<Agent> {
         let (reaper_tx, reaper_rx) = mpsc::unbounded_channel();
+        let pool = settings.pool;
         Arc::new(Agent {
             settings,
             identity,
@@ -169,6 +172,7 @@ impl Agent {
             metrics,
             state: Mutex::new(Inner {
                 ipam: Ipam::from_state(loaded),
+                pool,
                 memory: pool::Memory::default(),
                 pending: 0,
                 waiters: 0,
@@ -229,14 +233,14 @@ impl Agent {
             ));
         }
         let c = st.ipam.counts();
-        let mut cap = self.settings.pool.cap();
+        let mut cap = st.pool.cap();
         if let Some(at) = st.memory.nic_limit_at {
             cap = cap.min(at);
         }
         if c.total + st.pending >= cap && c.cooldown == 0 {
             return Some(format!(
                 "all {cap} addresses this node may hold are allocated (pool.max = {}, NIC limit {})",
-                self.settings.pool.max,
+                st.pool.max,
                 crate::config::NIC_SECONDARY_LIMIT
             ));
         }
@@ -429,6 +433,65 @@ impl Agent {
         }
     }
 
+    /// Applies per-node overrides of `warm`, `batch` and `max` (`None`: the configured value) and
+    /// returns the settings now in force. A combination the config would reject is refused as a
+    /// whole, keeping the settings as they were.
+    pub fn set_pool_overrides(
+        &self,
+        warm: Option<u32>,
+        batch: Option<u32>,
+        max: Option<u32>,
+    ) -> Result<pool::Settings, String> {
+        let base = self.settings.pool;
+        let wanted = pool::Settings {
+            warm: warm.unwrap_or(base.warm),
+            batch: batch.unwrap_or(base.batch),
+            max: max.unwrap_or(base.max),
+            ..base
+        };
+        let limit = crate::config::NIC_SECONDARY_LIMIT;
+        if wanted.max == 0 || wanted.max > limit {
+            return Err(format!(
+                "max {} is out of range; use 1 to {limit}",
+                wanted.max
+            ));
+        }
+        if wanted.batch == 0 || wanted.batch > wanted.max {
+            return Err(format!(
+                "batch {} is out of range; use 1 to max ({})",
+                wanted.batch, wanted.max
+            ));
+        }
+        if wanted.warm > wanted.max {
+            return Err(format!(
+                "warm {} is out of range; use 0 to max ({})",
+                wanted.warm, wanted.max
+            ));
+        }
+        let mut st = self.state.lock().unwrap();
+        if st.pool != wanted {
+            info!(
+                warm = wanted.warm,
+                batch = wanted.batch,
+                max = wanted.max,
+                "pool settings changed"
+            );
+            st.pool = wanted;
+            // The shrink hysteresis measured against the old settings.
+            st.memory.excess_since = None;
+            drop(st);
+            self.kick.notify_one();
+            // Waiters re-check whether the new cap leaves them any hope.
+            self.changed.notify_waiters();
+        }
+        Ok(wanted)
+    }
+
+    /// The pool settings in force (configuration plus overrides).
+    pub fn pool_settings(&self) -> pool::Settings {
+        self.state.lock().unwrap().pool
+    }
+
     /// The addresses the pool believes are on the NIC.
     pub fn pool_ips(&self) -> BTreeSet<Ipv4Addr> {
         self.state.lock().unwrap().ipam.pool().clone()
@@ -450,7 +513,7 @@ impl Agent {
         let ready = self.is_ready();
         let st = self.state.lock().unwrap();
         let c = st.ipam.counts();
-        let target = pool::target(&Self::pool_counts(&st), &self.settings.pool, &st.memory);
+        let target = pool::target(&Self::pool_counts(&st), &st.pool, &st.memory);
         let exhausted = if c.free == 0 {
             self.exhausted_reason(&st)
         } else {
@@ -476,7 +539,7 @@ impl Agent {
                 cooldown: c.cooldown,
                 target,
                 pending: st.pending,
-                max: self.settings.pool.cap(),
+                max: st.pool.cap(),
             },
             subnet_full: st.subnet_full,
             last_cloud_error: st.last_cloud_error.clone(),
@@ -624,7 +687,8 @@ impl Agent {
             }
             let counts = Self::pool_counts(&st);
             let now = self.epoch.elapsed();
-            let d = pool::decide(&counts, &self.settings.pool, &mut st.memory, now);
+            let settings = st.pool;
+            let d = pool::decide(&counts, &settings, &mut st.memory, now);
             if let Decision::Grow(n) = d {
                 st.pending = n;
             }

@@ -7,7 +7,7 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -24,7 +24,7 @@ use vnet_api::{
 };
 
 use crate::agent::{Agent, AgentError};
-use crate::metrics::ApiLabels;
+use crate::metrics::{ApiLabels, Metrics};
 
 /// Largest request body accepted. A GC request with 1,000 attachments is ~70 KiB.
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -190,22 +190,85 @@ pub fn bind_socket(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Serves `/metrics` over plain HTTP.
-pub fn metrics_router(agent: Arc<Agent>) -> Router {
+/// What the TCP listener knows: the metrics from the first moment, the agent once it exists, and
+/// which start-up step runs until then. Nothing here calls the cloud or the API server.
+pub struct Probes {
+    metrics: Arc<Metrics>,
+    agent: OnceLock<Arc<Agent>>,
+    phase: Mutex<&'static str>,
+}
+
+impl Probes {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Probes> {
+        Arc::new(Probes {
+            metrics,
+            agent: OnceLock::new(),
+            phase: Mutex::new("starting"),
+        })
+    }
+
+    /// The start-up step shown by `/readyz` until the agent exists.
+    pub fn set_phase(&self, phase: &'static str) {
+        *self.phase.lock().unwrap() = phase;
+    }
+
+    pub fn set_agent(&self, agent: Arc<Agent>) {
+        let _ = self.agent.set(agent);
+    }
+
+    /// `Ok(note)` when ready (the note says why it cannot allocate right now, if so), `Err(reason)`
+    /// otherwise.
+    pub fn readiness(&self) -> Result<Option<String>, String> {
+        let Some(agent) = self.agent.get() else {
+            return Err(format!(
+                "the agent is starting: {}",
+                self.phase.lock().unwrap()
+            ));
+        };
+        let status = agent.status();
+        if status.ready {
+            Ok((!status.can_allocate).then(|| status.reason.unwrap_or_default()))
+        } else {
+            Err(status
+                .reason
+                .unwrap_or_else(|| "the agent is not ready".into()))
+        }
+    }
+}
+
+/// Serves `/metrics` (Prometheus), `/healthz` (200 while the process serves) and `/readyz` (200
+/// once the agent serves allocations, including while it waits on the cloud; 503 with the reason
+/// otherwise) over plain HTTP.
+pub fn metrics_router(probes: Arc<Probes>) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State(agent): State<Arc<Agent>>| async move {
+            get(|State(probes): State<Arc<Probes>>| async move {
                 // Refresh the pool gauges from the live state.
-                let _ = agent.status();
+                if let Some(agent) = probes.agent.get() {
+                    let _ = agent.status();
+                }
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    agent.metrics.encode(),
+                    probes.metrics.encode(),
                 )
             }),
         )
-        .with_state(agent)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(probes): State<Arc<Probes>>| async move {
+                match probes.readiness() {
+                    Ok(None) => (StatusCode::OK, "ok\n".to_string()),
+                    Ok(Some(note)) => {
+                        (StatusCode::OK, format!("ok; cannot allocate now: {note}\n"))
+                    }
+                    Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+                }
+            }),
+        )
+        .with_state(probes)
 }

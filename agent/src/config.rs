@@ -64,6 +64,10 @@ pub struct Cli {
     /// Node name (default: the VM name from discovery).
     #[arg(long)]
     pub node_name: Option<String>,
+    /// Kubernetes client credentials. Without it the agent uses the in-cluster service account
+    /// when `KUBERNETES_SERVICE_HOST` is set, and otherwise runs standalone.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
     /// trace, debug, info, warn or error (or an EnvFilter directive).
     #[arg(long)]
     pub log_level: Option<String>,
@@ -119,6 +123,8 @@ pub struct Config {
     /// `false`: leave the host alone (no ip_forward, no nftables, no veth deletion). For tests and
     /// runs without root; not for production.
     pub manage_host: bool,
+    /// Where to write the CNI conflist once the agent is ready (`None`: write nothing).
+    pub cni_conf_dir: Option<PathBuf>,
     pub cloud: CloudConfig,
     pub pool: PoolConfig,
 }
@@ -161,6 +167,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             manage_host: true,
+            cni_conf_dir: None,
             cloud: CloudConfig::default(),
             pool: PoolConfig::default(),
         }
@@ -302,6 +309,10 @@ impl Config {
         if let Some((var, v)) = get("manage_host") {
             self.manage_host = parse_bool(&v).map_err(|m| err(&var, m))?;
         }
+        if let Some((_, v)) = get("cni_conf_dir") {
+            // Empty unsets a directory the file names.
+            self.cni_conf_dir = (!v.is_empty()).then(|| v.into());
+        }
         Ok(())
     }
 
@@ -339,6 +350,11 @@ impl Config {
         }
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path"));
+        }
+        if let Some(dir) = &self.cni_conf_dir
+            && !dir.is_absolute()
+        {
+            return Err(invalid("cni_conf_dir", "must be an absolute path"));
         }
         self.metrics_socket_addr()?;
         if !(576..=9000).contains(&self.mtu) {
@@ -571,6 +587,7 @@ allocate_timeout_secs = 30
             ),
             ("host_veth_prefix = \"vdel\"\n", "host_veth_prefix"),
             ("socket_path = \"relative.sock\"\n", "socket_path"),
+            ("cni_conf_dir = \"net.d\"\n", "cni_conf_dir"),
             ("log_level = \"loud[\"\n", "log_level"),
             (
                 "[cloud]\ncredential = \"client_secret\"\n",

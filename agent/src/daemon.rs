@@ -7,7 +7,11 @@
 //! 4. start the veth reaper and hand it every dying veth and leftover tombstone;
 //! 5. drain the release spool (before any allocation can be served);
 //! 6. enable IPv4 forwarding and install the masquerade table;
-//! 7. serve metrics (TCP) and the API (Unix socket), start the pool task, report ready.
+//! 7. serve the API (Unix socket), start the pool task, report ready, write the CNI conflist
+//!    (when `cni_conf_dir` is set).
+//!
+//! The TCP listener (metrics, `/healthz`, `/readyz`) is up before step 1, so liveness holds
+//! while the cloud is slow and `/readyz` names the step the agent waits in.
 //!
 //! On shutdown (SIGTERM in `main`): stop accepting, let in-flight requests finish (bounded),
 //! stop the pool task, flush and close the store, remove the socket.
@@ -21,7 +25,9 @@ use tracing::{error, info, warn};
 use vnet_cloud::{CloudError, CloudProvider};
 
 use crate::agent::{Agent, AgentError, AgentSettings};
+use crate::api::Probes;
 use crate::config::Config;
+use crate::kubernetes::conflist_for;
 use crate::masq::{self, HostError};
 use crate::metrics::{MeteredCloud, Metrics};
 use crate::netlink::LinkOps;
@@ -33,6 +39,8 @@ use crate::store::{JournalOptions, JournalStore, StoreError};
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(35);
 /// How often the spool is drained after start-up (a DEL may race the start).
 const SPOOL_INTERVAL: Duration = Duration::from_secs(10);
+/// Retry delay for a conflist write that failed.
+const CONFLIST_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -129,6 +137,46 @@ pub async fn drain_spool(agent: &Agent, dir: &std::path::Path) -> usize {
     drained
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Writes the CNI conflist (the runtime then reports the node's network ready). A failed write is
+/// retried in the background until shutdown; the file is never removed here (only on uninstall),
+/// so pods keep being set up while the agent restarts.
+async fn publish_conflist(dir: PathBuf, content: String, mut shutdown: watch::Receiver<bool>) {
+    match crate::kubernetes::publish_conflist(&dir, content.clone()).await {
+        Ok(path) => {
+            info!(path = %path.display(), "CNI conflist written");
+            return;
+        }
+        Err(e) => {
+            error!(dir = %dir.display(), error = %e, "cannot write the CNI conflist; retrying")
+        }
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(CONFLIST_RETRY) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            match crate::kubernetes::publish_conflist(&dir, content.clone()).await {
+                Ok(path) => {
+                    info!(path = %path.display(), "CNI conflist written");
+                    return;
+                }
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "cannot write the CNI conflist; retrying")
+                }
+            }
+        }
+    });
+}
+
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
     let Options {
@@ -148,9 +196,33 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     let metrics = Arc::new(Metrics::new());
     let cloud: Arc<dyn CloudProvider> = Arc::new(MeteredCloud::new(cloud, metrics.clone()));
 
+    // The probes answer from the first moment: a node whose cloud is slow to answer is alive,
+    // just not ready.
+    let probes = Probes::new(metrics.clone());
+    let metrics_address = config.metrics_socket_addr()?;
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_address)
+        .await
+        .map_err(|source| DaemonError::Metrics {
+            address: config.metrics_address.clone(),
+            source,
+        })?;
+    info!(address = %metrics_listener.local_addr().map_or(metrics_address, |a| a), "serving metrics and probes");
+    let metrics_app = crate::api::metrics_router(probes.clone());
+    let mut metrics_shutdown = shutdown.clone();
+    // Aborted when `run` returns, whichever way.
+    let _metrics_task = AbortOnDrop(tokio::spawn(async move {
+        let _ = axum::serve(metrics_listener, metrics_app)
+            .with_graceful_shutdown(async move {
+                let _ = metrics_shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+    }));
+
+    probes.set_phase("discovering the node through the cloud");
     let identity = retry("node discovery", &mut shutdown, || cloud.discover()).await?;
     info!(vm = identity.vm_name, nic = identity.nic_id, primary_ip = %identity.primary_ip, subnet = %identity.subnet_prefix, "node discovered");
 
+    probes.set_phase("opening the allocation store");
     let state_dir = config.state_dir.clone();
     let (store, loaded) =
         tokio::task::spawn_blocking(move || JournalStore::open(&state_dir, journal))
@@ -195,6 +267,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         metrics,
     );
 
+    probes.set_phase("reading the NIC's addresses from the cloud");
     retry("reading the NIC's addresses", &mut shutdown, || {
         agent.reconcile_with_cloud()
     })
@@ -203,6 +276,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     tokio::spawn(agent.clone().run_reaper(links.clone()));
     agent.sweep_tombstones(links.as_ref()).await;
 
+    probes.set_phase("draining the release spool and preparing the host");
     let spool_dir = config.spool_dir();
     drain_spool(&agent, &spool_dir).await;
 
@@ -229,24 +303,6 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
             info!(non_masquerade = ?non_masq, "masquerade table installed");
         }
     }
-
-    let metrics_address = config.metrics_socket_addr()?;
-    let metrics_listener = tokio::net::TcpListener::bind(metrics_address)
-        .await
-        .map_err(|source| DaemonError::Metrics {
-            address: config.metrics_address.clone(),
-            source,
-        })?;
-    info!(address = %metrics_listener.local_addr().map_or(metrics_address, |a| a), "serving metrics");
-    let metrics_app = crate::api::metrics_router(agent.clone());
-    let mut metrics_shutdown = shutdown.clone();
-    let metrics_task = tokio::spawn(async move {
-        let _ = axum::serve(metrics_listener, metrics_app)
-            .with_graceful_shutdown(async move {
-                let _ = metrics_shutdown.wait_for(|s| *s).await;
-            })
-            .await;
-    });
 
     let socket_path = config.socket_path.clone();
     let listener = crate::api::bind_socket(&socket_path).map_err(|source| DaemonError::Socket {
@@ -281,6 +337,10 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         })
     };
     agent.set_ready(true);
+    probes.set_agent(agent.clone());
+    if let Some(dir) = config.cni_conf_dir.clone() {
+        publish_conflist(dir, conflist_for(&config), shutdown.clone()).await;
+    }
     if let Some(tx) = on_ready {
         let _ = tx.send(agent.clone());
     }
@@ -304,7 +364,6 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         );
     }
     spool_task.abort();
-    metrics_task.abort();
     if let Err(e) = agent.flush().await {
         error!(error = %e, "final store flush failed");
     }

@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod ipam;
+pub mod kubernetes;
 pub mod logging;
 pub mod masq;
 pub mod metrics;

@@ -1,12 +1,17 @@
-//! `vnet-agent --config FILE`: see `docs/configuration.md`.
+//! `vnet-agent --config FILE [--kubeconfig PATH]`: see `docs/configuration.md`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Parser;
+use vnet_agent::agent::Agent;
 use vnet_agent::config::{Cli, Config};
+use vnet_agent::kubernetes::KubeAgent;
 use vnet_agent::netlink::{LinkOps, NoLinks, Rtnetlink};
 use vnet_agent::{daemon, logging, provider};
+use vnet_kube::NodeAgent;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -35,7 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(main_async(config)) {
+    match runtime.block_on(main_async(config, cli.kubeconfig)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -45,27 +50,58 @@ fn main() -> ExitCode {
     }
 }
 
-async fn main_async(config: Config) -> anyhow::Result<()> {
-    let cloud = provider::build(&config.cloud)?;
-    let links: Arc<dyn LinkOps> = if config.manage_host {
-        Arc::new(Rtnetlink::open()?)
-    } else {
-        Arc::new(NoLinks)
-    };
+async fn main_async(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> {
+    // First, so that a signal during any start-up step stops the agent cleanly.
+    // The handlers are installed here, not in the task, so they are in place before the first
+    // log line.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),
             _ = int.recv() => tracing::info!("SIGINT"),
         }
         let _ = tx.send(true);
+    });
+    let cloud = provider::build(&config.cloud)?;
+    let source = vnet_kube::ClientSource::from_env(kubeconfig.as_deref());
+    let kube_client = vnet_kube::client(&source)
+        .await
+        .context("Kubernetes integration")?;
+    if kube_client.is_none() {
+        tracing::info!(
+            "no Kubernetes client (no --kubeconfig, not in a cluster): running standalone"
+        );
+    }
+    let links: Arc<dyn LinkOps> = if config.manage_host {
+        Arc::new(Rtnetlink::open()?)
+    } else {
+        Arc::new(NoLinks)
+    };
+    let on_ready = kube_client.map(|client| {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Arc<Agent>>();
+        let manage_host = config.manage_host;
+        let mut shutdown = rx.clone();
+        tokio::spawn(async move {
+            // Dropped unanswered when the daemon stops before it is ready.
+            let Ok(agent) = ready_rx.await else { return };
+            let node_name = agent.settings().node_name.clone();
+            tracing::info!(node = node_name, source = ?source, "starting the Kubernetes integration");
+            let node_agent: Arc<dyn NodeAgent> = Arc::new(KubeAgent::new(agent, manage_host));
+            vnet_kube::run(
+                client,
+                node_name,
+                node_agent,
+                vnet_kube::KubeConfig::default(),
+                async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                },
+            )
+            .await;
+        });
+        ready_tx
     });
     match daemon::run(
         daemon::Options {
@@ -73,7 +109,7 @@ async fn main_async(config: Config) -> anyhow::Result<()> {
             cloud,
             links,
             journal: Default::default(),
-            on_ready: None,
+            on_ready,
         },
         rx,
     )

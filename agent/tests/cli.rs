@@ -4,7 +4,7 @@ use std::process::Command;
 
 fn agent(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vnet-agent"));
-    cmd.args(args);
+    cmd.args(args).env_remove("KUBERNETES_SERVICE_HOST");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -85,6 +85,7 @@ fn json_logs_and_sigterm_during_start_up_exit_0() {
     std::fs::write(&path, toml).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vnet-agent"))
         .args(["--config", path.to_str().unwrap()])
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -102,4 +103,47 @@ fn json_logs_and_sigterm_during_start_up_exit_0() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}: {rest:?}");
     assert!(!dir.path().join("run/agent.sock").exists());
+}
+
+#[test]
+fn a_kubeconfig_that_cannot_be_read_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let toml = format!(
+        "socket_path = \"{0}/run/agent.sock\"\nstate_dir = \"{0}/state\"\nmetrics_address = \"127.0.0.1:0\"\nmanage_host = false\n[cloud]\nprovider = \"mock\"\narm_endpoint = \"http://127.0.0.1:1\"\nimds_endpoint = \"http://127.0.0.1:1/vms/node-1\"\n",
+        dir.path().display()
+    );
+    std::fs::write(&path, toml).unwrap();
+    let (code, _, err) = agent(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
+}
+
+#[test]
+fn cni_conf_dir_is_optional_and_must_be_absolute() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "").unwrap();
+    let path_str = path.to_str().unwrap();
+    let (code, out, err) = agent(&["--config", path_str, "--print-config"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("cni_conf_dir"), "{out}");
+
+    std::fs::write(&path, "cni_conf_dir = \"/etc/cni/net.d\"\n").unwrap();
+    let (code, out, err) = agent(&["--config", path_str, "--print-config"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cni_conf_dir = \"/etc/cni/net.d\""), "{out}");
+
+    std::fs::write(&path, "cni_conf_dir = \"net.d\"\n").unwrap();
+    let (code, _, err) = agent(&["--config", path_str, "--check-config"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cni_conf_dir"), "{err}");
 }

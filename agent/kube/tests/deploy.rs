@@ -328,6 +328,7 @@ fn agent_configs_use_only_keys_the_agent_knows() {
         "host_veth_prefix",
         "log_format",
         "log_level",
+        "cni_conf_dir",
         "cloud",
         "pool",
     ]
