@@ -7,6 +7,7 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::Router;
@@ -196,6 +197,7 @@ pub struct Probes {
     metrics: Arc<Metrics>,
     agent: OnceLock<Arc<Agent>>,
     phase: Mutex<&'static str>,
+    stopping: AtomicBool,
 }
 
 impl Probes {
@@ -204,12 +206,18 @@ impl Probes {
             metrics,
             agent: OnceLock::new(),
             phase: Mutex::new("starting"),
+            stopping: AtomicBool::new(false),
         })
     }
 
     /// The start-up step shown by `/readyz` until the agent exists.
     pub fn set_phase(&self, phase: &'static str) {
         *self.phase.lock().unwrap() = phase;
+    }
+
+    /// Shutdown began: not ready any more, still alive.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
     }
 
     pub fn set_agent(&self, agent: Arc<Agent>) {
@@ -219,6 +227,9 @@ impl Probes {
     /// `Ok(note)` when ready (the note says why it cannot allocate right now, if so), `Err(reason)`
     /// otherwise.
     pub fn readiness(&self) -> Result<Option<String>, String> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err("the agent is shutting down".into());
+        }
         let Some(agent) = self.agent.get() else {
             return Err(format!(
                 "the agent is starting: {}",

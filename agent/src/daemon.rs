@@ -208,14 +208,10 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         })?;
     info!(address = %metrics_listener.local_addr().map_or(metrics_address, |a| a), "serving metrics and probes");
     let metrics_app = crate::api::metrics_router(probes.clone());
-    let mut metrics_shutdown = shutdown.clone();
-    // Aborted when `run` returns, whichever way.
+    // Served until `run` returns (not stopped by the signal): the probes keep answering while
+    // in-flight requests finish, with /readyz saying the agent is stopping.
     let _metrics_task = AbortOnDrop(tokio::spawn(async move {
-        let _ = axum::serve(metrics_listener, metrics_app)
-            .with_graceful_shutdown(async move {
-                let _ = metrics_shutdown.wait_for(|s| *s).await;
-            })
-            .await;
+        let _ = axum::serve(metrics_listener, metrics_app).await;
     }));
 
     probes.set_phase("discovering the node through the cloud");
@@ -347,6 +343,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     info!(socket = %socket_path.display(), node = agent.settings().node_name, "ready");
 
     let _ = shutdown.wait_for(|s| *s).await;
+    probes.set_stopping();
     info!("shutting down: no new requests; finishing those in flight");
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(Ok(Ok(()))) => {}
