@@ -195,6 +195,17 @@ async fn the_node_agent_adapter_releases_reports_and_applies_overrides() {
         max: Some(20),
     });
     assert_eq!(adapter.status().pool.max, 20);
+    // The pool task sizes the pool with the overrides.
+    adapter.apply_pool_overrides(&NodeIPPoolSpec {
+        warm: Some(12),
+        batch: Some(4),
+        max: Some(20),
+    });
+    eventually("the pool grows to the overridden warm", || {
+        let adapter = adapter.clone();
+        async move { adapter.status().pool.free >= 12 }
+    })
+    .await;
     // An invalid combination is ignored as a whole.
     adapter.apply_pool_overrides(&NodeIPPoolSpec {
         warm: Some(30),
