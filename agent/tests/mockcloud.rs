@@ -104,10 +104,15 @@ async fn with_thirty_percent_cloud_faults_every_allocation_succeeds_without_dupl
             ..FaultSpec::default()
         })
     };
+    // 30 % of calls fail at random (5xx, busy), and one 429 is certain, so every run goes through
+    // the retry paths even when the dice are kind: coalescing makes the calls few.
     mock.set_faults(Faults {
-        throttle: fault(0.10),
-        server_error: fault(0.10),
-        busy: fault(0.10),
+        throttle: Some(FaultSpec {
+            count: Some(1),
+            ..fault(1.0).unwrap()
+        }),
+        server_error: fault(0.15),
+        busy: fault(0.15),
         ..Faults::default()
     });
     let dir = tempfile::tempdir().unwrap();
