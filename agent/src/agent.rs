@@ -41,6 +41,8 @@ const FIRST_RECONCILE_REPEAT: Duration = Duration::from_secs(30);
 const POOL_TICK: Duration = Duration::from_secs(1);
 /// Retry delay for a veth deletion that failed.
 const REAP_RETRY: Duration = Duration::from_secs(5);
+/// Upper bound of the back-off between attempts to finish a failed release.
+const MAX_RELEASE_BACKOFF_SECS: u64 = 300;
 
 /// A dying veth to delete, and the address that waits for it (none for a leftover).
 type ReapJob = (Option<Ipv4Addr>, String);
@@ -105,6 +107,9 @@ struct Inner {
     /// When the pool task compares the pool with the NIC again.
     next_reconcile: Option<Instant>,
     reconciles: u64,
+    /// Consecutive failed releases, and when the next may be tried.
+    release_failures: u32,
+    release_retry_at: Option<Instant>,
 }
 
 pub struct Agent {
@@ -140,14 +145,11 @@ fn pod_label(a: &Allocation) -> String {
 
 /// A tombstone name from a request: must be one, or the agent could be told to delete `eth0`.
 pub fn validate_dying_veth(name: &str) -> Result<(), AgentError> {
-    let valid = name.starts_with(TOMBSTONE_PREFIX)
-        && name.len() <= vnet_api::IFNAME_MAX
-        && name.chars().all(|c| c.is_ascii_alphanumeric());
-    if valid {
+    if vnet_api::is_tombstone_name(name) {
         Ok(())
     } else {
         Err(AgentError::BadRequest(format!(
-            "dying_veth {name:?} is not a tombstone name (\"{TOMBSTONE_PREFIX}\" followed by letters or digits, at most {} bytes)",
+            "dying_veth {name:?} is not a tombstone name (\"{TOMBSTONE_PREFIX}\" followed by lowercase hex digits, {} bytes in all)",
             vnet_api::IFNAME_MAX
         )))
     }
@@ -183,6 +185,8 @@ impl Agent {
                 store_error: None,
                 next_reconcile: None,
                 reconciles: 0,
+                release_failures: 0,
+                release_retry_at: None,
             }),
             changed: Notify::new(),
             kick: Notify::new(),
@@ -675,8 +679,16 @@ impl Agent {
 
     /// One pool decision and its execution.
     pub async fn pool_step(&self) {
-        // A release a crash interrupted is finished first.
-        let leftover = self.state.lock().unwrap().ipam.releasing();
+        // A release a crash or an unreadable NIC interrupted is finished first, once its
+        // back-off is over.
+        let leftover = {
+            let st = self.state.lock().unwrap();
+            if st.release_retry_at.is_some_and(|t| Instant::now() < t) {
+                Vec::new()
+            } else {
+                st.ipam.releasing()
+            }
+        };
         if !leftover.is_empty() {
             self.finish_release(leftover).await;
         }
@@ -696,7 +708,18 @@ impl Agent {
         };
         match decision {
             Decision::Grow(n) => self.grow(n).await,
-            Decision::Shrink(n) => self.shrink(n).await,
+            Decision::Shrink(n) => {
+                // After a failed release, the cloud is not asked again before the back-off ends.
+                let backing_off = self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .release_retry_at
+                    .is_some_and(|t| Instant::now() < t);
+                if !backing_off {
+                    self.shrink(n).await;
+                }
+            }
             Decision::AtCap | Decision::BackingOff(_) => self.changed.notify_waiters(),
             Decision::Nothing => {}
         }
@@ -775,28 +798,79 @@ impl Agent {
         self.finish_release(ips).await;
     }
 
-    /// Removes releasing addresses from the NIC; on failure they return to the free set.
+    /// Removes releasing addresses from the NIC. A failed call may still have changed the NIC
+    /// (the answer can be lost after the write), so an address goes back to the pool only when a
+    /// settled read still shows it; one the read no longer shows is released. Without a read the
+    /// addresses stay releasing (never handed out, already journaled) and are retried after a
+    /// back-off.
     async fn finish_release(&self, ips: Vec<Ipv4Addr>) {
-        let result = self.cloud.release_ips(&self.identity.nic_id, &ips).await;
+        let error = match self.cloud.release_ips(&self.identity.nic_id, &ips).await {
+            Ok(()) => {
+                let ticket = {
+                    let mut st = self.state.lock().unwrap();
+                    st.release_failures = 0;
+                    st.release_retry_at = None;
+                    info!(count = ips.len(), addresses = ?ips, "pool shrank");
+                    st.ipam
+                        .release_done(&ips)
+                        .map(|r| self.store.submit(vec![r]))
+                };
+                if let Some(t) = ticket {
+                    let _ = self.submit_timed(t).await;
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        warn!(error = %error, addresses = ?ips, "cloud refused to release addresses; reading the NIC to see what it holds");
+        let listed = self.cloud.list_secondary_ips(&self.identity.nic_id).await;
         let ticket = {
             let mut st = self.state.lock().unwrap();
-            match &result {
-                Ok(()) => {
-                    info!(count = ips.len(), addresses = ?ips, "pool shrank");
-                    st.ipam.release_done(&ips)
+            st.last_cloud_error = Some(error.to_string());
+            st.release_failures = st.release_failures.saturating_add(1);
+            let exp = st.release_failures.saturating_sub(1).min(8);
+            let backoff = error
+                .retry_after()
+                .unwrap_or_default()
+                .max(Duration::from_secs(
+                    (1u64 << exp).min(MAX_RELEASE_BACKOFF_SECS),
+                ));
+            st.release_retry_at = Some(Instant::now() + backoff);
+            if listed
+                .as_ref()
+                .is_ok_and(|l| !l.iter().any(|s| ips.contains(&s.ip)))
+            {
+                // The write happened after all: nothing to retry.
+                st.release_failures = 0;
+                st.release_retry_at = None;
+            }
+            match listed {
+                Ok(listed) => {
+                    let on_nic: HashSet<Ipv4Addr> = listed.iter().map(|s| s.ip).collect();
+                    let (still, gone): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
+                        ips.iter().partition(|ip| on_nic.contains(ip));
+                    if !still.is_empty() {
+                        info!(addresses = ?still, "addresses still on the NIC return to the pool");
+                    }
+                    if !gone.is_empty() {
+                        info!(addresses = ?gone, "addresses gone from the NIC despite the error: released");
+                    }
+                    let records: Vec<_> = st
+                        .ipam
+                        .add_to_pool(&still)
+                        .into_iter()
+                        .chain(st.ipam.release_done(&gone))
+                        .collect();
+                    (!records.is_empty()).then(|| self.store.submit(records))
                 }
                 Err(e) => {
-                    warn!(error = %e, "cloud refused to release addresses; keeping them");
-                    st.last_cloud_error = Some(e.to_string());
-                    st.ipam.add_to_pool(&ips)
+                    warn!(error = %e, addresses = ?ips, retry_in = ?backoff, "cannot read the NIC either; the addresses stay releasing");
+                    None
                 }
             }
-            .map(|r| self.store.submit(vec![r]))
         };
         if let Some(t) = ticket {
             let _ = self.submit_timed(t).await;
-        }
-        if result.is_err() {
             self.changed.notify_waiters();
         }
     }
@@ -804,5 +878,199 @@ impl Agent {
     /// Waits until everything queued in the store is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.store.submit(Vec::new()).wait().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use async_trait::async_trait;
+    use vnet_cloud::SecondaryIp;
+    use vnet_cloud::fake::FakeCloud;
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    /// The fake cloud, plus the two ways a release can go wrong: the write lands but the answer
+    /// is an error, and the NIC cannot be read.
+    #[derive(Default)]
+    struct FlakyCloud {
+        fake: FakeCloud,
+        /// The next release writes, then reports an error.
+        release_lands_then_fails: AtomicBool,
+        /// The next release fails without writing.
+        release_fails: AtomicBool,
+        /// The next reads fail.
+        list_failures: AtomicUsize,
+        list_calls: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl CloudProvider for FlakyCloud {
+        async fn discover(&self) -> Result<NodeIdentity, CloudError> {
+            self.fake.discover().await
+        }
+
+        async fn list_secondary_ips(&self, nic_id: &str) -> Result<Vec<SecondaryIp>, CloudError> {
+            self.list_calls.fetch_add(1, Ordering::SeqCst);
+            if self
+                .list_failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(CloudError::Transient("read failed".into()));
+            }
+            self.fake.list_secondary_ips(nic_id).await
+        }
+
+        async fn assign_ips(
+            &self,
+            nic_id: &str,
+            subnet_id: &str,
+            count: usize,
+        ) -> Result<Vec<SecondaryIp>, CloudError> {
+            self.fake.assign_ips(nic_id, subnet_id, count).await
+        }
+
+        async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
+            if self.release_fails.swap(false, Ordering::SeqCst) {
+                return Err(CloudError::Transient("release failed".into()));
+            }
+            let result = self.fake.release_ips(nic_id, ips).await;
+            if self.release_lands_then_fails.swap(false, Ordering::SeqCst) {
+                return Err(CloudError::Transient("answer lost".into()));
+            }
+            result
+        }
+    }
+
+    fn settings(cloud: &FakeCloud) -> AgentSettings {
+        AgentSettings {
+            node_name: "node-1".into(),
+            pool: pool::Settings {
+                warm: 0,
+                batch: 1,
+                max: 10,
+                release_delay: Duration::from_secs(3600),
+            },
+            cooldown_secs: 30,
+            allocate_timeout: Duration::from_secs(30),
+            host_veth_prefix: "vnet".into(),
+            mtu: 1500,
+            subnet_id: cloud.identity().subnet_id.clone(),
+        }
+    }
+
+    fn agent_with(cloud: Arc<FlakyCloud>, store: Arc<MemoryStore>) -> Arc<Agent> {
+        let identity = cloud.fake.identity().clone();
+        let agent = Agent::new(
+            settings(&cloud.fake),
+            identity,
+            cloud,
+            store,
+            StoreState::default(),
+            Arc::new(Metrics::new()),
+        );
+        agent.set_ready(true);
+        agent
+    }
+
+    fn request(id: &str) -> AllocateRequest {
+        AllocateRequest {
+            key: format!("{id}/eth0").parse().unwrap(),
+            network: None,
+            netns: None,
+            pod: Default::default(),
+        }
+    }
+
+    /// Puts `n` addresses on the NIC and in the pool, then takes `take` of them for release.
+    async fn pool_with_releasing(
+        agent: &Agent,
+        cloud: &FlakyCloud,
+        n: usize,
+        take: u32,
+    ) -> Vec<Ipv4Addr> {
+        let nic = &cloud.fake.identity().nic_id;
+        let subnet = cloud.fake.identity().subnet_id.clone();
+        let assigned = cloud.fake.assign_ips(nic, &subnet, n).await.unwrap();
+        let ips: Vec<Ipv4Addr> = assigned.iter().map(|s| s.ip).collect();
+        let mut st = agent.state.lock().unwrap();
+        let records: Vec<_> = st.ipam.add_to_pool(&ips).into_iter().collect();
+        let _ = agent.store.submit(records);
+        let (taken, record) = st.ipam.take_for_release(take);
+        let _ = agent.store.submit(record.into_iter().collect());
+        taken
+    }
+
+    #[tokio::test]
+    async fn a_failed_release_still_on_the_nic_returns_to_the_pool() {
+        let cloud = Arc::new(FlakyCloud::default());
+        let store = Arc::new(MemoryStore::new());
+        let agent = agent_with(cloud.clone(), store.clone());
+        let taken = pool_with_releasing(&agent, &cloud, 2, 1).await;
+        cloud.release_fails.store(true, Ordering::SeqCst);
+        agent.finish_release(taken.clone()).await;
+        assert!(cloud.fake.secondary_ips().contains(&taken[0]));
+        let st = agent.state.lock().unwrap();
+        assert!(st.ipam.releasing().is_empty());
+        assert!(st.ipam.pool().contains(&taken[0]));
+        assert_eq!(st.ipam.counts().free, 2);
+        st.ipam.check();
+        assert!(store.state().pool.contains(&taken[0]));
+        assert!(store.state().releasing.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_release_that_landed_anyway_is_done_and_never_reused() {
+        let cloud = Arc::new(FlakyCloud::default());
+        let store = Arc::new(MemoryStore::new());
+        let agent = agent_with(cloud.clone(), store.clone());
+        let taken = pool_with_releasing(&agent, &cloud, 2, 1).await;
+        cloud.release_lands_then_fails.store(true, Ordering::SeqCst);
+        agent.finish_release(taken.clone()).await;
+        assert!(!cloud.fake.secondary_ips().contains(&taken[0]));
+        {
+            let st = agent.state.lock().unwrap();
+            assert!(st.ipam.releasing().is_empty());
+            assert!(!st.ipam.pool().contains(&taken[0]));
+            assert_eq!(st.ipam.counts().free, 1);
+            st.ipam.check();
+        }
+        let durable = store.state();
+        assert!(!durable.pool.contains(&taken[0]) && !durable.releasing.contains(&taken[0]));
+        // An allocation gets the address left, never the released one.
+        let a = agent.allocate(request("a")).await.unwrap();
+        assert_ne!(a.allocation.ip, taken[0]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_release_with_an_unreadable_nic_stays_releasing_and_backs_off() {
+        let cloud = Arc::new(FlakyCloud::default());
+        let store = Arc::new(MemoryStore::new());
+        let agent = agent_with(cloud.clone(), store.clone());
+        let taken = pool_with_releasing(&agent, &cloud, 2, 1).await;
+        cloud.release_fails.store(true, Ordering::SeqCst);
+        cloud.list_failures.store(1, Ordering::SeqCst);
+        agent.finish_release(taken.clone()).await;
+        {
+            let st = agent.state.lock().unwrap();
+            assert_eq!(st.ipam.releasing(), taken, "neither reused nor forgotten");
+            assert_eq!(st.ipam.counts().free, 1);
+            st.ipam.check();
+        }
+        assert_eq!(store.state().releasing, taken.iter().copied().collect());
+        // The next pool steps do not call the cloud again during the back-off.
+        let releases = cloud.fake.release_calls();
+        agent.pool_step().await;
+        agent.pool_step().await;
+        assert_eq!(cloud.fake.release_calls(), releases);
+        // Once the back-off is over the release is finished.
+        agent.state.lock().unwrap().release_retry_at = Some(Instant::now());
+        agent.pool_step().await;
+        assert!(agent.state.lock().unwrap().ipam.releasing().is_empty());
+        assert!(!cloud.fake.secondary_ips().contains(&taken[0]));
+        assert!(store.state().releasing.is_empty());
     }
 }
