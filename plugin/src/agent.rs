@@ -19,6 +19,10 @@ pub enum AgentError {
         socket: String,
         source: std::io::Error,
     },
+    #[error(
+        "vnet-agent at {socket} did not accept a connection within the connect timeout ({timeout:?})"
+    )]
+    ConnectTimeout { socket: String, timeout: Duration },
     #[error("vnet-agent at {socket} did not answer {path} within {timeout:?}")]
     Timeout {
         socket: String,
@@ -39,24 +43,28 @@ impl AgentError {
     /// True when the agent never got (or never answered) the request: the caller may fall back.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            AgentError::Unreachable { .. } | AgentError::Timeout { .. } => true,
+            AgentError::Unreachable { .. }
+            | AgentError::ConnectTimeout { .. }
+            | AgentError::Timeout { .. } => true,
             AgentError::Refused { body, .. } => body.code == vnet_api::ErrorCode::NotReady,
             AgentError::Protocol { .. } => false,
         }
     }
 }
 
+/// The longest the client waits for the socket to accept a connection (a live agent accepts at
+/// once; a hung one should not eat the whole request budget).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     socket: String,
-    connect_timeout: Duration,
 }
 
 impl AgentClient {
     pub fn new(socket: impl Into<String>) -> Self {
         AgentClient {
             socket: socket.into(),
-            connect_timeout: Duration::from_millis(1000),
         }
     }
 
@@ -88,21 +96,25 @@ impl AgentClient {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<R, AgentError> {
-        let timed_out = || AgentError::Timeout {
-            socket: self.socket.clone(),
-            path: path.to_owned(),
-            timeout,
-        };
-        let stream = tokio::time::timeout(self.connect_timeout, UnixStream::connect(&self.socket))
+        // Never wait longer to connect than the caller allows for the whole request.
+        let connect_timeout = CONNECT_TIMEOUT.min(timeout);
+        let stream = tokio::time::timeout(connect_timeout, UnixStream::connect(&self.socket))
             .await
-            .map_err(|_| timed_out())?
+            .map_err(|_| AgentError::ConnectTimeout {
+                socket: self.socket.clone(),
+                timeout: connect_timeout,
+            })?
             .map_err(|source| AgentError::Unreachable {
                 socket: self.socket.clone(),
                 source,
             })?;
         tokio::time::timeout(timeout, self.exchange(stream, method, path, body))
             .await
-            .map_err(|_| timed_out())?
+            .map_err(|_| AgentError::Timeout {
+                socket: self.socket.clone(),
+                path: path.to_owned(),
+                timeout,
+            })?
     }
 
     async fn exchange<R: DeserializeOwned>(
@@ -156,5 +168,37 @@ impl AgentClient {
                 body,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_timeout_says_so() {
+        let err = AgentError::ConnectTimeout {
+            socket: "/run/vnet-cni/agent.sock".into(),
+            timeout: Duration::from_millis(100),
+        };
+        assert!(err.is_unavailable());
+        let msg = err.to_string();
+        assert!(
+            msg.contains("connect timeout") && msg.contains("100ms"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_is_unreachable_not_a_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nobody.sock");
+        let client = AgentClient::new(socket.to_str().unwrap());
+        let err = client
+            .get::<serde_json::Value>("/v1/health", Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        // Nothing listens: refused at once, reported as unreachable (not as a timeout).
+        assert!(matches!(err, AgentError::Unreachable { .. }), "{err}");
     }
 }

@@ -67,6 +67,9 @@ pub struct GcAttachment {
 }
 
 pub const DEFAULT_DEL_TIMEOUT_MS: u64 = 2000;
+/// `delTimeoutMs` bounds: below 100 ms a loaded agent would miss it and every DEL would take the
+/// slow path; above 30 s the runtime's own DEL timeout would fire first.
+pub const DEL_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=30_000;
 
 /// Raw shape, for type checking only; every field optional so missing ones get a precise message.
 #[derive(Deserialize)]
@@ -156,6 +159,14 @@ impl NetConf {
                 "mtu {mtu} is out of range 68..65535"
             )));
         }
+        let del_timeout_ms = raw.del_timeout_ms.unwrap_or(DEFAULT_DEL_TIMEOUT_MS);
+        if !DEL_TIMEOUT_MS_RANGE.contains(&del_timeout_ms) {
+            return Err(CniError::config(format!(
+                "delTimeoutMs {del_timeout_ms} is out of range {}..{} (milliseconds DEL waits for the agent)",
+                DEL_TIMEOUT_MS_RANGE.start(),
+                DEL_TIMEOUT_MS_RANGE.end()
+            )));
+        }
         Ok(NetConf {
             cni_version,
             name,
@@ -170,7 +181,7 @@ impl NetConf {
                 .unwrap_or_else(|| vnet_api::DEFAULT_SPOOL_DIR.to_owned()),
             log_level,
             log_file: raw.log_file.filter(|f| !f.is_empty()),
-            del_timeout_ms: raw.del_timeout_ms.unwrap_or(DEFAULT_DEL_TIMEOUT_MS),
+            del_timeout_ms,
             prev_result: raw.prev_result,
             valid_attachments: raw.valid_attachments.or(raw.attachments),
         })
@@ -374,6 +385,18 @@ mod tests {
             conf(r#","logLevel":"loud""#).unwrap_err().code,
             Code::InvalidConfig
         );
+        for bad in ["0", "99", "30001", "-1", "\"2000\""] {
+            let err = conf(&format!(r#","delTimeoutMs":{bad}"#)).unwrap_err();
+            assert_eq!(err.code, Code::InvalidConfig, "{bad}");
+        }
+        let err = conf(r#","delTimeoutMs":5"#).unwrap_err();
+        assert!(err.msg.contains("delTimeoutMs 5"), "{}", err.msg);
+        assert_eq!(conf(r#","delTimeoutMs":100"#).unwrap().del_timeout_ms, 100);
+        assert_eq!(
+            conf(r#","delTimeoutMs":30000"#).unwrap().del_timeout_ms,
+            30_000
+        );
+        assert_eq!(conf("").unwrap().del_timeout_ms, DEFAULT_DEL_TIMEOUT_MS);
     }
 
     #[test]

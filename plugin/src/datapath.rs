@@ -152,7 +152,8 @@ pub async fn set_link_up(handle: &Handle, index: u32) -> NlResult<()> {
         .await
 }
 
-/// Takes a link down, then renames it (the kernel refuses to rename an up link with EBUSY).
+/// Takes a link down, then renames it (older kernels refuse to rename an up link with EBUSY, and
+/// down also stops traffic and drops the link's routes).
 pub async fn down_and_rename(handle: &Handle, index: u32, new_name: &str) -> NlResult<()> {
     handle
         .link()
@@ -182,18 +183,6 @@ pub async fn add_link_route(handle: &Handle, index: u32, dst: Ipv4Addr) -> NlRes
         .scope(RouteScope::Link)
         .build();
     handle.route().add(route).execute().await
-}
-
-pub async fn del_link_route(handle: &Handle, index: u32, dst: Ipv4Addr) -> NlResult<()> {
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst, 32)
-        .output_interface(index)
-        .scope(RouteScope::Link)
-        .build();
-    match handle.route().del(route).execute().await {
-        Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENODEV) => Ok(()),
-        other => other,
-    }
 }
 
 /// `default via <gw> dev <index>`

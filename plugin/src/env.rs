@@ -2,6 +2,8 @@
 //! here takes a map so tests can feed it directly.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 
 use vnet_api::{AttachmentKey, ContainerId, IfName};
 
@@ -49,6 +51,29 @@ impl CniEnv {
             .as_ref()
             .expect("ADD, CHECK and DEL always carry a validated key")
     }
+}
+
+/// Keeps the `CNI_*` variables of a process environment. Any other variable is ignored whatever
+/// its bytes; a `CNI_*` name or value that is not UTF-8 is an invalid environment (code 4) rather
+/// than a panic (`std::env::vars` panics on it).
+pub fn cni_vars(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> CniResult<HashMap<String, String>> {
+    let mut env = HashMap::new();
+    for (name, value) in vars {
+        if !name.as_bytes().starts_with(b"CNI_") {
+            continue;
+        }
+        let lossy = name.to_string_lossy().into_owned();
+        let name = name.into_string().map_err(|_| {
+            CniError::env(format!("environment variable name {lossy:?} is not UTF-8"))
+        })?;
+        let value = value
+            .into_string()
+            .map_err(|_| CniError::env(format!("{name} is not UTF-8")))?;
+        env.insert(name, value);
+    }
+    Ok(env)
 }
 
 /// Reads just the command, so `main` can answer VERSION before anything else is validated.
@@ -164,6 +189,25 @@ mod tests {
         let mut e = add_env();
         e[3] = ("CNI_IFNAME", "averyveryverylongname");
         assert_eq!(parse(&env(&e)).unwrap_err().code, Code::InvalidEnvironment);
+    }
+
+    #[test]
+    fn only_cni_variables_are_kept_and_must_be_utf8() {
+        use std::os::unix::ffi::OsStringExt;
+        let os = |s: &[u8]| OsString::from_vec(s.to_vec());
+        let vars = cni_vars([
+            (os(b"CNI_COMMAND"), os(b"ADD")),
+            (os(b"HOME"), os(b"/root")),
+            (os(b"JUNK"), os(b"\xff\xfe")),
+        ])
+        .unwrap();
+        assert_eq!(vars.len(), 1);
+        assert_eq!(vars["CNI_COMMAND"], "ADD");
+        let err = cni_vars([(os(b"CNI_IFNAME"), os(b"eth\xff"))]).unwrap_err();
+        assert_eq!(err.code, Code::InvalidEnvironment);
+        assert!(err.msg.contains("CNI_IFNAME"), "{}", err.msg);
+        let err = cni_vars([(os(b"CNI_\xff"), os(b"x"))]).unwrap_err();
+        assert_eq!(err.code, Code::InvalidEnvironment);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod logging;
 pub mod netns;
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::Write;
 
 use serde_json::Value;
@@ -29,10 +30,25 @@ pub struct Context {
     pub agent: AgentClient,
 }
 
+/// Runs one CNI call with the process environment as the OS gives it (any bytes). Returns the
+/// process exit code (0 on success).
+pub fn run_os(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+    stdin: &[u8],
+    stdout: &mut dyn Write,
+) -> i32 {
+    let result = env::cni_vars(vars).and_then(|env| dispatch(&env, stdin));
+    respond(result, stdin, stdout)
+}
+
 /// Runs one CNI call. Returns the process exit code (0 on success).
 pub fn run(env: &HashMap<String, String>, stdin: &[u8], stdout: &mut dyn Write) -> i32 {
-    let error_version = cni::peek_version(stdin).unwrap_or(Version::LATEST);
-    match dispatch(env, stdin) {
+    respond(dispatch(env, stdin), stdin, stdout)
+}
+
+/// Prints the result or the error (in the version the config asked for) and picks the exit code.
+fn respond(result: CniResult<Option<Value>>, stdin: &[u8], stdout: &mut dyn Write) -> i32 {
+    match result {
         Ok(Some(doc)) => {
             let _ = writeln!(stdout, "{doc}");
             0
@@ -40,6 +56,7 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8], stdout: &mut dyn Write) 
         Ok(None) => 0,
         Err(err) => {
             log_error!("{err}");
+            let error_version = cni::peek_version(stdin).unwrap_or(Version::LATEST);
             let _ = writeln!(stdout, "{}", err.to_json(error_version.as_str()));
             1
         }

@@ -160,3 +160,75 @@ fn errors_are_logged_to_the_log_file_and_stdout_stays_one_document() {
         "debug lines go to the file too: {logged}"
     );
 }
+
+/// Runs the plugin with raw environment bytes (`exec_plugin` only takes strings).
+fn exec_with_raw_env(vars: &[(&[u8], &[u8])], stdin: &str) -> common::Outcome {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(common::PLUGIN);
+    cmd.env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in vars {
+        cmd.env(OsStr::from_bytes(k), OsStr::from_bytes(v));
+    }
+    common::finish(cmd, common::PLUGIN, stdin)
+}
+
+#[test]
+fn non_utf8_environment_is_code_4_for_cni_variables_only() {
+    // A non-UTF-8 variable the plugin does not read is ignored (it used to panic).
+    let out = exec_with_raw_env(
+        &[(b"CNI_COMMAND", b"VERSION"), (b"LANG_JUNK", b"caf\xe9")],
+        "",
+    );
+    assert_eq!(out.assert_ok().json()["cniVersion"], "1.1.0");
+    // A non-UTF-8 CNI_* value is an invalid environment, reported as one JSON error.
+    let out = exec_with_raw_env(
+        &[
+            (b"CNI_COMMAND", b"ADD"),
+            (b"CNI_CONTAINERID", b"abc\xff"),
+            (b"CNI_NETNS", b"/var/run/netns/x"),
+            (b"CNI_IFNAME", b"eth0"),
+            (b"CNI_PATH", b"/opt/cni/bin"),
+        ],
+        &good_conf(),
+    );
+    assert_eq!(out.error_code(), 4);
+    assert_eq!(out.json()["cniVersion"], "1.0.0");
+    assert!(
+        out.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("CNI_CONTAINERID"),
+        "{:?}",
+        out.json()
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+#[test]
+fn del_timeout_out_of_range_is_code_7() {
+    let mut cfg = conf(
+        "1.0.0",
+        "/nonexistent/agent.sock",
+        std::path::Path::new("/nonexistent/spool"),
+    );
+    cfg["delTimeoutMs"] = json!(50_000);
+    let out = exec_plugin(
+        None,
+        &common::cni_env("DEL", "abc", "", "eth0"),
+        &cfg.to_string(),
+    );
+    assert_eq!(out.error_code(), 7);
+    assert!(
+        out.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("delTimeoutMs 50000"),
+        "{:?}",
+        out.json()
+    );
+}

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use common::{FakeAgent, cni_env, conf, exec_plugin, ip, node, path_str};
 use serde_json::Value;
-use vnet_api::{AttachmentKey, host_veth_name, spool_file_name};
+use vnet_api::{AttachmentKey, host_veth_name, spool_file_name, tombstone_veth_name};
 use vnet_testns::Netns;
 
 fn key(id: &str, ifname: &str) -> AttachmentKey {
@@ -145,7 +145,7 @@ fn add_check_del_del_again() {
         .dying_veth
         .clone()
         .expect("DEL hands the veth over");
-    assert!(dying.starts_with("vdel"));
+    assert_eq!(dying, tombstone_veth_name(&host_veth));
     // The deterministic name is free at once, the tombstone is down and has no routes.
     assert!(!ip(&node, &["link", "show"]).contains(&host_veth));
     let tomb = ip(&node, &["link", "show", &dying]);
@@ -154,16 +154,78 @@ fn add_check_del_del_again() {
     // The pod's interface name is free for a new ADD in the same sandbox.
     assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
 
-    // CHECK now fails (the agent holds nothing), DEL again succeeds.
+    // CHECK now fails (the agent holds nothing), DEL again succeeds. The tombstone still exists
+    // (this fake agent never deletes it), so the repeated DELs hand it over again.
     assert!(!run(&node, &agent, "CHECK", id, &path_str(&pod)).success);
     run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
     run(&node, &agent, "DEL", id, "").assert_ok();
     assert_eq!(agent.allocation_count(), 0);
+    for again in &agent.releases()[1..] {
+        assert_eq!(again.dying_veth.as_deref(), Some(dying.as_str()));
+    }
 
     // A new ADD for the same pod in the same sandbox works while the tombstone still exists.
     let out = add(&node, &agent, "1.0.0", id, &pod);
     out.assert_ok();
+    // Its DEL cannot take the tombstone name (EEXIST): the veth is deleted at once and the
+    // release carries no dying veth; the older tombstone is left to the agent.
     run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
+    let last = agent.releases().pop().unwrap();
+    assert_eq!(last.dying_veth, None);
+    let links = ip(&node, &["link", "show"]);
+    assert!(!links.contains(&host_veth), "{links}");
+    assert!(links.contains(&dying), "{links}");
+    assert_eq!(agent.allocation_count(), 0);
+    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+}
+
+/// A DEL killed after renaming the host veth to its tombstone but before the release: the next
+/// DEL must hand the tombstone over (or, agent down, delete it), never release the address while
+/// the old link still exists.
+#[test]
+fn del_after_a_del_that_died_between_rename_and_release() {
+    let node = node();
+    let pod = Netns::new("pod").unwrap();
+    let agent = FakeAgent::start([10, 77, 9]);
+    let crash = |id: &str| {
+        let host_veth = host_veth_name("vnet", &key(id, "eth0"));
+        let tombstone = tombstone_veth_name(&host_veth);
+        node.exec("ip", &["link", "set", &host_veth, "down"])
+            .unwrap();
+        node.exec("ip", &["link", "set", &host_veth, "name", &tombstone])
+            .unwrap();
+        tombstone
+    };
+
+    let id = "ctr-crashed-del";
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
+    let tombstone = crash(id);
+    run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
+    let releases = agent.releases();
+    assert_eq!(releases.len(), 1);
+    assert_eq!(releases[0].dying_veth.as_deref(), Some(tombstone.as_str()));
+    assert_eq!(agent.allocation_count(), 0);
+    // The pod end, left as eth0 by the dead DEL, is retired now.
+    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+
+    // Same crash, agent down: the tombstone is deleted synchronously, then the release spooled.
+    let id = "ctr-crashed-del-2";
+    let pod2 = Netns::new("pod").unwrap();
+    add(&node, &agent, "1.0.0", id, &pod2).assert_ok();
+    let tombstone = crash(id);
+    let dead = FakeAgent::dead_socket(agent.dir.path());
+    let cfg = conf("1.0.0", dead.to_str().unwrap(), &agent.spool_dir()).to_string();
+    exec_plugin(
+        Some(&node),
+        &cni_env("DEL", id, &path_str(&pod2), "eth0"),
+        &cfg,
+    )
+    .assert_ok();
+    assert!(!ip(&node, &["link", "show"]).contains(&tombstone));
+    let spooled = agent.spool_dir().join(spool_file_name(&key(id, "eth0")));
+    let body: Value = serde_json::from_slice(&std::fs::read(&spooled).unwrap()).unwrap();
+    assert_eq!(body["container_id"], id);
+    assert!(body.get("dying_veth").is_none());
 }
 
 #[test]
@@ -363,8 +425,20 @@ fn status_and_gc() {
 
     cfg["cni.dev/valid-attachments"] =
         serde_json::json!([{"containerID": "ctr-keep", "ifname": "eth0"}]);
+    agent.state.lock().unwrap().links_seen_at_gc_in = Some(node.name().to_owned());
     let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &cfg.to_string());
     out.assert_ok();
+    // The stale veth (and its /32 route) was gone before the agent was asked to free addresses.
+    let at_gc = agent.state.lock().unwrap().links_at_gc.pop().unwrap();
+    assert!(
+        !at_gc.contains(&host_veth_name("vnet", &key("ctr-stale", "eth0"))),
+        "{at_gc}"
+    );
+    assert!(!at_gc.contains("vdel0123456789a"), "{at_gc}");
+    assert!(
+        at_gc.contains(&host_veth_name("vnet", &key("ctr-keep", "eth0"))),
+        "{at_gc}"
+    );
     let links = ip(&node, &["link", "show"]);
     assert!(links.contains(&host_veth_name("vnet", &key("ctr-keep", "eth0"))));
     assert!(!links.contains(&host_veth_name("vnet", &key("ctr-stale", "eth0"))));

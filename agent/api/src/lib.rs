@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 mod names;
 pub use names::{
     ContainerId, HOST_VETH_PREFIX_MAX, IFNAME_MAX, IfName, NameError, TOMBSTONE_PREFIX,
-    host_veth_name, tombstone_veth_name, validate_veth_prefix,
+    host_veth_name, is_tombstone_name, tombstone_veth_name, validate_veth_prefix,
 };
 
 /// Path prefix of every API route.
@@ -42,8 +42,9 @@ pub const PATH_HEALTH: &str = "/v1/health";
 
 /// Where the agent listens unless configured otherwise.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/vnet-cni/agent.sock";
-/// Where the plugin spools releases it could not deliver because the agent was down.
-/// The agent drains it at start-up, before it serves any allocation.
+/// Where the plugin spools releases it could not deliver because the agent was down, unless the
+/// network config says otherwise (`spoolDir`; the agent puts its own `<state_dir>/spool` in the
+/// conflist it writes). The agent drains it at start-up, before it serves any allocation.
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/vnet-cni/spool";
 /// Default prefix of host-side veth names (`vnet` + 11 hex digits = 15 bytes).
 pub const DEFAULT_HOST_VETH_PREFIX: &str = "vnet";
@@ -225,14 +226,15 @@ impl ErrorCode {
     }
 }
 
-/// A release the plugin could not deliver, stored as `<spool dir>/<container id>.<ifname>.json`.
-/// The file name makes a repeated DEL idempotent; the agent deletes the file once the release is
-/// durable in its own store.
+/// A release the plugin could not deliver, stored as `<spool dir>/<container id>:<ifname>.json`.
+/// The file name makes a repeated DEL idempotent (`:` appears in neither name, so no two keys share
+/// a file); the agent deletes the file once the release is durable in its own store, and applies a
+/// key's spooled release before it allocates for that key again.
 pub fn spool_file_name(key: &AttachmentKey) -> String {
-    format!("{}.{}.json", key.container_id, key.ifname)
+    format!("{}:{}.json", key.container_id, key.ifname)
 }
 
-/// A short stable digest used in names; exposed for the agent's own naming of tombstones.
+/// Hex SHA-256 of the parts, joined by a separator; the source of host veth and tombstone names.
 pub(crate) fn hex_digest(parts: &[&str]) -> String {
     let mut hasher = Sha256::new();
     for (i, part) in parts.iter().enumerate() {
@@ -392,7 +394,11 @@ mod tests {
 
     #[test]
     fn spool_file_names_are_per_attachment() {
-        assert_eq!(spool_file_name(&key()), "abc123.eth0.json");
+        assert_eq!(spool_file_name(&key()), "abc123:eth0.json");
+        // Dots are legal in both names: ("a.b", "eth0") and ("a", "b.eth0") must not share a file.
+        let one: AttachmentKey = "a.b/eth0".parse().unwrap();
+        let two: AttachmentKey = "a/b.eth0".parse().unwrap();
+        assert_ne!(spool_file_name(&one), spool_file_name(&two));
     }
 
     #[test]

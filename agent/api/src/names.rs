@@ -162,16 +162,27 @@ pub fn host_veth_name(prefix: &str, key: &AttachmentKey) -> String {
     format!("{prefix}{}", &digest[..hex_len])
 }
 
-/// The name a host veth is renamed to when DEL hands it over for deletion in the background: it
-/// frees the deterministic name at once (a new ADD for the same pod cannot collide with the dying
-/// link) and stays recognisable ([`TOMBSTONE_PREFIX`]). `nonce` makes it unique per DEL (a
-/// timestamp and the process ID do).
-pub fn tombstone_veth_name(host_veth: &str, nonce: u64) -> String {
-    let digest = hex_digest(&[host_veth, &nonce.to_string()]);
+/// The name a host veth is renamed to when DEL hands it over for deletion in the background. The
+/// rename frees the deterministic name at once, so a new ADD for the same pod cannot collide with
+/// the dying link. The name is derived from the host veth name alone, so a DEL that runs again
+/// after a crash between the rename and the release finds the tombstone and hands it over again,
+/// instead of letting the address be reused while the old link still exists.
+pub fn tombstone_veth_name(host_veth: &str) -> String {
+    let digest = hex_digest(&["tombstone", host_veth]);
     format!(
         "{TOMBSTONE_PREFIX}{}",
         &digest[..IFNAME_MAX - TOMBSTONE_PREFIX.len()]
     )
+}
+
+/// Whether `name` is a tombstone made by [`tombstone_veth_name`]: the prefix and lowercase hex
+/// digits, 15 bytes in all. The agent accepts only such names in a release, and GC removes only
+/// such links, so nothing else on the host is ever deleted as a tombstone.
+pub fn is_tombstone_name(name: &str) -> bool {
+    name.len() == IFNAME_MAX
+        && name
+            .strip_prefix(TOMBSTONE_PREFIX)
+            .is_some_and(|hex| hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')))
 }
 
 #[cfg(test)]
@@ -244,11 +255,14 @@ mod tests {
     }
 
     #[test]
-    fn tombstones_are_unique_and_recognisable() {
-        let a = tombstone_veth_name("vnet0123456789a", 1);
-        let b = tombstone_veth_name("vnet0123456789a", 2);
-        assert_ne!(a, b);
+    fn tombstones_are_per_veth_stable_and_recognisable() {
+        let a = tombstone_veth_name("vnet0123456789a");
+        assert_eq!(a, tombstone_veth_name("vnet0123456789a"));
+        assert_ne!(a, tombstone_veth_name("vnet0123456789b"));
         assert_eq!(a.len(), IFNAME_MAX);
-        assert!(a.starts_with(TOMBSTONE_PREFIX));
+        assert!(is_tombstone_name(&a));
+        for not in ["vdel", "vdel0123456789", "vdel0123456789A", "vnet0123456789a", "vdelxxxxxxxxxxx"] {
+            assert!(!is_tombstone_name(not), "{not}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! ADD: allocate an address from the agent, create the veth pair with its pod end directly in the
 //! pod's namespace, address and route both sides, print the result. Any failure after the
-//! allocation undoes everything (veth removed, address released) before the error is returned.
+//! allocation undoes what it can before the error is returned: the veth is removed, then the
+//! address released (if the veth cannot be removed, the address is left to the runtime's DEL).
 
 use rtnetlink::Handle;
 use serde_json::Value;
@@ -195,17 +196,29 @@ async fn wire(
 }
 
 /// Best effort: a failure here is logged, the original error is what the runtime needs to see.
+/// The address is released only once the veth is known to be gone: while it may still exist (with
+/// its `/32` host route), the address must not go back to the pool. The runtime follows a failed
+/// ADD with a DEL, which retires the veth and releases then.
 async fn undo(ctx: &Context, host: &Handle, host_veth: &str, key: &AttachmentKey) {
-    match datapath::link_by_name(host, host_veth).await {
-        Ok(Some(link)) => {
-            if let Err(e) = datapath::delete_link(host, link.index).await {
-                log_warn!("undo: cannot delete {host_veth}: {e}");
+    let veth_gone = match datapath::link_by_name(host, host_veth).await {
+        Ok(Some(link)) => match datapath::delete_link(host, link.index).await {
+            Ok(()) => true,
+            Err(e) => {
+                log_warn!(
+                    "undo: cannot delete {host_veth} ({e}); the address stays allocated until DEL"
+                );
+                false
             }
+        },
+        Ok(None) => true,
+        Err(e) => {
+            log_warn!(
+                "undo: cannot look up {host_veth} ({e}); the address stays allocated until DEL"
+            );
+            false
         }
-        Ok(None) => {}
-        Err(e) => log_warn!("undo: cannot look up {host_veth}: {e}"),
-    }
-    if let Err(e) = super::del::release_or_spool(ctx, key, None).await {
+    };
+    if veth_gone && let Err(e) = super::del::release_or_spool(ctx, key, None).await {
         log_warn!("undo: {e}");
     }
 }

@@ -2,18 +2,23 @@
 //!
 //! Removing a veth costs the kernel ~22 ms (RCU grace periods), which would dominate DEL. So DEL
 //! does not wait for it: it takes the host veth down (which also drops its routes), renames it to
-//! a unique tombstone name (`vdel…`, freeing the deterministic name at once so a new ADD for the
-//! same pod cannot collide), and hands the tombstone to the agent with the release. The agent
-//! deletes the link in the background and keeps the IP out of the pool until the link is gone.
-//! If the agent cannot be reached, DEL deletes the veth itself and spools the release to a file
-//! the agent processes when it is back: a pod never gets stuck terminating.
+//! its tombstone name (`tombstone_veth_name(host veth)`, `vdel…`, freeing the deterministic name at
+//! once so a new ADD for the same pod cannot collide), and hands the tombstone to the agent with
+//! the release. The agent deletes the link in the background and keeps the IP out of the pool
+//! until the link is gone. If the agent is unreachable, times out or refuses, DEL deletes the veth
+//! itself and spools the release to a file the agent processes later: a pod never gets stuck
+//! terminating.
+//!
+//! The tombstone name depends on the host veth name only, so a DEL that runs again after one that
+//! died between the rename and the release finds the tombstone and hands it over again; the
+//! address is never released while its old link may still exist.
 //!
 //! When the pod's namespace still exists, its end is taken down and renamed too, so a runtime that
 //! re-runs ADD in the same sandbox finds `CNI_IFNAME` free.
 
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rtnetlink::Handle;
 use vnet_api::{
@@ -22,7 +27,7 @@ use vnet_api::{
 };
 
 use super::add::netlink_socket_error;
-use crate::datapath::{self, Link};
+use crate::datapath::{self, Link, is_errno};
 use crate::error::{CniError, CniResult, Code};
 use crate::netns::{self, Netns};
 use crate::{Context, log_debug, log_info, log_warn};
@@ -30,18 +35,13 @@ use crate::{Context, log_debug, log_info, log_warn};
 pub async fn run(ctx: &Context) -> CniResult<()> {
     let key = ctx.env.key();
     let host_veth = host_veth_name(&ctx.conf.host_veth_prefix, key);
+    let tombstone = tombstone_veth_name(&host_veth);
     let host = netns::host_netlink().map_err(netlink_socket_error)?;
-    let host_link = datapath::link_by_name(&host, &host_veth)
-        .await
-        .map_err(|e| CniError::netlink(format!("cannot look up host veth {host_veth}"), e))?;
+    let host_link = lookup(&host, &host_veth).await?;
     let Some(host_link) = host_link else {
-        // Nothing on the node (second DEL, or ADD never got that far): only the address to free.
-        log_debug!("host veth {host_veth} is gone; releasing only");
-        release_or_spool(ctx, key, None).await?;
-        return Ok(());
+        return del_without_host_veth(ctx, &host, &host_veth, &tombstone).await;
     };
 
-    let tombstone = tombstone_veth_name(&host_veth, nonce());
     let (pod_result, host_result) = futures::join!(
         retire_pod_end(ctx, &host_link, &tombstone),
         datapath::down_and_rename(&host, host_link.index, &tombstone),
@@ -61,7 +61,13 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
             delete_now(&host, &host_link, &tombstone).await?;
         }
         Err(e) => {
-            log_warn!("cannot retire {host_veth} ({e}); deleting it now");
+            if is_errno(&e, libc::EEXIST) {
+                // The tombstone of an earlier attachment with the same key is still dying (the
+                // agent holds that address until it is gone); this veth cannot take its name.
+                log_info!("{tombstone} still exists; deleting {host_veth} now");
+            } else {
+                log_warn!("cannot retire {host_veth} ({e}); deleting it now");
+            }
             delete_now(&host, &host_link, &host_veth).await?;
             if release(ctx, key, None).await {
                 return Ok(());
@@ -69,6 +75,38 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
         }
     }
     spool(ctx, key)
+}
+
+/// No host veth under its deterministic name: a second DEL, an ADD that never got that far, or a
+/// DEL that died after the rename. In the last case the tombstone still exists and must go with
+/// the release, or the agent would reuse the address while the old link is still there.
+async fn del_without_host_veth(
+    ctx: &Context,
+    host: &Handle,
+    host_veth: &str,
+    tombstone: &str,
+) -> CniResult<()> {
+    let key = ctx.env.key();
+    let Some(tomb_link) = lookup(host, tombstone).await?.filter(|l| l.is_veth) else {
+        log_debug!("host veth {host_veth} and {tombstone} are gone; releasing only");
+        return release_or_spool(ctx, key, None).await;
+    };
+    // The pod end may still carry CNI_IFNAME if the earlier DEL died before renaming it.
+    if let Err(e) = retire_pod_end(ctx, &tomb_link, tombstone).await {
+        log_warn!("pod side cleanup skipped: {e}");
+    }
+    if release(ctx, key, Some(tombstone)).await {
+        log_info!("released; leftover {tombstone} (was {host_veth}) handed to the agent");
+        return Ok(());
+    }
+    delete_now(host, &tomb_link, tombstone).await?;
+    spool(ctx, key)
+}
+
+async fn lookup(host: &Handle, name: &str) -> CniResult<Option<Link>> {
+    datapath::link_by_name(host, name)
+        .await
+        .map_err(|e| CniError::netlink(format!("cannot look up host link {name}"), e))
 }
 
 /// Deletes the link synchronously: the slow path, when the agent cannot take it over.
@@ -133,7 +171,8 @@ async fn release(ctx: &Context, key: &AttachmentKey, dying_veth: Option<&str>) -
     }
 }
 
-/// Releases through the agent, or spools the release when the agent is not there.
+/// Releases through the agent, or spools the release when the agent is unreachable, times out or
+/// refuses.
 pub(crate) async fn release_or_spool(
     ctx: &Context,
     key: &AttachmentKey,
@@ -147,7 +186,7 @@ pub(crate) async fn release_or_spool(
 }
 
 /// Writes the release (without a dying veth: the link is already gone) to
-/// `<spoolDir>/<container>.<ifname>.json`, durably: temp file, fsync, rename, fsync directory.
+/// `<spoolDir>/<container>:<ifname>.json`, durably: temp file, fsync, rename, fsync directory.
 fn spool(ctx: &Context, key: &AttachmentKey) -> CniResult<()> {
     let dir = Path::new(&ctx.conf.spool_dir);
     let io = |what: &str, e: std::io::Error| {
@@ -174,17 +213,8 @@ fn spool(ctx: &Context, key: &AttachmentKey) -> CniResult<()> {
         let _ = d.sync_all();
     }
     log_warn!(
-        "vnet-agent unreachable: release of {key} spooled to {}",
+        "release of {key} not delivered (vnet-agent unreachable, timed out or refused); spooled to {}",
         dir.join(&name).display()
     );
     Ok(())
-}
-
-/// Unique per DEL call: time and process ID.
-fn nonce() -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as u64;
-    nanos ^ (u64::from(std::process::id()) << 40)
 }

@@ -1,10 +1,11 @@
-//! GC: forward the valid attachments to the agent (it releases every other allocation), then
-//! remove host veths with our prefix that no valid attachment maps to, and leftover tombstones.
-//! Keeps going on errors and reports them all at the end.
+//! GC: remove host veths with our prefix that no valid attachment maps to, and leftover
+//! tombstones, THEN forward the valid attachments to the agent (it releases every other
+//! allocation). Links go first so an address is never freed while its old veth and `/32` host
+//! route still exist. Keeps going on errors and reports them all at the end.
 
 use std::collections::HashSet;
 
-use vnet_api::{GcRequest, GcResponse, PATH_GC, TOMBSTONE_PREFIX, host_veth_name};
+use vnet_api::{GcRequest, GcResponse, PATH_GC, host_veth_name, is_tombstone_name};
 
 use super::add::netlink_socket_error;
 use super::{READ_TIMEOUT, agent_error};
@@ -14,12 +15,13 @@ use crate::error::{CniError, CniResult, Code};
 use crate::netns;
 use crate::{Context, log_info, log_warn};
 
-/// Our names are exactly `prefix` + hex digits, 15 bytes: a user's `vnet0` is not ours to delete.
-fn looks_like(name: &str, prefix: &str) -> bool {
+/// Our host veth names are exactly `prefix` + hex digits, 15 bytes: a user's `vnet0` is not ours
+/// to delete.
+fn is_host_veth_name(name: &str, prefix: &str) -> bool {
     name.len() == vnet_api::IFNAME_MAX
         && name
             .strip_prefix(prefix)
-            .is_some_and(|rest| rest.chars().all(|c| c.is_ascii_hexdigit()))
+            .is_some_and(|rest| rest.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')))
 }
 
 pub async fn run(ctx: &Context) -> CniResult<()> {
@@ -31,6 +33,23 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
     let (keys, mut errors) = gc_keys(list);
     let prefix = ctx.conf.host_veth_prefix.as_str();
     let keep: HashSet<String> = keys.iter().map(|k| host_veth_name(prefix, k)).collect();
+
+    let host = netns::host_netlink().map_err(netlink_socket_error)?;
+    match datapath::links(&host).await {
+        Ok(links) => {
+            for link in links.iter().filter(|l| l.is_veth) {
+                let stale = is_host_veth_name(&link.name, prefix) && !keep.contains(&link.name);
+                if !(stale || is_tombstone_name(&link.name)) {
+                    continue;
+                }
+                match datapath::delete_link(&host, link.index).await {
+                    Ok(()) => log_info!("removed stale veth {}", link.name),
+                    Err(e) => errors.push(format!("cannot remove {}: {e}", link.name)),
+                }
+            }
+        }
+        Err(e) => errors.push(format!("cannot list host links: {e}")),
+    }
 
     match ctx
         .agent
@@ -45,25 +64,6 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
     {
         Ok(resp) => log_info!("agent released {} allocations", resp.released.len()),
         Err(e) => errors.push(agent_error(e).to_string()),
-    }
-
-    let host = netns::host_netlink().map_err(netlink_socket_error)?;
-    match datapath::links(&host).await {
-        Ok(links) => {
-            for link in links {
-                let ours =
-                    looks_like(&link.name, prefix) && link.is_veth && !keep.contains(&link.name);
-                let tombstone = looks_like(&link.name, TOMBSTONE_PREFIX) && link.is_veth;
-                if !(ours || tombstone) {
-                    continue;
-                }
-                match datapath::delete_link(&host, link.index).await {
-                    Ok(()) => log_info!("removed stale veth {}", link.name),
-                    Err(e) => errors.push(format!("cannot remove {}: {e}", link.name)),
-                }
-            }
-        }
-        Err(e) => errors.push(format!("cannot list host links: {e}")),
     }
 
     if errors.is_empty() {
@@ -85,10 +85,11 @@ mod tests {
 
     #[test]
     fn only_generated_names_are_ours() {
-        assert!(looks_like("vnet0123456789a", "vnet"));
-        assert!(looks_like("vdel0123456789a", TOMBSTONE_PREFIX));
-        assert!(!looks_like("vnet0", "vnet"));
-        assert!(!looks_like("vnet-my-bridge1", "vnet"));
-        assert!(!looks_like("eth0123456789ab", "vnet"));
+        assert!(is_host_veth_name("vnet0123456789a", "vnet"));
+        assert!(!is_host_veth_name("vnet0123456789A", "vnet"));
+        assert!(!is_host_veth_name("vnet0", "vnet"));
+        assert!(!is_host_veth_name("vnet-my-bridge1", "vnet"));
+        assert!(!is_host_veth_name("eth0123456789ab", "vnet"));
+        assert!(is_tombstone_name("vdel0123456789a"));
     }
 }

@@ -15,14 +15,16 @@ use crate::error::{CniError, Code};
 /// How long ADD waits for an address: the agent may be waiting for a cloud write
 /// (its allocate timeout is 30 s by default).
 pub const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(35);
-/// Reads (status, allocations) are answered from memory.
+/// STATUS, CHECK and GC: the agent answers them from memory, without a cloud call.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Maps an agent failure to a CNI error a person can act on.
 pub fn agent_error(err: AgentError) -> CniError {
     use vnet_api::ErrorCode;
     let code = match &err {
-        AgentError::Unreachable { .. } | AgentError::Timeout { .. } => Code::TryAgainLater,
+        AgentError::Unreachable { .. }
+        | AgentError::ConnectTimeout { .. }
+        | AgentError::Timeout { .. } => Code::TryAgainLater,
         AgentError::Refused { body, .. } => match body.code {
             ErrorCode::TryAgainLater | ErrorCode::NotReady => Code::TryAgainLater,
             ErrorCode::Exhausted => Code::Exhausted,

@@ -40,6 +40,10 @@ pub struct FakeState {
     /// When set, dying veths handed over by DEL are deleted in this namespace in the background,
     /// as the real agent does (benchmarks: the kernel work must still happen somewhere).
     pub reap_in: Option<String>,
+    /// When set, the GC handler records `ip -o link show` of this namespace as it was when the
+    /// agent was asked to release (GC must have removed stale links by then).
+    pub links_seen_at_gc_in: Option<String>,
+    pub links_at_gc: Vec<String>,
 }
 
 /// An in-test vnet-agent speaking the real wire contract over a Unix socket.
@@ -112,6 +116,11 @@ async fn release(
 
 async fn gc(State(s): State<Shared>, Json(req): Json<GcRequest>) -> Json<GcResponse> {
     let mut st = s.lock().unwrap();
+    if let Some(ns) = st.links_seen_at_gc_in.clone() {
+        let out = vnet_testns::run("ip", &["-n", &ns, "-o", "link", "show"]).unwrap();
+        st.links_at_gc
+            .push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
     let keep: Vec<_> = req.valid_attachments.clone();
     let mut released = Vec::new();
     st.allocations.retain(|k, a| {
@@ -283,6 +292,12 @@ pub fn exec_program(
             });
         }
     }
+    finish(cmd, program, stdin)
+}
+
+/// Spawns `cmd` (stdio piped by the caller), writes `stdin`, waits at most 60 s (then kills it
+/// and panics).
+pub fn finish(mut cmd: Command, program: &str, stdin: &str) -> Outcome {
     let mut child = cmd.spawn().expect("program starts");
     child
         .stdin
