@@ -32,9 +32,11 @@
 //! # Compaction
 //!
 //! When the journal grows past [`JournalOptions::compact_after_bytes`], the writer writes a
-//! snapshot of generation `g+1` (temp file, fsync, rename, fsync of the directory), then a fresh
-//! journal whose header says `g+1` (same steps). A journal whose generation is older than the
-//! snapshot's is already contained in it and is ignored (a crash between the two renames).
+//! snapshot of generation `g+1` and a fresh journal whose header says `g+1` to temp files (fsync),
+//! then renames the snapshot and the journal into place (each followed by an fsync of the
+//! directory). A journal whose generation is older than the snapshot's is already contained in it
+//! and is ignored (a crash between the two renames). A failure after the snapshot rename poisons
+//! the store, since records appended to the old journal would be ignored at recovery.
 //!
 //! # Recovery
 //!
@@ -120,16 +122,26 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| io_err(dir, e))
 }
 
-/// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, fsync directory.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+/// Writes `bytes` to `<name>.tmp` in `dir` and makes it durable; returns the temp path.
+fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, StoreError> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let path = dir.join(name);
     let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
     f.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
     f.sync_all().map_err(|e| io_err(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    Ok(tmp)
+}
+
+/// Renames a durable temp file over `name` and makes the rename durable.
+fn install(dir: &Path, tmp: &Path, name: &str) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    std::fs::rename(tmp, &path).map_err(|e| io_err(&path, e))?;
     fsync_dir(dir)
+}
+
+/// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, fsync directory.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = write_temp(dir, name, bytes)?;
+    install(dir, &tmp, name)
 }
 
 fn header_line(generation: u64) -> Vec<u8> {
@@ -437,12 +449,23 @@ impl Writer {
         if self.len > self.options.compact_after_bytes
             && let Err(e) = self.compact()
         {
-            // The journal is intact and durable; only its size suffers. Try again next time.
+            // These records are durable either way (appended above, and in any snapshot the
+            // compaction managed to install); `compact` poisoned the store if later writes
+            // could not be.
             tracing::warn!(error = %e, "journal compaction failed");
         }
         Ok(())
     }
 
+    /// Replaces snapshot and journal with a snapshot of generation `g+1` and an empty journal.
+    ///
+    /// Both files are written to temp files first: a failure there leaves everything as it was
+    /// (the journal stays in use, compaction is tried again after the next write). Once the
+    /// snapshot is renamed into place, recovery may read it and then ignores the current journal
+    /// (generation `g`), so appending to that journal would lose acknowledged records: any failure
+    /// from there on, including a failed directory fsync after the journal rename, poisons the
+    /// store. Recovery from what is on disk is correct: snapshot `g+1` contains every
+    /// acknowledged record, with either journal.
     fn compact(&mut self) -> Result<(), StoreError> {
         let generation = self.generation + 1;
         let snapshot = Snapshot {
@@ -455,17 +478,39 @@ impl Writer {
             releasing: self.state.releasing.iter().copied().collect(),
         };
         let bytes = serde_json::to_vec(&snapshot).expect("snapshot serializes");
-        write_atomic(&self.dir, SNAPSHOT_FILE, &bytes)?;
-        self.generation = generation;
-        write_atomic(&self.dir, JOURNAL_FILE, &header_line(generation))?;
-        let path = self.dir.join(JOURNAL_FILE);
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err(&path, e))?;
-        self.len = self.file.metadata().map_err(|e| io_err(&path, e))?.len();
-        tracing::debug!(generation, "journal compacted");
-        Ok(())
+        let snapshot_tmp = write_temp(&self.dir, SNAPSHOT_FILE, &bytes)?;
+        let journal_tmp = write_temp(&self.dir, JOURNAL_FILE, &header_line(generation))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&snapshot_tmp);
+            })?;
+        let snapshot_path = self.dir.join(SNAPSHOT_FILE);
+        // A failed rename changed nothing.
+        std::fs::rename(&snapshot_tmp, &snapshot_path).map_err(|e| io_err(&snapshot_path, e))?;
+        let switched = fsync_dir(&self.dir)
+            .and_then(|()| install(&self.dir, &journal_tmp, JOURNAL_FILE))
+            .and_then(|()| {
+                let path = self.dir.join(JOURNAL_FILE);
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| io_err(&path, e))?;
+                let len = file.metadata().map_err(|e| io_err(&path, e))?.len();
+                Ok((file, len))
+            });
+        match switched {
+            Ok((file, len)) => {
+                self.file = file;
+                self.len = len;
+                self.generation = generation;
+                tracing::debug!(generation, "journal compacted");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "journal compaction failed half-way; the store accepts no more writes until a restart");
+                self.poisoned = Some(format!("compaction failed half-way: {e}"));
+                Err(e)
+            }
+        }
     }
 }
 
@@ -684,5 +729,79 @@ mod tests {
         store.close();
         let state = JournalStore::read_state(dir.path()).unwrap();
         assert_eq!(state.allocations.len(), 200);
+    }
+
+    #[test]
+    fn a_compaction_that_fails_before_the_snapshot_lands_keeps_acknowledged_records() {
+        // Regression: a failed journal rewrite after the snapshot rename left the writer
+        // appending to a journal that recovery ignores.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = JournalStore::open(
+            dir.path(),
+            JournalOptions {
+                compact_after_bytes: 10,
+            },
+        )
+        .unwrap();
+        // The fresh journal's temp file cannot be created (a directory is in the way).
+        std::fs::create_dir(dir.path().join(format!("{JOURNAL_FILE}.tmp"))).unwrap();
+        rt().block_on(async {
+            store
+                .submit(vec![Record::PoolAdd { ips: vec![ip(1)] }])
+                .wait()
+                .await
+                .unwrap();
+            // Now the snapshot's temp file cannot be created either.
+            std::fs::create_dir(dir.path().join(format!("{SNAPSHOT_FILE}.tmp"))).unwrap();
+            store
+                .submit(vec![Record::PoolAdd { ips: vec![ip(2)] }])
+                .wait()
+                .await
+                .unwrap();
+        });
+        drop(store);
+        std::fs::remove_dir(dir.path().join(format!("{JOURNAL_FILE}.tmp"))).unwrap();
+        std::fs::remove_dir(dir.path().join(format!("{SNAPSHOT_FILE}.tmp"))).unwrap();
+        let state = JournalStore::read_state(dir.path()).unwrap();
+        assert!(
+            state.pool.contains(&ip(1)) && state.pool.contains(&ip(2)),
+            "acknowledged records lost: {:?}",
+            state.pool
+        );
+    }
+
+    #[test]
+    fn a_compaction_that_fails_after_the_snapshot_lands_poisons_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = JournalStore::open(
+            dir.path(),
+            JournalOptions {
+                compact_after_bytes: 10,
+            },
+        )
+        .unwrap();
+        // The writer keeps its open journal; a directory in its place makes the rename of the
+        // fresh journal fail after the snapshot is installed.
+        std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
+        std::fs::create_dir(dir.path().join(JOURNAL_FILE)).unwrap();
+        rt().block_on(async {
+            store
+                .submit(vec![Record::PoolAdd { ips: vec![ip(1)] }])
+                .wait()
+                .await
+                .expect("the record itself is durable (it is in the snapshot)");
+            let later = store
+                .submit(vec![Record::PoolAdd { ips: vec![ip(2)] }])
+                .wait()
+                .await;
+            assert!(
+                matches!(later, Err(StoreError::Poisoned(_))),
+                "a later write must not be acknowledged: {later:?}"
+            );
+        });
+        drop(store);
+        std::fs::remove_dir(dir.path().join(JOURNAL_FILE)).unwrap();
+        let state = JournalStore::read_state(dir.path()).unwrap();
+        assert!(state.pool.contains(&ip(1)), "{:?}", state.pool);
     }
 }
