@@ -1,6 +1,6 @@
 //! vnet-cni: the CNI plugin that wires each pod with a routed veth and a VNet /32 from vnet-agent.
 //!
-//! `main` reads the environment and stdin and calls [`run`]; each command lives in its own module
+//! `main` reads the environment and stdin and calls [`run_os`]; each command lives in its own module
 //! under `commands`. stdout carries exactly one JSON document (a result or an error) or nothing.
 
 pub mod agent;

@@ -1,11 +1,16 @@
 //! GC: remove host veths with our prefix that no valid attachment maps to, and leftover
 //! tombstones, THEN forward the valid attachments to the agent (it releases every other
 //! allocation). Links go first so an address is never freed while its old veth and `/32` host
-//! route still exist. Keeps going on errors and reports them all at the end.
+//! route still exist; a stale veth that cannot be deleted keeps its allocation (found through the
+//! agent's allocation list) until a later GC or DEL removes it. Keeps going on errors and reports
+//! them all at the end.
 
 use std::collections::HashSet;
 
-use vnet_api::{GcRequest, GcResponse, PATH_GC, host_veth_name, is_tombstone_name};
+use vnet_api::{
+    Allocation, AllocationsResponse, AttachmentKey, GcRequest, GcResponse, PATH_ALLOCATIONS,
+    PATH_GC, host_veth_name, is_tombstone_name,
+};
 
 use super::add::netlink_socket_error;
 use super::{READ_TIMEOUT, agent_error};
@@ -30,11 +35,12 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
             "GC needs cni.dev/valid-attachments (or cni.dev/attachments) in the config",
         ));
     };
-    let (keys, mut errors) = gc_keys(list);
+    let (mut keys, mut errors) = gc_keys(list);
     let prefix = ctx.conf.host_veth_prefix.as_str();
     let keep: HashSet<String> = keys.iter().map(|k| host_veth_name(prefix, k)).collect();
 
     let host = netns::host_netlink().map_err(netlink_socket_error)?;
+    let mut undeleted = HashSet::new();
     match datapath::links(&host).await {
         Ok(links) => {
             for link in links.iter().filter(|l| l.is_veth) {
@@ -44,11 +50,41 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
                 }
                 match datapath::delete_link(&host, link.index).await {
                     Ok(()) => log_info!("removed stale veth {}", link.name),
-                    Err(e) => errors.push(format!("cannot remove {}: {e}", link.name)),
+                    Err(e) => {
+                        errors.push(format!("cannot remove {}: {e}", link.name));
+                        if stale {
+                            undeleted.insert(link.name.clone());
+                        }
+                    }
                 }
             }
         }
-        Err(e) => errors.push(format!("cannot list host links: {e}")),
+        Err(e) => {
+            // Unchecked links may be stale ones still routing their address: release nothing.
+            errors.push(format!(
+                "cannot list host links: {e}; agent not asked to release anything"
+            ));
+            return finish(errors);
+        }
+    }
+
+    if !undeleted.is_empty() {
+        match ctx
+            .agent
+            .get::<AllocationsResponse>(PATH_ALLOCATIONS, READ_TIMEOUT)
+            .await
+        {
+            Ok(resp) => keys.extend(keys_of_veths(&resp.allocations, prefix, &undeleted)),
+            Err(e) => {
+                // Without the mapping, any release could free the address of a veth still there.
+                errors.push(format!(
+                    "agent not asked to release anything: {} stale veths remain and the allocations cannot be read: {}",
+                    undeleted.len(),
+                    agent_error(e)
+                ));
+                return finish(errors);
+            }
+        }
     }
 
     match ctx
@@ -66,6 +102,24 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
         Err(e) => errors.push(agent_error(e).to_string()),
     }
 
+    finish(errors)
+}
+
+/// The attachments whose host veth (named with this config's prefix) is one of `veths`: they stay
+/// valid while the veth exists.
+fn keys_of_veths(
+    allocations: &[Allocation],
+    prefix: &str,
+    veths: &HashSet<String>,
+) -> Vec<AttachmentKey> {
+    allocations
+        .iter()
+        .filter(|a| veths.contains(&host_veth_name(prefix, &a.key)))
+        .map(|a| a.key.clone())
+        .collect()
+}
+
+fn finish(errors: Vec<String>) -> CniResult<()> {
     if errors.is_empty() {
         return Ok(());
     }
@@ -91,5 +145,26 @@ mod tests {
         assert!(!is_host_veth_name("vnet-my-bridge1", "vnet"));
         assert!(!is_host_veth_name("eth0123456789ab", "vnet"));
         assert!(is_tombstone_name("vdel0123456789a"));
+    }
+
+    #[test]
+    fn a_veth_that_could_not_be_deleted_keeps_its_allocation() {
+        let allocation = |id: &str| {
+            let key: AttachmentKey = format!("{id}/eth0").parse().unwrap();
+            Allocation {
+                ip: "10.0.0.1".parse().unwrap(),
+                host_veth: host_veth_name("vnet", &key),
+                key,
+                pod: Default::default(),
+                allocated_at: 0,
+            }
+        };
+        let all = [allocation("a"), allocation("b")];
+        let stuck: HashSet<String> = [all[1].host_veth.clone()].into();
+        assert_eq!(
+            keys_of_veths(&all, "vnet", &stuck),
+            vec![all[1].key.clone()]
+        );
+        assert!(keys_of_veths(&all, "vnet", &HashSet::new()).is_empty());
     }
 }
