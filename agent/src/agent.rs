@@ -143,6 +143,33 @@ fn pod_label(a: &Allocation) -> String {
     }
 }
 
+/// An allocation counted in `Inner::waiters`; uncounts it when dropped.
+struct WaiterGuard<'a> {
+    agent: &'a Agent,
+    counted: bool,
+}
+
+impl WaiterGuard<'_> {
+    /// Counts or uncounts the allocation (under the caller's lock).
+    fn set(&mut self, st: &mut Inner, waiting: bool) {
+        match (self.counted, waiting) {
+            (false, true) => st.waiters += 1,
+            (true, false) => st.waiters -= 1,
+            _ => {}
+        }
+        self.counted = waiting;
+    }
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            // Never dropped while its allocation holds the lock: `set` uncounts it first.
+            self.agent.state.lock().unwrap().waiters -= 1;
+        }
+    }
+}
+
 /// A tombstone name from a request: must be one, or the agent could be told to delete `eth0`.
 pub fn validate_dying_veth(name: &str) -> Result<(), AgentError> {
     if vnet_api::is_tombstone_name(name) {
@@ -259,7 +286,13 @@ impl Agent {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.settings.allocate_timeout;
         let host_veth = vnet_api::host_veth_name(&self.settings.host_veth_prefix, &req.key);
-        let mut waiting = false;
+        // Counted in `waiters` while it waits; the guard uncounts it however the wait ends,
+        // including when the client goes away and the server drops this future.
+        let mut waiting = WaiterGuard {
+            agent: self,
+            counted: false,
+        };
+        let mut kicked = false;
         let outcome = loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -285,11 +318,7 @@ impl Agent {
                         None => Step::Wait,
                     },
                 };
-                match (&step, waiting) {
-                    (Step::Wait, false) => st.waiters += 1,
-                    (Step::Done(..) | Step::Fail(_), true) => st.waiters -= 1,
-                    _ => {}
-                }
+                waiting.set(&mut st, matches!(step, Step::Wait));
                 step
             };
             match step {
@@ -305,13 +334,13 @@ impl Agent {
                 }
                 Step::Fail(e) => break Err(e),
                 Step::Wait => {
-                    if !waiting {
-                        waiting = true;
+                    if !kicked {
+                        kicked = true;
                         self.kick.notify_one();
                     }
                     if tokio::time::timeout_at(deadline, notified).await.is_err() {
                         let mut st = self.state.lock().unwrap();
-                        st.waiters -= 1;
+                        waiting.set(&mut st, false);
                         let why = st
                             .last_cloud_error
                             .clone()
@@ -1072,5 +1101,21 @@ mod tests {
         assert!(agent.state.lock().unwrap().ipam.releasing().is_empty());
         assert!(!cloud.fake.secondary_ips().contains(&taken[0]));
         assert!(store.state().releasing.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_waiting_allocation_does_not_leak_its_waiter() {
+        let cloud = Arc::new(FlakyCloud::default());
+        let agent = agent_with(cloud, Arc::new(MemoryStore::new()));
+        // Nothing in the pool and no pool task: the allocation waits. The client gives up
+        // (plugin killed, connection closed) and the server drops the handler future.
+        let mut allocation = Box::pin(agent.allocate(request("abc")));
+        assert!(
+            futures::poll!(allocation.as_mut()).is_pending(),
+            "the allocation waits"
+        );
+        assert_eq!(agent.state.lock().unwrap().waiters, 1);
+        drop(allocation);
+        assert_eq!(agent.state.lock().unwrap().waiters, 0, "waiter leaked");
     }
 }
