@@ -482,25 +482,8 @@ impl Agent {
             max: max.unwrap_or(base.max),
             ..base
         };
-        let limit = crate::config::NIC_SECONDARY_LIMIT;
-        if wanted.max == 0 || wanted.max > limit {
-            return Err(format!(
-                "max {} is out of range; use 1 to {limit}",
-                wanted.max
-            ));
-        }
-        if wanted.batch == 0 || wanted.batch > wanted.max {
-            return Err(format!(
-                "batch {} is out of range; use 1 to max ({})",
-                wanted.batch, wanted.max
-            ));
-        }
-        if wanted.warm > wanted.max {
-            return Err(format!(
-                "warm {} is out of range; use 0 to max ({})",
-                wanted.warm, wanted.max
-            ));
-        }
+        crate::config::check_pool_sizes(wanted.warm, wanted.batch, wanted.max)
+            .map_err(|(key, message)| format!("{key}: {message}"))?;
         let mut st = self.state.lock().unwrap();
         if st.pool != wanted {
             info!(

@@ -19,6 +19,40 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/vnet-cni/agent.toml";
 /// Secondary addresses one NIC can hold for pods: Azure's 256 ipConfigurations minus the primary.
 pub const NIC_SECONDARY_LIMIT: u32 = 255;
 
+/// The longest an allocation may wait for the pool. The plugin gives up on an allocation after
+/// [`PLUGIN_ALLOCATE_WAIT_SECS`]; the agent must answer before that, with margin for the store
+/// write and the reply, or its "try again later" reaches nobody.
+pub const MAX_ALLOCATE_TIMEOUT_SECS: u64 = 30;
+/// How long the vnet-cni plugin waits for an allocation (its client timeout,
+/// `vnet_cni::commands::ALLOCATE_TIMEOUT`).
+pub const PLUGIN_ALLOCATE_WAIT_SECS: u64 = 35;
+
+/// The range rules of `pool.warm`, `pool.batch` and `pool.max`, shared by the configuration and
+/// the per-node overrides. On failure: the offending key and why.
+pub fn check_pool_sizes(warm: u32, batch: u32, max: u32) -> Result<(), (&'static str, String)> {
+    if max == 0 || max > NIC_SECONDARY_LIMIT {
+        return Err((
+            "pool.max",
+            format!(
+                "{max} is out of range; use 1 to {NIC_SECONDARY_LIMIT} (a NIC holds 256 addresses including the primary)"
+            ),
+        ));
+    }
+    if batch == 0 || batch > max {
+        return Err((
+            "pool.batch",
+            format!("{batch} is out of range; use 1 to pool.max ({max})"),
+        ));
+    }
+    if warm > max {
+        return Err((
+            "pool.warm",
+            format!("{warm} is out of range; use 0 to pool.max ({max})"),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -414,39 +448,15 @@ impl Config {
             ));
         }
         let pool = &self.pool;
-        if pool.max == 0 || pool.max > NIC_SECONDARY_LIMIT {
-            return Err(invalid(
-                "pool.max",
-                format!(
-                    "{} is out of range; use 1 to {NIC_SECONDARY_LIMIT} (a NIC holds 256 addresses including the primary)",
-                    pool.max
-                ),
-            ));
-        }
-        if pool.batch == 0 || pool.batch > pool.max {
-            return Err(invalid(
-                "pool.batch",
-                format!(
-                    "{} is out of range; use 1 to pool.max ({})",
-                    pool.batch, pool.max
-                ),
-            ));
-        }
-        if pool.warm > pool.max {
-            return Err(invalid(
-                "pool.warm",
-                format!(
-                    "{} is out of range; use 0 to pool.max ({})",
-                    pool.warm, pool.max
-                ),
-            ));
-        }
-        if pool.allocate_timeout_secs == 0 || pool.allocate_timeout_secs > 600 {
+        check_pool_sizes(pool.warm, pool.batch, pool.max)
+            .map_err(|(key, message)| invalid(key, message))?;
+        if pool.allocate_timeout_secs == 0 || pool.allocate_timeout_secs > MAX_ALLOCATE_TIMEOUT_SECS
+        {
             return Err(invalid(
                 "pool.allocate_timeout_secs",
                 format!(
-                    "{} is out of range; use 1 to 600",
-                    pool.allocate_timeout_secs
+                    "{} is out of range; use 1 to {MAX_ALLOCATE_TIMEOUT_SECS} (the plugin waits {} s for an allocation, so a longer wait would answer nobody)",
+                    pool.allocate_timeout_secs, PLUGIN_ALLOCATE_WAIT_SECS
                 ),
             ));
         }
@@ -579,6 +589,10 @@ allocate_timeout_secs = 30
                 "[pool]\nallocate_timeout_secs = 0\n",
                 "pool.allocate_timeout_secs",
             ),
+            (
+                "[pool]\nallocate_timeout_secs = 31\n",
+                "pool.allocate_timeout_secs",
+            ),
             ("mtu = 100\n", "mtu"),
             ("metrics_address = \"localhost\"\n", "metrics_address"),
             (
@@ -602,6 +616,21 @@ allocate_timeout_secs = 30
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
             assert!(err.to_string().contains(key), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn an_allocation_wait_longer_than_the_plugins_is_refused() {
+        let ok = Config::from_toml("[pool]\nallocate_timeout_secs = 30\n").unwrap();
+        assert!(ok.validate().is_ok());
+        let err = Config::from_toml("[pool]\nallocate_timeout_secs = 35\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pool.allocate_timeout_secs") && err.contains("use 1 to 30"),
+            "{err}"
+        );
     }
 
     #[test]
