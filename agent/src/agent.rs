@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -57,6 +58,9 @@ pub struct AgentSettings {
     pub mtu: u32,
     /// Subnet to draw pod addresses from (ARM ID).
     pub subnet_id: String,
+    /// The plugin's release spool: an attachment's spooled release is applied before the agent
+    /// allocates for it again. `None`: no spool (tests).
+    pub spool_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -127,6 +131,9 @@ pub struct Agent {
     reaper_rx: Mutex<Option<mpsc::UnboundedReceiver<ReapJob>>>,
     ready: AtomicBool,
     epoch: Instant,
+    /// Held while a spool file is applied, so a drain that listed a file cannot apply it after an
+    /// allocation for the same attachment has consumed it.
+    spool_lock: tokio::sync::Mutex<()>,
 }
 
 pub fn now_secs() -> u64 {
@@ -221,6 +228,7 @@ impl Agent {
             reaper_rx: Mutex::new(Some(reaper_rx)),
             ready: AtomicBool::new(false),
             epoch: Instant::now(),
+            spool_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -284,6 +292,18 @@ impl Agent {
             return Err(AgentError::NotReady("the agent is not ready".into()));
         }
         let started = Instant::now();
+        if let Some(dir) = &self.settings.spool_dir {
+            // A release of this attachment the plugin spooled while the agent was away comes
+            // first: drained after this allocation, it would free the new address.
+            let path = dir.join(vnet_api::spool_file_name(&req.key));
+            if path.exists() {
+                self.apply_spool_file(&path).await.map_err(|e| {
+                    AgentError::Internal(format!(
+                        "a spooled release of this attachment must be applied first and failed: {e}"
+                    ))
+                })?;
+            }
+        }
         let deadline = tokio::time::Instant::now() + self.settings.allocate_timeout;
         let host_veth = vnet_api::host_veth_name(&self.settings.host_veth_prefix, &req.key);
         // Counted in `waiters` while it waits; the guard uncounts it however the wait ends,
@@ -418,6 +438,36 @@ impl Agent {
         }
         self.kick.notify_one();
         Ok(ReleaseResponse { released })
+    }
+
+    /// Applies the spooled release in `path`, if the file is still there, and deletes the file
+    /// once the release is durable. `Ok(true)` when a release was applied. A file that is not a
+    /// valid release is set aside as `.invalid`; on any other error the file stays for the next
+    /// drain.
+    pub async fn apply_spool_file(&self, path: &Path) -> Result<bool, AgentError> {
+        let _serialized = self.spool_lock.lock().await;
+        let request = match crate::spool::read_file(path) {
+            Ok(Some(request)) => request,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                return Err(AgentError::Internal(format!(
+                    "cannot read spooled release {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        match self.release(request).await {
+            Ok(_) => {
+                crate::spool::remove(path);
+                Ok(true)
+            }
+            Err(AgentError::BadRequest(message)) => {
+                warn!(file = %path.display(), message, "spooled release is invalid; set aside");
+                crate::spool::set_aside(path);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Releases every allocation not in `valid`.
@@ -971,13 +1021,22 @@ mod tests {
             host_veth_prefix: "vnet".into(),
             mtu: 1500,
             subnet_id: cloud.identity().subnet_id.clone(),
+            spool_dir: None,
         }
     }
 
     fn agent_with(cloud: Arc<FlakyCloud>, store: Arc<MemoryStore>) -> Arc<Agent> {
+        agent_with_settings(cloud.clone(), store, settings(&cloud.fake))
+    }
+
+    fn agent_with_settings(
+        cloud: Arc<FlakyCloud>,
+        store: Arc<MemoryStore>,
+        settings: AgentSettings,
+    ) -> Arc<Agent> {
         let identity = cloud.fake.identity().clone();
         let agent = Agent::new(
-            settings(&cloud.fake),
+            settings,
             identity,
             cloud,
             store,
@@ -1100,5 +1159,69 @@ mod tests {
         assert_eq!(agent.state.lock().unwrap().waiters, 1);
         drop(allocation);
         assert_eq!(agent.state.lock().unwrap().waiters, 0, "waiter leaked");
+    }
+
+    #[tokio::test]
+    async fn a_spooled_release_is_applied_before_the_same_attachment_allocates_again() {
+        let spool = tempfile::tempdir().unwrap();
+        let cloud = Arc::new(FlakyCloud::default());
+        let store = Arc::new(MemoryStore::new());
+        let settings = AgentSettings {
+            spool_dir: Some(spool.path().to_owned()),
+            ..settings(&cloud.fake)
+        };
+        let agent = agent_with_settings(cloud.clone(), store.clone(), settings);
+        pool_with_releasing(&agent, &cloud, 2, 0).await;
+        let first = agent.allocate(request("abc")).await.unwrap().allocation;
+        // DEL while the agent was unreachable: the plugin spooled the release. The runtime then
+        // runs ADD for the same attachment again.
+        let spooled = spool
+            .path()
+            .join(vnet_api::spool_file_name(&request("abc").key));
+        let release = ReleaseRequest {
+            key: request("abc").key,
+            dying_veth: None,
+        };
+        std::fs::write(&spooled, serde_json::to_vec(&release).unwrap()).unwrap();
+        let second = agent.allocate(request("abc")).await.unwrap().allocation;
+        assert_ne!(
+            second.ip, first.ip,
+            "the old address is released (cooling down), not handed back"
+        );
+        assert!(!spooled.exists(), "the applied release's file is deleted");
+        // The periodic drain finds nothing that could free the new allocation.
+        assert_eq!(crate::daemon::drain_spool(&agent, spool.path()).await, 0);
+        assert_eq!(agent.allocations(), vec![second.clone()]);
+        let durable = store.state();
+        assert_eq!(durable.allocations[&second.key].ip, second.ip);
+        assert!(durable.cooldown.contains_key(&first.ip));
+    }
+
+    #[tokio::test]
+    async fn a_drain_that_listed_a_file_an_allocation_consumed_applies_nothing() {
+        let spool = tempfile::tempdir().unwrap();
+        let cloud = Arc::new(FlakyCloud::default());
+        let settings = AgentSettings {
+            spool_dir: Some(spool.path().to_owned()),
+            ..settings(&cloud.fake)
+        };
+        let agent = agent_with_settings(cloud.clone(), Arc::new(MemoryStore::new()), settings);
+        pool_with_releasing(&agent, &cloud, 2, 0).await;
+        agent.allocate(request("abc")).await.unwrap();
+        let spooled = spool
+            .path()
+            .join(vnet_api::spool_file_name(&request("abc").key));
+        let release = ReleaseRequest {
+            key: request("abc").key,
+            dying_veth: None,
+        };
+        std::fs::write(&spooled, serde_json::to_vec(&release).unwrap()).unwrap();
+        let listed = crate::spool::read_spool(spool.path()).unwrap();
+        let fresh = agent.allocate(request("abc")).await.unwrap().allocation;
+        // The drain goes on with what it listed before the allocation.
+        for entry in listed {
+            assert!(!agent.apply_spool_file(&entry.path).await.unwrap());
+        }
+        assert_eq!(agent.allocations(), vec![fresh]);
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 use vnet_cloud::{CloudError, CloudProvider};
 
-use crate::agent::{Agent, AgentError, AgentSettings};
+use crate::agent::{Agent, AgentSettings};
 use crate::api::Probes;
 use crate::config::Config;
 use crate::kubernetes::conflist_for;
@@ -117,15 +117,9 @@ pub async fn drain_spool(agent: &Agent, dir: &std::path::Path) -> usize {
     };
     let mut drained = 0;
     for entry in entries {
-        match agent.release(entry.request.clone()).await {
-            Ok(_) => {
-                spool::remove(&entry);
-                drained += 1;
-            }
-            Err(AgentError::BadRequest(message)) => {
-                warn!(file = %entry.path.display(), message, "spooled release is invalid; set aside");
-                let _ = std::fs::rename(&entry.path, entry.path.with_extension("invalid"));
-            }
+        // Re-read under the agent's spool lock: an allocation may have applied it meanwhile.
+        match agent.apply_spool_file(&entry.path).await {
+            Ok(applied) => drained += usize::from(applied),
             Err(e) => {
                 warn!(file = %entry.path.display(), error = %e, "spooled release failed; kept for the next drain")
             }
@@ -253,6 +247,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         host_veth_prefix: config.host_veth_prefix.clone(),
         mtu: config.mtu,
         subnet_id,
+        spool_dir: Some(config.spool_dir()),
     };
     let agent = Agent::new(
         settings,

@@ -4,7 +4,10 @@
 //! The agent drains it at start-up before it serves any allocation (a spooled address must not
 //! look allocated to a new pod's ADD), and again periodically in case a DEL raced the start-up.
 //! A file is deleted only once its release is durable in the store. A file that does not parse
-//! is renamed to `*.invalid` (kept for a person, never retried).
+//! is renamed to `*.invalid` (kept for a person, never retried). Before the agent allocates for
+//! an attachment it applies that attachment's spooled release, if any
+//! ([`crate::agent::Agent::apply_spool_file`]): otherwise a stale release, drained later, could
+//! free the newer allocation.
 
 use std::path::{Path, PathBuf};
 
@@ -30,28 +33,46 @@ pub fn read_spool(dir: &Path) -> std::io::Result<Vec<SpoolEntry>> {
     paths.sort();
     let mut out = Vec::new();
     for path in paths {
-        let parsed = std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                serde_json::from_slice::<ReleaseRequest>(&bytes).map_err(|e| e.to_string())
-            });
-        match parsed {
-            Ok(request) => out.push(SpoolEntry { path, request }),
+        match read_file(&path) {
+            Ok(Some(request)) => out.push(SpoolEntry { path, request }),
+            Ok(None) => {}
             Err(error) => {
-                tracing::warn!(file = %path.display(), %error, "spooled release is invalid; set aside as .invalid");
-                let _ = std::fs::rename(&path, path.with_extension("invalid"));
+                tracing::warn!(file = %path.display(), %error, "cannot read spooled release; retried at the next drain")
             }
         }
     }
     Ok(out)
 }
 
+/// Reads one spooled release; `None` when the file does not exist, or did not parse (then it is
+/// set aside as `.invalid`).
+pub fn read_file(path: &Path) -> std::io::Result<Option<ReleaseRequest>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match serde_json::from_slice::<ReleaseRequest>(&bytes) {
+        Ok(request) => Ok(Some(request)),
+        Err(error) => {
+            tracing::warn!(file = %path.display(), %error, "spooled release is invalid; set aside as .invalid");
+            set_aside(path);
+            Ok(None)
+        }
+    }
+}
+
+/// Keeps a file that must not be retried for a person to look at.
+pub fn set_aside(path: &Path) {
+    let _ = std::fs::rename(path, path.with_extension("invalid"));
+}
+
 /// Deletes a drained file (its release is durable).
-pub fn remove(entry: &SpoolEntry) {
-    if let Err(e) = std::fs::remove_file(&entry.path)
+pub fn remove(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
         && e.kind() != std::io::ErrorKind::NotFound
     {
-        tracing::warn!(file = %entry.path.display(), error = %e, "cannot delete drained spool file");
+        tracing::warn!(file = %path.display(), error = %e, "cannot delete drained spool file");
     }
 }
 
@@ -75,7 +96,7 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].request, req);
         assert!(dir.path().join("broken.invalid").exists());
-        remove(&entries[0]);
+        remove(&entries[0].path);
         assert!(!dir.path().join(name).exists());
         assert!(read_spool(&dir.path().join("missing")).unwrap().is_empty());
     }
