@@ -85,12 +85,13 @@ pub fn link_exists(name: &str) -> bool {
     }
 }
 
-/// The conflist for this agent: the plugin talks to this agent's socket and names host veths
-/// with its prefix. MTU and log level are left to the plugin's defaults (the MTU comes from the
-/// agent's answer).
+/// The conflist for this agent: the plugin talks to this agent's socket, spools undelivered
+/// releases where this agent drains them and names host veths with its prefix. MTU and log level
+/// are left to the plugin's defaults (the MTU comes from the agent's answer).
 pub fn conflist_for(config: &Config) -> String {
     vnet_kube::conflist(&ConflistOptions {
         agent_socket: Some(config.socket_path.display().to_string()),
+        spool_dir: Some(config.spool_dir().display().to_string()),
         host_veth_prefix: Some(config.host_veth_prefix.clone()),
         ..ConflistOptions::default()
     })
@@ -115,15 +116,17 @@ mod tests {
     }
 
     #[test]
-    fn the_conflist_names_the_agent_socket_and_veth_prefix() {
+    fn the_conflist_names_the_agent_socket_spool_dir_and_veth_prefix() {
         let config = Config {
             socket_path: "/run/x/agent.sock".into(),
+            state_dir: "/var/lib/x".into(),
             host_veth_prefix: "pod".into(),
             ..Config::default()
         };
         let value: serde_json::Value = serde_json::from_str(&conflist_for(&config)).unwrap();
         assert_eq!(value["plugins"][0]["type"], "vnet-cni");
         assert_eq!(value["plugins"][0]["agentSocket"], "/run/x/agent.sock");
+        assert_eq!(value["plugins"][0]["spoolDir"], "/var/lib/x/spool");
         assert_eq!(value["plugins"][0]["hostVethPrefix"], "pod");
     }
 }

@@ -67,6 +67,7 @@ async fn probes_and_the_conflist_follow_readiness() {
     config.cni_conf_dir = Some(conf_dir.clone());
     let address = config.metrics_address.clone();
     let socket = config.socket_path.clone();
+    let spool_dir = config.spool_dir();
     let (open_gate, gate) = watch::channel(false);
     let cloud = Arc::new(GatedCloud {
         inner: FakeCloud::new(),
@@ -118,6 +119,11 @@ async fn probes_and_the_conflist_follow_readiness() {
     assert_eq!(
         conflist["plugins"][0]["agentSocket"],
         socket.display().to_string()
+    );
+    assert_eq!(
+        conflist["plugins"][0]["spoolDir"],
+        spool_dir.display().to_string(),
+        "the plugin spools where this agent drains"
     );
 
     // Shutdown keeps the conflist: pods keep being set up across an agent restart.

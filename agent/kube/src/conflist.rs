@@ -22,6 +22,9 @@ pub const NETWORK_NAME: &str = "vnet-cni";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConflistOptions {
     pub agent_socket: Option<String>,
+    /// Where the plugin spools releases it cannot deliver: must be the agent's own spool
+    /// directory, or the agent never drains them.
+    pub spool_dir: Option<String>,
     pub mtu: Option<u32>,
     pub host_veth_prefix: Option<String>,
     pub log_level: Option<String>,
@@ -32,6 +35,7 @@ pub fn conflist(options: &ConflistOptions) -> String {
     let mut plugin = json!({ "type": "vnet-cni" });
     let fields = [
         ("agentSocket", options.agent_socket.clone().map(Value::from)),
+        ("spoolDir", options.spool_dir.clone().map(Value::from)),
         ("mtu", options.mtu.map(Value::from)),
         (
             "hostVethPrefix",
@@ -116,6 +120,7 @@ mod tests {
     fn options_become_plugin_keys() {
         let text = conflist(&ConflistOptions {
             agent_socket: Some("/run/x.sock".into()),
+            spool_dir: Some("/var/lib/x/spool".into()),
             mtu: Some(1400),
             host_veth_prefix: None,
             log_level: Some("debug".into()),
@@ -123,7 +128,7 @@ mod tests {
         let value: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
             value["plugins"][0],
-            json!({"type": "vnet-cni", "agentSocket": "/run/x.sock", "mtu": 1400, "logLevel": "debug"})
+            json!({"type": "vnet-cni", "agentSocket": "/run/x.sock", "spoolDir": "/var/lib/x/spool", "mtu": 1400, "logLevel": "debug"})
         );
     }
 
