@@ -665,13 +665,19 @@ impl Agent {
     }
 
     /// Hands every known dying veth to the reaper and deletes leftover tombstones (start-up).
+    /// Only names [`vnet_api::is_tombstone_name`] accepts are deleted: another link that merely
+    /// starts with the prefix is not ours.
     pub async fn sweep_tombstones(&self, links: &dyn LinkOps) {
         let dying = self.state.lock().unwrap().ipam.dying();
         let known: HashSet<&str> = dying.iter().map(|(_, v)| v.as_str()).collect();
         match links.links_with_prefix(TOMBSTONE_PREFIX).await {
             Ok(names) => {
                 for name in names.iter().filter(|n| !known.contains(n.as_str())) {
-                    let _ = self.reaper_tx.send((None, name.clone()));
+                    if vnet_api::is_tombstone_name(name) {
+                        let _ = self.reaper_tx.send((None, name.clone()));
+                    } else {
+                        tracing::debug!(link = name, "not a tombstone name; left alone");
+                    }
                 }
             }
             Err(e) => warn!(error = %e, "cannot list leftover tombstone veths"),

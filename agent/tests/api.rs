@@ -406,8 +406,14 @@ async fn the_socket_is_private_and_metrics_count_requests() {
 async fn a_dying_veth_is_deleted_before_its_address_returns() {
     let dir = tempfile::tempdir().unwrap();
     let links = Arc::new(FakeLinks::default());
-    links.links.lock().unwrap().insert("vdelleftover01".into());
-    links.links.lock().unwrap().insert("vdel0123456789a".into());
+    // A tombstone a crashed DEL left behind, one a release hands over, and a link that only
+    // shares the prefix (not ours: never deleted).
+    let leftover = vnet_api::tombstone_veth_name("vnetleftover001");
+    let dying = vnet_api::tombstone_veth_name(&vnet_api::host_veth_name("vnet", &key("a")));
+    let not_ours = "vdelnotours01".to_string();
+    for name in [&leftover, &dying, &not_ours] {
+        links.links.lock().unwrap().insert(name.clone());
+    }
     let mut config = test_config(dir.path());
     config.pool.warm = 0;
     config.pool.batch = 1;
@@ -415,11 +421,7 @@ async fn a_dying_veth_is_deleted_before_its_address_returns() {
         TestAgent::start_with_links(config, Arc::new(FakeCloud::new()), links.clone()).await;
     // The start-up sweep removes tombstones nobody claims.
     eventually("leftover tombstone deleted", || async {
-        links
-            .deleted
-            .lock()
-            .unwrap()
-            .contains(&"vdelleftover01".to_string())
+        links.deleted.lock().unwrap().contains(&leftover)
     })
     .await;
 
@@ -435,7 +437,7 @@ async fn a_dying_veth_is_deleted_before_its_address_returns() {
         .client
         .release(&ReleaseRequest {
             key: key("a"),
-            dying_veth: Some("vdel0123456789a".into()),
+            dying_veth: Some(dying.clone()),
         })
         .await
         .unwrap();
@@ -454,13 +456,12 @@ async fn a_dying_veth_is_deleted_before_its_address_returns() {
         agent.client.status().await.unwrap().pool.cooldown == 0
     })
     .await;
+    assert!(links.deleted.lock().unwrap().contains(&dying));
     assert!(
-        links
-            .deleted
-            .lock()
-            .unwrap()
-            .contains(&"vdel0123456789a".to_string())
+        !links.deleted.lock().unwrap().contains(&not_ours),
+        "a link that is not a tombstone is never deleted"
     );
+    assert!(links.links.lock().unwrap().contains(&not_ours));
     agent.stop().await;
 }
 

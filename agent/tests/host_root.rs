@@ -32,9 +32,10 @@ fn in_netns<T: Send + 'static>(
 fn dying_veths_are_found_and_deleted_and_a_missing_one_is_success() {
     vnet_testns::require_root();
     let ns = Netns::new("agentlink").unwrap();
+    let tombstone = vnet_api::tombstone_veth_name("vnet0123456789a");
     // veth pairs (the kernel may lack the dummy module); deleting one end deletes both.
     for (name, peer) in [
-        ("vdel0123456789a", "peer0"),
+        (tombstone.as_str(), "peer0"),
         ("vdelb", "peerb"),
         ("keepme0", "keepme1"),
     ] {
@@ -44,27 +45,30 @@ fn dying_veths_are_found_and_deleted_and_a_missing_one_is_success() {
         )
         .unwrap();
     }
-    let (found, after) = in_netns(&ns, |rt| {
+    let victim = tombstone.clone();
+    let (found, after) = in_netns(&ns, move |rt| {
         rt.block_on(async {
             let links = Rtnetlink::open().unwrap();
             let mut found = links.links_with_prefix("vdel").await.unwrap();
             found.sort();
-            links.delete_link("vdel0123456789a").await.unwrap();
+            links.delete_link(&victim).await.unwrap();
             links
-                .delete_link("vdel0123456789a")
+                .delete_link(&victim)
                 .await
                 .expect("deleting a gone link is success");
-            links.delete_link("vdelneverexist").await.unwrap();
+            links
+                .delete_link(&vnet_api::tombstone_veth_name("vnetneverexist0"))
+                .await
+                .unwrap();
             let mut after = links.links_with_prefix("").await.unwrap();
             after.sort();
             (found, after)
         })
     });
-    assert_eq!(
-        found,
-        vec!["vdel0123456789a".to_string(), "vdelb".to_string()]
-    );
-    assert!(!after.contains(&"vdel0123456789a".to_string()));
+    let mut expected = vec![tombstone.clone(), "vdelb".to_string()];
+    expected.sort();
+    assert_eq!(found, expected, "listed by prefix");
+    assert!(!after.contains(&tombstone));
     assert!(
         after.contains(&"keepme0".to_string()),
         "other links are untouched"
