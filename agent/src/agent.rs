@@ -418,12 +418,15 @@ impl Agent {
                 None => (None, self.store.submit(Vec::new())),
             }
         };
-        self.submit_timed(ticket)
-            .await
-            .map_err(|e| AgentError::Internal(format!("the release could not be stored: {e}")))?;
+        let stored = self.submit_timed(ticket).await;
+        // The reaper gets the veth even when the write failed: memory already holds the address
+        // back until the link is gone, and nobody else would ever delete it (the store stops the
+        // agent from allocating until a restart, whose sweep finds the tombstone again).
         if let Some(veth) = req.dying_veth {
             let _ = self.reaper_tx.send((released.as_ref().map(|a| a.ip), veth));
         }
+        stored
+            .map_err(|e| AgentError::Internal(format!("the release could not be stored: {e}")))?;
         match &released {
             Some(a) => info!(
                 container_id = %a.key.container_id,
@@ -1229,5 +1232,37 @@ mod tests {
             assert!(!agent.apply_spool_file(&entry.path).await.unwrap());
         }
         assert_eq!(agent.allocations(), vec![fresh]);
+    }
+
+    #[tokio::test]
+    async fn a_release_whose_write_fails_still_hands_its_veth_to_the_reaper() {
+        let cloud = Arc::new(FlakyCloud::default());
+        let store = Arc::new(MemoryStore::new());
+        let agent = agent_with(cloud.clone(), store.clone());
+        let links = Arc::new(crate::netlink::FakeLinks::default());
+        let tombstone = vnet_api::tombstone_veth_name("vnet0123456789a");
+        links.links.lock().unwrap().insert(tombstone.clone());
+        tokio::spawn(agent.clone().run_reaper(links.clone()));
+        pool_with_releasing(&agent, &cloud, 1, 0).await;
+        agent.allocate(request("abc")).await.unwrap();
+        store.fail_next(1);
+        let result = agent
+            .release(ReleaseRequest {
+                key: request("abc").key,
+                dying_veth: Some(tombstone.clone()),
+            })
+            .await;
+        assert!(matches!(result, Err(AgentError::Internal(_))), "{result:?}");
+        assert!(!agent.is_ready(), "a failed store write stops allocations");
+        for _ in 0..1_000 {
+            if links.deleted.lock().unwrap().contains(&tombstone) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            links.deleted.lock().unwrap().contains(&tombstone),
+            "the tombstone is deleted"
+        );
     }
 }
