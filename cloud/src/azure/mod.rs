@@ -389,6 +389,39 @@ fn secondary_ips(nic: &Value) -> Vec<SecondaryIp> {
         .collect()
 }
 
+/// The NIC's secondary addresses, from a read that must be a complete view: `ipConfigurations`
+/// is an array that holds the primary configuration, and every entry named with
+/// [`IP_CONFIG_PREFIX`] carries its address. Anything less is a transient error, never taken as
+/// the NIC's state: the agent would drop pool addresses or finish releases that did not happen.
+fn complete_secondary_ips(nic: &Value) -> Result<Vec<SecondaryIp>, CloudError> {
+    let incomplete = |why: &str| CloudError::Transient(format!("incomplete NIC read: {why}"));
+    let configs = nic["properties"]["ipConfigurations"]
+        .as_array()
+        .ok_or_else(|| incomplete("no ipConfigurations list"))?;
+    if !configs
+        .iter()
+        .any(|c| c["properties"]["primary"].as_bool() == Some(true))
+    {
+        return Err(incomplete("the primary ipConfiguration is missing"));
+    }
+    for c in configs {
+        let name = c["name"]
+            .as_str()
+            .ok_or_else(|| incomplete("an ipConfiguration without a name"))?;
+        if name.starts_with(IP_CONFIG_PREFIX)
+            && c["properties"]["privateIPAddress"]
+                .as_str()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                .is_none()
+        {
+            return Err(incomplete(&format!(
+                "ipConfiguration {name} has no IPv4 address"
+            )));
+        }
+    }
+    Ok(secondary_ips(nic))
+}
+
 fn assigned(nic: &Value, names: &[String]) -> Result<Vec<SecondaryIp>, CloudError> {
     let all = secondary_ips(nic);
     names
@@ -555,7 +588,7 @@ impl CloudProvider for AzureProvider {
 
     async fn list_secondary_ips(&self, nic_id: &str) -> Result<Vec<SecondaryIp>, CloudError> {
         let (nic, _) = self.inner.settled_nic(nic_id).await?;
-        Ok(secondary_ips(&nic))
+        complete_secondary_ips(&nic)
     }
 
     async fn assign_ips(
@@ -609,6 +642,33 @@ mod tests {
         assert_eq!(names, vec!["ipconfig1", "someone-else", "vnet-cni-b"]);
         // Once applied there is nothing left to do: an unknown outcome resolves by re-reading.
         assert!(edited(&body, &[("vnet-cni-b".into(), "/s".into())], &release).is_none());
+    }
+
+    #[test]
+    fn only_a_complete_nic_read_is_taken_as_the_nics_addresses() {
+        let primary = json!({"name": "ipconfig1", "properties": {"privateIPAddress": "10.0.0.4", "primary": true}});
+        let ours = json!({"name": "vnet-cni-a", "properties": {"privateIPAddress": "10.0.0.5", "primary": false}});
+        let complete = json!({"properties": {"ipConfigurations": [primary, ours]}});
+        let listed = complete_secondary_ips(&complete).unwrap();
+        assert_eq!(
+            listed.iter().map(|s| s.ip).collect::<Vec<_>>(),
+            vec![Ipv4Addr::new(10, 0, 0, 5)]
+        );
+        let incomplete = [
+            json!({"properties": {}}),
+            json!({"properties": {"ipConfigurations": null}}),
+            json!({"properties": {"ipConfigurations": []}}),
+            json!({"properties": {"ipConfigurations": [ours]}}),
+            json!({"properties": {"ipConfigurations": [primary, {"name": "vnet-cni-b", "properties": {}}]}}),
+            json!({"properties": {"ipConfigurations": [primary, {"name": "vnet-cni-b", "properties": {"privateIPAddress": ""}}]}}),
+            json!({"properties": {"ipConfigurations": [primary, {"properties": {"privateIPAddress": "10.0.0.6"}}]}}),
+        ];
+        for nic in incomplete {
+            assert!(
+                matches!(complete_secondary_ips(&nic), Err(CloudError::Transient(_))),
+                "{nic}"
+            );
+        }
     }
 
     #[test]
