@@ -276,7 +276,8 @@ impl Agent {
         if let Some(at) = st.memory.nic_limit_at {
             cap = cap.min(at);
         }
-        if c.total + st.pending >= cap && c.cooldown == 0 {
+        // Addresses being released free NIC slots once the cloud confirms: worth waiting for.
+        if c.total + c.releasing + st.pending >= cap && c.cooldown == 0 && c.releasing == 0 {
             return Some(format!(
                 "all {cap} addresses this node may hold are allocated (pool.max = {}, NIC limit {})",
                 st.pool.max,
@@ -574,6 +575,7 @@ impl Agent {
             cooldown: c.cooldown,
             pending: st.pending,
             waiters: st.waiters,
+            releasing: c.releasing,
             demand: st.demand,
         }
     }
@@ -828,7 +830,9 @@ impl Agent {
                             Some(Duration::from_secs((10u64 << exp).min(300)))
                         }
                         CloudError::NicLimitReached { .. } => {
-                            st.memory.nic_limit_at = Some(st.ipam.counts().total);
+                            let c = st.ipam.counts();
+                            // What the NIC holds includes addresses still being released.
+                            st.memory.nic_limit_at = Some(c.total + c.releasing);
                             None
                         }
                         _ => Some(Duration::from_secs((1u64 << exp).min(30))),

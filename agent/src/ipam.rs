@@ -58,6 +58,8 @@ pub struct IpamCounts {
     pub free: u32,
     pub cooldown: u32,
     pub unreconciled: u32,
+    /// Out of the pool, still on the NIC until the cloud confirms their removal.
+    pub releasing: u32,
 }
 
 impl Ipam {
@@ -291,6 +293,7 @@ impl Ipam {
             free: self.free.len() as u32,
             cooldown: self.cooldown.len() as u32,
             unreconciled: self.unreconciled.len() as u32,
+            releasing: self.releasing.len() as u32,
         }
     }
 

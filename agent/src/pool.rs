@@ -29,6 +29,9 @@ pub struct Counts {
     pub pending: u32,
     /// Allocation requests waiting for an address.
     pub waiters: u32,
+    /// Out of the pool but still on the NIC until the cloud confirms their removal: they hold
+    /// NIC slots, so they count against the cap and the NIC limit.
+    pub releasing: u32,
     /// Pods known to be on their way to this node without an address yet (from the Kubernetes
     /// pod watch, when there is one): the pool grows ahead of them.
     pub demand: u32,
@@ -78,9 +81,16 @@ pub fn target(c: &Counts, s: &Settings, m: &Memory) -> u32 {
     (allocated + c.cooldown + (s.warm + c.demand).max(c.waiters)).min(effective_cap(c, s, m))
 }
 
+impl Counts {
+    /// Addresses the NIC holds for the pool: the pool's own and those being released.
+    pub fn on_nic(&self) -> u32 {
+        self.total + self.releasing
+    }
+}
+
 fn effective_cap(c: &Counts, s: &Settings, m: &Memory) -> u32 {
     match m.nic_limit_at {
-        Some(at) if c.total >= at => s.cap().min(at),
+        Some(at) if c.on_nic() >= at => s.cap().min(at),
         _ => s.cap(),
     }
 }
@@ -90,10 +100,11 @@ pub fn decide(c: &Counts, s: &Settings, m: &mut Memory, now: Duration) -> Decisi
     if c.pending > 0 {
         return Decision::Nothing;
     }
-    if m.nic_limit_at.is_some_and(|at| c.total < at) {
+    if m.nic_limit_at.is_some_and(|at| c.on_nic() < at) {
         m.nic_limit_at = None;
     }
     let cap = effective_cap(c, s, m);
+    // Addresses already being released are on their way out: not shrunk for twice.
     if c.total > cap {
         m.excess_since = None;
         let n = (c.total - cap).min(c.free);
@@ -120,7 +131,7 @@ pub fn decide(c: &Counts, s: &Settings, m: &mut Memory, now: Duration) -> Decisi
             }
             m.backoff_until = None;
         }
-        let room = cap.saturating_sub(c.total + c.pending);
+        let room = cap.saturating_sub(c.on_nic() + c.pending);
         let step = deficit.div_ceil(s.batch) * s.batch;
         let n = step.min(room);
         return if n > 0 {
@@ -160,6 +171,7 @@ mod tests {
             cooldown,
             pending,
             waiters,
+            releasing: 0,
             demand: 0,
         }
     }
@@ -223,6 +235,24 @@ mod tests {
                 Grow(5),
             ),
             ("at max nothing to grow", counts(250, 0, 0, 0, 3), S, AtCap),
+            (
+                "addresses being released still hold NIC slots",
+                Counts {
+                    releasing: 5,
+                    ..counts(250, 0, 0, 0, 3)
+                },
+                Settings { max: 255, ..S },
+                AtCap,
+            ),
+            (
+                "below the NIC limit only by what is being released",
+                Counts {
+                    releasing: 2,
+                    ..counts(250, 0, 0, 0, 3)
+                },
+                Settings { max: 255, ..S },
+                Grow(3),
+            ),
             (
                 "batch 1 grows exactly",
                 counts(3, 0, 0, 0, 2),
