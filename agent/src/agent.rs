@@ -130,6 +130,8 @@ pub struct Agent {
     reaper_tx: mpsc::UnboundedSender<ReapJob>,
     reaper_rx: Mutex<Option<mpsc::UnboundedReceiver<ReapJob>>>,
     ready: AtomicBool,
+    /// Shutting down: allocations that would wait fail at once instead.
+    stopping: AtomicBool,
     epoch: Instant,
     /// Held while a spool file is applied, so a drain that listed a file cannot apply it after an
     /// allocation for the same attachment has consumed it.
@@ -227,6 +229,7 @@ impl Agent {
             reaper_tx,
             reaper_rx: Mutex::new(Some(reaper_rx)),
             ready: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             epoch: Instant::now(),
             spool_lock: tokio::sync::Mutex::new(()),
         })
@@ -242,6 +245,13 @@ impl Agent {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// The agent is shutting down: allocations waiting for the pool fail now with "try again
+    /// later" instead of holding the shutdown up until their timeout.
+    pub fn stop_waiting(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
     }
 
     pub fn is_ready(&self) -> bool {
@@ -336,6 +346,11 @@ impl Agent {
                     }
                     AllocOutcome::Empty => match self.exhausted_reason(&st) {
                         Some(reason) => Step::Fail(AgentError::Exhausted(reason)),
+                        None if self.stopping.load(Ordering::SeqCst) => {
+                            Step::Fail(AgentError::TryAgainLater(
+                                "no free address and the agent is shutting down".into(),
+                            ))
+                        }
                         None => Step::Wait,
                     },
                 };
@@ -555,16 +570,6 @@ impl Agent {
             self.changed.notify_waiters();
         }
         Ok(wanted)
-    }
-
-    /// The pool settings in force (configuration plus overrides).
-    pub fn pool_settings(&self) -> pool::Settings {
-        self.state.lock().unwrap().pool
-    }
-
-    /// The addresses the pool believes are on the NIC.
-    pub fn pool_ips(&self) -> BTreeSet<Ipv4Addr> {
-        self.state.lock().unwrap().ipam.pool().clone()
     }
 
     fn pool_counts(st: &Inner) -> pool::Counts {
@@ -1268,5 +1273,20 @@ mod tests {
             links.deleted.lock().unwrap().contains(&tombstone),
             "the tombstone is deleted"
         );
+    }
+
+    #[tokio::test]
+    async fn shutting_down_fails_waiting_allocations_at_once() {
+        let cloud = Arc::new(FlakyCloud::default());
+        let agent = agent_with(cloud, Arc::new(MemoryStore::new()));
+        let mut allocation = Box::pin(agent.allocate(request("abc")));
+        assert!(futures::poll!(allocation.as_mut()).is_pending());
+        agent.stop_waiting();
+        let err = allocation.await.unwrap_err();
+        assert!(
+            matches!(&err, AgentError::TryAgainLater(m) if m.contains("shutting down")),
+            "{err:?}"
+        );
+        assert_eq!(agent.state.lock().unwrap().waiters, 0);
     }
 }

@@ -339,6 +339,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
 
     let _ = shutdown.wait_for(|s| *s).await;
     probes.set_stopping();
+    agent.stop_waiting();
     info!("shutting down: no new requests; finishing those in flight");
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(Ok(Ok(()))) => {}
