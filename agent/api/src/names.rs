@@ -261,7 +261,13 @@ mod tests {
         assert_ne!(a, tombstone_veth_name("vnet0123456789b"));
         assert_eq!(a.len(), IFNAME_MAX);
         assert!(is_tombstone_name(&a));
-        for not in ["vdel", "vdel0123456789", "vdel0123456789A", "vnet0123456789a", "vdelxxxxxxxxxxx"] {
+        for not in [
+            "vdel",
+            "vdel0123456789",
+            "vdel0123456789A",
+            "vnet0123456789a",
+            "vdelxxxxxxxxxxx",
+        ] {
             assert!(!is_tombstone_name(not), "{not}");
         }
     }
