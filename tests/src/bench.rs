@@ -297,7 +297,7 @@ fn cold_burst(cfg: &LabConfig, opts: &BenchOptions) -> Result<Value, LabError> {
         max: 250,
         release_delay_secs: 3600,
         cooldown_secs: 30,
-        allocate_timeout_secs: 120,
+        allocate_timeout_secs: 30,
     };
     c.faults =
         Some(json!({"latency": {"nic_put": {"fixed_ms": opts.write_latency_ms}}}).to_string());
@@ -598,7 +598,7 @@ pub fn run(cfg: &LabConfig, opts: &BenchOptions) -> Result<(), LabError> {
         max: 250,
         release_delay_secs: 3600,
         cooldown_secs: 1,
-        allocate_timeout_secs: 60,
+        allocate_timeout_secs: 30,
     };
     let started = Instant::now();
     let lab = LabGuard::new(Lab::up(&c)?);

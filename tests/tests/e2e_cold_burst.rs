@@ -18,7 +18,7 @@ fn sixty_pods_at_once_on_an_empty_pool_all_come_up_within_the_batching_rule() {
         max: 250,
         release_delay_secs: 3600,
         cooldown_secs: 30,
-        allocate_timeout_secs: 120,
+        allocate_timeout_secs: 30,
     };
     let lab = common::lab("cold", 1, pool.clone(), None);
     let before = lab.agent_status("node-1").expect("status");
