@@ -22,10 +22,9 @@ pub const NIC_SECONDARY_LIMIT: u32 = 255;
 /// The longest an allocation may wait for the pool. The plugin gives up on an allocation after
 /// [`PLUGIN_ALLOCATE_WAIT_SECS`]; the agent must answer before that, with margin for the store
 /// write and the reply, or its "try again later" reaches nobody.
-pub const MAX_ALLOCATE_TIMEOUT_SECS: u64 = 30;
-/// How long the vnet-cni plugin waits for an allocation (its client timeout,
-/// `vnet_cni::commands::ALLOCATE_TIMEOUT`).
-pub const PLUGIN_ALLOCATE_WAIT_SECS: u64 = 35;
+pub const MAX_ALLOCATE_TIMEOUT_SECS: u64 = PLUGIN_ALLOCATE_WAIT_SECS - 5;
+/// How long the vnet-cni plugin waits for an allocation (the contract's constant).
+pub const PLUGIN_ALLOCATE_WAIT_SECS: u64 = vnet_api::ALLOCATE_WAIT_SECS;
 
 /// The range rules of `pool.warm`, `pool.batch` and `pool.max`, shared by the configuration and
 /// the per-node overrides. On failure: the offending key and why.

@@ -48,6 +48,10 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/vnet-cni/agent.sock";
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/vnet-cni/spool";
 /// Default prefix of host-side veth names (`vnet` + 11 hex digits = 15 bytes).
 pub const DEFAULT_HOST_VETH_PREFIX: &str = "vnet";
+/// How long the plugin waits for `POST /v1/allocate`. The agent caps its own wait for the pool
+/// below this (with margin for the store write and the reply), so its "try again later" always
+/// reaches the plugin. One constant for both sides, so they cannot drift apart.
+pub const ALLOCATE_WAIT_SECS: u64 = 35;
 /// The pod's gateway: link-local, so no VNet address is spent on it. The host veth answers for it
 /// through a permanent neighbour entry in the pod.
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);

@@ -12,9 +12,9 @@ use std::time::Duration;
 use crate::agent::AgentError;
 use crate::error::{CniError, Code};
 
-/// How long ADD waits for an address: the agent may be waiting for a cloud write
-/// (its allocate timeout is 30 s by default).
-pub const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(35);
+/// How long ADD waits for an address: the agent may be waiting for a cloud write, and answers
+/// before this (its own wait is capped below it).
+pub const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(vnet_api::ALLOCATE_WAIT_SECS);
 /// STATUS, CHECK and GC: the agent answers them from memory, without a cloud call.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
