@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 pub mod fabric;
 pub mod faults;
 pub mod model;
+pub mod scaleset;
 mod server;
 pub mod topology;
 
