@@ -232,3 +232,35 @@ fn del_timeout_out_of_range_is_code_7() {
         out.json()
     );
 }
+
+#[test]
+fn relative_paths_in_the_config_are_code_7_and_create_nothing() {
+    use std::process::{Command, Stdio};
+    let cwd = tempfile::tempdir().unwrap();
+    for (field, value) in [
+        ("logFile", "1.1.0"),
+        ("spoolDir", "spool"),
+        ("agentSocket", "agent.sock"),
+    ] {
+        let mut cfg = conf("1.0.0", "/nonexistent/agent.sock", cwd.path());
+        cfg["spoolDir"] = json!("/nonexistent/spool");
+        cfg[field] = json!(value);
+        // DEL with the agent down would spool and log: the path must be refused before that.
+        let mut cmd = Command::new(common::PLUGIN);
+        cmd.env_clear()
+            .current_dir(cwd.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in common::cni_env("DEL", "abc", "", "eth0") {
+            cmd.env(k, v);
+        }
+        cmd.env("CNI_PATH", "/opt/cni/bin");
+        let out = common::finish(cmd, common::PLUGIN, &cfg.to_string());
+        assert_eq!(out.error_code(), 7, "{field}: {out:?}");
+        let msg = out.json()["msg"].as_str().unwrap().to_owned();
+        assert!(msg.contains(field) && msg.contains("absolute"), "{msg}");
+        let left: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+        assert!(left.is_empty(), "{field}: created {left:?}");
+    }
+}
