@@ -264,3 +264,22 @@ fn relative_paths_in_the_config_are_code_7_and_create_nothing() {
         assert!(left.is_empty(), "{field}: created {left:?}");
     }
 }
+
+#[test]
+fn an_agent_that_dies_mid_request_is_try_again_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("dying.sock");
+    common::dying_agent(&socket);
+    let cfg = conf("1.1.0", socket.to_str().unwrap(), dir.path()).to_string();
+    // CHECK asks the agent before it touches any namespace.
+    let out = exec_plugin(None, &common::cni_env("CHECK", "abc", "/x", "eth0"), &cfg);
+    assert_eq!(out.error_code(), 11, "{out:?}");
+    let msg = out.json()["msg"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("closed the connection") && msg.contains("vnet-agent is running"),
+        "{msg}"
+    );
+    // STATUS: the plugin cannot work now.
+    let out = exec_plugin(None, &[("CNI_COMMAND", "STATUS")], &cfg);
+    assert_eq!(out.error_code(), 50, "{out:?}");
+}
