@@ -32,6 +32,7 @@ use vnet_api::{AllocationsResponse, HealthResponse, StatusResponse};
 use crate::exec::{self, ExecError, enter_netns, ip, ip_batch};
 use crate::http::{self, HttpError};
 use crate::netns::{self, NetnsError};
+pub use crate::state::NodeKind;
 use crate::state::{self, HostState, LabState, NodeState, PodState, ProcState, StateError};
 
 pub const DEFAULT_BASE_DIR: &str = "/run/vnet-lab";
@@ -132,9 +133,49 @@ pub struct LabConfig {
     pub portmap: bool,
     pub agent_log_level: String,
     pub plugin_log_level: String,
+    /// Kinds of the nodes, cycled over them (node-1 takes the first); empty: all plain VMs.
+    pub node_kinds: Vec<NodeKind>,
+}
+
+/// The scale sets the lab's scale-set nodes belong to.
+pub const UNIFORM_SCALE_SET: &str = "lab-pool";
+pub const FLEXIBLE_SCALE_SET: &str = "lab-flex";
+
+/// `vm`, `uniform`, `flexible`, `mixed` (= `vm,uniform,flexible`) or a comma-separated list of
+/// those kinds, cycled over the nodes.
+pub fn parse_node_kinds(spec: &str) -> Result<Vec<NodeKind>, LabError> {
+    let invalid = |why: &str| LabError::Invalid {
+        what: "node kind",
+        value: spec.to_owned(),
+        why: why.to_owned(),
+    };
+    let mut kinds = Vec::new();
+    for word in spec.split(',').map(str::trim) {
+        match word {
+            "vm" => kinds.push(NodeKind::Vm),
+            "uniform" => kinds.push(NodeKind::Uniform),
+            "flexible" => kinds.push(NodeKind::Flexible),
+            "mixed" => kinds.extend([NodeKind::Vm, NodeKind::Uniform, NodeKind::Flexible]),
+            _ => {
+                return Err(invalid(
+                    "use vm, uniform, flexible, mixed, or a comma-separated list of them",
+                ));
+            }
+        }
+    }
+    Ok(kinds)
 }
 
 impl LabConfig {
+    /// The kind of node number `i` (0-based).
+    pub fn node_kind(&self, i: usize) -> NodeKind {
+        if self.node_kinds.is_empty() {
+            NodeKind::Vm
+        } else {
+            self.node_kinds[i % self.node_kinds.len()]
+        }
+    }
+
     pub fn new(name: &str) -> LabConfig {
         LabConfig {
             name: name.to_owned(),
@@ -148,6 +189,7 @@ impl LabConfig {
             portmap: false,
             agent_log_level: "info".to_owned(),
             plugin_log_level: "warn".to_owned(),
+            node_kinds: Vec::new(),
         }
     }
 }
@@ -392,6 +434,7 @@ impl Lab {
                     agent_log: ndir.join("agent.log"),
                     dir: ndir,
                     name,
+                    kind: cfg.node_kind(i),
                 }
             })
             .collect::<Vec<_>>();
@@ -579,7 +622,16 @@ impl Lab {
         let mut vms: Vec<serde_json::Value> = st
             .nodes
             .iter()
-            .map(|n| json!({"name": n.name, "subnet": "nodes", "primary_ip": n.ip.to_string()}))
+            .map(|n| {
+                let mut vm =
+                    json!({"name": n.name, "subnet": "nodes", "primary_ip": n.ip.to_string()});
+                match n.kind {
+                    NodeKind::Vm => {}
+                    NodeKind::Uniform => vm["scale_set"] = json!(UNIFORM_SCALE_SET),
+                    NodeKind::Flexible => vm["scale_set"] = json!(FLEXIBLE_SCALE_SET),
+                }
+                vm
+            })
             .collect();
         vms.push(
             json!({"name": st.vm.name, "subnet": "nodes", "primary_ip": st.vm.ip.to_string()}),
@@ -591,6 +643,10 @@ impl Lab {
             "vnet": {"name": "vnet", "address_space": [st.subnet]},
             "subnets": [{"name": "nodes", "prefix": st.subnet}],
             "vms": vms,
+            "scale_sets": [
+                {"name": UNIFORM_SCALE_SET, "orchestration": "Uniform"},
+                {"name": FLEXIBLE_SCALE_SET, "orchestration": "Flexible"},
+            ],
         });
         let path = st.dir.join("topology.json");
         fs::write(

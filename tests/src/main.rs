@@ -70,6 +70,10 @@ struct Build {
     /// Chain the portmap plugin after vnet-cni.
     #[arg(long)]
     portmap: bool,
+    /// What the nodes are in the cloud: vm, uniform (Uniform scale-set instances, as on AKS),
+    /// flexible, mixed (vm,uniform,flexible), or a comma-separated list, cycled over the nodes.
+    #[arg(long, default_value = "vm")]
+    node_kind: String,
 }
 
 impl Build {
@@ -94,6 +98,7 @@ impl Build {
             cfg.cnitool = c.clone();
         }
         cfg.portmap = self.portmap;
+        cfg.node_kinds = lab::parse_node_kinds(&self.node_kind)?;
         Ok(cfg)
     }
 }
