@@ -893,6 +893,55 @@ impl Lab {
         Ok(self.mock_request("GET", path, None)?.json(path)?)
     }
 
+    /// The Prometheus text of `node`'s agent (served on 127.0.0.1:9464 in the node's namespace).
+    pub fn agent_metrics(&self, node: &str) -> Result<String, LabError> {
+        let n = self.node_state(&self.state(), node)?;
+        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
+        let response = http::tcp_request_in(&n.ns, addr, "GET", "/metrics", None)?;
+        if response.status != 200 {
+            return Err(LabError::Failed(format!(
+                "{node}: metrics answered {}",
+                response.status
+            )));
+        }
+        Ok(response.body)
+    }
+
+    /// Reimages `node`, a Uniform scale-set instance, in the mock cloud: its instance-level
+    /// ipConfigurations go back to the scale set's model. Returns the addresses it lost.
+    pub fn reimage(&self, node: &str) -> Result<Vec<Ipv4Addr>, LabError> {
+        let st = self.state();
+        let n = self.node_state(&st, node)?;
+        if n.kind != NodeKind::Uniform {
+            return Err(LabError::Invalid {
+                what: "node",
+                value: node.to_owned(),
+                why: format!(
+                    "{} is a {}, not a Uniform scale-set instance",
+                    n.name,
+                    n.kind.as_str()
+                ),
+            });
+        }
+        // Instance IDs follow the order of the set's members.
+        let instance = st
+            .nodes
+            .iter()
+            .take_while(|m| m.name != n.name)
+            .filter(|m| m.kind == NodeKind::Uniform)
+            .count();
+        let path =
+            format!("/admin/scalesets/{UNIFORM_SCALE_SET}/virtualMachines/{instance}/reimage");
+        let answer: serde_json::Value = self.mock_request("POST", &path, None)?.json(&path)?;
+        Ok(answer["lost"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|ip| ip.as_str()?.parse().ok())
+            .collect())
+    }
+
     /// Registers another CNI network name whose libcni cache files `down` must remove.
     pub fn register_network(&self, name: &str) -> Result<(), LabError> {
         let name = name.to_owned();
