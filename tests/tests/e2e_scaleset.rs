@@ -54,7 +54,7 @@ fn a_mixed_lab_of_vm_uniform_and_flexible_nodes_passes_the_demo_checks() {
         for node in ["node-1", "node-2", "node-3"] {
             lab.del_pod(node, "a").expect("delete");
             lab.add_pod(node, "a")
-                .expect(&format!("re-add, round {round}"));
+                .unwrap_or_else(|e| panic!("re-add on {node}, round {round}: {e}"));
         }
     }
     common::assert_ip_accounting(&lab);
