@@ -151,6 +151,8 @@ async fn allocate_release_and_gc_are_idempotent() {
     }
     let gc = GcRequest {
         valid_attachments: vec![key("b"), eth1.key.clone()],
+        network: Some("vnet".into()),
+        allocated_before: Some(vnet_agent::agent::now_secs() + 1),
     };
     let out = c.gc(&gc).await.unwrap();
     let gone: BTreeSet<String> = out.released.iter().map(|a| a.key.to_string()).collect();
@@ -168,6 +170,85 @@ async fn allocate_release_and_gc_are_idempotent() {
         .map(|a| a.key.to_string())
         .collect();
     assert_eq!(left, ["a/eth1".to_string(), "b/eth0".to_string()].into());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_releases_only_its_own_networks_old_allocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(test_config(dir.path()), Arc::new(FakeCloud::new())).await;
+    let c = &agent.client;
+    let on = |id: &str, network: Option<&str>| {
+        let mut r = alloc_req(id);
+        r.network = network.map(Into::into);
+        r
+    };
+    for (id, network) in [
+        ("blue-a", Some("blue")),
+        ("blue-b", Some("blue")),
+        ("red-a", Some("red")),
+        // As recorded before the agent kept networks.
+        ("legacy", None),
+        ("legacy-gone", None),
+    ] {
+        c.allocate(&on(id, network)).await.unwrap();
+    }
+    let gc = |network: Option<&str>, valid: &[&str], allocated_before: Option<u64>| GcRequest {
+        valid_attachments: valid.iter().map(|id| key(id)).collect(),
+        network: network.map(Into::into),
+        allocated_before,
+    };
+    let released = |r: vnet_api::GcResponse| -> BTreeSet<String> {
+        r.released
+            .iter()
+            .map(|a| a.key.container_id.to_string())
+            .collect()
+    };
+    let later = Some(vnet_agent::agent::now_secs() + 1);
+    // Just made: the runtime's list may predate them, so the default cut-off spares them all.
+    let out = c.gc(&gc(Some("blue"), &[], None)).await.unwrap();
+    assert!(
+        out.released.is_empty(),
+        "young allocations released: {out:?}"
+    );
+    // Blue's GC frees blue's stale attachment only: never red's, never one without a network.
+    let out = c
+        .gc(&gc(Some("blue"), &["blue-a", "legacy"], later))
+        .await
+        .unwrap();
+    assert_eq!(released(out), ["blue-b".to_string()].into());
+    let network_of = |all: &[vnet_api::Allocation], id: &str| {
+        all.iter()
+            .find(|a| a.key == key(id))
+            .map(|a| a.network.clone())
+    };
+    let all = c.allocations().await.unwrap().allocations;
+    assert_eq!(network_of(&all, "red-a"), Some(Some("red".into())));
+    assert_eq!(
+        network_of(&all, "legacy"),
+        Some(Some("blue".into())),
+        "blue listed it: claimed"
+    );
+    assert_eq!(
+        network_of(&all, "legacy-gone"),
+        Some(None),
+        "kept, unclaimed"
+    );
+    // Red's GC frees red's and leaves the claimed one to blue.
+    let out = c.gc(&gc(Some("red"), &[], later)).await.unwrap();
+    assert_eq!(released(out), ["red-a".to_string()].into());
+    // A plugin from before networks collects only what carries no network.
+    let out = c.gc(&gc(None, &[], later)).await.unwrap();
+    assert_eq!(released(out), ["legacy-gone".to_string()].into());
+    let left: BTreeSet<String> = c
+        .allocations()
+        .await
+        .unwrap()
+        .allocations
+        .iter()
+        .map(|a| a.key.container_id.to_string())
+        .collect();
+    assert_eq!(left, ["blue-a".to_string(), "legacy".to_string()].into());
     agent.stop().await;
 }
 

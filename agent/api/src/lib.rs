@@ -127,9 +127,24 @@ pub struct ReleaseResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GcRequest {
-    /// Every attachment still in use on this network; the agent releases all others.
+    /// Every attachment still in use on this network; the agent releases the others of this
+    /// network (see `network`).
     pub valid_attachments: Vec<AttachmentKey>,
+    /// The CNI network being collected (the config's `name`). The agent releases only
+    /// allocations recorded with this network. `None` (a plugin from before networks were
+    /// recorded): only allocations recorded without a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Only allocations made before this time (seconds since the Unix epoch) may be released:
+    /// a younger one may be an ADD the runtime's list could not include yet. `None`: now minus
+    /// [`GC_MIN_AGE_SECS`]. Later than now counts as now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_before: Option<u64>,
 }
+
+/// GC leaves alone attachments younger than this: the runtime lists its attachments, then calls
+/// GC, and an ADD that finished in between is not on the list but is not stale either.
+pub const GC_MIN_AGE_SECS: u64 = 60;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcResponse {
@@ -326,7 +341,12 @@ mod tests {
         round_trip(ReleaseResponse { released: None });
         round_trip(GcRequest {
             valid_attachments: vec![key()],
+            network: Some("vnet".into()),
+            allocated_before: Some(7),
         });
+        // A plugin from before networks sends neither.
+        let old: GcRequest = serde_json::from_str(r#"{"valid_attachments":[]}"#).unwrap();
+        assert_eq!((old.network, old.allocated_before), (None, None));
         round_trip(GcResponse {
             released: vec![allocation()],
         });
