@@ -639,3 +639,93 @@ async fn known_demand_grows_the_pool_ahead_of_the_pods() {
     assert!(cloud.secondary_ips().len() >= 28);
     agent.stop().await;
 }
+
+/// A small tmpfs mounted on `path`, unmounted when dropped (on failure too).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {out:?}");
+        Tmpfs(path.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_allocations_until_space_is_freed_then_the_agent_recovers() {
+    // Regression: a failed journal write poisoned the store until a restart.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    let _tmpfs = Tmpfs::mount(&config.state_dir, "1m");
+    config.pool.cooldown_secs = 0;
+    let agent = TestAgent::start(config.clone(), Arc::new(FakeCloud::new())).await;
+    let c = &agent.client;
+    c.allocate(&alloc_req("before")).await.unwrap();
+    // Fill the file system.
+    let filler = config.state_dir.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let mut small = [0u8; 512].to_vec();
+        while !small.is_empty() {
+            if f.write_all(&small).is_err() {
+                small.truncate(small.len() / 2);
+            }
+        }
+        let _ = f.sync_all();
+    }
+    // Allocations go on until the journal's last page is full, then fail.
+    let mut refused = None;
+    for i in 0..500 {
+        if let Err(e) = c.allocate(&alloc_req(&format!("full-{i}"))).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("an allocation fails on a full disk");
+    assert_eq!(api_error(refused).1, ErrorCode::Internal);
+    assert!(!c.health().await.is_ok_and(|h| h.ready));
+    let err = c.allocate(&alloc_req("while-full")).await.unwrap_err();
+    assert_eq!(api_error(err).1, ErrorCode::NotReady);
+    // Space comes back: the agent re-opens its store by itself, no restart.
+    std::fs::remove_file(&filler).unwrap();
+    eventually("the agent is ready again", || async {
+        c.health().await.is_ok_and(|h| h.ready)
+    })
+    .await;
+    let after = c.allocate(&alloc_req("after")).await.unwrap();
+    let served: BTreeSet<_> = c
+        .allocations()
+        .await
+        .unwrap()
+        .allocations
+        .into_iter()
+        .map(|a| (a.key.to_string(), a.ip))
+        .collect();
+    assert!(served.contains(&(key("after").to_string(), after.allocation.ip)));
+    agent.stop().await;
+    // What it served is exactly what is durable.
+    let durable: BTreeSet<_> = JournalStore::read_state(&config.state_dir)
+        .unwrap()
+        .allocations
+        .into_values()
+        .map(|a| (a.key.to_string(), a.ip))
+        .collect();
+    assert_eq!(durable, served);
+}

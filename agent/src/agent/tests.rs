@@ -394,3 +394,23 @@ async fn near_the_max_allocations_wait_for_pending_addresses() {
     let _ = stop.send(true);
     pool_task.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_failed_store_write_is_recovered_in_process() {
+    let cloud = Arc::new(FlakyCloud::default());
+    let store = Arc::new(MemoryStore::new());
+    let agent = agent_with(cloud.clone(), store.clone());
+    pool_with_releasing(&agent, &cloud, 3, 0).await;
+    let kept = agent.allocate(request("a")).await.unwrap().allocation;
+    store.fail_next(1);
+    let err = agent.allocate(request("b")).await.unwrap_err();
+    assert!(matches!(err, AgentError::Internal(_)), "{err:?}");
+    assert!(!agent.is_ready());
+    assert!(agent.recover_store().await);
+    assert!(agent.is_ready(), "allocating again");
+    // Memory is what the store holds: the refused allocation is forgotten, the kept one stays.
+    assert_eq!(agent.allocations(), vec![kept]);
+    let b = agent.allocate(request("b")).await.unwrap().allocation;
+    assert_eq!(store.state().allocations[&b.key].ip, b.ip);
+    agent.state.lock().unwrap().ipam.check();
+}
