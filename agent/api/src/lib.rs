@@ -144,6 +144,11 @@ pub struct Allocation {
     pub key: AttachmentKey,
     #[serde(default)]
     pub pod: PodRef,
+    /// The CNI network the attachment was added on (its ADD's `network`). `None` for allocations
+    /// recorded before the agent kept it, and for ADDs that named no network: GC of a named
+    /// network never releases those (they may be another network's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// The host veth's deterministic name ([`host_veth_name`]).
     pub host_veth: String,
     /// Seconds since the Unix epoch.
@@ -287,6 +292,7 @@ mod tests {
                 name: Some("web-0".into()),
                 uid: None,
             },
+            network: Some("vnet".into()),
             host_veth: host_veth_name(DEFAULT_HOST_VETH_PREFIX, &key()),
             allocated_at: 1_700_000_000,
         }

@@ -86,6 +86,7 @@ impl FakeAgent {
         };
         let allocation = Allocation {
             ip: Ipv4Addr::new(10, 240, 0, ip_last),
+            network: None,
             host_veth: vnet_api::host_veth_name("vnet", &key),
             key,
             pod: PodRef {
