@@ -268,51 +268,8 @@ fn agent_runs_with_least_privilege_and_api_independent_probes() {
     );
 }
 
-#[test]
-fn cluster_role_grants_exactly_what_the_agent_uses() {
-    let role: ClusterRole = typed(&find("ClusterRole", "vnet-cni-agent")).unwrap();
-    let granted: BTreeSet<String> = role
-        .rules
-        .unwrap()
-        .into_iter()
-        .flat_map(|rule| {
-            let groups = rule.api_groups.unwrap_or_default();
-            let resources = rule.resources.unwrap_or_default();
-            let verbs = rule.verbs;
-            groups.into_iter().flat_map(move |g| {
-                let verbs = verbs.clone();
-                resources.clone().into_iter().flat_map(move |r| {
-                    let g = g.clone();
-                    verbs
-                        .clone()
-                        .into_iter()
-                        .map(move |v| format!("{g}/{r}:{v}"))
-                })
-            })
-        })
-        .collect();
-    let expected: BTreeSet<String> = [
-        "/pods:get",
-        "/pods:list",
-        "/pods:watch",
-        "/nodes:get",
-        "/nodes:list",
-        "/nodes:watch",
-        "vnet-cni.io/nodeippools:get",
-        "vnet-cni.io/nodeippools:list",
-        "vnet-cni.io/nodeippools:watch",
-        "vnet-cni.io/nodeippools:create",
-        "vnet-cni.io/nodeippools:patch",
-        "vnet-cni.io/nodeippools:update",
-        "vnet-cni.io/nodeippools/status:get",
-        "vnet-cni.io/nodeippools/status:patch",
-        "vnet-cni.io/nodeippools/status:update",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
-    assert_eq!(granted, expected);
-}
+// The ClusterRole is checked against the calls the agent really makes in
+// tests/integration.rs (`cluster_role_grants_exactly_what_the_scenarios_call`).
 
 /// The agent rejects unknown keys: a ConfigMap with a typo would crash-loop on every node.
 #[test]
