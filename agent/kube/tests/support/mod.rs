@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod manifests;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
