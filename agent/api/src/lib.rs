@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 mod names;
 pub use names::{
     ContainerId, HOST_VETH_PREFIX_MAX, IFNAME_MAX, IfName, NameError, TOMBSTONE_PREFIX,
-    host_veth_name, is_tombstone_name, tombstone_veth_name, validate_veth_prefix,
+    host_veth_name, is_tombstone_name, spool_file_name, tombstone_veth_name, validate_veth_prefix,
 };
 
 /// Path prefix of every API route.
@@ -248,14 +248,6 @@ impl ErrorCode {
             ErrorCode::Internal => 500,
         }
     }
-}
-
-/// A release the plugin could not deliver, stored as `<spool dir>/<container id>:<ifname>.json`.
-/// The file name makes a repeated DEL idempotent (`:` appears in neither name, so no two keys share
-/// a file); the agent deletes the file once the release is durable in its own store, and applies a
-/// key's spooled release before it allocates for that key again.
-pub fn spool_file_name(key: &AttachmentKey) -> String {
-    format!("{}:{}.json", key.container_id, key.ifname)
 }
 
 /// Hex SHA-256 of the parts, joined by a separator; the source of host veth and tombstone names.

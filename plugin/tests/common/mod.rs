@@ -209,6 +209,19 @@ impl FakeAgent {
     }
 }
 
+/// An agent that dies mid-request: accepts each connection, reads the request, and closes it
+/// without answering (hyper then reports "connection closed before message completed").
+pub fn dying_agent(socket: &Path) {
+    use std::io::Read;
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+        }
+    });
+}
+
 /// The network config the tests use.
 pub fn conf(version: &str, socket: &str, spool: &Path) -> Value {
     json!({
