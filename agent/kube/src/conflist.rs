@@ -110,6 +110,13 @@ fn record_published(dir: &Path) {
     if let Ok(mut published) = PUBLISHED_DIR.lock() {
         *published = Some(dir.to_owned());
     }
+    // Also without Kubernetes (node images): say at once when the runtime would load another file.
+    if let Ok(Some(other)) = shadowing_conflist(dir) {
+        tracing::warn!(
+            config = %dir.join(&other).display(),
+            "{other} sorts before {CONFLIST_FILE_NAME}: the container runtime gives new pods that network, not vnet-cni's; remove it (or the CNI that wrote it)"
+        );
+    }
 }
 
 fn remove_legacy(dir: &Path) -> io::Result<()> {
