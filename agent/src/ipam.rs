@@ -111,6 +111,7 @@ impl Ipam {
             ip,
             key: req.key.clone(),
             pod: req.pod.clone(),
+            network: req.network.clone(),
             host_veth,
             allocated_at: now,
         };

@@ -353,6 +353,81 @@ fn agent_down_add_is_11_and_del_spools() {
 }
 
 #[test]
+fn an_agent_that_dies_mid_request_fails_add_with_11_and_del_spools() {
+    let node = node();
+    let pod = Netns::new("pod").unwrap();
+    let agent = FakeAgent::start([10, 77, 7]);
+    let id = "ctr-dying-agent";
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
+    let socket = agent.dir.path().join("dying.sock");
+    common::dying_agent(&socket);
+    let cfg = conf("1.0.0", socket.to_str().unwrap(), &agent.spool_dir()).to_string();
+    let other = Netns::new("pod").unwrap();
+    let out = exec_plugin(
+        Some(&node),
+        &cni_env("ADD", "ctr-other", &path_str(&other), "eth0"),
+        &cfg,
+    );
+    assert_eq!(out.error_code(), 11, "{out:?}");
+    assert!(!ip(&other, &["link", "show"]).contains("eth0"));
+    // DEL: not delivered either way, so the link goes now and the release is spooled.
+    let out = exec_plugin(
+        Some(&node),
+        &cni_env("DEL", id, &path_str(&pod), "eth0"),
+        &cfg,
+    );
+    out.assert_ok();
+    assert!(
+        agent
+            .spool_dir()
+            .join(spool_file_name(&key(id, "eth0")))
+            .exists()
+    );
+    let links = ip(&node, &["link", "show"]);
+    assert!(!links.contains("vdel") && !links.contains(&host_veth_name("vnet", &key(id, "eth0"))));
+}
+
+#[test]
+fn a_500_byte_container_id_is_wired_and_its_del_spools_with_the_agent_down() {
+    let node = node();
+    let pod = Netns::new("pod").unwrap();
+    let agent = FakeAgent::start([10, 77, 6]);
+    // The spec sets no length limit; runtimes that derive IDs from long names do send these.
+    let id = format!("c{}", "0123456789abcdef".repeat(32))[..500].to_owned();
+    add(&node, &agent, "1.0.0", &id, &pod).assert_ok();
+    let dead = FakeAgent::dead_socket(agent.dir.path());
+    let cfg = conf("1.0.0", dead.to_str().unwrap(), &agent.spool_dir()).to_string();
+    let out = exec_plugin(
+        Some(&node),
+        &cni_env("DEL", &id, &path_str(&pod), "eth0"),
+        &cfg,
+    );
+    out.assert_ok();
+    // Spooled under the name the agent looks for before it allocates for this key again.
+    let name = spool_file_name(&key(&id, "eth0"));
+    assert!(name.len() < 255, "{name}");
+    let files: Vec<String> = std::fs::read_dir(agent.spool_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        vec![name.clone()],
+        "one spool file, no temp file left"
+    );
+    let body: Value =
+        serde_json::from_slice(&std::fs::read(agent.spool_dir().join(&name)).unwrap()).unwrap();
+    assert_eq!(body["container_id"], id.as_str());
+    assert_eq!(body["ifname"], "eth0");
+    let links = ip(&node, &["link", "show"]);
+    assert!(!links.contains("vdel") && !links.contains(&host_veth_name("vnet", &key(&id, "eth0"))));
+    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+    // DEL again (the runtime's second DEL, netns gone) rewrites the same file.
+    exec_plugin(Some(&node), &cni_env("DEL", &id, "", "eth0"), &cfg).assert_ok();
+    assert_eq!(std::fs::read_dir(agent.spool_dir()).unwrap().count(), 1);
+}
+
+#[test]
 fn fifty_parallel_adds_get_distinct_working_addresses() {
     let node = node();
     let agent = FakeAgent::start([10, 78, 0]);

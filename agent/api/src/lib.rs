@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 mod names;
 pub use names::{
     ContainerId, HOST_VETH_PREFIX_MAX, IFNAME_MAX, IfName, NameError, TOMBSTONE_PREFIX,
-    host_veth_name, is_tombstone_name, tombstone_veth_name, validate_veth_prefix,
+    host_veth_name, is_tombstone_name, spool_file_name, tombstone_veth_name, validate_veth_prefix,
 };
 
 /// Path prefix of every API route.
@@ -144,6 +144,11 @@ pub struct Allocation {
     pub key: AttachmentKey,
     #[serde(default)]
     pub pod: PodRef,
+    /// The CNI network the attachment was added on (its ADD's `network`). `None` for allocations
+    /// recorded before the agent kept it, and for ADDs that named no network: GC of a named
+    /// network never releases those (they may be another network's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// The host veth's deterministic name ([`host_veth_name`]).
     pub host_veth: String,
     /// Seconds since the Unix epoch.
@@ -230,14 +235,6 @@ impl ErrorCode {
     }
 }
 
-/// A release the plugin could not deliver, stored as `<spool dir>/<container id>:<ifname>.json`.
-/// The file name makes a repeated DEL idempotent (`:` appears in neither name, so no two keys share
-/// a file); the agent deletes the file once the release is durable in its own store, and applies a
-/// key's spooled release before it allocates for that key again.
-pub fn spool_file_name(key: &AttachmentKey) -> String {
-    format!("{}:{}.json", key.container_id, key.ifname)
-}
-
 /// Hex SHA-256 of the parts, joined by a separator; the source of host veth and tombstone names.
 pub(crate) fn hex_digest(parts: &[&str]) -> String {
     let mut hasher = Sha256::new();
@@ -295,6 +292,7 @@ mod tests {
                 name: Some("web-0".into()),
                 uid: None,
             },
+            network: Some("vnet".into()),
             host_veth: host_veth_name(DEFAULT_HOST_VETH_PREFIX, &key()),
             allocated_at: 1_700_000_000,
         }

@@ -185,6 +185,32 @@ pub fn is_tombstone_name(name: &str) -> bool {
             .is_some_and(|hex| hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')))
 }
 
+/// Longest file name Linux file systems take (NAME_MAX).
+const FILE_NAME_MAX: usize = 255;
+/// How much of a long container ID a hashed spool file name keeps, for a person reading the dir.
+const SPOOL_ID_PREFIX: usize = 64;
+
+/// A release the plugin could not deliver, stored as `<spool dir>/<container id>:<ifname>.json`.
+/// The file name makes a repeated DEL idempotent (`:` appears in neither name, so no two keys share
+/// a file); the agent deletes the file once the release is durable in its own store, and applies a
+/// key's spooled release before it allocates for that key again.
+///
+/// The spec sets no length limit on container IDs, but a file name holds at most 255 bytes. A key
+/// whose plain name would not fit gets `<first 64 bytes of the ID>+<SHA-256 of (ID, ifname)>:
+/// <ifname>.json` (150 bytes at most). `+` never appears in a container ID, so a hashed name never
+/// equals a plain one, and every name an older plugin could write keeps its plain form. The file's
+/// content carries the full key either way; the drain reads every `*.json` whatever its name.
+pub fn spool_file_name(key: &AttachmentKey) -> String {
+    let plain = format!("{}:{}.json", key.container_id, key.ifname);
+    if plain.len() <= FILE_NAME_MAX {
+        return plain;
+    }
+    let id = key.container_id.as_str();
+    // Container IDs are ASCII, so any byte offset is a char boundary.
+    let digest = hex_digest(&["spool", id, key.ifname.as_str()]);
+    format!("{}+{digest}:{}.json", &id[..SPOOL_ID_PREFIX], key.ifname)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +277,29 @@ mod tests {
             "", "VNET", "1abc", "toolong1", "vdel", "vdelx", "vde", "v-x",
         ] {
             assert!(validate_veth_prefix(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn spool_file_names_fit_any_file_system_for_any_id_length() {
+        // The plain form, unchanged for every ID whose name fits (files older plugins wrote).
+        assert_eq!(spool_file_name(&key("abc123", "eth0")), "abc123:eth0.json");
+        let fits = "a".repeat(FILE_NAME_MAX - ":abcdefghijklmno.json".len());
+        let name = spool_file_name(&key(&fits, "abcdefghijklmno"));
+        assert_eq!(name, format!("{fits}:abcdefghijklmno.json"));
+        assert_eq!(name.len(), FILE_NAME_MAX);
+        // One byte more, and any longer ID: hashed, short, still per attachment.
+        for len in [fits.len() + 1, 500, 4096, 100_000] {
+            let id = format!("c{}", "0123456789abcdef-_.".repeat(len / 19 + 1))[..len].to_owned();
+            let name = spool_file_name(&key(&id, "abcdefghijklmno"));
+            assert!(name.len() <= 150, "{len}: {} bytes", name.len());
+            assert!(name.starts_with(&id[..64]) && name.contains('+'), "{name}");
+            assert!(name.ends_with(":abcdefghijklmno.json"), "{name}");
+            assert_eq!(name, spool_file_name(&key(&id, "abcdefghijklmno")));
+            assert_ne!(name, spool_file_name(&key(&id, "eth0")));
+            let mut other = id.clone();
+            other.replace_range(len - 1.., "z");
+            assert_ne!(name, spool_file_name(&key(&other, "abcdefghijklmno")));
         }
     }
 

@@ -186,7 +186,8 @@ pub(crate) async fn release_or_spool(
 }
 
 /// Writes the release (without a dying veth: the link is already gone) to
-/// `<spoolDir>/<container>:<ifname>.json`, durably: temp file, fsync, rename, fsync directory.
+/// `<spoolDir>/<vnet_api::spool_file_name>` (`<container>:<ifname>.json`, hashed for IDs too long
+/// for a file name), durably: temp file, fsync, rename, fsync directory.
 fn spool(ctx: &Context, key: &AttachmentKey) -> CniResult<()> {
     let dir = Path::new(&ctx.conf.spool_dir);
     let io = |what: &str, e: std::io::Error| {
@@ -198,7 +199,9 @@ fn spool(ctx: &Context, key: &AttachmentKey) -> CniResult<()> {
     };
     std::fs::create_dir_all(dir).map_err(|e| io("create spool dir", e))?;
     let name = spool_file_name(key);
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    // Not derived from `name`, which may already be as long as a file name can be; one DEL per
+    // process, so the pid keeps concurrent DELs apart.
+    let tmp = dir.join(format!(".release.{}.tmp", std::process::id()));
     let body = serde_json::to_vec(&ReleaseRequest {
         key: key.clone(),
         dying_veth: None,

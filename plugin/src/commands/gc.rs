@@ -153,6 +153,7 @@ mod tests {
             let key: AttachmentKey = format!("{id}/eth0").parse().unwrap();
             Allocation {
                 ip: "10.0.0.1".parse().unwrap(),
+                network: None,
                 host_veth: host_veth_name("vnet", &key),
                 key,
                 pod: Default::default(),
