@@ -24,7 +24,12 @@ const DOCKER: &str = "/usr/bin/docker";
 struct Dockerd {
     child: Child,
     dir: TempDir,
+    /// What dockerd creates on the host whatever its roots (the trust key in /etc/docker, its
+    /// managed containerd's /opt/containerd): removed again unless they were there before.
+    host_residue: Vec<&'static str>,
 }
+
+const HOST_RESIDUE: [&str; 2] = ["/etc/docker", "/opt/containerd"];
 
 impl Dockerd {
     fn start() -> Dockerd {
@@ -32,6 +37,10 @@ impl Dockerd {
             Path::new("/usr/sbin/dockerd").is_file() && Path::new(DOCKER).is_file(),
             "dockerd and docker are not installed (tests/tools/prepare.sh installs docker.io)"
         );
+        let host_residue = HOST_RESIDUE
+            .into_iter()
+            .filter(|p| !Path::new(p).exists())
+            .collect();
         let dir = TempDir::new("dockerd");
         let d = dir.path().to_path_buf();
         let d = d.as_path();
@@ -62,7 +71,11 @@ impl Dockerd {
             .stderr(log)
             .spawn()
             .expect("start dockerd");
-        let dockerd = Dockerd { child, dir };
+        let dockerd = Dockerd {
+            child,
+            dir,
+            host_residue,
+        };
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if dockerd.docker(&["version"]).status.success() {
@@ -114,6 +127,9 @@ impl Drop for Dockerd {
         ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in ours {
             let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        for p in &self.host_residue {
+            let _ = fs::remove_dir_all(p);
         }
         // The TempDir then removes the data root.
     }
