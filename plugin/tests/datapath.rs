@@ -388,6 +388,107 @@ fn an_agent_that_dies_mid_request_fails_add_with_11_and_del_spools() {
 }
 
 #[test]
+fn a_link_that_is_not_this_attachments_is_never_deleted_or_retired() {
+    let node = node();
+    let pod = Netns::new("pod").unwrap();
+    let agent = FakeAgent::start([10, 77, 12]);
+    let id = "ctr-owner";
+    let host_veth = host_veth_name("vnet", &key(id, "eth0"));
+    // Another attachment's veth holding the same (hashed, short) host name: a collision.
+    ip(
+        &node,
+        &[
+            "link",
+            "add",
+            &host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "other-peer",
+        ],
+    );
+    ip(
+        &node,
+        &[
+            "link",
+            "set",
+            &host_veth,
+            "alias",
+            "vnet-cni someone-else/eth0",
+        ],
+    );
+    let out = add(&node, &agent, "1.0.0", id, &pod);
+    assert_eq!(out.error_code(), 107, "{out:?}");
+    let msg = out.json()["msg"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains(&host_veth) && msg.contains("someone-else"),
+        "{msg}"
+    );
+    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+    assert_eq!(agent.allocation_count(), 0, "the address went back");
+    // DEL (the runtime follows a failed ADD with one) leaves it alone too, and says so.
+    let out = run(&node, &agent, "DEL", id, &path_str(&pod));
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("not this attachment's link"),
+        "{}",
+        out.stderr
+    );
+    let link = ip(&node, &["-d", "link", "show", &host_veth]);
+    assert!(link.contains("someone-else"), "{link}");
+    assert!(agent.releases().iter().all(|r| r.dying_veth.is_none()));
+    ip(&node, &["link", "del", &host_veth]);
+
+    // Our own ADD marks the host veth; CHECK and DEL accept it.
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
+    let link = ip(&node, &["-d", "link", "show", &host_veth]);
+    assert!(
+        link.contains(&format!("alias vnet-cni {id}/eth0")),
+        "{link}"
+    );
+    run(&node, &agent, "CHECK", id, &path_str(&pod)).assert_ok();
+    // CHECK notices a foreign mark.
+    ip(
+        &node,
+        &[
+            "link",
+            "set",
+            &host_veth,
+            "alias",
+            "vnet-cni someone-else/eth0",
+        ],
+    );
+    assert_eq!(
+        run(&node, &agent, "CHECK", id, &path_str(&pod)).error_code(),
+        105
+    );
+    ip(
+        &node,
+        &[
+            "link",
+            "set",
+            &host_veth,
+            "alias",
+            &format!("vnet-cni {id}/eth0"),
+        ],
+    );
+    run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
+    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+
+    // A veth from before the mark (no alias) is still this attachment's: ADD replaces it.
+    ip(
+        &node,
+        &[
+            "link", "add", &host_veth, "type", "veth", "peer", "name", "old-peer",
+        ],
+    );
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
+    assert!(!ip(&node, &["link", "show"]).contains("old-peer"));
+    run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
+}
+
+#[test]
 fn a_500_byte_container_id_is_wired_and_its_del_spools_with_the_agent_down() {
     let node = node();
     let pod = Netns::new("pod").unwrap();

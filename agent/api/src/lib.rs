@@ -27,8 +27,9 @@ use sha2::{Digest, Sha256};
 
 mod names;
 pub use names::{
-    ContainerId, HOST_VETH_PREFIX_MAX, IFNAME_MAX, IfName, NameError, TOMBSTONE_PREFIX,
-    host_veth_name, is_tombstone_name, spool_file_name, tombstone_veth_name, validate_veth_prefix,
+    ContainerId, HOST_VETH_PREFIX_MAX, IFNAME_MAX, IfName, LINK_ALIAS_MAX, LINK_ALIAS_PREFIX,
+    NameError, TOMBSTONE_PREFIX, host_veth_name, is_tombstone_name, link_alias, spool_file_name,
+    tombstone_veth_name, validate_veth_prefix,
 };
 
 /// Path prefix of every API route.
