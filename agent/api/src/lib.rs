@@ -27,8 +27,9 @@ use sha2::{Digest, Sha256};
 
 mod names;
 pub use names::{
-    ContainerId, HOST_VETH_PREFIX_MAX, IFNAME_MAX, IfName, NameError, TOMBSTONE_PREFIX,
-    host_veth_name, is_tombstone_name, spool_file_name, tombstone_veth_name, validate_veth_prefix,
+    ContainerId, HOST_VETH_PREFIX_MAX, IFNAME_MAX, IfName, LINK_ALIAS_MAX, LINK_ALIAS_PREFIX,
+    NameError, TOMBSTONE_PREFIX, host_veth_name, is_tombstone_name, link_alias, spool_file_name,
+    tombstone_veth_name, validate_veth_prefix,
 };
 
 /// Path prefix of every API route.
@@ -185,8 +186,9 @@ pub struct HealthResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusResponse {
     pub ready: bool,
-    /// `true` when an ADD can be served now or after the in-flight cloud write: the plugin's STATUS
-    /// answers 0 only then.
+    /// `true` when an ADD can be served now or after the in-flight cloud write. `false` with
+    /// `ready` true means exhaustion (subnet full, pool at max, NIC limit): the plugin's STATUS
+    /// still answers 0 then (ADD answers 104); it answers 50 only when `ready` is false.
     pub can_allocate: bool,
     /// Why `can_allocate` is false, for a person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
