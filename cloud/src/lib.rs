@@ -73,6 +73,15 @@ pub struct SecondaryIp {
     pub subnet_id: String,
 }
 
+/// What ARM last reported about the caller's request budget (its
+/// `x-ms-ratelimit-remaining-subscription-reads/writes` headers) and how many 429s it answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArmBudget {
+    pub remaining_reads: Option<u64>,
+    pub remaining_writes: Option<u64>,
+    pub throttled: u64,
+}
+
 /// Errors the agent acts on: each variant implies a different reaction (wait, back off, report).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CloudError {
@@ -150,4 +159,9 @@ pub trait CloudProvider: Send + Sync + 'static {
 
     /// Removes the given addresses from the NIC. Addresses already absent are not an error.
     async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
+
+    /// The cloud API's last reported request budget, for metrics (`None`: not reported).
+    fn arm_budget(&self) -> Option<ArmBudget> {
+        None
+    }
 }

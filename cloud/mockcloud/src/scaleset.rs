@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::MockError;
-use crate::model::{ArmError, Cloud, RouteChange};
+use crate::model::{ArmError, Cloud, Failure, RouteChange, Timing};
 use crate::topology::{Topology, VmSpec, nic_name};
 
 /// Compute's API version the mock answers with in operation URLs.
@@ -351,8 +351,8 @@ impl Cloud {
         instance: &str,
         if_match: Option<&str>,
         body: &Value,
-        failure: Option<(String, String)>,
-        polls: u32,
+        failure: Option<Failure>,
+        timing: Timing,
         now: Instant,
     ) -> Result<String, ArmError> {
         let (vm, _) = self
@@ -407,27 +407,42 @@ impl Cloud {
             ));
         }
         let nic_key = nic_name(&vm);
-        let nic_doc = self
-            .nic_json(&nic_key)
-            .ok_or_else(|| self.nic_not_found(&nic_key))?;
-        let nic_body = match props
-            .get("networkProfileConfiguration")
-            .and_then(|n| n.get("networkInterfaceConfigurations"))
-        {
-            // Without a network profile the instance's network is left as it is.
-            None => None,
-            Some(configs) => Some(nic_put_body(&set, &nic_doc, configs)?),
-        };
-        let op = match &nic_body {
-            Some(nic_body) => self.put_nic(&nic_key, None, nic_body, failure, polls, now)?,
-            // Nothing for the network to do: an operation that succeeds at its first poll.
-            None => self.put_nic(&nic_key, None, &nic_doc, failure, 0, now)?,
-        };
+        let nic_body = self.instance_nic_body(&set, instance, body)?;
+        let op = self.put_nic(&nic_key, None, &nic_body, failure, timing, now)?;
         let instance = self.instances.by_vm.get_mut(&vm).expect("instance exists");
         instance.doc = kept_fields(body, &instance.doc);
         instance.generation += 1;
         self.version += 1;
         Ok(op)
+    }
+
+    /// The NIC PUT an instance update implies (Compute makes it on the caller's behalf, so the
+    /// NIC's rules and the caller's linked access apply to it). Without a network profile the
+    /// instance's network is left as it is.
+    pub fn instance_nic_body(
+        &self,
+        set: &str,
+        instance: &str,
+        body: &Value,
+    ) -> Result<Value, ArmError> {
+        let (vm, _) = self
+            .uniform(set, instance)
+            .ok_or_else(|| self.instance_not_found(set, instance))?;
+        let set = scale_set(&self.topology, set)
+            .expect("uniform set")
+            .name
+            .clone();
+        let nic_key = nic_name(&vm);
+        let nic_doc = self
+            .nic_json(&nic_key)
+            .ok_or_else(|| self.nic_not_found(&nic_key))?;
+        match body["properties"]
+            .get("networkProfileConfiguration")
+            .and_then(|n| n.get("networkInterfaceConfigurations"))
+        {
+            None => Ok(nic_doc),
+            Some(configs) => nic_put_body(&set, &nic_doc, configs),
+        }
     }
 
     /// Admin: reimage an instance. Its instance-level ipConfigurations go back to the scale set's
@@ -571,7 +586,24 @@ fn nic_put_body(set: &str, nic: &Value, configs: &Value) -> Result<Value, ArmErr
                 "ipConfigurations[{i}]: privateIPAddress is not a property of a scale-set IP configuration."
             )));
         }
-        let mut np = Map::new();
+        // An existing entry keeps what the scale-set shape cannot say (its public IP, ...).
+        let existing = nic["properties"]["ipConfigurations"]
+            .as_array()
+            .and_then(|all| {
+                all.iter().find(|e| {
+                    e["name"]
+                        .as_str()
+                        .zip(c["name"].as_str())
+                        .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+                })
+            });
+        let mut np = existing
+            .and_then(|e| e["properties"].as_object())
+            .cloned()
+            .unwrap_or_default();
+        for key in IP_CONFIG_REFERENCES {
+            np.remove(key);
+        }
         np.insert("privateIPAllocationMethod".into(), json!("Dynamic"));
         np.insert(
             "privateIPAddressVersion".into(),
@@ -705,7 +737,7 @@ mod tests {
         let mut c = Cloud::new(topology(), None).unwrap();
         let doc = c.instance_json("pool1", "0").unwrap();
         let err = c
-            .put_instance("pool1", "0", None, &doc, None, 0, Instant::now())
+            .put_instance("pool1", "0", None, &doc, None, Timing::new(0, 1), Instant::now())
             .unwrap_err();
         assert_eq!(
             (err.status, err.code.as_str()),
@@ -716,7 +748,7 @@ mod tests {
             .as_object_mut()
             .unwrap()
             .remove("imageReference");
-        c.put_instance("pool1", "0", None, &without, None, 0, Instant::now())
+        c.put_instance("pool1", "0", None, &without, None, Timing::new(0, 1), Instant::now())
             .unwrap();
         let after = c.instance_json("pool1", "0").unwrap();
         assert_eq!(

@@ -183,7 +183,7 @@ async fn bad_input_gets_azure_shaped_errors() {
             .await
             .unwrap(),
         412,
-        "PreconditionFailed",
+        "PreconditionFailedEtagMismatch",
     )
     .await;
 

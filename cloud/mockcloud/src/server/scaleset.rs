@@ -7,9 +7,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::{App, Ctx, arm_error, json_response, lock, nic_response};
+use super::{App, Ctx, arm_error, check_linked_access_for, json_response, lock, nic_response};
+use crate::auth::Principal;
 use crate::faults::{FaultKind, FaultSpec};
-use crate::model::ArmError;
+use crate::model::{ArmError, Failure, Timing};
 use crate::scaleset::{COMPUTE_OPERATION_API_VERSION, VMSS_NIC_API_VERSIONS};
 
 /// Operations Compute answers (its throttling has its own shape).
@@ -86,7 +87,14 @@ pub(super) async fn instance_nic_get(
     }
 }
 
-pub(super) fn instance_put(app: &App, ctx: &Ctx, set: &str, instance: &str) -> Response {
+pub(super) fn instance_put(
+    app: &App,
+    ctx: &Ctx,
+    set: &str,
+    instance: &str,
+    caller: Option<&Principal>,
+    scope: &str,
+) -> Response {
     let body: Value = match serde_json::from_slice(&ctx.body) {
         Ok(body) => body,
         Err(e) => {
@@ -96,6 +104,18 @@ pub(super) fn instance_put(app: &App, ctx: &Ctx, set: &str, instance: &str) -> R
             ));
         }
     };
+    // Compute writes the NIC on the caller's behalf: the caller needs `join` on what it carries.
+    let nic_body = lock(&app.cloud).instance_nic_body(set, instance, &body);
+    if let Err(e) = nic_body.and_then(|nic| {
+        check_linked_access_for(
+            caller,
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write",
+            &nic,
+            scope,
+        )
+    }) {
+        return arm_error(e);
+    }
     let if_match = ctx
         .headers
         .get(header::IF_MATCH)
@@ -109,17 +129,19 @@ pub(super) fn instance_put(app: &App, ctx: &Ctx, set: &str, instance: &str) -> R
     }
     let failure = app
         .roll(FaultKind::AsyncFailure, "vmss_vm_put")
-        .map(|spec| {
-            (
-                spec.code.unwrap_or_else(|| "InternalServerError".into()),
-                "The operation failed with an internal error.".to_string(),
-            )
+        .map(|spec| Failure {
+            code: spec.code.unwrap_or_else(|| "InternalServerError".into()),
+            message: spec
+                .message
+                .unwrap_or_else(|| "The operation failed with an internal error.".to_string()),
+            rollback: spec.rollback,
         });
-    let (polls, retry_after) = {
+    let (polls, retry_after, base_url) = {
         let faults = lock(&app.faults);
         (
             faults.operation_polls(),
             faults.operation_retry_after_secs(),
+            faults.operation_base_url.clone(),
         )
     };
     let (result, _) = app.with_cloud(|c| {
@@ -130,7 +152,7 @@ pub(super) fn instance_put(app: &App, ctx: &Ctx, set: &str, instance: &str) -> R
                 if_match.as_deref(),
                 &body,
                 failure,
-                polls,
+                Timing::new(polls, retry_after.max(1)),
                 Instant::now(),
             )
             .map(|op| {
@@ -145,12 +167,7 @@ pub(super) fn instance_put(app: &App, ctx: &Ctx, set: &str, instance: &str) -> R
     });
     let (op, doc, sub, location) = match result {
         Ok(ok) => ok,
-        Err(mut e) => {
-            if e.status == 409 || e.status == 429 {
-                e.retry_after = Some(e.retry_after.unwrap_or(retry_after).max(1));
-            }
-            return arm_error(e);
-        }
+        Err(e) => return arm_error(e),
     };
     if app.roll(FaultKind::LostResponse, "vmss_vm_put").is_some() {
         return arm_error(ArmError::new(
@@ -160,9 +177,10 @@ pub(super) fn instance_put(app: &App, ctx: &Ctx, set: &str, instance: &str) -> R
         ));
     }
     let mut response = nic_response(StatusCode::OK, doc.unwrap_or(Value::Null));
+    let base = base_url.unwrap_or_else(|| format!("http://{}", ctx.host()));
     let url = format!(
-        "http://{}/subscriptions/{sub}/providers/Microsoft.Compute/locations/{location}/operations/{op}?api-version={COMPUTE_OPERATION_API_VERSION}",
-        ctx.host()
+        "{}/subscriptions/{sub}/providers/Microsoft.Compute/locations/{location}/operations/{op}?api-version={COMPUTE_OPERATION_API_VERSION}",
+        base.trim_end_matches('/')
     );
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&url) {
