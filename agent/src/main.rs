@@ -1,4 +1,5 @@
 //! `vnet-agent --config FILE [--kubeconfig PATH]`: see `docs/configuration.md`.
+//! `vnet-agent uninstall [--check] [--purge]`: see [`uninstall`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,13 @@ use vnet_agent::netlink::{LinkOps, NoLinks, Rtnetlink};
 use vnet_agent::{daemon, logging, provider};
 use vnet_kube::NodeAgent;
 
+mod uninstall;
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("uninstall") {
+        return uninstall::main(args);
+    }
     let cli = Cli::parse();
     let config = match Config::load(&cli, |var| std::env::var(var).ok()) {
         Ok(c) => c,

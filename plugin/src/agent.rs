@@ -35,6 +35,17 @@ pub enum AgentError {
         status: StatusCode,
         body: ErrorResponse,
     },
+    /// The connection broke before the answer was complete: the agent died or restarted
+    /// mid-request ("connection closed before message completed", a reset). Whether it acted on
+    /// the request is unknown; every call is idempotent, so the runtime's retry is safe.
+    #[error(
+        "vnet-agent at {socket} closed the connection before answering {path} (it may have died or restarted): {detail}"
+    )]
+    Dropped {
+        socket: String,
+        path: String,
+        detail: String,
+    },
     #[error("vnet-agent answered {path} with something unexpected: {detail}")]
     Protocol { path: String, detail: String },
 }
@@ -45,7 +56,8 @@ impl AgentError {
         match self {
             AgentError::Unreachable { .. }
             | AgentError::ConnectTimeout { .. }
-            | AgentError::Timeout { .. } => true,
+            | AgentError::Timeout { .. }
+            | AgentError::Dropped { .. } => true,
             AgentError::Refused { body, .. } => body.code == vnet_api::ErrorCode::NotReady,
             AgentError::Protocol { .. } => false,
         }
@@ -128,9 +140,21 @@ impl AgentClient {
             path: path.to_owned(),
             detail,
         };
+        // A broken connection is the agent going away, not an answer we could not understand.
+        let transport = |e: hyper::Error| {
+            if is_connection_lost(&e) {
+                AgentError::Dropped {
+                    socket: self.socket.clone(),
+                    path: path.to_owned(),
+                    detail: e.to_string(),
+                }
+            } else {
+                protocol(e.to_string())
+            }
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| protocol(e.to_string()))?;
+            .map_err(transport)?;
         // The connection task ends when the request is done and `sender` is dropped.
         tokio::spawn(conn);
         let mut request = Request::builder()
@@ -143,16 +167,13 @@ impl AgentClient {
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| protocol(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| protocol(e.to_string()))?;
+        let response = sender.send_request(request).await.map_err(transport)?;
         let status = response.status();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| protocol(e.to_string()))?
+            .map_err(transport)?
             .to_bytes();
         if status.is_success() {
             serde_json::from_slice(&bytes).map_err(|e| protocol(format!("bad JSON: {e}")))
@@ -171,6 +192,22 @@ impl AgentClient {
     }
 }
 
+/// True when hyper failed because the connection ended or broke (EOF before a complete answer,
+/// a reset, a closed channel), as opposed to a malformed answer from a live agent.
+fn is_connection_lost(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() || e.is_body_write_aborted() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +224,57 @@ mod tests {
             msg.contains("connect timeout") && msg.contains("100ms"),
             "{msg}"
         );
+    }
+
+    /// Accepts connections, reads the request head, and closes without answering: an agent that
+    /// dies mid-request.
+    fn dying_agent(socket: &std::path::Path, reply: &'static [u8]) {
+        use std::io::{Read, Write};
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(reply);
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_dies_mid_request_is_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, reply) in [
+            &b""[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"released\"",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let socket = dir.path().join(format!("dying{i}.sock"));
+            dying_agent(&socket, reply);
+            let client = AgentClient::new(socket.to_str().unwrap());
+            let err = client
+                .get::<serde_json::Value>("/v1/status", Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, AgentError::Dropped { .. }), "{err}");
+            assert!(err.is_unavailable());
+            assert!(err.to_string().contains("closed the connection"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_garbled_answer_is_still_a_protocol_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("garbled.sock");
+        dying_agent(&socket, b"NOT HTTP AT ALL\r\n\r\n");
+        let client = AgentClient::new(socket.to_str().unwrap());
+        let err = client
+            .get::<serde_json::Value>("/v1/status", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AgentError::Protocol { .. }), "{err}");
+        assert!(!err.is_unavailable());
     }
 
     #[tokio::test]

@@ -167,24 +167,37 @@ impl NetConf {
                 DEL_TIMEOUT_MS_RANGE.end()
             )));
         }
+        let agent_socket = absolute_path("agentSocket", raw.agent_socket)?
+            .unwrap_or_else(|| vnet_api::DEFAULT_SOCKET_PATH.to_owned());
+        let spool_dir = absolute_path("spoolDir", raw.spool_dir)?
+            .unwrap_or_else(|| vnet_api::DEFAULT_SPOOL_DIR.to_owned());
+        // An empty logFile has always meant "stderr only".
+        let log_file = absolute_path("logFile", raw.log_file.filter(|f| !f.is_empty()))?;
         Ok(NetConf {
             cni_version,
             name,
             plugin_type,
-            agent_socket: raw
-                .agent_socket
-                .unwrap_or_else(|| vnet_api::DEFAULT_SOCKET_PATH.to_owned()),
+            agent_socket,
             mtu: raw.mtu,
             host_veth_prefix,
-            spool_dir: raw
-                .spool_dir
-                .unwrap_or_else(|| vnet_api::DEFAULT_SPOOL_DIR.to_owned()),
+            spool_dir,
             log_level,
-            log_file: raw.log_file.filter(|f| !f.is_empty()),
+            log_file,
             del_timeout_ms,
             prev_result: raw.prev_result,
             valid_attachments: raw.valid_attachments.or(raw.attachments),
         })
+    }
+}
+
+/// A path from the config must be absolute: the runtime starts the plugin in whatever working
+/// directory it has, so a relative one would land somewhere different on every node and runtime.
+fn absolute_path(field: &str, value: Option<String>) -> CniResult<Option<String>> {
+    match value {
+        Some(p) if !std::path::Path::new(&p).is_absolute() => Err(CniError::config(format!(
+            "{field} {p:?} must be an absolute path (the plugin's working directory is whatever the runtime gives it)"
+        ))),
+        other => Ok(other),
     }
 }
 
@@ -397,6 +410,34 @@ mod tests {
             30_000
         );
         assert_eq!(conf("").unwrap().del_timeout_ms, DEFAULT_DEL_TIMEOUT_MS);
+    }
+
+    #[test]
+    fn relative_paths_are_code_7_naming_the_field() {
+        for field in ["logFile", "spoolDir", "agentSocket"] {
+            for bad in ["1.1.0", "log/x", "./agent.sock", "../spool"] {
+                let err = conf(&format!(r#","{field}":"{bad}""#)).unwrap_err();
+                assert_eq!(err.code, Code::InvalidConfig, "{field}={bad}");
+                assert!(
+                    err.msg.contains(field) && err.msg.contains("absolute"),
+                    "{}",
+                    err.msg
+                );
+            }
+        }
+        assert_eq!(
+            conf(r#","spoolDir":"""#).unwrap_err().code,
+            Code::InvalidConfig
+        );
+        assert_eq!(
+            conf(r#","agentSocket":"""#).unwrap_err().code,
+            Code::InvalidConfig
+        );
+        let c = conf(r#","logFile":"","spoolDir":"/s","agentSocket":"/a.sock""#).unwrap();
+        assert_eq!(c.log_file, None);
+        assert_eq!(c.spool_dir, "/s");
+        let c = conf(r#","logFile":"/var/log/vnet-cni.log""#).unwrap();
+        assert_eq!(c.log_file.as_deref(), Some("/var/log/vnet-cni.log"));
     }
 
     #[test]

@@ -232,3 +232,54 @@ fn del_timeout_out_of_range_is_code_7() {
         out.json()
     );
 }
+
+#[test]
+fn relative_paths_in_the_config_are_code_7_and_create_nothing() {
+    use std::process::{Command, Stdio};
+    let cwd = tempfile::tempdir().unwrap();
+    for (field, value) in [
+        ("logFile", "1.1.0"),
+        ("spoolDir", "spool"),
+        ("agentSocket", "agent.sock"),
+    ] {
+        let mut cfg = conf("1.0.0", "/nonexistent/agent.sock", cwd.path());
+        cfg["spoolDir"] = json!("/nonexistent/spool");
+        cfg[field] = json!(value);
+        // DEL with the agent down would spool and log: the path must be refused before that.
+        let mut cmd = Command::new(common::PLUGIN);
+        cmd.env_clear()
+            .current_dir(cwd.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in common::cni_env("DEL", "abc", "", "eth0") {
+            cmd.env(k, v);
+        }
+        cmd.env("CNI_PATH", "/opt/cni/bin");
+        let out = common::finish(cmd, common::PLUGIN, &cfg.to_string());
+        assert_eq!(out.error_code(), 7, "{field}: {out:?}");
+        let msg = out.json()["msg"].as_str().unwrap().to_owned();
+        assert!(msg.contains(field) && msg.contains("absolute"), "{msg}");
+        let left: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+        assert!(left.is_empty(), "{field}: created {left:?}");
+    }
+}
+
+#[test]
+fn an_agent_that_dies_mid_request_is_try_again_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("dying.sock");
+    common::dying_agent(&socket);
+    let cfg = conf("1.1.0", socket.to_str().unwrap(), dir.path()).to_string();
+    // CHECK asks the agent before it touches any namespace.
+    let out = exec_plugin(None, &common::cni_env("CHECK", "abc", "/x", "eth0"), &cfg);
+    assert_eq!(out.error_code(), 11, "{out:?}");
+    let msg = out.json()["msg"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("closed the connection") && msg.contains("vnet-agent is running"),
+        "{msg}"
+    );
+    // STATUS: the plugin cannot work now.
+    let out = exec_plugin(None, &[("CNI_COMMAND", "STATUS")], &cfg);
+    assert_eq!(out.error_code(), 50, "{out:?}");
+}

@@ -23,8 +23,11 @@ const BINARIES: [&str; 3] = ["vnet-cni", "vnet-agent", "vnetctl"];
 
 /// (installed path below the root, file in the package, mode). The last two are configs: written
 /// only when absent.
-const INSTALLED_FILES: [(&str, &str, u32); 11] = [
+const INSTALLED_FILES: [(&str, &str, u32); 14] = [
     ("opt/cni/bin/vnet-cni", "bin/vnet-cni", 0o755),
+    // Installed because an empty root has no loopback or portmap of its own.
+    ("opt/cni/bin/loopback", "cni/loopback", 0o755),
+    ("opt/cni/bin/portmap", "cni/portmap", 0o755),
     ("usr/local/bin/vnet-agent", "bin/vnet-agent", 0o755),
     ("usr/local/bin/vnetctl", "bin/vnetctl", 0o755),
     (
@@ -50,9 +53,10 @@ const INSTALLED_FILES: [(&str, &str, u32); 11] = [
         0o644,
     ),
     ("etc/vnet-cni/agent.toml", "etc/agent.toml", 0o644),
+    ("etc/vnet-cni/agent.env", "etc/agent.env", 0o644),
     (
-        "etc/vnet-cni/10-vnet-cni.conflist",
-        "etc/10-vnet-cni.conflist",
+        "etc/vnet-cni/00-vnet-cni.conflist",
+        "etc/00-vnet-cni.conflist",
         0o644,
     ),
 ];
@@ -476,8 +480,11 @@ fn release_tarball_holds_every_artifact_with_checksums_that_verify() {
         "bin/vnet-cni",
         "bin/vnet-agent",
         "bin/vnetctl",
+        "cni/loopback",
+        "cni/portmap",
         "etc/agent.toml",
-        "etc/10-vnet-cni.conflist",
+        "etc/agent.env",
+        "etc/00-vnet-cni.conflist",
         "systemd/vnet-agent.service",
         "sysctl/90-vnet-cni.conf",
         "libexec/publish-conflist",
@@ -519,7 +526,7 @@ fn release_tarball_holds_every_artifact_with_checksums_that_verify() {
 
     // The conflist template: vnet-cni, then portmap for hostPorts.
     let conflist: serde_json::Value = serde_json::from_str(
-        &fs::read_to_string(pkg.dir.join("etc/10-vnet-cni.conflist")).unwrap(),
+        &fs::read_to_string(pkg.dir.join("etc/00-vnet-cni.conflist")).unwrap(),
     )
     .expect("conflist is JSON");
     assert_eq!(conflist["cniVersion"], "1.0.0");
@@ -582,7 +589,7 @@ fn install_into_an_empty_root_puts_every_file_in_place_with_its_mode_and_checksu
         "the CNI config directory exists"
     );
     assert!(
-        !tree.contains_key("etc/cni/net.d/10-vnet-cni.conflist"),
+        !tree.contains_key("etc/cni/net.d/00-vnet-cni.conflist"),
         "the conflist is published by the agent when ready, not by the installer"
     );
 
@@ -630,6 +637,93 @@ fn installing_twice_changes_nothing_and_keeps_the_operators_config() {
     fs::write(&config, edited).unwrap();
     install_ok(&pkg.dir, &root, &[]);
     assert_eq!(fs::read_to_string(&config).unwrap(), edited);
+}
+
+#[test]
+fn the_nodes_own_loopback_and_portmap_are_kept_and_survive_uninstall() {
+    let pkg = package();
+    let tmp = TempDir::new("own-plugins");
+    let root = tmp.path().join("root");
+    let bin = root.join("opt/cni/bin");
+    fs::create_dir_all(&bin).unwrap();
+    let own = "#!/bin/sh\necho the node's own portmap\n";
+    fs::write(bin.join("portmap"), own).unwrap();
+    fs::set_permissions(bin.join("portmap"), fs::Permissions::from_mode(0o755)).unwrap();
+
+    let output = install_ok(&pkg.dir, &root, &[]);
+    assert!(
+        output.contains("kept the node's own /opt/cni/bin/portmap"),
+        "{output}"
+    );
+    assert_eq!(fs::read_to_string(bin.join("portmap")).unwrap(), own);
+    // loopback was missing: installed from the package.
+    assert_eq!(
+        sha256(&bin.join("loopback")),
+        expected_sums(&pkg.dir)["cni/loopback"]
+    );
+    let manifest = fs::read_to_string(root.join(MANIFEST)).unwrap();
+    assert!(manifest.contains(" /opt/cni/bin/loopback\n"), "{manifest}");
+    assert!(!manifest.contains("/opt/cni/bin/portmap"), "{manifest}");
+
+    // Uninstall removes only what it installed.
+    uninstall_ok(&pkg.dir, &root, &[]);
+    assert_eq!(fs::read_to_string(bin.join("portmap")).unwrap(), own);
+    assert!(!bin.join("loopback").exists());
+}
+
+#[test]
+fn upgrading_from_the_10_conflist_name_moves_the_template_to_00() {
+    let pkg = package();
+    let tmp = TempDir::new("legacy-name");
+    for edited in [false, true] {
+        let root = tmp.path().join(format!("root-{edited}"));
+        install_ok(&pkg.dir, &root, &[]);
+        // Make the root look like an earlier release's: the template under the old name.
+        let conf = root.join("etc/vnet-cni");
+        fs::rename(
+            conf.join("00-vnet-cni.conflist"),
+            conf.join("10-vnet-cni.conflist"),
+        )
+        .unwrap();
+        let manifest_path = root.join(MANIFEST);
+        let manifest = fs::read_to_string(&manifest_path).unwrap();
+        fs::write(
+            &manifest_path,
+            manifest.replace(
+                "/etc/vnet-cni/00-vnet-cni.conflist",
+                "/etc/vnet-cni/10-vnet-cni.conflist",
+            ),
+        )
+        .unwrap();
+        let operators = "{\"name\": \"vnet-cni\", \"edited\": true}\n";
+        if edited {
+            fs::write(conf.join("10-vnet-cni.conflist"), operators).unwrap();
+        }
+
+        install_ok(&pkg.dir, &root, &[]);
+        assert!(
+            !conf.join("10-vnet-cni.conflist").exists(),
+            "edited={edited}"
+        );
+        let new = fs::read_to_string(conf.join("00-vnet-cni.conflist")).unwrap();
+        if edited {
+            assert_eq!(new, operators, "the operator's edits move to the new name");
+        } else {
+            assert_eq!(
+                new,
+                fs::read_to_string(pkg.dir.join("etc/00-vnet-cni.conflist")).unwrap()
+            );
+        }
+        let manifest = fs::read_to_string(&manifest_path).unwrap();
+        assert!(!manifest.contains("10-vnet-cni"), "{manifest}");
+        // A re-run changes nothing more.
+        let before = snapshot(&root);
+        install_ok(&pkg.dir, &root, &[]);
+        assert_eq!(snapshot(&root), before);
+        // An edited template is kept by uninstall, an unedited one goes.
+        uninstall_ok(&pkg.dir, &root, &[]);
+        assert_eq!(conf.join("00-vnet-cni.conflist").exists(), edited);
+    }
 }
 
 #[test]
@@ -704,8 +798,8 @@ fn uninstall_leaves_only_the_state_and_purge_removes_it() {
     fs::write(state.join("allocations.json"), "{\"allocations\":[]}\n").unwrap();
     fs::write(state.join("spool/release-1.json"), "{}\n").unwrap();
     fs::copy(
-        root.join("etc/vnet-cni/10-vnet-cni.conflist"),
-        root.join("etc/cni/net.d/10-vnet-cni.conflist"),
+        root.join("etc/vnet-cni/00-vnet-cni.conflist"),
+        root.join("etc/cni/net.d/00-vnet-cni.conflist"),
     )
     .unwrap();
 
@@ -927,11 +1021,20 @@ fn the_unit_is_hardened_and_passes_systemd_analyze_verify() {
     assert_eq!(one("Restart"), "on-failure");
     assert_eq!(
         one("ExecStart"),
-        "/usr/local/bin/vnet-agent --config /etc/vnet-cni/agent.toml"
+        "/usr/local/bin/vnet-agent --config /etc/vnet-cni/agent.toml $VNET_AGENT_ARGS",
+        "extra flags (--kubeconfig) come from agent.env"
     );
-    for runtime in ["containerd.service", "crio.service", "kubelet.service"] {
-        assert!(words("Before").contains(runtime), "starts before {runtime}");
-    }
+    assert_eq!(one("EnvironmentFile"), "-/etc/vnet-cni/agent.env");
+    // A slow cloud must not hold up the runtime, the kubelet or hostNetwork pods: the conflist
+    // (published once the agent is ready) already keeps pods off the node.
+    assert!(
+        !settings.contains_key("Before"),
+        "the unit orders itself before nothing: {:?}",
+        settings.get("Before")
+    );
+    // The agent stops within 10 s of SIGTERM; systemd waits a little longer before SIGKILL.
+    assert_eq!(one("TimeoutStopSec"), "15s");
+    assert_eq!(one("LimitNOFILE"), "65536");
     assert!(words("After").contains("network-online.target"));
     assert!(words("Wants").contains("network-online.target"));
     assert_eq!(one("NoNewPrivileges"), "yes");
@@ -1160,7 +1263,7 @@ fn the_conflist_is_published_only_once_the_agent_is_ready() {
     .unwrap();
     let net_d = tmp.path().join("net.d");
     fs::create_dir_all(&net_d).unwrap();
-    let template = pkg.dir.join("etc/10-vnet-cni.conflist");
+    let template = pkg.dir.join("etc/00-vnet-cni.conflist");
     let publish = pkg.dir.join("libexec/publish-conflist");
     let state_dir = tmp.path().join("state");
     fs::create_dir_all(&state_dir).unwrap();
@@ -1171,7 +1274,7 @@ fn the_conflist_is_published_only_once_the_agent_is_ready() {
         ("VNET_AGENT_CONFIG", agent_config.to_str().unwrap()),
         ("VNET_PUBLISH_TIMEOUT", "2"),
     ];
-    let published = net_d.join("10-vnet-cni.conflist");
+    let published = net_d.join("00-vnet-cni.conflist");
 
     // No agent: nothing is published, and the unit's start fails (so systemd retries).
     let out = run("sh", &[publish.to_str().unwrap()], &envs);
@@ -1199,7 +1302,12 @@ fn the_conflist_is_published_only_once_the_agent_is_ready() {
         );
     }
 
-    // A ready agent: the conflist appears, identical to the template, and no temp file stays.
+    // What an earlier release published under the old name, which sorts after other CNIs'.
+    let legacy = net_d.join("10-vnet-cni.conflist");
+    fs::copy(&template, &legacy).unwrap();
+
+    // A ready agent: the conflist appears, identical to the template, the old one goes, and no
+    // temp file stays.
     let listener = UnixListener::bind(&socket).unwrap();
     let server = serve_health(listener, true);
     run_ok("sh", &[publish.to_str().unwrap()], &envs);
@@ -1209,10 +1317,10 @@ fn the_conflist_is_published_only_once_the_agent_is_ready() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["10-vnet-cni.conflist"]);
+    assert_eq!(names, ["00-vnet-cni.conflist"]);
 
     // A new release's template replaces what this script published before.
-    let new_template = tmp.path().join("10-vnet-cni.conflist");
+    let new_template = tmp.path().join("00-vnet-cni.conflist");
     let new_text = fs::read_to_string(&template).unwrap().replace(
         "\"type\": \"vnet-cni\"",
         "\"type\": \"vnet-cni\",\n      \"logLevel\": \"info\"",
@@ -1229,6 +1337,21 @@ fn the_conflist_is_published_only_once_the_agent_is_ready() {
     let output = run_ok("sh", &[publish.to_str().unwrap()], &envs);
     assert!(output.contains("leaving it"), "{output}");
     assert_eq!(fs::read_to_string(&published).unwrap(), agents);
+
+    // Another CNI's file that sorts first would win: the journal says so.
+    fs::write(
+        net_d.join("00-aaa-other.conflist"),
+        "{\"name\":\"other\"}\n",
+    )
+    .unwrap();
+    let out = run("sh", &[publish.to_str().unwrap()], &envs);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning")
+            && stderr.contains("00-aaa-other.conflist sorts before 00-vnet-cni.conflist"),
+        "{stderr}"
+    );
     let _ = std::os::unix::net::UnixStream::connect(&socket);
     server.join().unwrap();
 }

@@ -185,6 +185,57 @@ pub fn is_tombstone_name(name: &str) -> bool {
             .is_some_and(|hex| hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')))
 }
 
+/// Longest file name Linux file systems take (NAME_MAX).
+const FILE_NAME_MAX: usize = 255;
+/// How much of a long container ID a hashed spool file name keeps, for a person reading the dir.
+const SPOOL_ID_PREFIX: usize = 64;
+
+/// A release the plugin could not deliver, stored as `<spool dir>/<container id>:<ifname>.json`.
+/// The file name makes a repeated DEL idempotent (`:` appears in neither name, so no two keys share
+/// a file); the agent deletes the file once the release is durable in its own store, and applies a
+/// key's spooled release before it allocates for that key again.
+///
+/// The spec sets no length limit on container IDs, but a file name holds at most 255 bytes. A key
+/// whose plain name would not fit gets `<first 64 bytes of the ID>+<SHA-256 of (ID, ifname)>:
+/// <ifname>.json` (150 bytes at most). `+` never appears in a container ID, so a hashed name never
+/// equals a plain one, and every name an older plugin could write keeps its plain form. The file's
+/// content carries the full key either way; the drain reads every `*.json` whatever its name.
+pub fn spool_file_name(key: &AttachmentKey) -> String {
+    let plain = format!("{}:{}.json", key.container_id, key.ifname);
+    if plain.len() <= FILE_NAME_MAX {
+        return plain;
+    }
+    let id = key.container_id.as_str();
+    // Container IDs are ASCII, so any byte offset is a char boundary.
+    let digest = hex_digest(&["spool", id, key.ifname.as_str()]);
+    format!("{}+{digest}:{}.json", &id[..SPOOL_ID_PREFIX], key.ifname)
+}
+
+/// Longest interface alias the kernel takes (IFALIASZ is 256 with the NUL).
+pub const LINK_ALIAS_MAX: usize = 255;
+/// What every alias the plugin puts on a host veth starts with.
+pub const LINK_ALIAS_PREFIX: &str = "vnet-cni ";
+
+/// The interface alias (`IFLA_IFALIAS`, `ip link show` prints it) that marks a host veth as the
+/// one vnet-cni made for this attachment: `vnet-cni <container id>/<ifname>`. The host veth name
+/// is a short hash, so two attachments can share it; ADD removes and DEL retires a link holding
+/// the name only when it carries this mark (or no alias at all: links made before the mark
+/// existed). An ID too long for the alias is shortened as in [`spool_file_name`]:
+/// `vnet-cni <first 64 bytes>+<SHA-256 of (ID, ifname)>/<ifname>`.
+pub fn link_alias(key: &AttachmentKey) -> String {
+    let plain = format!("{LINK_ALIAS_PREFIX}{}/{}", key.container_id, key.ifname);
+    if plain.len() <= LINK_ALIAS_MAX {
+        return plain;
+    }
+    let id = key.container_id.as_str();
+    let digest = hex_digest(&["alias", id, key.ifname.as_str()]);
+    format!(
+        "{LINK_ALIAS_PREFIX}{}+{digest}/{}",
+        &id[..SPOOL_ID_PREFIX],
+        key.ifname
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +302,48 @@ mod tests {
             "", "VNET", "1abc", "toolong1", "vdel", "vdelx", "vde", "v-x",
         ] {
             assert!(validate_veth_prefix(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn spool_file_names_fit_any_file_system_for_any_id_length() {
+        // The plain form, unchanged for every ID whose name fits (files older plugins wrote).
+        assert_eq!(spool_file_name(&key("abc123", "eth0")), "abc123:eth0.json");
+        let fits = "a".repeat(FILE_NAME_MAX - ":abcdefghijklmno.json".len());
+        let name = spool_file_name(&key(&fits, "abcdefghijklmno"));
+        assert_eq!(name, format!("{fits}:abcdefghijklmno.json"));
+        assert_eq!(name.len(), FILE_NAME_MAX);
+        // One byte more, and any longer ID: hashed, short, still per attachment.
+        for len in [fits.len() + 1, 500, 4096, 100_000] {
+            let id = format!("c{}", "0123456789abcdef-_.".repeat(len / 19 + 1))[..len].to_owned();
+            let name = spool_file_name(&key(&id, "abcdefghijklmno"));
+            assert!(name.len() <= 150, "{len}: {} bytes", name.len());
+            assert!(name.starts_with(&id[..64]) && name.contains('+'), "{name}");
+            assert!(name.ends_with(":abcdefghijklmno.json"), "{name}");
+            assert_eq!(name, spool_file_name(&key(&id, "abcdefghijklmno")));
+            assert_ne!(name, spool_file_name(&key(&id, "eth0")));
+            let mut other = id.clone();
+            other.replace_range(len - 1.., "z");
+            assert_ne!(name, spool_file_name(&key(&other, "abcdefghijklmno")));
+        }
+    }
+
+    #[test]
+    fn link_aliases_name_the_attachment_and_fit_the_kernel() {
+        assert_eq!(link_alias(&key("abc123", "eth0")), "vnet-cni abc123/eth0");
+        assert_ne!(
+            link_alias(&key("abc123", "eth0")),
+            link_alias(&key("abc123", "eth1"))
+        );
+        for len in [200, 246, 247, 500, 10_000] {
+            let id = format!("c{}", "0123456789abcdef".repeat(len / 16 + 1))[..len].to_owned();
+            let alias = link_alias(&key(&id, "eth0"));
+            assert!(alias.len() <= LINK_ALIAS_MAX, "{len}: {}", alias.len());
+            assert!(alias.starts_with(LINK_ALIAS_PREFIX) && alias.ends_with("/eth0"));
+            assert_eq!(alias, link_alias(&key(&id, "eth0")));
+            let mut other = id.clone();
+            other.replace_range(len - 1.., "z");
+            assert_ne!(alias, link_alias(&key(&other, "eth0")));
         }
     }
 

@@ -24,7 +24,8 @@ pub fn agent_error(err: AgentError) -> CniError {
     let code = match &err {
         AgentError::Unreachable { .. }
         | AgentError::ConnectTimeout { .. }
-        | AgentError::Timeout { .. } => Code::TryAgainLater,
+        | AgentError::Timeout { .. }
+        | AgentError::Dropped { .. } => Code::TryAgainLater,
         AgentError::Refused { body, .. } => match body.code {
             ErrorCode::TryAgainLater | ErrorCode::NotReady => Code::TryAgainLater,
             ErrorCode::Exhausted => Code::Exhausted,

@@ -85,6 +85,7 @@ async fn allocate(
                 ip: Ipv4Addr::new(a, b, c, host),
                 key: req.key.clone(),
                 pod: req.pod.clone(),
+                network: req.network.clone(),
                 host_veth: vnet_api::host_veth_name("vnet", &req.key),
                 allocated_at: 0,
             };
@@ -206,6 +207,19 @@ impl FakeAgent {
     pub fn allocation_count(&self) -> usize {
         self.state.lock().unwrap().allocations.len()
     }
+}
+
+/// An agent that dies mid-request: accepts each connection, reads the request, and closes it
+/// without answering (hyper then reports "connection closed before message completed").
+pub fn dying_agent(socket: &Path) {
+    use std::io::Read;
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+        }
+    });
 }
 
 /// The network config the tests use.

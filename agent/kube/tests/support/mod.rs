@@ -5,7 +5,9 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+pub mod manifests;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
@@ -40,6 +42,8 @@ struct State {
     /// (method, path prefix) answered with 403.
     forbidden: Vec<(Method, String)>,
     pub requests: Vec<String>,
+    /// Every request as the RBAC authorizer sees it: "group/resource:verb".
+    authorizations: BTreeSet<String>,
 }
 
 #[derive(Clone, Default)]
@@ -130,6 +134,11 @@ impl FakeApi {
         self.state.lock().unwrap().requests.clone()
     }
 
+    /// What the requests so far needed from RBAC, as "group/resource:verb" (core group empty).
+    pub fn authorizations(&self) -> BTreeSet<String> {
+        self.state.lock().unwrap().authorizations.clone()
+    }
+
     pub fn get(&self, collection: &'static str, key: &str) -> Option<Value> {
         self.state
             .lock()
@@ -178,6 +187,10 @@ impl FakeApi {
             .unwrap_or_default();
         let mut state = self.state.lock().unwrap();
         state.requests.push(format!("{method} {path}"));
+        let watch = query.get("watch").map(String::as_str) == Some("true");
+        if let Some(authorization) = authorization(&method, &path, watch) {
+            state.authorizations.insert(authorization);
+        }
         if let Some((_, prefix)) = state
             .forbidden
             .iter()
@@ -342,6 +355,41 @@ fn tokio_stream_from(
     mut receiver: mpsc::UnboundedReceiver<Bytes>,
 ) -> impl futures::Stream<Item = Bytes> + Send + 'static {
     futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+/// The RBAC attributes of a request, as the API server's authorizer derives them:
+/// `/api/v1/[namespaces/<ns>/]<resource>[/<name>[/<subresource>]]` or
+/// `/apis/<group>/<version>/...`, and the verb from the method (a GET of a collection is `list`, or
+/// `watch` with `watch=true`).
+pub fn authorization(method: &Method, path: &str, watch: bool) -> Option<String> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let rest = match rest {
+        ["namespaces", _namespace, rest @ ..] if !rest.is_empty() => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, subresource] => (format!("{resource}/{subresource}"), true),
+        _ => return None,
+    };
+    let verb = match (method.clone(), named) {
+        (Method::GET, false) if watch => "watch",
+        (Method::GET, false) => "list",
+        (Method::GET, true) => "get",
+        (Method::POST, _) => "create",
+        (Method::PUT, _) => "update",
+        (Method::PATCH, _) => "patch",
+        (Method::DELETE, false) => "deletecollection",
+        (Method::DELETE, true) => "delete",
+        _ => return None,
+    };
+    Some(format!("{group}/{resource}:{verb}"))
 }
 
 fn percent_decode(s: &str) -> String {
