@@ -737,7 +737,15 @@ mod tests {
         let mut c = Cloud::new(topology(), None).unwrap();
         let doc = c.instance_json("pool1", "0").unwrap();
         let err = c
-            .put_instance("pool1", "0", None, &doc, None, Timing::new(0, 1), Instant::now())
+            .put_instance(
+                "pool1",
+                "0",
+                None,
+                &doc,
+                None,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
             .unwrap_err();
         assert_eq!(
             (err.status, err.code.as_str()),
@@ -748,8 +756,16 @@ mod tests {
             .as_object_mut()
             .unwrap()
             .remove("imageReference");
-        c.put_instance("pool1", "0", None, &without, None, Timing::new(0, 1), Instant::now())
-            .unwrap();
+        c.put_instance(
+            "pool1",
+            "0",
+            None,
+            &without,
+            None,
+            Timing::new(0, 1),
+            Instant::now(),
+        )
+        .unwrap();
         let after = c.instance_json("pool1", "0").unwrap();
         assert_eq!(
             after["properties"]["storageProfile"]["imageReference"],

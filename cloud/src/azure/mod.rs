@@ -16,7 +16,9 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::{ArmBudget, CloudError, CloudProvider, IP_CONFIG_PREFIX, NodeIdentity, NodeKind, SecondaryIp};
+use crate::{
+    ArmBudget, CloudError, CloudProvider, IP_CONFIG_PREFIX, NodeIdentity, NodeKind, SecondaryIp,
+};
 
 mod client;
 mod config;
