@@ -171,6 +171,10 @@ enum LabCmd {
         /// 10 s Azure answers on a NIC PUT.
         #[arg(long, value_delimiter = ',', default_values_t = [1u64, 10])]
         burst_retry_after: Vec<u64>,
+        /// The node kinds the cold burst runs on, each at every Retry-After: the NIC path (vm)
+        /// and a Uniform scale-set instance written through Compute (uniform).
+        #[arg(long, default_value = "vm,uniform")]
+        burst_node_kind: String,
         /// iperf3 seconds per data path measurement (0 = skip).
         #[arg(long, default_value_t = 5)]
         iperf_secs: u64,
@@ -282,6 +286,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             burst,
             write_latency_ms,
             burst_retry_after,
+            burst_node_kind,
             iperf_secs,
         } => {
             let mut cfg = LabConfig::new(&name);
@@ -298,6 +303,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 burst,
                 write_latency_ms,
                 burst_retry_after_secs: burst_retry_after,
+                burst_node_kinds: lab::parse_node_kinds(&burst_node_kind)?,
                 iperf_secs,
                 out,
             };
