@@ -1302,6 +1302,27 @@ fn write_conflist(st: &LabState, node: &NodeState, cfg: &LabConfig) -> Result<()
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn node_kinds_parse_and_cycle_over_the_nodes() {
+        let mut cfg = LabConfig::new("x");
+        cfg.node_kinds = parse_node_kinds("mixed").unwrap();
+        let kinds: Vec<NodeKind> = (0..4).map(|i| cfg.node_kind(i)).collect();
+        assert_eq!(
+            kinds,
+            [
+                NodeKind::Vm,
+                NodeKind::Uniform,
+                NodeKind::Flexible,
+                NodeKind::Vm
+            ]
+        );
+        cfg.node_kinds = parse_node_kinds("uniform, vm").unwrap();
+        assert_eq!(cfg.node_kind(3), NodeKind::Vm);
+        assert!(parse_node_kinds("uniform,aks").is_err());
+        assert_eq!(LabConfig::new("x").node_kind(7), NodeKind::Vm);
+    }
+
     #[test]
     fn the_mock_timing_is_pinned_unless_the_faults_set_it() {
         let pinned: serde_json::Value =

@@ -117,6 +117,13 @@ enum LabCmd {
         #[command(flatten)]
         at: Where,
     },
+    /// Reimage a Uniform scale-set node in the mock cloud: its instance-level ipConfigurations
+    /// go back to the scale set's model (the agent's status then lists what its pods lost).
+    Reimage {
+        node: String,
+        #[command(flatten)]
+        at: Where,
+    },
     /// Remove everything the lab made (also after a crash); a no-op when there is no lab.
     Down {
         #[command(flatten)]
@@ -223,6 +230,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         LabCmd::Status { at } => {
             let lab = Lab::open(&at.state_dir, &at.name)?;
             print!("{}", report::status(&lab));
+        }
+        LabCmd::Reimage { node, at } => {
+            let lab = Lab::open(&at.state_dir, &at.name)?;
+            let lost = lab.reimage(&node)?;
+            println!(
+                "{node} reimaged: {} addresses left its NIC ({})",
+                lost.len(),
+                lost.iter()
+                    .map(|ip| ip.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
         }
         LabCmd::Down { at } => {
             if !lab::is_root() {
