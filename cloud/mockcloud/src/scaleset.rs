@@ -647,6 +647,12 @@ fn kept_fields(body: &Value, old: &Value) -> Value {
         for key in ["id", "name", "type", "etag", "instanceId", "resources"] {
             obj.remove(key);
         }
+        // Read-only on an instance: a PUT cannot change them, leaving them out keeps them.
+        for key in ["sku", "zones"] {
+            if let Some(v) = old.get(key) {
+                obj.insert(key.into(), v.clone());
+            }
+        }
     }
     if let Some(props) = doc["properties"].as_object_mut() {
         for key in READ_ONLY {

@@ -64,6 +64,25 @@ pub(super) fn write_key(nic_id: &str) -> String {
     }
 }
 
+/// Read-only fields of a scale-set VM (top level, and in `properties`).
+const READ_ONLY: [&str; 7] = [
+    "id",
+    "name",
+    "type",
+    "etag",
+    "instanceId",
+    "resources",
+    "sku",
+];
+const READ_ONLY_PROPERTIES: [&str; 6] = [
+    "provisioningState",
+    "latestModelApplied",
+    "vmId",
+    "instanceView",
+    "timeCreated",
+    "modelDefinitionApplied",
+];
+
 /// One write: where, what, and the etag it is conditional on.
 pub(super) struct Write {
     pub url: String,
@@ -173,6 +192,18 @@ pub(super) fn edited_instance(
     if let Some(storage) = body["properties"]["storageProfile"].as_object_mut() {
         storage.remove("imageReference");
     }
+    // What Compute computes is not ours to send back (the SDKs leave read-only fields out too):
+    // the extensions (`resources`) in particular are separate child resources.
+    if let Some(doc) = body.as_object_mut() {
+        for key in READ_ONLY {
+            doc.remove(key);
+        }
+    }
+    if let Some(props) = body["properties"].as_object_mut() {
+        for key in READ_ONLY_PROPERTIES {
+            props.remove(key);
+        }
+    }
     Ok(body)
 }
 
@@ -252,8 +283,9 @@ mod tests {
                 .get("imageReference")
                 .is_none()
         );
-        // Everything else as read.
+        // Everything else as read (but what Compute computes).
         let mut expected = instance.clone();
+        expected.as_object_mut().unwrap().remove("id");
         expected["properties"]["storageProfile"]
             .as_object_mut()
             .unwrap()
