@@ -462,7 +462,7 @@ impl Cloud {
         }
         let requested = parse_ip_configurations(body)?;
         let new_configs = self.plan(&key, &requested)?;
-        self.check_nic_rules(&key, &new_configs)?;
+        self.check_ip_config_rules(&self.topology.nic_id(&key), &new_configs)?;
         let new_doc = caller_document(body);
 
         let nic = self.nics.get_mut(&key).expect("NIC exists");
@@ -496,9 +496,13 @@ impl Cloud {
         Ok(id)
     }
 
-    /// Azure's rules over the NIC's next ipConfigurations: one subnet, one set of ASGs.
-    fn check_nic_rules(&self, key: &str, configs: &[IpConfig]) -> Result<(), ArmError> {
-        let nic_id = self.topology.nic_id(key);
+    /// Azure's rules over a NIC's next ipConfigurations: one subnet, one set of ASGs.
+    /// `nic_id` names the NIC in messages (a scale-set instance's NIC ID works too).
+    pub fn check_ip_config_rules(
+        &self,
+        nic_id: &str,
+        configs: &[IpConfig],
+    ) -> Result<(), ArmError> {
         let refs: Vec<ConfigRefs> = configs
             .iter()
             .map(|c| ConfigRefs {

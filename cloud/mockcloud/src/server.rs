@@ -739,17 +739,19 @@ async fn arm(
     (Some(operation), response)
 }
 
-/// 403 `LinkedAuthorizationFailed` when the caller may write the NIC but lacks `join` on a
-/// resource the body references; every missing action is listed, as ARM does.
-fn check_linked_access(
+/// 403 `LinkedAuthorizationFailed` when the caller may perform `write_action` on `scope` but
+/// lacks `join` on a resource the request references (`refs`, from [`rules`]); every missing
+/// action is listed, as ARM does. A scale-set instance update checks its references the same way.
+pub(crate) fn check_linked_access(
     caller: Option<&Principal>,
-    body: &Value,
+    write_action: &str,
     scope: &str,
+    refs: Vec<rules::LinkedRef>,
 ) -> Result<(), ArmError> {
     let Some(caller) = caller else {
         return Ok(());
     };
-    let missing: Vec<rules::LinkedRef> = rules::nic_linked_references(body)
+    let missing: Vec<rules::LinkedRef> = refs
         .into_iter()
         .filter(|r| !caller.allows(r.action))
         .collect();
@@ -762,7 +764,7 @@ fn check_linked_access(
         403,
         "LinkedAuthorizationFailed",
         format!(
-            "The client '{}' with object id '{}' has permission to perform action 'Microsoft.Network/networkInterfaces/write' on scope '{scope}'; however, it does not have permission to perform action(s) '{}' on the linked scope(s) '{}' (respectively) or the linked scope(s) are invalid.",
+            "The client '{}' with object id '{}' has permission to perform action '{write_action}' on scope '{scope}'; however, it does not have permission to perform action(s) '{}' on the linked scope(s) '{}' (respectively) or the linked scope(s) are invalid.",
             caller.name,
             caller.object_id,
             actions.join(","),
@@ -781,7 +783,8 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &
             ));
         }
     };
-    if let Err(e) = check_linked_access(caller, &body, scope) {
+    let refs = rules::nic_linked_references(&body);
+    if let Err(e) = check_linked_access(caller, action_for("nic_put"), scope, refs) {
         return arm_error(e);
     }
     let if_match = ctx
