@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 
-use crate::auth::{Principal, Principals};
+use crate::auth::{Principal, Principals, authorization_failed, check_linked_access};
 use crate::fabric::Fabric;
 use crate::faults::{FaultKind, Faults};
 use crate::model::{
@@ -502,20 +502,6 @@ fn rate_key(ctx: &Ctx, caller: Option<&Principal>) -> String {
     }
 }
 
-/// 403 `AuthorizationFailed` in ARM's words.
-fn authorization_failed(who: Option<&Principal>, action: &str, scope: &str) -> ArmError {
-    let (name, object_id) = who
-        .map(|p| (p.name.as_str(), p.object_id.as_str()))
-        .unwrap_or(("mock-client", "00000000-0000-0000-0000-000000000000"));
-    ArmError::new(
-        403,
-        "AuthorizationFailed",
-        format!(
-            "The client '{name}' with object id '{object_id}' does not have authorization to perform action '{action}' over scope '{scope}' or the scope is invalid. If access was recently granted, please refresh your credentials."
-        ),
-    )
-}
-
 /// What every ARM call goes through: counting, api-version, scope, the caller and its
 /// permission, throttling, latency, injected faults. Returns the caller (with principals).
 async fn arm_prelude(
@@ -737,40 +723,6 @@ async fn arm(
         _ => unreachable!("matched above"),
     };
     (Some(operation), response)
-}
-
-/// 403 `LinkedAuthorizationFailed` when the caller may perform `write_action` on `scope` but
-/// lacks `join` on a resource the request references (`refs`, from [`rules`]); every missing
-/// action is listed, as ARM does. A scale-set instance update checks its references the same way.
-pub(crate) fn check_linked_access(
-    caller: Option<&Principal>,
-    write_action: &str,
-    scope: &str,
-    refs: Vec<rules::LinkedRef>,
-) -> Result<(), ArmError> {
-    let Some(caller) = caller else {
-        return Ok(());
-    };
-    let missing: Vec<rules::LinkedRef> = refs
-        .into_iter()
-        .filter(|r| !caller.allows(r.action))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let actions: Vec<&str> = missing.iter().map(|r| r.action).collect();
-    let scopes: Vec<&str> = missing.iter().map(|r| r.scope.as_str()).collect();
-    Err(ArmError::new(
-        403,
-        "LinkedAuthorizationFailed",
-        format!(
-            "The client '{}' with object id '{}' has permission to perform action '{write_action}' on scope '{scope}'; however, it does not have permission to perform action(s) '{}' on the linked scope(s) '{}' (respectively) or the linked scope(s) are invalid.",
-            caller.name,
-            caller.object_id,
-            actions.join(","),
-            scopes.join(","),
-        ),
-    ))
 }
 
 fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &str) -> Response {
