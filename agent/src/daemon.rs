@@ -226,11 +226,8 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         "store loaded"
     );
 
-    let subnet_id = if config.cloud.pod_subnet_id.is_empty() {
-        identity.subnet_id.clone()
-    } else {
-        config.cloud.pod_subnet_id.clone()
-    };
+    // Azure keeps every ipConfiguration of a NIC in one subnet: pods use the NIC's.
+    let subnet_id = identity.subnet_id.clone();
     let settings = AgentSettings {
         node_name: config
             .node_name
@@ -280,13 +277,8 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
             if non_masq.is_empty() {
                 non_masq = identity.vnet_address_space.clone();
             }
-            // Pods draw from the NIC's subnet unless pod_subnet_id names another one, whose
-            // prefix discovery does not know: then match any VNet source (still not the node).
-            let sources = if agent.settings().subnet_id == identity.subnet_id {
-                vec![identity.subnet_prefix]
-            } else {
-                identity.vnet_address_space.clone()
-            };
+            // Pods draw from the NIC's subnet.
+            let sources = vec![identity.subnet_prefix];
             let script = masq::masquerade_script(&sources, identity.primary_ip, &non_masq);
             tokio::task::spawn_blocking(move || masq::apply_nft(&script, masq::NFT_TIMEOUT))
                 .await

@@ -14,9 +14,19 @@ use vnet_agent::store::JournalStore;
 use vnet_api::ErrorCode;
 use vnet_mockcloud::{FaultSpec, Faults, MockConfig, MockServer, Topology};
 
+/// The tests' pinned operation timing (the mock's default is Azure's Retry-After: 10).
+fn pinned() -> Faults {
+    Faults {
+        operation_retry_after_secs: Some(1),
+        ..Faults::default()
+    }
+}
+
 async fn start_mock() -> MockServer {
     let topology = Topology::single_subnet("10.240.0.0/16".parse().unwrap(), 2);
-    MockServer::start(MockConfig::new(topology), "127.0.0.1:0".parse().unwrap())
+    let mut config = MockConfig::new(topology);
+    config.faults = pinned();
+    MockServer::start(config, "127.0.0.1:0".parse().unwrap())
         .await
         .expect("mock starts")
 }
@@ -113,7 +123,7 @@ async fn with_thirty_percent_cloud_faults_every_allocation_succeeds_without_dupl
         }),
         server_error: fault(0.15),
         busy: fault(0.15),
-        ..Faults::default()
+        ..pinned()
     });
     let dir = tempfile::tempdir().unwrap();
     let config = mock_config(dir.path(), &mock);

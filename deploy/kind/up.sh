@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Brings up vnet-cni on a local kind cluster with the mock cloud:
-#   build the image, create the kind docker network and the cluster (default CNI disabled, two
+#   build the image (deploy/image/build.sh), create the kind docker network and the cluster (default CNI disabled, two
 #   workers, kube-proxy's cluster CIDR = that network's subnet, where pods take their addresses
 #   from), load the image, generate the mock cloud's topology from the real node IPs, then install
 #   CRD, RBAC, mock cloud, kind fabric and agent from `deploy/render.sh --component kind` and wait
@@ -35,7 +35,9 @@ done
 
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     echo "== building $IMAGE"
-    docker build -f deploy/Dockerfile -t "$IMAGE" .
+    # The image's own build (a Debian base made locally, then deploy/Dockerfile): needs root and
+    # debootstrap; see deploy/Dockerfile.
+    deploy/image/build.sh --tag "$IMAGE"
 fi
 
 # kind reuses a network named "kind" when it exists; make it first so its subnet is known.

@@ -5,7 +5,7 @@ variable "subscription_id" {
 }
 
 variable "name" {
-  description = "Prefix of every resource name."
+  description = "Prefix of every resource name, the custom roles' too (role names may need to be unique in the tenant, unverified: use one prefix per cluster)."
   type        = string
   default     = "vnetcni"
 }

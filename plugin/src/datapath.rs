@@ -52,6 +52,34 @@ pub struct Link {
     /// For a veth: the peer's index (in the peer's namespace).
     pub peer_index: Option<u32>,
     pub is_veth: bool,
+    /// `IFLA_IFALIAS`: on host veths, vnet-cni's mark ([`vnet_api::link_alias`]).
+    pub alias: Option<String>,
+}
+
+/// Whose a link holding a host veth (or tombstone) name is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// A veth carrying this attachment's mark.
+    This,
+    /// A veth without any alias: made by a plugin from before the mark, treated as this
+    /// attachment's as it always was (the name is derived from the key).
+    Unmarked,
+    /// Anything else: another attachment's veth (a hash collision of the short name), or a link
+    /// vnet-cni did not make. Never touched.
+    Foreign(String),
+}
+
+impl Link {
+    pub fn owner(&self, key: &vnet_api::AttachmentKey) -> Owner {
+        if !self.is_veth {
+            return Owner::Foreign(format!("{} is not a veth", self.name));
+        }
+        match self.alias.as_deref() {
+            None | Some("") => Owner::Unmarked,
+            Some(a) if a == vnet_api::link_alias(key) => Owner::This,
+            Some(a) => Owner::Foreign(format!("{} carries alias {a:?}", self.name)),
+        }
+    }
 }
 
 impl Link {
@@ -64,6 +92,7 @@ impl Link {
             up: msg.header.flags.contains(LinkFlags::Up),
             peer_index: None,
             is_veth: false,
+            alias: None,
         };
         for attr in msg.attributes {
             match attr {
@@ -71,6 +100,7 @@ impl Link {
                 LinkAttribute::Address(a) => link.mac = a,
                 LinkAttribute::Mtu(m) => link.mtu = m,
                 LinkAttribute::Link(p) => link.peer_index = Some(p),
+                LinkAttribute::IfAlias(a) => link.alias = Some(a),
                 LinkAttribute::LinkInfo(infos) => {
                     link.is_veth = infos.iter().any(|i| {
                         matches!(
@@ -142,6 +172,15 @@ pub async fn delete_link(handle: &Handle, index: u32) -> NlResult<()> {
         Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
         other => other,
     }
+}
+
+/// Sets the interface alias (the kernel ignores one in the request that creates the link).
+pub async fn set_alias(handle: &Handle, index: u32, alias: &str) -> NlResult<()> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).alias(alias).build())
+        .execute()
+        .await
 }
 
 pub async fn set_link_up(handle: &Handle, index: u32) -> NlResult<()> {

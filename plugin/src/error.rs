@@ -33,6 +33,9 @@ pub enum Code {
     CheckFailed = 105,
     /// GC could not remove everything; details list each failure.
     GcIncomplete = 106,
+    /// ADD: the host veth name is held by a link that is not this attachment's (another
+    /// attachment's veth with the same hashed name, or a link vnet-cni did not make).
+    NameTaken = 107,
 }
 
 impl Code {

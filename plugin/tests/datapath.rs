@@ -356,7 +356,7 @@ fn agent_down_add_is_11_and_del_spools() {
 fn an_agent_that_dies_mid_request_fails_add_with_11_and_del_spools() {
     let node = node();
     let pod = Netns::new("pod").unwrap();
-    let agent = FakeAgent::start([10, 77, 7]);
+    let agent = FakeAgent::start([10, 77, 10]);
     let id = "ctr-dying-agent";
     add(&node, &agent, "1.0.0", id, &pod).assert_ok();
     let socket = agent.dir.path().join("dying.sock");
@@ -388,10 +388,111 @@ fn an_agent_that_dies_mid_request_fails_add_with_11_and_del_spools() {
 }
 
 #[test]
+fn a_link_that_is_not_this_attachments_is_never_deleted_or_retired() {
+    let node = node();
+    let pod = Netns::new("pod").unwrap();
+    let agent = FakeAgent::start([10, 77, 12]);
+    let id = "ctr-owner";
+    let host_veth = host_veth_name("vnet", &key(id, "eth0"));
+    // Another attachment's veth holding the same (hashed, short) host name: a collision.
+    ip(
+        &node,
+        &[
+            "link",
+            "add",
+            &host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "other-peer",
+        ],
+    );
+    ip(
+        &node,
+        &[
+            "link",
+            "set",
+            &host_veth,
+            "alias",
+            "vnet-cni someone-else/eth0",
+        ],
+    );
+    let out = add(&node, &agent, "1.0.0", id, &pod);
+    assert_eq!(out.error_code(), 107, "{out:?}");
+    let msg = out.json()["msg"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains(&host_veth) && msg.contains("someone-else"),
+        "{msg}"
+    );
+    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+    assert_eq!(agent.allocation_count(), 0, "the address went back");
+    // DEL (the runtime follows a failed ADD with one) leaves it alone too, and says so.
+    let out = run(&node, &agent, "DEL", id, &path_str(&pod));
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("not this attachment's link"),
+        "{}",
+        out.stderr
+    );
+    let link = ip(&node, &["-d", "link", "show", &host_veth]);
+    assert!(link.contains("someone-else"), "{link}");
+    assert!(agent.releases().iter().all(|r| r.dying_veth.is_none()));
+    ip(&node, &["link", "del", &host_veth]);
+
+    // Our own ADD marks the host veth; CHECK and DEL accept it.
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
+    let link = ip(&node, &["-d", "link", "show", &host_veth]);
+    assert!(
+        link.contains(&format!("alias vnet-cni {id}/eth0")),
+        "{link}"
+    );
+    run(&node, &agent, "CHECK", id, &path_str(&pod)).assert_ok();
+    // CHECK notices a foreign mark.
+    ip(
+        &node,
+        &[
+            "link",
+            "set",
+            &host_veth,
+            "alias",
+            "vnet-cni someone-else/eth0",
+        ],
+    );
+    assert_eq!(
+        run(&node, &agent, "CHECK", id, &path_str(&pod)).error_code(),
+        105
+    );
+    ip(
+        &node,
+        &[
+            "link",
+            "set",
+            &host_veth,
+            "alias",
+            &format!("vnet-cni {id}/eth0"),
+        ],
+    );
+    run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
+    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+
+    // A veth from before the mark (no alias) is still this attachment's: ADD replaces it.
+    ip(
+        &node,
+        &[
+            "link", "add", &host_veth, "type", "veth", "peer", "name", "old-peer",
+        ],
+    );
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
+    assert!(!ip(&node, &["link", "show"]).contains("old-peer"));
+    run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
+}
+
+#[test]
 fn a_500_byte_container_id_is_wired_and_its_del_spools_with_the_agent_down() {
     let node = node();
     let pod = Netns::new("pod").unwrap();
-    let agent = FakeAgent::start([10, 77, 6]);
+    let agent = FakeAgent::start([10, 77, 11]);
     // The spec sets no length limit; runtimes that derive IDs from long names do send these.
     let id = format!("c{}", "0123456789abcdef".repeat(32))[..500].to_owned();
     add(&node, &agent, "1.0.0", &id, &pod).assert_ok();
@@ -541,25 +642,48 @@ fn status_and_gc() {
     assert!(links.contains(&host_veth_name("vnet", &key("ctr-keep", "eth0"))));
     assert_eq!(agent.allocation_count(), 1);
 
-    // STATUS reports the agent's reason when it cannot allocate.
-    agent.state.lock().unwrap().status = Some(vnet_api::StatusResponse {
-        ready: true,
-        can_allocate: false,
-        reason: Some("subnet nodes is full".into()),
-        node: "node-1".into(),
-        pool: Default::default(),
-        subnet_full: true,
-        last_cloud_error: None,
-        unreconciled: vec![],
-    });
+    // Address exhaustion keeps STATUS at 0 (the node's network stays ready; ADD answers 104),
+    // whatever exhausted it: subnet full, the pool at its max, the NIC's limit.
+    let status = |ready: bool, can_allocate: bool, reason: &str, unreconciled: usize| {
+        Some(vnet_api::StatusResponse {
+            ready,
+            can_allocate,
+            reason: Some(reason.into()),
+            node: "node-1".into(),
+            pool: vnet_api::PoolStatus {
+                total: 250,
+                allocated: 250,
+                max: 250,
+                ..Default::default()
+            },
+            subnet_full: reason.contains("SubnetIsFull"),
+            last_cloud_error: None,
+            unreconciled: vec![Ipv4Addr::new(10, 77, 6, 200); unreconciled],
+        })
+    };
+    for reason in [
+        "subnet nodes has no free addresses (SubnetIsFull); the agent retries in the background",
+        "all 250 addresses this node may hold are allocated (pool.max = 250, NIC limit 256)",
+    ] {
+        agent.state.lock().unwrap().status = status(true, false, reason, 0);
+        let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "STATUS")], &cfg.to_string());
+        out.assert_ok();
+        assert!(out.stdout.trim().is_empty(), "{out:?}");
+        assert!(out.stderr.contains(reason), "logged: {}", out.stderr);
+    }
+    // Not ready / store unusable: 50 with the agent's reason; 51 when pods are impaired too.
+    agent.state.lock().unwrap().status = status(false, false, "store failed: disk full", 0);
     let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "STATUS")], &cfg.to_string());
     assert_eq!(out.error_code(), 50);
     assert!(
         out.json()["msg"]
             .as_str()
             .unwrap()
-            .contains("subnet nodes is full")
+            .contains("store failed: disk full")
     );
+    agent.state.lock().unwrap().status = status(false, false, "the agent is starting", 1);
+    let out = exec_plugin(Some(&node), &[("CNI_COMMAND", "STATUS")], &cfg.to_string());
+    assert_eq!(out.error_code(), 51);
 }
 
 #[test]
@@ -609,4 +733,38 @@ fn agent_refusals_map_to_cni_codes() {
         );
         assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
     }
+}
+
+#[test]
+fn gc_of_one_network_leaves_another_networks_veths() {
+    // Two vnet-cni networks on one node (e.g. through Multus) share the host veth name shape.
+    let node = node();
+    let agent = FakeAgent::start([10, 77, 9]);
+    let blue = Netns::new("pod").unwrap();
+    let red = Netns::new("pod").unwrap();
+    add(&node, &agent, "1.1.0", "ctr-blue", &blue).assert_ok();
+    let mut red_cfg = conf("1.1.0", agent.socket_str(), &agent.spool_dir());
+    red_cfg["name"] = "red".into();
+    exec_plugin(
+        Some(&node),
+        &cni_env("ADD", "ctr-red", &path_str(&red), "eth0"),
+        &red_cfg.to_string(),
+    )
+    .assert_ok();
+    // GC of the first network, which lists none of its attachments as valid.
+    let mut cfg = conf("1.1.0", agent.socket_str(), &agent.spool_dir());
+    cfg["cni.dev/valid-attachments"] = serde_json::json!([]);
+    exec_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &cfg.to_string()).assert_ok();
+    let links = ip(&node, &["link", "show"]);
+    assert!(
+        !links.contains(&host_veth_name("vnet", &key("ctr-blue", "eth0"))),
+        "its own stale veth is removed: {links}"
+    );
+    assert!(
+        links.contains(&host_veth_name("vnet", &key("ctr-red", "eth0"))),
+        "the other network's veth is left alone: {links}"
+    );
+    let gc = agent.state.lock().unwrap().gcs.pop().unwrap();
+    assert_eq!(gc.network.as_deref(), Some("vnet-test"));
+    assert!(gc.allocated_before.is_some());
 }

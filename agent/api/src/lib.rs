@@ -27,8 +27,9 @@ use sha2::{Digest, Sha256};
 
 mod names;
 pub use names::{
-    ContainerId, HOST_VETH_PREFIX_MAX, IFNAME_MAX, IfName, NameError, TOMBSTONE_PREFIX,
-    host_veth_name, is_tombstone_name, spool_file_name, tombstone_veth_name, validate_veth_prefix,
+    ContainerId, HOST_VETH_PREFIX_MAX, IFNAME_MAX, IfName, LINK_ALIAS_MAX, LINK_ALIAS_PREFIX,
+    NameError, TOMBSTONE_PREFIX, host_veth_name, is_tombstone_name, link_alias, spool_file_name,
+    tombstone_veth_name, validate_veth_prefix,
 };
 
 /// Path prefix of every API route.
@@ -127,9 +128,24 @@ pub struct ReleaseResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GcRequest {
-    /// Every attachment still in use on this network; the agent releases all others.
+    /// Every attachment still in use on this network; the agent releases the others of this
+    /// network (see `network`).
     pub valid_attachments: Vec<AttachmentKey>,
+    /// The CNI network being collected (the config's `name`). The agent releases only
+    /// allocations recorded with this network. `None` (a plugin from before networks were
+    /// recorded): only allocations recorded without a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Only allocations made before this time (seconds since the Unix epoch) may be released:
+    /// a younger one may be an ADD the runtime's list could not include yet. `None`: now minus
+    /// [`GC_MIN_AGE_SECS`]. Later than now counts as now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_before: Option<u64>,
 }
+
+/// GC leaves alone attachments younger than this: the runtime lists its attachments, then calls
+/// GC, and an ADD that finished in between is not on the list but is not stale either.
+pub const GC_MIN_AGE_SECS: u64 = 60;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcResponse {
@@ -170,8 +186,9 @@ pub struct HealthResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusResponse {
     pub ready: bool,
-    /// `true` when an ADD can be served now or after the in-flight cloud write: the plugin's STATUS
-    /// answers 0 only then.
+    /// `true` when an ADD can be served now or after the in-flight cloud write. `false` with
+    /// `ready` true means exhaustion (subnet full, pool at max, NIC limit): the plugin's STATUS
+    /// still answers 0 then (ADD answers 104); it answers 50 only when `ready` is false.
     pub can_allocate: bool,
     /// Why `can_allocate` is false, for a person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -318,7 +335,12 @@ mod tests {
         round_trip(ReleaseResponse { released: None });
         round_trip(GcRequest {
             valid_attachments: vec![key()],
+            network: Some("vnet".into()),
+            allocated_before: Some(7),
         });
+        // A plugin from before networks sends neither.
+        let old: GcRequest = serde_json::from_str(r#"{"valid_attachments":[]}"#).unwrap();
+        assert_eq!((old.network, old.allocated_before), (None, None));
         round_trip(GcResponse {
             released: vec![allocation()],
         });

@@ -211,6 +211,31 @@ pub fn spool_file_name(key: &AttachmentKey) -> String {
     format!("{}+{digest}:{}.json", &id[..SPOOL_ID_PREFIX], key.ifname)
 }
 
+/// Longest interface alias the kernel takes (IFALIASZ is 256 with the NUL).
+pub const LINK_ALIAS_MAX: usize = 255;
+/// What every alias the plugin puts on a host veth starts with.
+pub const LINK_ALIAS_PREFIX: &str = "vnet-cni ";
+
+/// The interface alias (`IFLA_IFALIAS`, `ip link show` prints it) that marks a host veth as the
+/// one vnet-cni made for this attachment: `vnet-cni <container id>/<ifname>`. The host veth name
+/// is a short hash, so two attachments can share it; ADD removes and DEL retires a link holding
+/// the name only when it carries this mark (or no alias at all: links made before the mark
+/// existed). An ID too long for the alias is shortened as in [`spool_file_name`]:
+/// `vnet-cni <first 64 bytes>+<SHA-256 of (ID, ifname)>/<ifname>`.
+pub fn link_alias(key: &AttachmentKey) -> String {
+    let plain = format!("{LINK_ALIAS_PREFIX}{}/{}", key.container_id, key.ifname);
+    if plain.len() <= LINK_ALIAS_MAX {
+        return plain;
+    }
+    let id = key.container_id.as_str();
+    let digest = hex_digest(&["alias", id, key.ifname.as_str()]);
+    format!(
+        "{LINK_ALIAS_PREFIX}{}+{digest}/{}",
+        &id[..SPOOL_ID_PREFIX],
+        key.ifname
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +325,25 @@ mod tests {
             let mut other = id.clone();
             other.replace_range(len - 1.., "z");
             assert_ne!(name, spool_file_name(&key(&other, "abcdefghijklmno")));
+        }
+    }
+
+    #[test]
+    fn link_aliases_name_the_attachment_and_fit_the_kernel() {
+        assert_eq!(link_alias(&key("abc123", "eth0")), "vnet-cni abc123/eth0");
+        assert_ne!(
+            link_alias(&key("abc123", "eth0")),
+            link_alias(&key("abc123", "eth1"))
+        );
+        for len in [200, 246, 247, 500, 10_000] {
+            let id = format!("c{}", "0123456789abcdef".repeat(len / 16 + 1))[..len].to_owned();
+            let alias = link_alias(&key(&id, "eth0"));
+            assert!(alias.len() <= LINK_ALIAS_MAX, "{len}: {}", alias.len());
+            assert!(alias.starts_with(LINK_ALIAS_PREFIX) && alias.ends_with("/eth0"));
+            assert_eq!(alias, link_alias(&key(&id, "eth0")));
+            let mut other = id.clone();
+            other.replace_range(len - 1.., "z");
+            assert_ne!(alias, link_alias(&key(&other, "eth0")));
         }
     }
 

@@ -110,12 +110,31 @@ fn record_published(dir: &Path) {
     if let Ok(mut published) = PUBLISHED_DIR.lock() {
         *published = Some(dir.to_owned());
     }
+    // Also without Kubernetes (node images): say at once when the runtime would load another file.
+    if let Ok(Some(other)) = shadowing_conflist(dir) {
+        tracing::warn!(
+            config = %dir.join(&other).display(),
+            "{other} sorts before {CONFLIST_FILE_NAME}: the container runtime gives new pods that network, not vnet-cni's; remove it (or the CNI that wrote it)"
+        );
+    }
+}
+
+/// Whether the file at `path` is a vnet-cni conflist (network name `vnet-cni`): a file of
+/// another network that happens to carry an old name of ours is left alone.
+fn is_ours(path: &Path) -> bool {
+    fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+        .is_some_and(|conf| conf["name"] == NETWORK_NAME)
 }
 
 fn remove_legacy(dir: &Path) -> io::Result<()> {
     let mut removed = false;
     for name in LEGACY_CONFLIST_FILE_NAMES {
-        removed |= remove_if_present(&dir.join(name))?;
+        let path = dir.join(name);
+        if is_ours(&path) {
+            removed |= remove_if_present(&path)?;
+        }
     }
     if removed {
         File::open(dir)?.sync_all()?;
@@ -131,11 +150,15 @@ fn remove_if_present(path: &Path) -> io::Result<bool> {
     }
 }
 
-/// Removes the conflist (and any left by an earlier release); `Ok(false)` when none was there.
+/// Removes the conflist (and any of ours left by an earlier release); `Ok(false)` when none
+/// was there.
 pub fn remove_conflist(dir: &Path) -> io::Result<bool> {
     let mut removed = remove_if_present(&dir.join(CONFLIST_FILE_NAME))?;
     for name in LEGACY_CONFLIST_FILE_NAMES {
-        removed |= remove_if_present(&dir.join(name))?;
+        let path = dir.join(name);
+        if is_ours(&path) {
+            removed |= remove_if_present(&path)?;
+        }
     }
     Ok(removed)
 }
@@ -261,9 +284,9 @@ mod tests {
     #[test]
     fn an_upgrade_removes_the_old_file_only_after_the_new_one_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("10-vnet-cni.conflist"), "{}").unwrap();
-        fs::write(dir.path().join("10-calico.conflist"), "{}").unwrap();
         let content = conflist(&ConflistOptions::default());
+        fs::write(dir.path().join("10-vnet-cni.conflist"), &content).unwrap();
+        fs::write(dir.path().join("10-calico.conflist"), "{}").unwrap();
         write_conflist(dir.path(), &content).unwrap();
         let mut names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
@@ -272,9 +295,19 @@ mod tests {
         names.sort();
         assert_eq!(names, ["00-vnet-cni.conflist", "10-calico.conflist"]);
         // Also when the current file was already there (an agent restarted mid-upgrade).
-        fs::write(dir.path().join("10-vnet-cni.conflist"), "{}").unwrap();
+        fs::write(dir.path().join("10-vnet-cni.conflist"), &content).unwrap();
         write_conflist(dir.path(), &content).unwrap();
         assert!(!dir.path().join("10-vnet-cni.conflist").exists());
+        // Another network's file under our old name is not ours to remove.
+        let theirs =
+            r#"{"cniVersion":"1.0.0","name":"someone-elses","plugins":[{"type":"bridge"}]}"#;
+        fs::write(dir.path().join("10-vnet-cni.conflist"), theirs).unwrap();
+        write_conflist(dir.path(), &content).unwrap();
+        assert!(remove_conflist(dir.path()).unwrap());
+        assert_eq!(
+            fs::read_to_string(dir.path().join("10-vnet-cni.conflist")).unwrap(),
+            theirs
+        );
     }
 
     #[test]
@@ -310,7 +343,11 @@ mod tests {
         assert!(remove_conflist(dir.path()).unwrap());
         assert!(!dir.path().join(CONFLIST_FILE_NAME).exists());
         assert!(!remove_conflist(dir.path()).unwrap());
-        fs::write(dir.path().join("10-vnet-cni.conflist"), "{}").unwrap();
+        fs::write(
+            dir.path().join("10-vnet-cni.conflist"),
+            conflist(&ConflistOptions::default()),
+        )
+        .unwrap();
         assert!(remove_conflist(dir.path()).unwrap());
         assert!(!dir.path().join("10-vnet-cni.conflist").exists());
     }

@@ -186,6 +186,12 @@ fn render_feeds_one_image_into_every_flavour() {
             "{args:?}"
         );
     }
+    // A digest pins the image as well as a tag does.
+    let pinned = "myregistry.azurecr.io/vnet-cni@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    assert_eq!(
+        images(&render(&["--image", pinned])),
+        BTreeSet::from([pinned.to_string()])
+    );
     let kind = render(&["--image", image, "--component", "kind"]);
     named(&kind, "Deployment", "vnet-mockcloud");
     named(&kind, "DaemonSet", "vnet-kind-fabric");
@@ -405,4 +411,104 @@ fn the_agent_runs_on_linux_nodes_only_never_on_virtual_kubelet_and_rolls_by_perc
         (11..=30).contains(&grace),
         "terminationGracePeriodSeconds {grace}"
     );
+}
+
+/// `deploy/kind/up.sh` end to end against fake docker, kind and kubectl (the real kubectl only
+/// renders): it creates the kind network first, gives kind that network's IPv4 subnet as
+/// podSubnet, builds and loads IMAGE, and applies manifests whose every image is IMAGE.
+#[test]
+fn kind_up_feeds_the_network_subnet_and_the_image() {
+    let Some(real_kubectl) = ["/usr/bin/kubectl", "/usr/local/bin/kubectl"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        eprintln!("kubectl not installed: up.sh not run");
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let bin = work.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let fakes = [
+        (
+            "docker",
+            r#"echo "docker $*" >> "$WORK/calls"
+case "$1 $2" in
+"network inspect")
+    [ -f "$WORK/network" ] || exit 1
+    echo "172.18.0.0/16 fc00:f853:ccd:e793::/64 " ;;
+"network create") touch "$WORK/network" ;;
+esac"#,
+        ),
+        (
+            "kind",
+            r#"echo "kind $*" >> "$WORK/calls"
+case "$1" in
+create) while [ $# -gt 0 ]; do [ "$1" = --config ] && cp "$2" "$WORK/kind-config.yaml"; shift; done ;;
+esac"#,
+        ),
+        (
+            "kubectl",
+            r#"case "$1" in
+kustomize) exec "$REAL_KUBECTL" "$@" ;;
+get) [ "$2" = nodes ] && printf 'vnet-cni-control-plane 172.18.0.2\nvnet-cni-worker 172.18.0.3\n' ;;
+create) echo "apiVersion: v1" ;;
+apply) n=$(ls "$WORK" | grep -c '^applied') ; cat > "$WORK/applied$n.yaml" ;;
+esac
+echo "kubectl $*" >> "$WORK/calls""#,
+        ),
+    ];
+    for (name, body) in fakes {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let image = "registry.example:5000/dev/vnet-cni:abc123";
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = deploy_dir().join("kind/up.sh");
+    let output = run_with_timeout(
+        "bash",
+        &[script.to_str().unwrap()],
+        "",
+        &[
+            ("PATH", path),
+            ("WORK", work.path().display().to_string()),
+            ("REAL_KUBECTL", real_kubectl.to_string()),
+            ("IMAGE", image.to_string()),
+            // The real build needs root, debootstrap and a Docker engine.
+            ("SKIP_BUILD", "1".to_string()),
+        ],
+    );
+    let calls = std::fs::read_to_string(work.path().join("calls")).unwrap_or_default();
+    assert!(
+        output.status.success(),
+        "{}{}\ncalls:\n{calls}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let position = |needle: &str| {
+        calls
+            .find(needle)
+            .unwrap_or_else(|| panic!("no `{needle}` in:\n{calls}"))
+    };
+    assert!(position("docker network create") < position("kind create cluster"));
+    let up_sh = std::fs::read_to_string(&script).unwrap();
+    assert!(up_sh.contains(r#"deploy/image/build.sh --tag "$IMAGE""#));
+    position(&format!("kind load docker-image {image}"));
+    let config = yaml_file(&work.path().join("kind-config.yaml"));
+    assert_eq!(config["networking"]["podSubnet"], "172.18.0.0/16");
+    // The topology ConfigMap, then the rendered install.
+    let install = work.path().join("applied1.yaml");
+    let text = std::fs::read_to_string(&install).unwrap();
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap())
+        .filter(|doc| !doc.is_null())
+        .collect();
+    assert_eq!(images(&docs), BTreeSet::from([image.to_string()]));
+    named(&docs, "Deployment", "vnet-mockcloud");
+    named(&docs, "DaemonSet", "vnet-cni-agent");
 }

@@ -27,7 +27,10 @@
 //! One writer thread owns the journal. It takes every batch queued since its last write, appends
 //! them with one `write` and one `fdatasync`, then acknowledges them all (group commit): 50
 //! parallel ADDs cost a handful of fsyncs, not 50 in series. After a failed write the store is
-//! poisoned (the file may end in a partial line) and refuses further writes until a restart.
+//! poisoned (the file may end in a partial line) and refuses further writes until its owner
+//! asks it to recover ([`Store::recover`]): the writer cuts the failed write's bytes, checks
+//! that writing works again, re-reads the files exactly as a restart would and hands that state
+//! back, then stays closed until [`Store::resume`], so nothing queued against the old state lands.
 //!
 //! # Compaction
 //!
@@ -63,7 +66,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use vnet_api::Allocation;
 
-use super::{Cooldown, Record, Store, StoreError, StoreState, Ticket};
+use super::{Cooldown, Record, RecoverTicket, Store, StoreError, StoreState, Ticket};
 
 pub const JOURNAL_FILE: &str = "allocations.journal";
 pub const SNAPSHOT_FILE: &str = "allocations.snapshot.json";
@@ -116,8 +119,17 @@ struct Batch {
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
+/// What the writer thread is asked to do, in submission order.
+enum Msg {
+    Batch(Batch),
+    /// Re-open from disk after a failure (see [`Store::recover`]).
+    Recover(oneshot::Sender<Result<StoreState, StoreError>>),
+    /// Accept batches again after a recovery.
+    Resume,
+}
+
 pub struct JournalStore {
-    tx: std::sync::Mutex<Option<mpsc::UnboundedSender<Batch>>>,
+    tx: std::sync::Mutex<Option<mpsc::UnboundedSender<Msg>>>,
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -319,6 +331,31 @@ fn load_up_to(dir: &Path, readable: u32) -> Result<Loaded, StoreError> {
     })
 }
 
+/// Makes the journal ready for appends (fresh when needed, a torn tail cut off) and opens it.
+fn open_journal(dir: &Path, loaded: &Loaded) -> Result<(File, u64), StoreError> {
+    let journal_path = dir.join(JOURNAL_FILE);
+    if loaded.rewrite_journal {
+        write_atomic(dir, JOURNAL_FILE, &header_line(loaded.generation))?;
+    } else {
+        // Cut a torn tail so new records start on a line of their own.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&journal_path)
+            .map_err(|e| io_err(&journal_path, e))?;
+        if f.metadata().map_err(|e| io_err(&journal_path, e))?.len() != loaded.valid_len {
+            f.set_len(loaded.valid_len)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| io_err(&journal_path, e))?;
+        }
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&journal_path)
+        .map_err(|e| io_err(&journal_path, e))?;
+    let len = file.metadata().map_err(|e| io_err(&journal_path, e))?.len();
+    Ok((file, len))
+}
+
 fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>, StoreError> {
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
@@ -340,26 +377,7 @@ impl JournalStore {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let lock = lock_dir(dir)?;
         let loaded = load(dir)?;
-        let journal_path = dir.join(JOURNAL_FILE);
-        if loaded.rewrite_journal {
-            write_atomic(dir, JOURNAL_FILE, &header_line(loaded.generation))?;
-        } else {
-            // Cut a torn tail so new records start on a line of their own.
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&journal_path)
-                .map_err(|e| io_err(&journal_path, e))?;
-            if f.metadata().map_err(|e| io_err(&journal_path, e))?.len() != loaded.valid_len {
-                f.set_len(loaded.valid_len)
-                    .and_then(|_| f.sync_all())
-                    .map_err(|e| io_err(&journal_path, e))?;
-            }
-        }
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&journal_path)
-            .map_err(|e| io_err(&journal_path, e))?;
-        let len = file.metadata().map_err(|e| io_err(&journal_path, e))?.len();
+        let (file, len) = open_journal(dir, &loaded)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let upgrade = loaded.upgrade;
         let mut writer = Writer {
@@ -370,6 +388,7 @@ impl JournalStore {
             state: loaded.state.clone(),
             options,
             poisoned: None,
+            held: false,
             _lock: lock,
         };
         if upgrade {
@@ -420,8 +439,10 @@ impl Store for JournalStore {
         let tx = self.tx.lock().unwrap();
         match tx.as_ref() {
             Some(tx) => {
-                if let Err(e) = tx.send(Batch { records, done }) {
-                    let _ = e.0.done.send(Err(StoreError::Closed));
+                if let Err(e) = tx.send(Msg::Batch(Batch { records, done }))
+                    && let Msg::Batch(b) = e.0
+                {
+                    let _ = b.done.send(Err(StoreError::Closed));
                 }
             }
             None => {
@@ -429,6 +450,29 @@ impl Store for JournalStore {
             }
         }
         Ticket::new(rx)
+    }
+
+    fn recover(&self) -> RecoverTicket {
+        let (done, rx) = oneshot::channel();
+        match self.tx.lock().unwrap().as_ref() {
+            Some(tx) => {
+                if let Err(e) = tx.send(Msg::Recover(done))
+                    && let Msg::Recover(done) = e.0
+                {
+                    let _ = done.send(Err(StoreError::Closed));
+                }
+            }
+            None => {
+                let _ = done.send(Err(StoreError::Closed));
+            }
+        }
+        RecoverTicket(rx)
+    }
+
+    fn resume(&self) {
+        if let Some(tx) = self.tx.lock().unwrap().as_ref() {
+            let _ = tx.send(Msg::Resume);
+        }
     }
 }
 
@@ -441,26 +485,89 @@ struct Writer {
     state: StoreState,
     options: JournalOptions,
     poisoned: Option<String>,
+    /// Recovered, waiting for the owner to adopt the recovered state ([`Msg::Resume`]): batches
+    /// queued before then were made against the state before the recovery and are refused.
+    held: bool,
     _lock: nix::fcntl::Flock<File>,
 }
 
+/// Free space a recovery must find before it reports success (one write of this size is made,
+/// synced and removed): re-opening on a disk that is still full would fail again at once.
+const RECOVER_PROBE_BYTES: usize = 64 * 1024;
+
 impl Writer {
-    fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Batch>) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut batches = vec![first];
-            while let Ok(more) = rx.try_recv() {
-                batches.push(more);
+    fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let mut next = rx.blocking_recv();
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Recover(done) => {
+                    let _ = done.send(self.recover());
+                }
+                Msg::Resume => self.held = false,
+                Msg::Batch(first) => {
+                    // Group every batch queued behind this one, up to the next control message.
+                    let mut batches = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        match more {
+                            Msg::Batch(b) => batches.push(b),
+                            other => {
+                                next = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    let result = self.write(&batches);
+                    for batch in batches {
+                        let _ = batch.done.send(result.clone());
+                    }
+                }
             }
-            let result = self.write(&batches);
-            for batch in batches {
-                let _ = batch.done.send(result.clone());
+            if next.is_none() {
+                next = rx.blocking_recv();
             }
         }
+    }
+
+    /// Re-opens the store from disk after a failed write: cuts what the failed write may have
+    /// left (it was never acknowledged), reads the files as a restart would, checks that a write
+    /// now succeeds, and returns the state. The writer then refuses batches until resumed.
+    fn recover(&mut self) -> Result<StoreState, StoreError> {
+        let Some(reason) = self.poisoned.clone() else {
+            // Healthy (the owner saw a refusal while held): hand back the state all the same.
+            self.held = true;
+            return Ok(self.state.clone());
+        };
+        let path = self.dir.join(JOURNAL_FILE);
+        // Only the failed write's bytes go: everything before `len` was acknowledged.
+        self.file
+            .set_len(self.len)
+            .and_then(|()| self.file.sync_all())
+            .map_err(|e| io_err(&path, e))?;
+        let probe = write_temp(&self.dir, "space-probe", &vec![0u8; RECOVER_PROBE_BYTES]);
+        if let Ok(p) = &probe {
+            let _ = std::fs::remove_file(p);
+        }
+        probe?;
+        let loaded = load(&self.dir)?;
+        let (file, len) = open_journal(&self.dir, &loaded)?;
+        tracing::info!(after = %reason, "store re-opened from disk; writes succeed again");
+        self.file = file;
+        self.len = len;
+        self.generation = loaded.generation;
+        self.state = loaded.state.clone();
+        self.poisoned = None;
+        self.held = true;
+        Ok(loaded.state)
     }
 
     fn write(&mut self, batches: &[Batch]) -> Result<(), StoreError> {
         if let Some(reason) = &self.poisoned {
             return Err(StoreError::Poisoned(reason.clone()));
+        }
+        if self.held {
+            return Err(StoreError::Poisoned(
+                "the store is being re-opened after a failure".into(),
+            ));
         }
         let mut buf = Vec::new();
         for record in batches.iter().flat_map(|b| &b.records) {

@@ -188,10 +188,27 @@ impl Ticket {
     }
 }
 
+/// Resolves to the durable state once a recovery is done.
+pub struct RecoverTicket(pub(crate) oneshot::Receiver<Result<StoreState, StoreError>>);
+
+impl RecoverTicket {
+    pub async fn wait(self) -> Result<StoreState, StoreError> {
+        self.0.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Queues `records` after everything submitted before. An empty list is a barrier: its ticket
     /// resolves once everything before it is durable.
     fn submit(&self, records: Vec<Record>) -> Ticket;
+
+    /// After a failed write: re-open from what is durable, once writing works again, and return
+    /// that state. Until [`Store::resume`] every submission is refused, so records computed
+    /// against the state before the failure never land.
+    fn recover(&self) -> RecoverTicket;
+
+    /// Accept submissions again (queued in order: everything submitted after it is accepted).
+    fn resume(&self);
 }
 
 #[cfg(test)]

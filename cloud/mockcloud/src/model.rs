@@ -897,6 +897,7 @@ impl Cloud {
                 "vmSize": "Standard_D4s_v5",
                 "zone": "",
                 "osType": "Linux",
+                "azEnvironment": "AzurePublicCloud",
                 "vmId": format!("{:08x}-0000-4000-8000-000000000001", fnv(&vm.name)),
             },
             "network": {

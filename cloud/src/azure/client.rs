@@ -702,4 +702,49 @@ mod tests {
             "{linked:?}"
         );
     }
+
+    #[test]
+    fn the_arm_endpoint_follows_imds_unless_configured() {
+        let auto = Client::new(AzureConfig::new(
+            "",
+            "http://127.0.0.1:1",
+            CredentialConfig::None,
+        ))
+        .unwrap();
+        assert_eq!(auto.arm_endpoint(), "https://management.azure.com");
+        auto.adopt_environment("AzureUSGovernmentCloud").unwrap();
+        assert_eq!(auto.arm_endpoint(), "https://management.usgovcloudapi.net");
+        assert_eq!(
+            auto.base.read().unwrap().scope,
+            "https://management.usgovcloudapi.net/.default"
+        );
+        auto.adopt_environment("AzureChinaCloud").unwrap();
+        assert_eq!(auto.arm_endpoint(), "https://management.chinacloudapi.cn");
+        assert!(auto.adopt_environment("AzureMarsCloud").is_err());
+        // The token stays on the endpoint in use.
+        assert!(
+            auto.check_arm_url("https://management.chinacloudapi.cn/x")
+                .is_ok()
+        );
+        assert!(
+            auto.check_arm_url("https://management.azure.com/x")
+                .is_err()
+        );
+        assert!(
+            auto.check_arm_url("http://management.chinacloudapi.cn/x")
+                .is_err()
+        );
+
+        let configured = Client::new(AzureConfig::new(
+            "https://management.usgovcloudapi.net/",
+            "http://127.0.0.1:1",
+            CredentialConfig::None,
+        ))
+        .unwrap();
+        configured.adopt_environment("AzurePublicCloud").unwrap();
+        assert_eq!(
+            configured.arm_endpoint(),
+            "https://management.usgovcloudapi.net"
+        );
+    }
 }

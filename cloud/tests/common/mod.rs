@@ -23,6 +23,14 @@ pub struct RecordingSleeper {
 }
 
 impl RecordingSleeper {
+    /// Records and really waits each delay.
+    pub fn real() -> RecordingSleeper {
+        RecordingSleeper {
+            real: true,
+            ..RecordingSleeper::default()
+        }
+    }
+
     pub fn delays(&self) -> Vec<Duration> {
         self.delays.lock().unwrap().clone()
     }

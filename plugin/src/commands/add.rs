@@ -9,7 +9,7 @@ use vnet_api::{AllocateRequest, AllocateResponse, AttachmentKey, PATH_ALLOCATE, 
 
 use super::{ALLOCATE_TIMEOUT, agent_error};
 use crate::cni::{AddResult, Interface};
-use crate::datapath::{self, VethSpec, is_errno};
+use crate::datapath::{self, Owner, VethSpec, is_errno};
 use crate::error::{CniError, CniResult, Code};
 use crate::netns::{self, Netns};
 use crate::{Context, log_debug, log_info, log_warn};
@@ -110,8 +110,11 @@ async fn wire(
         let Some(stale) = stale else {
             return Err(interface_exists(key, netns.path()));
         };
+        if let Owner::Foreign(why) = stale.owner(key) {
+            return Err(name_taken(host_veth, &why));
+        }
         log_warn!(
-            "removing stale host veth {host_veth} (index {})",
+            "removing stale host veth {host_veth} (index {}) of an earlier attempt",
             stale.index
         );
         datapath::delete_link(host, stale.index)
@@ -135,6 +138,11 @@ async fn wire(
             .ok_or_else(|| {
                 CniError::new(Code::Netlink, format!("host veth {host_veth} vanished"))
             })?;
+        // The mark that lets ADD, DEL and CHECK tell this attachment's veth from another
+        // attachment's that happens to have the same short hashed name.
+        datapath::set_alias(host, link.index, &vnet_api::link_alias(key))
+            .await
+            .map_err(|e| CniError::netlink(format!("cannot mark {host_veth} with its alias"), e))?;
         datapath::disable_accept_ra(host_veth).map_err(|e| {
             CniError::new(Code::Io, format!("cannot set accept_ra=0 on {host_veth}"))
                 .with_details(e.to_string())
@@ -201,6 +209,8 @@ async fn wire(
 /// ADD with a DEL, which retires the veth and releases then.
 async fn undo(ctx: &Context, host: &Handle, host_veth: &str, key: &AttachmentKey) {
     let veth_gone = match datapath::link_by_name(host, host_veth).await {
+        // Another attachment's link holds the name: this ADD made no veth of its own.
+        Ok(Some(link)) if matches!(link.owner(key), Owner::Foreign(_)) => true,
         Ok(Some(link)) => match datapath::delete_link(host, link.index).await {
             Ok(()) => true,
             Err(e) => {
@@ -229,6 +239,16 @@ fn interface_exists(key: &AttachmentKey, netns: &str) -> CniError {
         format!(
             "interface {} already exists in the pod's network namespace {netns}; pick another CNI_IFNAME or delete the attachment first",
             key.ifname
+        ),
+    )
+}
+
+/// A link that is not this attachment's holds its deterministic host veth name.
+pub(crate) fn name_taken(host_veth: &str, why: &str) -> CniError {
+    CniError::new(
+        Code::NameTaken,
+        format!(
+            "host veth name {host_veth} is held by a link that is not this attachment's ({why}); left alone. Delete that pod first, or pick another hostVethPrefix"
         ),
     )
 }

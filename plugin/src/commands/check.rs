@@ -69,6 +69,11 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
         .await
         .map_err(nl("host links"))?
         .ok_or_else(|| failed(format!("host veth {host_veth} is missing")))?;
+    if let crate::datapath::Owner::Foreign(why) = host_link.owner(key) {
+        return Err(failed(format!(
+            "host veth {host_veth} is not this attachment's ({why})"
+        )));
+    }
     if !host_link.up {
         return Err(failed(format!("host veth {host_veth} is down")));
     }

@@ -27,7 +27,7 @@ use vnet_api::{
 };
 
 use super::add::netlink_socket_error;
-use crate::datapath::{self, Link, is_errno};
+use crate::datapath::{self, Link, Owner, is_errno};
 use crate::error::{CniError, CniResult, Code};
 use crate::netns::{self, Netns};
 use crate::{Context, log_debug, log_info, log_warn};
@@ -37,7 +37,7 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
     let host_veth = host_veth_name(&ctx.conf.host_veth_prefix, key);
     let tombstone = tombstone_veth_name(&host_veth);
     let host = netns::host_netlink().map_err(netlink_socket_error)?;
-    let host_link = lookup(&host, &host_veth).await?;
+    let host_link = ours(lookup(&host, &host_veth).await?, key);
     let Some(host_link) = host_link else {
         return del_without_host_veth(ctx, &host, &host_veth, &tombstone).await;
     };
@@ -87,7 +87,7 @@ async fn del_without_host_veth(
     tombstone: &str,
 ) -> CniResult<()> {
     let key = ctx.env.key();
-    let Some(tomb_link) = lookup(host, tombstone).await?.filter(|l| l.is_veth) else {
+    let Some(tomb_link) = ours(lookup(host, tombstone).await?, key) else {
         log_debug!("host veth {host_veth} and {tombstone} are gone; releasing only");
         return release_or_spool(ctx, key, None).await;
     };
@@ -101,6 +101,23 @@ async fn del_without_host_veth(
     }
     delete_now(host, &tomb_link, tombstone).await?;
     spool(ctx, key)
+}
+
+/// The link, unless it is not this attachment's: another attachment's veth with the same short
+/// hashed name, or not a veth at all. That one is left alone (and logged); this DEL then only
+/// releases.
+fn ours(link: Option<Link>, key: &AttachmentKey) -> Option<Link> {
+    let link = link?;
+    match link.owner(key) {
+        Owner::This | Owner::Unmarked => Some(link),
+        Owner::Foreign(why) => {
+            log_warn!(
+                "{} is not this attachment's link ({why}); left alone",
+                link.name
+            );
+            None
+        }
+    }
 }
 
 async fn lookup(host: &Handle, name: &str) -> CniResult<Option<Link>> {

@@ -1,12 +1,18 @@
-//! STATUS: can this node serve an ADD now?
+//! STATUS: can the plugin work on this node?
 //!
-//! - 0: the agent answers and `can_allocate` is true.
-//! - 50: the agent is unreachable, not ready, or cannot allocate (pool exhausted, subnet full);
-//!   the message carries the agent's reason.
+//! - 0: the agent answers and is ready (started, store usable). Address exhaustion (pool at its
+//!   max, NIC limit, subnet full: `can_allocate` false) is NOT a STATUS failure: it is logged
+//!   here and reported per ADD (code 104), in the NodeIPPool conditions and `/readyz`.
+//! - 50: the plugin cannot work at all: the agent is unreachable, not ready (starting, shutting
+//!   down) or its store is unusable; the message carries the agent's reason.
 //! - 51: as 50, and existing pods are impaired too: the agent reports allocations whose address
-//!   the cloud no longer shows on the NIC (`unreconciled`), so traffic to those pods is not
-//!   delivered. With `can_allocate` true, unreconciled addresses are only logged: new pods can
-//!   still be served.
+//!   the cloud no longer shows on the NIC (`unreconciled`). With the agent ready, unreconciled
+//!   addresses are only logged: new pods can still be served.
+//!
+//! Why exhaustion is 0: runtimes turn a failing STATUS into NetworkReady=false, kubelet marks the
+//! node NotReady and, after the taint timeout, evicts every pod on it. A full subnet would then
+//! take down every node of the subnet at once, for a condition that only new pods suffer from and
+//! that frees itself as pods go away.
 
 use vnet_api::{PATH_STATUS, StatusResponse};
 
@@ -23,30 +29,8 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
     decide(&status)
 }
 
-pub fn decide(status: &StatusResponse) -> CniResult<()> {
-    let impaired = !status.unreconciled.is_empty();
-    if status.ready && status.can_allocate {
-        if impaired {
-            log_warn!("addresses no longer on the NIC: {:?}", status.unreconciled);
-        }
-        return Ok(());
-    }
-    let reason = status.reason.clone().unwrap_or_else(|| {
-        if status.ready {
-            "no address can be allocated".into()
-        } else {
-            "vnet-agent is not ready".into()
-        }
-    });
-    let mut err = CniError::new(
-        if impaired {
-            Code::NotAvailableDegraded
-        } else {
-            Code::NotAvailable
-        },
-        format!("cannot serve ADD on node {}: {reason}", status.node),
-    );
-    let mut details = format!(
+fn pool_summary(status: &StatusResponse) -> String {
+    format!(
         "pool: total {} allocated {} free {} cooldown {} pending {} max {}; subnet_full {}",
         status.pool.total,
         status.pool.allocated,
@@ -55,7 +39,33 @@ pub fn decide(status: &StatusResponse) -> CniResult<()> {
         status.pool.pending,
         status.pool.max,
         status.subnet_full
-    );
+    )
+}
+
+pub fn decide(status: &StatusResponse) -> CniResult<()> {
+    let impaired = !status.unreconciled.is_empty();
+    if status.ready {
+        if impaired {
+            log_warn!("addresses no longer on the NIC: {:?}", status.unreconciled);
+        }
+        if !status.can_allocate {
+            // Reported, not fatal: see the module comment.
+            log_warn!(
+                "ready, but new pods get no address now ({}); ADD answers 104 until addresses free up ({})",
+                status
+                    .reason
+                    .as_deref()
+                    .unwrap_or("no address can be allocated"),
+                pool_summary(status)
+            );
+        }
+        return Ok(());
+    }
+    let reason = status
+        .reason
+        .clone()
+        .unwrap_or_else(|| "vnet-agent is not ready".into());
+    let mut details = pool_summary(status);
     if let Some(cloud) = &status.last_cloud_error {
         details.push_str(&format!("; last cloud error: {cloud}"));
     }
@@ -65,8 +75,15 @@ pub fn decide(status: &StatusResponse) -> CniResult<()> {
             status.unreconciled
         ));
     }
-    err = err.with_details(details);
-    Err(err)
+    Err(CniError::new(
+        if impaired {
+            Code::NotAvailableDegraded
+        } else {
+            Code::NotAvailable
+        },
+        format!("cannot serve ADD on node {}: {reason}", status.node),
+    )
+    .with_details(details))
 }
 
 #[cfg(test)]
@@ -74,11 +91,15 @@ mod tests {
     use super::*;
     use vnet_api::PoolStatus;
 
-    fn status(can_allocate: bool, unreconciled: usize) -> StatusResponse {
+    fn status(ready: bool, can_allocate: bool, unreconciled: usize) -> StatusResponse {
         StatusResponse {
-            ready: true,
+            ready,
             can_allocate,
-            reason: (!can_allocate).then(|| "subnet full".into()),
+            reason: match (ready, can_allocate) {
+                (false, _) => Some("store failed: No space left on device".into()),
+                (true, false) => Some("subnet nodes has no free addresses (SubnetIsFull)".into()),
+                (true, true) => None,
+            },
             node: "node-1".into(),
             pool: PoolStatus::default(),
             subnet_full: !can_allocate,
@@ -89,14 +110,26 @@ mod tests {
 
     #[test]
     fn status_codes() {
-        assert!(decide(&status(true, 0)).is_ok());
-        assert!(decide(&status(true, 1)).is_ok());
-        let e = decide(&status(false, 0)).unwrap_err();
+        assert!(decide(&status(true, true, 0)).is_ok());
+        assert!(decide(&status(true, true, 1)).is_ok());
+        // Exhaustion (subnet full, pool at max, NIC limit) keeps the node's network ready.
+        assert!(decide(&status(true, false, 0)).is_ok());
+        assert!(decide(&status(true, false, 3)).is_ok());
+        // Not ready or store unusable: the plugin cannot work at all.
+        let e = decide(&status(false, false, 0)).unwrap_err();
         assert_eq!(e.code, Code::NotAvailable);
-        assert!(e.msg.contains("subnet full"));
+        assert!(e.msg.contains("store failed"), "{}", e.msg);
         assert_eq!(
-            decide(&status(false, 2)).unwrap_err().code,
+            decide(&status(false, false, 2)).unwrap_err().code,
             Code::NotAvailableDegraded
+        );
+        let mut starting = status(false, false, 0);
+        starting.reason = None;
+        assert!(
+            decide(&starting)
+                .unwrap_err()
+                .msg
+                .contains("vnet-agent is not ready")
         );
     }
 }
