@@ -60,8 +60,7 @@ const REAP_RETRY: Duration = Duration::from_secs(5);
 /// Upper bound of the back-off between attempts to finish a failed release.
 const MAX_RELEASE_BACKOFF_SECS: u64 = 300;
 
-/// A dying veth to delete, and the address that waits for it (none for a leftover).
-type ReapJob = (Option<Ipv4Addr>, String);
+pub(crate) use reap::ReapJob;
 
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
