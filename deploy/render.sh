@@ -4,7 +4,8 @@
 #
 #   deploy/render.sh [--image REF] [--client-id ID] [--component NAME]... [--uninstall]
 #
-#   --image REF       registry/name:tag of the vnet-cni image (default: deploy/kustomization.yaml's)
+#   --image REF       registry/name:tag or registry/name@sha256:... of the vnet-cni image
+#                     (default: deploy/kustomization.yaml's)
 #   --client-id ID    cloud.client_id in the agent's config: the managed identity it signs in as
 #   --component NAME  a flavour under deploy/, e.g. kind (mock cloud, fabric, mock config)
 #   --uninstall       only the uninstall DaemonSet (deploy/uninstall.yaml), with the same image
@@ -22,7 +23,7 @@ while [[ $# -gt 0 ]]; do
     --client-id) client_id=${2:?--client-id needs a value}; shift ;;
     --component) components+=("${2:?--component needs a value}"); shift ;;
     --uninstall) uninstall=1 ;;
-    -h | --help) sed -n '2,13s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,14s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift

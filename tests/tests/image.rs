@@ -394,6 +394,20 @@ fn the_image_builds_offline_installs_the_plugins_atomically_and_runs_the_agent()
         "--version",
     ]);
     assert!(sysctl.status.success(), "{}", text(&sysctl));
+    // The agent's HTTPS client loads the system's root certificates at start: without them it
+    // cannot even build its cloud client.
+    let roots = docker.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "test",
+        &tag,
+        "-s",
+        "/etc/ssl/certs/ca-certificates.crt",
+    ]);
+    assert!(roots.status.success(), "no CA roots in the image");
 
     docker.docker_ok(&["rmi", &tag]);
 }

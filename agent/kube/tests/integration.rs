@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use http::Method;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use support::{FakeApi, NODES, PODS, POOLS};
 use tokio::sync::oneshot;
@@ -561,50 +560,13 @@ scenarios!(
     a_conflist_that_sorts_first_is_reported_until_it_is_gone,
 );
 
-/// The ClusterRole in deploy/manifests/rbac.yaml, as "group/resource:verb".
-fn granted_by_the_cluster_role() -> BTreeSet<String> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../deploy/manifests/rbac.yaml"
-    );
-    let text = std::fs::read_to_string(path).unwrap();
-    let role = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
-        .find(|doc| doc["kind"] == "ClusterRole" && doc["metadata"]["name"] == "vnet-cni-agent")
-        .expect("ClusterRole vnet-cni-agent in rbac.yaml");
-    let mut granted = BTreeSet::new();
-    for rule in role["rules"].as_sequence().unwrap() {
-        let list = |key: &str| -> Vec<String> {
-            rule[key]
-                .as_sequence()
-                .unwrap_or_else(|| panic!("rule without {key}: {rule:?}"))
-                .iter()
-                .map(|v| v.as_str().unwrap().to_string())
-                .collect()
-        };
-        assert!(
-            rule.get("resourceNames").is_none(),
-            "resourceNames cannot express the agent's own node"
-        );
-        for group in list("apiGroups") {
-            for resource in list("resources") {
-                for verb in list("verbs") {
-                    assert_ne!(verb, "*", "no wildcard verbs");
-                    granted.insert(format!("{group}/{resource}:{verb}"));
-                }
-            }
-        }
-    }
-    granted
-}
-
 /// The agent's ClusterRole grants exactly what the integration's code paths ask the API server
 /// for in the scenarios above (every request the fake recorded, mapped to RBAC's verbs), so a
 /// new call without its grant, or a grant nothing uses, fails here.
 #[tokio::test(start_paused = true)]
 async fn cluster_role_grants_exactly_what_the_scenarios_call() {
     let called = authorizations_of_every_scenario().await;
-    let granted = granted_by_the_cluster_role();
+    let granted = support::granted_by_the_cluster_role();
     let missing: Vec<_> = called.difference(&granted).collect();
     let unused: Vec<_> = granted.difference(&called).collect();
     assert!(

@@ -186,6 +186,12 @@ fn render_feeds_one_image_into_every_flavour() {
             "{args:?}"
         );
     }
+    // A digest pins the image as well as a tag does.
+    let pinned = "myregistry.azurecr.io/vnet-cni@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    assert_eq!(
+        images(&render(&["--image", pinned])),
+        BTreeSet::from([pinned.to_string()])
+    );
     let kind = render(&["--image", image, "--component", "kind"]);
     named(&kind, "Deployment", "vnet-mockcloud");
     named(&kind, "DaemonSet", "vnet-kind-fabric");

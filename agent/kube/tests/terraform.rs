@@ -274,3 +274,95 @@ fn the_action_scan_finds_actions_and_nothing_else() {
             .all(|a| a.starts_with("Microsoft.") && !a.contains(' '))
     );
 }
+
+/// Every `<prefix><identifier>` in `text` (identifier: lowercase, digits, `_`), e.g. `var.name`.
+fn references(text: &str, prefix: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(prefix) {
+        let before = rest[..at].chars().next_back();
+        rest = &rest[at + prefix.len()..];
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+            continue;
+        }
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        if !name.is_empty() {
+            found.insert(name);
+        }
+    }
+    found
+}
+
+/// What `terraform validate` would catch first, without the provider: every variable, local,
+/// resource and data source the files refer to is declared (a typo in a name fails here).
+#[test]
+fn terraform_references_only_what_is_declared() {
+    let mut text = String::new();
+    let mut variables = BTreeSet::new();
+    let mut locals = BTreeSet::new();
+    let mut resources = BTreeSet::new();
+    let mut data = BTreeSet::new();
+    for file in terraform_files() {
+        let source = std::fs::read_to_string(&file).unwrap();
+        let body = hcl::parse(&source).unwrap();
+        for block in body.blocks() {
+            let labels: Vec<&str> = block.labels().iter().map(|l| l.as_str()).collect();
+            match (block.identifier(), labels.as_slice()) {
+                ("variable", [name]) => {
+                    variables.insert(name.to_string());
+                }
+                ("locals", []) => {
+                    locals.extend(block.body().attributes().map(|a| a.key().to_string()));
+                }
+                ("resource", [kind, name]) => {
+                    resources.insert(format!("{kind}.{name}"));
+                }
+                ("data", [kind, name]) => {
+                    data.insert(format!("{kind}.{name}"));
+                }
+                _ => {}
+            }
+        }
+        text.push_str(&source);
+        text.push('\n');
+    }
+    for name in references(&text, "var.") {
+        assert!(variables.contains(&name), "var.{name} is not declared");
+    }
+    for name in references(&text, "local.") {
+        assert!(locals.contains(&name), "local.{name} is not defined");
+    }
+    for name in references(&text, "data.") {
+        // data.<type>.<name>: the scan stops at the first dot, so match by type prefix.
+        assert!(
+            data.iter().any(|d| d.starts_with(&format!("{name}."))),
+            "data.{name} is not declared"
+        );
+    }
+    for kind in references(&text, "azurerm_") {
+        let kind = format!("azurerm_{kind}");
+        // `azurerm_X.Y` references; a bare type after `resource "` is a declaration.
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(&format!("{kind}.")) {
+            let before = rest[..at].chars().next_back();
+            rest = &rest[at + kind.len() + 1..];
+            if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '"')
+            {
+                continue;
+            }
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            let reference = format!("{kind}.{name}");
+            assert!(
+                resources.contains(&reference) || data.contains(&reference),
+                "{reference} is not declared"
+            );
+        }
+    }
+    assert!(variables.contains("subscription_id") && locals.contains("image"));
+}

@@ -8,6 +8,8 @@ use std::time::Duration;
 use vnet_lab::lab::{Lab, LabConfig, LabGuard, PoolConfig, is_root};
 use vnet_lab::verify::{ip_accounting, leftover_links, settle};
 
+pub mod node_image;
+
 /// How long background work (tombstone veth removal, pool shrink writes) may take to settle
 /// before a check reports what is left. Not a timing assertion: only an upper bound on waiting.
 pub const SETTLE: Duration = Duration::from_secs(60);

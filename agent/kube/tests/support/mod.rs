@@ -17,6 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -46,9 +47,22 @@ struct State {
     authorizations: BTreeSet<String>,
 }
 
-#[derive(Clone, Default)]
+/// Like the real API server, the fake authorizes every request against the agent's ClusterRole
+/// (deploy/manifests/rbac.yaml): what it does not grant is answered 403, so the scenarios run
+/// with exactly the permissions an installed agent has.
+#[derive(Clone)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
+    granted: Arc<BTreeSet<String>>,
+}
+
+impl Default for FakeApi {
+    fn default() -> Self {
+        FakeApi {
+            state: Arc::default(),
+            granted: Arc::new(granted_by_the_cluster_role()),
+        }
+    }
 }
 
 fn collection_of(path: &str) -> Option<&'static str> {
@@ -188,8 +202,15 @@ impl FakeApi {
         let mut state = self.state.lock().unwrap();
         state.requests.push(format!("{method} {path}"));
         let watch = query.get("watch").map(String::as_str) == Some("true");
-        if let Some(authorization) = authorization(&method, &path, watch) {
-            state.authorizations.insert(authorization);
+        let Some(authorization) = authorization(&method, &path, watch) else {
+            return status_error(404, "NotFound", "no such route");
+        };
+        state.authorizations.insert(authorization.clone());
+        if !self.granted.contains(&authorization) {
+            let message = format!(
+                "{authorization} is forbidden: not granted to system:serviceaccount:kube-system:vnet-cni-agent by deploy/manifests/rbac.yaml"
+            );
+            return status_error(403, "Forbidden", &message);
         }
         if let Some((_, prefix)) = state
             .forbidden
@@ -390,6 +411,43 @@ pub fn authorization(method: &Method, path: &str, watch: bool) -> Option<String>
         _ => return None,
     };
     Some(format!("{group}/{resource}:{verb}"))
+}
+
+/// The ClusterRole in deploy/manifests/rbac.yaml, as "group/resource:verb".
+pub fn granted_by_the_cluster_role() -> BTreeSet<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/manifests/rbac.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let role = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "ClusterRole" && doc["metadata"]["name"] == "vnet-cni-agent")
+        .expect("ClusterRole vnet-cni-agent in rbac.yaml");
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        let list = |key: &str| -> Vec<String> {
+            rule[key]
+                .as_sequence()
+                .unwrap_or_else(|| panic!("rule without {key}: {rule:?}"))
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert!(
+            rule.get("resourceNames").is_none(),
+            "resourceNames cannot express the agent's own node"
+        );
+        for group in list("apiGroups") {
+            for resource in list("resources") {
+                for verb in list("verbs") {
+                    assert_ne!(verb, "*", "no wildcard verbs");
+                    granted.insert(format!("{group}/{resource}:{verb}"));
+                }
+            }
+        }
+    }
+    granted
 }
 
 fn percent_decode(s: &str) -> String {

@@ -7,10 +7,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::{App, Ctx, arm_error, check_linked_access_for, json_response, lock, nic_response};
-use crate::auth::Principal;
+use super::{App, Ctx, action_for, arm_error, json_response, lock, nic_response};
+use crate::auth::{Principal, check_linked_access};
 use crate::faults::{FaultKind, FaultSpec};
 use crate::model::{ArmError, Failure, Timing};
+use crate::rules;
 use crate::scaleset::{COMPUTE_OPERATION_API_VERSION, VMSS_NIC_API_VERSIONS};
 
 /// Operations Compute answers (its throttling has its own shape).
@@ -107,12 +108,8 @@ pub(super) fn instance_put(
     // Compute writes the NIC on the caller's behalf: the caller needs `join` on what it carries.
     let nic_body = lock(&app.cloud).instance_nic_body(set, instance, &body);
     if let Err(e) = nic_body.and_then(|nic| {
-        check_linked_access_for(
-            caller,
-            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write",
-            &nic,
-            scope,
-        )
+        let refs = rules::nic_linked_references(&nic);
+        check_linked_access(caller, action_for("vmss_vm_put"), scope, refs)
     }) {
         return arm_error(e);
     }
