@@ -200,3 +200,44 @@ async fn a_missing_join_on_the_instance_nic_is_linked_authorization_failed() {
     );
     assert!(lab.secondary_on(UNIFORM).await.is_empty());
 }
+
+/// The NIC rules hold on the instance update: an entry without the primary's ASGs is refused,
+/// naming the NIC by its scale-set ID.
+#[tokio::test]
+async fn an_instance_update_breaking_the_asg_rule_is_refused() {
+    let lab = strict_lab(&role()).await;
+    let instance = lab.instance_id("pool1", 0);
+    let mut doc = get_as(&lab, UNIFORM, &instance, COMPUTE_API_VERSION).await;
+    doc["properties"]["storageProfile"]
+        .as_object_mut()
+        .unwrap()
+        .remove("imageReference");
+    doc["properties"]["networkProfileConfiguration"]["networkInterfaceConfigurations"][0]
+        ["properties"]["ipConfigurations"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "vnet-cni-bare", "properties": {"subnet": {"id": lab.subnet_id()}}}));
+    let response = lab
+        .http
+        .put(format!(
+            "{}{instance}?api-version={COMPUTE_API_VERSION}",
+            lab.mock.base_url()
+        ))
+        .bearer_auth(token_of(UNIFORM))
+        .json(&doc)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["error"]["code"],
+        vnet_mockcloud::rules::ASG_MISMATCH_CODE
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&lab.instance_nic_id("pool1", 0)),
+        "{message}"
+    );
+    assert!(lab.secondary_on(UNIFORM).await.is_empty());
+}

@@ -408,7 +408,17 @@ impl Cloud {
         }
         let nic_key = nic_name(&vm);
         let nic_body = self.instance_nic_body(&set, instance, body)?;
-        let op = self.put_nic(&nic_key, None, &nic_body, failure, timing, now)?;
+        let op = self
+            .put_nic(&nic_key, None, &nic_body, failure, timing, now)
+            .map_err(|mut e| {
+                // The NIC rules name the NIC; the caller knows it by its scale-set ID.
+                let n = instance.parse().unwrap_or(0);
+                e.message = e.message.replace(
+                    &self.topology.nic_id(&nic_key),
+                    &instance_nic_id(&self.topology, &set, n),
+                );
+                e
+            })?;
         let instance = self.instances.by_vm.get_mut(&vm).expect("instance exists");
         instance.doc = kept_fields(body, &instance.doc);
         instance.generation += 1;
