@@ -283,11 +283,21 @@ fn agent_holds_state(dir: &Path) -> anyhow::Result<bool> {
 
 /// `ip` tables named vnet-cni or vnet-cni-*: the agent's masquerade table and any it adds.
 fn our_nft_tables() -> anyhow::Result<Vec<String>> {
-    let out = Command::new("nft")
+    let out = match Command::new("nft")
         .args(["list", "tables", "ip"])
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| anyhow::anyhow!("cannot run nft (needed to remove the agent's table): {e}"))?;
+    {
+        Ok(out) => out,
+        // The agent cannot start without nft, so without nft it made no table.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("nft is not installed: no nftables table of ours to remove");
+            return Ok(Vec::new());
+        }
+        Err(e) => {
+            anyhow::bail!("cannot run nft (needed to remove the agent's table): {e}")
+        }
+    };
     if !out.status.success() {
         anyhow::bail!(
             "nft list tables failed: {}",
