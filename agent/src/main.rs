@@ -53,7 +53,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(main_async(config, cli.kubeconfig)) {
+    let result = runtime.block_on(main_async(config, cli.kubeconfig));
+    // Blocking work still running (e.g. an nft call) must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -77,6 +80,17 @@ async fn main_async(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Resu
             _ = int.recv() => tracing::info!("SIGINT"),
         }
         let _ = tx.send(true);
+        // The bound on stopping, whatever the cloud (or anything else) does. A thread, not a
+        // task: it must fire even if the runtime is stuck.
+        std::thread::spawn(|| {
+            std::thread::sleep(daemon::STOP_DEADLINE);
+            tracing::error!(deadline = ?daemon::STOP_DEADLINE, "the agent did not stop in time; exiting anyway (every acknowledged change is durable)");
+            eprintln!(
+                "vnet-agent: did not stop within {:?}; exiting",
+                daemon::STOP_DEADLINE
+            );
+            std::process::exit(1);
+        });
     });
     let cloud = provider::build(&config.cloud)?;
     let source = vnet_kube::ClientSource::from_env(kubeconfig.as_deref());

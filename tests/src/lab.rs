@@ -125,6 +125,9 @@ pub struct LabConfig {
     pub pool: PoolConfig,
     /// Fault configuration handed to the mock cloud at start (its `--faults` JSON).
     pub faults: Option<String>,
+    /// The mock's operation `Retry-After` (s), pinned unless `faults` sets it: Azure answers 10;
+    /// the lab runs at 1 by default.
+    pub operation_retry_after_secs: u64,
     pub base_dir: PathBuf,
     pub bin_dir: PathBuf,
     pub cnitool: PathBuf,
@@ -142,6 +145,7 @@ impl LabConfig {
             subnet: "10.240.0.0/16".to_owned(),
             pool: PoolConfig::default(),
             faults: None,
+            operation_retry_after_secs: LAB_OPERATION_RETRY_AFTER_SECS,
             base_dir: PathBuf::from(DEFAULT_BASE_DIR),
             bin_dir: default_bin_dir(),
             cnitool: default_cnitool(),
@@ -492,7 +496,9 @@ impl Lab {
         }
         self.wire(&st)?;
         self.write_topology(&st)?;
-        self.start_mock(cfg.faults.as_deref())?;
+        write_principals(&st)?;
+        let faults = pinned_faults(cfg.faults.as_deref(), cfg.operation_retry_after_secs)?;
+        self.start_mock(Some(&faults))?;
         for node in &st.nodes {
             fs::create_dir_all(&node.state_dir).map_err(io_err(&node.state_dir))?;
             fs::create_dir_all(&node.conf_dir).map_err(io_err(&node.conf_dir))?;
@@ -576,10 +582,18 @@ impl Lab {
     }
 
     fn write_topology(&self, st: &LabState) -> Result<(), LabError> {
+        // Node NICs as in a cluster: an NSG, an ASG and a load balancer backend pool, which every
+        // NIC write re-sends (ASG copied to new entries, join permissions checked).
         let mut vms: Vec<serde_json::Value> = st
             .nodes
             .iter()
-            .map(|n| json!({"name": n.name, "subnet": "nodes", "primary_ip": n.ip.to_string()}))
+            .map(|n| {
+                json!({"name": n.name, "subnet": "nodes", "primary_ip": n.ip.to_string(),
+                       "nic": {"network_security_group": "nsg-nodes",
+                               "application_security_groups": ["asg-nodes"],
+                               "load_balancer_backend_address_pools": ["kubernetes/kubernetes"],
+                               "tags": {"vnet-lab": st.name}}})
+            })
             .collect();
         vms.push(
             json!({"name": st.vm.name, "subnet": "nodes", "primary_ip": st.vm.ip.to_string()}),
@@ -657,6 +671,8 @@ impl Lab {
             args.push("--faults".to_owned());
             args.push(f.to_owned());
         }
+        args.push("--principals".to_owned());
+        args.push(st.dir.join("principals.json").display().to_string());
         progress(&format!(
             "starting vnet-mockcloud on {} (router namespace)",
             st.mock_addr
@@ -1074,6 +1090,49 @@ pub fn parse_cni_result(out: &str) -> Result<(Ipv4Addr, String), LabError> {
     Ok((pod_ip, host_veth))
 }
 
+/// The lab's default operation `Retry-After` (the mock's own default is Azure's 10 s).
+pub const LAB_OPERATION_RETRY_AFTER_SECS: u64 = 1;
+
+/// The agents' permissions: exactly the custom role the docs show and Terraform grants.
+pub const AGENT_ROLE_JSON: &str = include_str!("../../deploy/azure/vnet-cni-role.json");
+
+/// A node agent's static test token (its principal at the mock).
+fn agent_token(st: &LabState, node: &NodeState) -> String {
+    format!("vnet-lab.{}.{}.{}", st.name, st.token, node.name)
+}
+
+/// `principals.json` for the mock: one principal per node agent, each with the shipped role.
+fn write_principals(st: &LabState) -> Result<(), LabError> {
+    let role: serde_json::Value = serde_json::from_str(AGENT_ROLE_JSON)
+        .map_err(|e| LabError::Failed(format!("deploy/azure/vnet-cni-role.json: {e}")))?;
+    let principals: Vec<serde_json::Value> = st
+        .nodes
+        .iter()
+        .map(|n| json!({"token": agent_token(st, n), "name": format!("vnet-agent-{}", n.name), "role": role}))
+        .collect();
+    let path = st.dir.join("principals.json");
+    fs::write(
+        &path,
+        serde_json::to_string_pretty(&principals).expect("json"),
+    )
+    .map_err(io_err(&path))
+}
+
+/// `faults` with the operation timing pinned (unless `faults` sets it itself).
+fn pinned_faults(faults: Option<&str>, retry_after_secs: u64) -> Result<String, LabError> {
+    let mut value: serde_json::Value = match faults {
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| LabError::Failed(format!("mock faults are not JSON: {e}")))?,
+        None => json!({}),
+    };
+    let Some(map) = value.as_object_mut() else {
+        return Err(LabError::Failed("mock faults must be a JSON object".into()));
+    };
+    map.entry("operation_retry_after_secs")
+        .or_insert(json!(retry_after_secs));
+    Ok(value.to_string())
+}
+
 fn write_agent_config(st: &LabState, node: &NodeState, cfg: &LabConfig) -> Result<(), LabError> {
     let endpoint = format!("http://{}", st.mock_addr);
     let p = &cfg.pool;
@@ -1091,7 +1150,8 @@ log_level = "{log_level}"
 provider = "mock"
 arm_endpoint = "{endpoint}"
 imds_endpoint = "{endpoint}"
-credential = "none"
+credential = "test_token"
+test_token = "{token}"
 
 [pool]
 warm = {warm}
@@ -1103,6 +1163,7 @@ allocate_timeout_secs = {alloc}
 "#,
         lab = st.name,
         node = node.name,
+        token = agent_token(st, node),
         socket = node.socket.display(),
         state_dir = node.state_dir.display(),
         log_level = cfg.agent_log_level,
@@ -1139,6 +1200,22 @@ fn write_conflist(st: &LabState, node: &NodeState, cfg: &LabConfig) -> Result<()
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_mock_timing_is_pinned_unless_the_faults_set_it() {
+        let pinned: serde_json::Value =
+            serde_json::from_str(&pinned_faults(None, 1).unwrap()).unwrap();
+        assert_eq!(pinned, serde_json::json!({"operation_retry_after_secs": 1}));
+        let kept: serde_json::Value = serde_json::from_str(
+            &pinned_faults(Some(r#"{"operation_retry_after_secs": 0, "busy": {}}"#), 1).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(kept["operation_retry_after_secs"], 0);
+        assert!(pinned_faults(Some("[]"), 1).is_err());
+        // The agents' role is the shipped one and parses as a role definition.
+        let role: serde_json::Value = serde_json::from_str(AGENT_ROLE_JSON).unwrap();
+        assert!(role["Actions"].as_array().unwrap().len() > 5);
+    }
+
     use super::*;
 
     #[test]

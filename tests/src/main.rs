@@ -162,6 +162,10 @@ enum LabCmd {
         /// Mock cloud write latency for the burst, ms.
         #[arg(long, default_value_t = 1000)]
         write_latency_ms: u64,
+        /// The mock's operation Retry-After (s) of each cold-burst run: the lab's 1 s, and the
+        /// 10 s Azure answers on a NIC PUT.
+        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 10])]
+        burst_retry_after: Vec<u64>,
         /// iperf3 seconds per data path measurement (0 = skip).
         #[arg(long, default_value_t = 5)]
         iperf_secs: u64,
@@ -272,6 +276,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             concurrency,
             burst,
             write_latency_ms,
+            burst_retry_after,
             iperf_secs,
         } => {
             let mut cfg = LabConfig::new(&name);
@@ -287,6 +292,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 concurrency,
                 burst,
                 write_latency_ms,
+                burst_retry_after_secs: burst_retry_after,
                 iperf_secs,
                 out,
             };

@@ -414,3 +414,73 @@ async fn a_failed_store_write_is_recovered_in_process() {
     assert_eq!(store.state().allocations[&b.key].ip, b.ip);
     agent.state.lock().unwrap().ipam.check();
 }
+
+#[tokio::test]
+async fn a_release_answers_once_its_veth_is_deleted_and_concurrent_ones_share_a_request() {
+    let cloud = Arc::new(FlakyCloud::default());
+    let store = Arc::new(MemoryStore::new());
+    let agent = agent_with(cloud.clone(), store.clone());
+    let links = Arc::new(crate::netlink::FakeLinks::default());
+    // Each request to the kernel takes a while, as deleting veths does.
+    *links.batch_delay.lock().unwrap() = Duration::from_millis(50);
+    tokio::spawn(agent.clone().run_reaper(links.clone()));
+    pool_with_releasing(&agent, &cloud, 13, 0).await;
+    let ids: Vec<String> = (0..12).map(|i| format!("pod{i}")).collect();
+    let mut tombstones = Vec::new();
+    for id in &ids {
+        agent.allocate(request(id)).await.unwrap();
+        let t = vnet_api::tombstone_veth_name(&vnet_api::host_veth_name("vnet", &request(id).key));
+        links.links.lock().unwrap().insert(t.clone());
+        tombstones.push(t);
+    }
+    let releases = ids.iter().zip(&tombstones).map(|(id, t)| {
+        let agent = agent.clone();
+        let links = links.clone();
+        let (key, t) = (request(id).key, t.clone());
+        async move {
+            let resp = agent
+                .release(ReleaseRequest {
+                    key,
+                    dying_veth: Some(t.clone()),
+                })
+                .await
+                .unwrap();
+            // When the answer comes, the link is gone.
+            (
+                resp.dying_veth_deleted,
+                links.links.lock().unwrap().contains(&t),
+            )
+        }
+    });
+    let answers = futures::future::join_all(releases).await;
+    assert!(
+        answers
+            .iter()
+            .all(|&(deleted, still_there)| deleted && !still_there),
+        "{answers:?}"
+    );
+    let batches = links.batches.lock().unwrap().clone();
+    assert!(
+        batches.len() < ids.len(),
+        "12 concurrent deletions took {} requests: {batches:?}",
+        batches.len()
+    );
+    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), ids.len());
+
+    // A deletion that fails: answered at once with `dying_veth_deleted` false (the plugin then
+    // deletes the link itself); the reaper keeps retrying and the address stays held.
+    *links.batch_delay.lock().unwrap() = Duration::ZERO;
+    links.busy.store(true, Ordering::SeqCst);
+    agent.allocate(request("busy")).await.unwrap();
+    let t = vnet_api::tombstone_veth_name("vnetbusy0000000");
+    links.links.lock().unwrap().insert(t.clone());
+    let resp = agent
+        .release(ReleaseRequest {
+            key: request("busy").key,
+            dying_veth: Some(t),
+        })
+        .await
+        .unwrap();
+    assert!(!resp.dying_veth_deleted);
+    assert!(resp.released.is_some());
+}

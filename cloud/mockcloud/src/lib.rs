@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub mod auth;
+mod document;
 pub mod fabric;
 pub mod faults;
 pub mod model;

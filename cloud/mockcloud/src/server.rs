@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 
-use crate::auth::{Principal, Principals};
+use crate::auth::{Principal, Principals, authorization_failed, check_linked_access};
 use crate::fabric::Fabric;
 use crate::faults::{FaultKind, Faults};
 use crate::model::{
@@ -502,20 +502,6 @@ fn rate_key(ctx: &Ctx, caller: Option<&Principal>) -> String {
     }
 }
 
-/// 403 `AuthorizationFailed` in ARM's words.
-fn authorization_failed(who: Option<&Principal>, action: &str, scope: &str) -> ArmError {
-    let (name, object_id) = who
-        .map(|p| (p.name.as_str(), p.object_id.as_str()))
-        .unwrap_or(("mock-client", "00000000-0000-0000-0000-000000000000"));
-    ArmError::new(
-        403,
-        "AuthorizationFailed",
-        format!(
-            "The client '{name}' with object id '{object_id}' does not have authorization to perform action '{action}' over scope '{scope}' or the scope is invalid. If access was recently granted, please refresh your credentials."
-        ),
-    )
-}
-
 /// What every ARM call goes through: counting, api-version, scope, the caller and its
 /// permission, throttling, latency, injected faults. Returns the caller (with principals).
 async fn arm_prelude(
@@ -739,38 +725,6 @@ async fn arm(
     (Some(operation), response)
 }
 
-/// 403 `LinkedAuthorizationFailed` when the caller may write the NIC but lacks `join` on a
-/// resource the body references; every missing action is listed, as ARM does.
-fn check_linked_access(
-    caller: Option<&Principal>,
-    body: &Value,
-    scope: &str,
-) -> Result<(), ArmError> {
-    let Some(caller) = caller else {
-        return Ok(());
-    };
-    let missing: Vec<rules::LinkedRef> = rules::nic_linked_references(body)
-        .into_iter()
-        .filter(|r| !caller.allows(r.action))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let actions: Vec<&str> = missing.iter().map(|r| r.action).collect();
-    let scopes: Vec<&str> = missing.iter().map(|r| r.scope.as_str()).collect();
-    Err(ArmError::new(
-        403,
-        "LinkedAuthorizationFailed",
-        format!(
-            "The client '{}' with object id '{}' has permission to perform action 'Microsoft.Network/networkInterfaces/write' on scope '{scope}'; however, it does not have permission to perform action(s) '{}' on the linked scope(s) '{}' (respectively) or the linked scope(s) are invalid.",
-            caller.name,
-            caller.object_id,
-            actions.join(","),
-            scopes.join(","),
-        ),
-    ))
-}
-
 fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &str) -> Response {
     let body: Value = match serde_json::from_slice(&ctx.body) {
         Ok(body) => body,
@@ -781,7 +735,8 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &
             ));
         }
     };
-    if let Err(e) = check_linked_access(caller, &body, scope) {
+    let refs = rules::nic_linked_references(&body);
+    if let Err(e) = check_linked_access(caller, action_for("nic_put"), scope, refs) {
         return arm_error(e);
     }
     let if_match = ctx
