@@ -199,11 +199,7 @@ fn terraform_grants_the_agent_the_role_file_and_the_role_file_covers_the_code() 
     let pull = block("azurerm_role_assignment", "kubelet_pulls_image");
     assert_eq!(attribute(pull, "role_definition_name"), "\"AcrPull\"");
 
-    let Some(role) = role_file() else {
-        // Until the Azure-fidelity work lands the file; the checks above already hold.
-        eprintln!("deploy/azure/vnet-cni-role.json does not exist yet: role contents not checked");
-        return;
-    };
+    let role = role_file().expect("deploy/azure/vnet-cni-role.json, the agents' custom role");
     let actions: BTreeSet<String> = role["Actions"]
         .as_array()
         .expect("Actions")
@@ -233,12 +229,12 @@ fn terraform_grants_the_agent_the_role_file_and_the_role_file_covers_the_code() 
         undocumented.is_empty(),
         "docs/cloud.md lists actions deploy/azure/vnet-cni-role.json does not grant: {undocumented:?}"
     );
-    // The other direction (every granted action documented) is the Azure-fidelity work's
-    // docs/cloud.md table; until it lists the join actions, say which rows are missing.
+    // And every granted action has its row, saying why it is needed.
     let missing_rows: Vec<_> = actions.difference(&documented).collect();
-    if !missing_rows.is_empty() {
-        eprintln!("docs/cloud.md's permission table lacks rows for: {missing_rows:?}");
-    }
+    assert!(
+        missing_rows.is_empty(),
+        "docs/cloud.md's permission table lacks rows for: {missing_rows:?}"
+    );
 }
 
 #[test]
