@@ -292,14 +292,21 @@ fn the_node_image_installs_runs_upgrades_and_uninstalls_under_systemd() {
     for t in [&first, &second] {
         fs::copy(t, root.join("root").join(t.file_name().unwrap())).unwrap();
     }
+    // The mock admits each node's agent by its token: take node-1's from the lab's config.
+    let lab_config = fs::read_to_string(&node.config_path).unwrap();
+    let token = lab_config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("test_token = "))
+        .unwrap_or_else(|| panic!("no test_token in the lab's agent config:\n{lab_config}"))
+        .to_owned();
     // The operator's configuration, written before install (install.sh keeps an existing one).
     fs::create_dir_all(root.join("etc/vnet-cni")).unwrap();
     fs::write(
         root.join("etc/vnet-cni/agent.toml"),
         format!(
             "[cloud]\nprovider = \"mock\"\narm_endpoint = \"http://{0}\"\nimds_endpoint = \"http://{0}\"\n\
-             credential = \"none\"\n\n[pool]\nwarm = 2\nbatch = 2\n",
-            st.mock_addr
+             credential = \"test_token\"\ntest_token = {1}\n\n[pool]\nwarm = 2\nbatch = 2\n",
+            st.mock_addr, token
         ),
     )
     .unwrap();
