@@ -408,6 +408,23 @@ fn the_image_builds_offline_installs_the_plugins_atomically_and_runs_the_agent()
         "/etc/ssl/certs/ca-certificates.crt",
     ]);
     assert!(roots.status.success(), "no CA roots in the image");
+    // The kind fabric (deploy/kind/fabric.yaml) runs its route loop in this image.
+    let fabric_tools = docker.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "sh",
+        &tag,
+        "-c",
+        "for t in wget ip awk tr; do command -v $t >/dev/null || { echo missing $t; exit 1; }; done",
+    ]);
+    assert!(
+        fabric_tools.status.success(),
+        "the kind fabric's tools: {}",
+        text(&fabric_tools)
+    );
 
     // --- the uninstall DaemonSet's command, with its privileges (NET_ADMIN only) --------------
     let host = work.path().join("uninstall-host");
