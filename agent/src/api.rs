@@ -119,7 +119,7 @@ async fn gc(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
     if !agent.is_ready() {
         return AgentError::NotReady("the agent is not ready".into()).into_response();
     }
-    match agent.gc(req.valid_attachments).await {
+    match agent.gc(req).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => e.into_response(),
     }

@@ -127,7 +127,8 @@ pub enum LogFormat {
 pub enum ProviderKind {
     /// Azure Resource Manager + IMDS.
     Azure,
-    /// The Azure client against `vnet-mockcloud` endpoints, without a credential.
+    /// The Azure client against `vnet-mockcloud` endpoints (plain HTTP allowed; no credential,
+    /// or the mock's static `test_token`).
     Mock,
 }
 
@@ -137,6 +138,8 @@ pub enum CredentialKind {
     ManagedIdentity,
     WorkloadIdentity,
     ClientSecret,
+    /// A fixed bearer token (`test_token`) the mock maps to a permission set: mock provider only.
+    TestToken,
     None,
 }
 
@@ -172,6 +175,11 @@ pub struct CloudConfig {
     pub client_id: String,
     pub tenant_id: String,
     pub client_secret_file: String,
+    /// With `credential = "test_token"`: the bearer token sent to vnet-mockcloud.
+    pub test_token: String,
+    /// Not supported: must be empty. Azure refuses a NIC whose ipConfigurations are in different
+    /// subnets, so pod addresses come from the node NIC's subnet (kept so that a config which
+    /// still names it gets a clear error instead of "unknown key").
     pub pod_subnet_id: String,
 }
 
@@ -211,12 +219,14 @@ impl Default for CloudConfig {
     fn default() -> Self {
         CloudConfig {
             provider: ProviderKind::Azure,
-            arm_endpoint: "https://management.azure.com".into(),
+            // Empty: the cloud IMDS names (compute.azEnvironment).
+            arm_endpoint: String::new(),
             imds_endpoint: "http://169.254.169.254".into(),
             credential: CredentialKind::ManagedIdentity,
             client_id: String::new(),
             tenant_id: String::new(),
             client_secret_file: String::new(),
+            test_token: String::new(),
             pod_subnet_id: String::new(),
         }
     }
@@ -408,44 +418,7 @@ impl Config {
                 ),
             )
         })?;
-        let cloud = &self.cloud;
-        for (key, url) in [
-            ("cloud.arm_endpoint", &cloud.arm_endpoint),
-            ("cloud.imds_endpoint", &cloud.imds_endpoint),
-        ] {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(invalid(
-                    key,
-                    format!("{url:?} must be an http:// or https:// URL"),
-                ));
-            }
-        }
-        if cloud.credential == CredentialKind::ClientSecret {
-            if cloud.tenant_id.is_empty() {
-                return Err(invalid(
-                    "cloud.tenant_id",
-                    "required when cloud.credential = \"client_secret\"",
-                ));
-            }
-            if cloud.client_id.is_empty() {
-                return Err(invalid(
-                    "cloud.client_id",
-                    "required when cloud.credential = \"client_secret\"",
-                ));
-            }
-            if cloud.client_secret_file.is_empty() {
-                return Err(invalid(
-                    "cloud.client_secret_file",
-                    "required when cloud.credential = \"client_secret\"",
-                ));
-            }
-        }
-        if cloud.credential == CredentialKind::WorkloadIdentity && cloud.tenant_id.is_empty() {
-            return Err(invalid(
-                "cloud.tenant_id",
-                "required when cloud.credential = \"workload_identity\"",
-            ));
-        }
+        self.validate_cloud()?;
         let pool = &self.pool;
         check_pool_sizes(pool.warm, pool.batch, pool.max)
             .map_err(|(key, message)| invalid(key, message))?;
@@ -504,6 +477,95 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The `[cloud]` section: endpoints, credential kinds and what each provider allows.
+    fn validate_cloud(&self) -> Result<(), ConfigError> {
+        let cloud = &self.cloud;
+        let mock = cloud.provider == ProviderKind::Mock;
+        if !cloud.pod_subnet_id.trim().is_empty() {
+            return Err(invalid(
+                "cloud.pod_subnet_id",
+                format!(
+                    "{:?}: not supported. Azure requires every ipConfiguration of a NIC to be in one subnet (\"IPConfigurations on a Nic cannot belong to different subnets\"), so pods take addresses from the node NIC's own subnet; remove the key (pods from a NIC of their own are a later capability)",
+                    cloud.pod_subnet_id
+                ),
+            ));
+        }
+        if cloud.arm_endpoint.is_empty() {
+            if mock {
+                return Err(invalid(
+                    "cloud.arm_endpoint",
+                    "required with provider = \"mock\" (the vnet-mockcloud URL)",
+                ));
+            }
+        } else if cloud.arm_endpoint.starts_with("http://") {
+            if !mock {
+                return Err(invalid(
+                    "cloud.arm_endpoint",
+                    format!(
+                        "{:?}: plain http:// would send the ARM token unencrypted; use https:// (http:// is for provider = \"mock\" only), or leave it empty for the cloud IMDS names",
+                        cloud.arm_endpoint
+                    ),
+                ));
+            }
+        } else if !cloud.arm_endpoint.starts_with("https://") {
+            return Err(invalid(
+                "cloud.arm_endpoint",
+                format!("{:?} must be an https:// URL", cloud.arm_endpoint),
+            ));
+        }
+        if !(cloud.imds_endpoint.starts_with("http://")
+            || cloud.imds_endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "cloud.imds_endpoint",
+                format!(
+                    "{:?} must be an http:// or https:// URL",
+                    cloud.imds_endpoint
+                ),
+            ));
+        }
+        let needs = |key: &'static str, kind: &str| {
+            invalid(key, format!("required when cloud.credential = \"{kind}\""))
+        };
+        match cloud.credential {
+            CredentialKind::ClientSecret => {
+                if cloud.tenant_id.is_empty() {
+                    return Err(needs("cloud.tenant_id", "client_secret"));
+                }
+                if cloud.client_id.is_empty() {
+                    return Err(needs("cloud.client_id", "client_secret"));
+                }
+                if cloud.client_secret_file.is_empty() {
+                    return Err(needs("cloud.client_secret_file", "client_secret"));
+                }
+            }
+            CredentialKind::WorkloadIdentity if cloud.tenant_id.is_empty() => {
+                return Err(needs("cloud.tenant_id", "workload_identity"));
+            }
+            CredentialKind::TestToken => {
+                if !mock {
+                    return Err(invalid(
+                        "cloud.credential",
+                        "\"test_token\" is vnet-mockcloud's test credential: allowed only with provider = \"mock\"",
+                    ));
+                }
+                if cloud.test_token.is_empty() {
+                    return Err(needs("cloud.test_token", "test_token"));
+                }
+            }
+            _ => {}
+        }
+        if !cloud.test_token.is_empty() && cloud.credential != CredentialKind::TestToken {
+            return Err(invalid(
+                "cloud.test_token",
+                "only used with credential = \"test_token\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Reads a secret file's content, trimmed (used for `cloud.client_secret_file`).
 pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path)
@@ -531,12 +593,13 @@ log_format = "text"
 log_level = "info"
 [cloud]
 provider = "azure"
-arm_endpoint = "https://management.azure.com"
+arm_endpoint = ""
 imds_endpoint = "http://169.254.169.254"
 credential = "managed_identity"
 client_id = ""
 tenant_id = ""
 client_secret_file = ""
+test_token = ""
 pod_subnet_id = ""
 [pool]
 warm = 8
@@ -610,11 +673,51 @@ allocate_timeout_secs = 30
                 "[cloud]\narm_endpoint = \"ftp://x\"\n",
                 "cloud.arm_endpoint",
             ),
+            (
+                "[cloud]\narm_endpoint = \"http://127.0.0.1:1\"\n",
+                "cloud.arm_endpoint",
+            ),
+            ("[cloud]\nprovider = \"mock\"\n", "cloud.arm_endpoint"),
+            (
+                "[cloud]\ncredential = \"test_token\"\ntest_token = \"t\"\n",
+                "cloud.credential",
+            ),
+            (
+                "[cloud]\nprovider = \"mock\"\narm_endpoint = \"http://x\"\ncredential = \"test_token\"\n",
+                "cloud.test_token",
+            ),
         ];
         for (toml, key) in cases {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
             assert!(err.to_string().contains(key), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn a_pod_subnet_is_refused_naming_azures_one_subnet_rule() {
+        let err = Config::from_toml(
+            "[cloud]\npod_subnet_id = \"/subscriptions/s/resourceGroups/r/providers/Microsoft.Network/virtualNetworks/v/subnets/pods\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("cloud.pod_subnet_id")
+                && err.contains("IPConfigurations on a Nic cannot belong to different subnets"),
+            "{err}"
+        );
+        assert!(
+            Config::from_toml("[cloud]\npod_subnet_id = \"\"\n")
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
+        let mock = Config::from_toml(
+            "[cloud]\nprovider = \"mock\"\narm_endpoint = \"http://127.0.0.1:1\"\ncredential = \"test_token\"\ntest_token = \"t\"\n",
+        )
+        .unwrap();
+        assert!(mock.validate().is_ok());
     }
 
     #[test]

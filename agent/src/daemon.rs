@@ -13,8 +13,9 @@
 //! The TCP listener (metrics, `/healthz`, `/readyz`) is up before step 1, so liveness holds
 //! while the cloud is slow and `/readyz` names the step the agent waits in.
 //!
-//! On shutdown (SIGTERM in `main`): stop accepting, let in-flight requests finish (bounded),
-//! stop the pool task, flush and close the store, remove the socket.
+//! On shutdown (SIGTERM in `main`): stop accepting, let in-flight requests finish (4 s at most),
+//! stop the pool task (2 s at most: a hung cloud call is abandoned), flush and close the store,
+//! remove the socket. `main` exits the process if all this takes longer than [`STOP_DEADLINE`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,8 +36,16 @@ use crate::pool;
 use crate::spool;
 use crate::store::{JournalOptions, JournalStore, StoreError};
 
-/// How long shutdown waits for in-flight requests (an allocation may wait for the cloud).
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(35);
+/// The agent exits within this long after SIGTERM, whatever the cloud does: `main` exits the
+/// process when a graceful stop takes longer. Safe, because every acknowledged change is
+/// already durable, and an interrupted cloud write is reconciled at the next start. The
+/// DaemonSet's grace period and the unit's `TimeoutStopSec` (15 s) leave room above it.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(8);
+/// How long shutdown waits for in-flight requests. Allocations waiting for the pool fail at once
+/// ("try again later"); what is left waits for a store write.
+const REQUEST_GRACE: Duration = Duration::from_secs(4);
+/// How long shutdown waits for the pool task to finish a cloud call before abandoning it.
+const POOL_GRACE: Duration = Duration::from_secs(2);
 /// How often the spool is drained after start-up (a DEL may race the start).
 const SPOOL_INTERVAL: Duration = Duration::from_secs(10);
 /// Retry delay for a conflist write that failed.
@@ -205,12 +214,12 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     // Served until `run` returns (not stopped by the signal): the probes keep answering while
     // in-flight requests finish, with /readyz saying the agent is stopping.
     let _metrics_task = AbortOnDrop(tokio::spawn(async move {
-        let _ = axum::serve(metrics_listener, metrics_app).await;
+        crate::listener::serve(metrics_listener, metrics_app).await;
     }));
 
     probes.set_phase("discovering the node through the cloud");
     let identity = retry("node discovery", &mut shutdown, || cloud.discover()).await?;
-    info!(vm = identity.vm_name, nic = identity.nic_id, primary_ip = %identity.primary_ip, subnet = %identity.subnet_prefix, "node discovered");
+    info!(vm = identity.vm_name, kind = identity.kind.as_str(), scale_set = identity.scale_set, nic = identity.nic_id, primary_ip = %identity.primary_ip, subnet = %identity.subnet_prefix, "node discovered");
 
     probes.set_phase("opening the allocation store");
     let state_dir = config.state_dir.clone();
@@ -226,11 +235,8 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         "store loaded"
     );
 
-    let subnet_id = if config.cloud.pod_subnet_id.is_empty() {
-        identity.subnet_id.clone()
-    } else {
-        config.cloud.pod_subnet_id.clone()
-    };
+    // Azure keeps every ipConfiguration of a NIC in one subnet: pods use the NIC's.
+    let subnet_id = identity.subnet_id.clone();
     let settings = AgentSettings {
         node_name: config
             .node_name
@@ -280,13 +286,8 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
             if non_masq.is_empty() {
                 non_masq = identity.vnet_address_space.clone();
             }
-            // Pods draw from the NIC's subnet unless pod_subnet_id names another one, whose
-            // prefix discovery does not know: then match any VNet source (still not the node).
-            let sources = if agent.settings().subnet_id == identity.subnet_id {
-                vec![identity.subnet_prefix]
-            } else {
-                identity.vnet_address_space.clone()
-            };
+            // Pods draw from the NIC's subnet.
+            let sources = vec![identity.subnet_prefix];
             let script = masq::masquerade_script(&sources, identity.primary_ip, &non_masq);
             tokio::task::spawn_blocking(move || masq::apply_nft(&script, masq::NFT_TIMEOUT))
                 .await
@@ -341,20 +342,26 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     probes.set_stopping();
     agent.stop_waiting();
     info!("shutting down: no new requests; finishing those in flight");
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+    let mut server = server;
+    match tokio::time::timeout(REQUEST_GRACE, &mut server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => error!(error = %e, "API server failed"),
         Ok(Err(e)) => error!(error = %e, "API server task failed"),
-        Err(_) => warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}"),
+        Err(_) => {
+            warn!("in-flight requests did not finish within {REQUEST_GRACE:?}; abandoned");
+            server.abort();
+        }
     }
     agent.set_ready(false);
-    if tokio::time::timeout(SHUTDOWN_GRACE, pool_task)
+    let mut pool_task = pool_task;
+    if tokio::time::timeout(POOL_GRACE, &mut pool_task)
         .await
         .is_err()
     {
         warn!(
-            "the pool task did not stop in time; an interrupted cloud write is reconciled at the next start"
+            "the pool task did not stop within {POOL_GRACE:?} (a cloud call in flight); abandoned: an interrupted cloud write is reconciled at the next start"
         );
+        pool_task.abort();
     }
     spool_task.abort();
     if let Err(e) = agent.flush().await {

@@ -111,6 +111,7 @@ impl Ipam {
             ip,
             key: req.key.clone(),
             pod: req.pod.clone(),
+            network: req.network.clone(),
             host_veth,
             allocated_at: now,
         };
@@ -305,6 +306,19 @@ impl Ipam {
 
     pub fn keys(&self) -> Vec<AttachmentKey> {
         self.allocations.keys().cloned().collect()
+    }
+
+    /// Records `network` on an allocation that has none (one made before networks were
+    /// recorded), once a GC of that network has listed it as in use.
+    pub fn claim_network(&mut self, key: &AttachmentKey, network: &str) -> Option<Record> {
+        let a = self.allocations.get_mut(key)?;
+        if a.network.is_some() {
+            return None;
+        }
+        a.network = Some(network.to_owned());
+        Some(Record::Allocate {
+            allocation: a.clone(),
+        })
     }
 
     pub fn unreconciled(&self) -> Vec<Ipv4Addr> {

@@ -1,11 +1,12 @@
 //! `vnet-agent --config FILE [--kubeconfig PATH]`: see `docs/configuration.md`.
+//! `vnet-agent uninstall [--check] [--purge]`: see [`uninstall`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use vnet_agent::agent::Agent;
 use vnet_agent::config::{Cli, Config};
 use vnet_agent::kubernetes::KubeAgent;
@@ -13,8 +14,20 @@ use vnet_agent::netlink::{LinkOps, NoLinks, Rtnetlink};
 use vnet_agent::{daemon, logging, provider};
 use vnet_kube::NodeAgent;
 
+mod uninstall;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("uninstall") {
+        return uninstall::main(args);
+    }
+    let matches = Cli::command()
+        .after_help(
+            "To remove vnet-cni from a drained node: vnet-agent uninstall [--check] [--purge] \
+             (see vnet-agent uninstall --help)",
+        )
+        .get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let config = match Config::load(&cli, |var| std::env::var(var).ok()) {
         Ok(c) => c,
         Err(e) => {
@@ -40,7 +53,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(main_async(config, cli.kubeconfig)) {
+    let result = runtime.block_on(main_async(config, cli.kubeconfig));
+    // Blocking work still running (e.g. an nft call) must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -64,6 +80,17 @@ async fn main_async(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Resu
             _ = int.recv() => tracing::info!("SIGINT"),
         }
         let _ = tx.send(true);
+        // The bound on stopping, whatever the cloud (or anything else) does. A thread, not a
+        // task: it must fire even if the runtime is stuck.
+        std::thread::spawn(|| {
+            std::thread::sleep(daemon::STOP_DEADLINE);
+            tracing::error!(deadline = ?daemon::STOP_DEADLINE, "the agent did not stop in time; exiting anyway (every acknowledged change is durable)");
+            eprintln!(
+                "vnet-agent: did not stop within {:?}; exiting",
+                daemon::STOP_DEADLINE
+            );
+            std::process::exit(1);
+        });
     });
     let cloud = provider::build(&config.cloud)?;
     let source = vnet_kube::ClientSource::from_env(kubeconfig.as_deref());

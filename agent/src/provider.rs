@@ -1,7 +1,8 @@
 //! Builds the cloud provider the configuration names.
 //!
-//! `azure`: the Azure client with the configured credential. `mock`: the same client against
-//! vnet-mockcloud endpoints, without any credential (the `credential` key is ignored).
+//! `azure`: the Azure client with the configured credential, `https://` only. `mock`: the same
+//! client against vnet-mockcloud endpoints (plain HTTP allowed), with the mock's static test
+//! token when `credential = "test_token"` and no credential otherwise.
 
 use std::sync::Arc;
 
@@ -20,6 +21,11 @@ pub enum ProviderError {
 
 pub fn azure_config(config: &CloudConfig) -> Result<AzureConfig, ProviderError> {
     let credential = match config.provider {
+        ProviderKind::Mock if config.credential == CredentialKind::TestToken => {
+            CredentialConfig::StaticToken {
+                token: config.test_token.clone(),
+            }
+        }
         ProviderKind::Mock => CredentialConfig::None,
         ProviderKind::Azure => {
             let kind = match config.credential {
@@ -27,6 +33,7 @@ pub fn azure_config(config: &CloudConfig) -> Result<AzureConfig, ProviderError> 
                 CredentialKind::WorkloadIdentity => "workload_identity",
                 CredentialKind::ClientSecret => "client_secret",
                 CredentialKind::None => "none",
+                CredentialKind::TestToken => "test_token",
             };
             CredentialConfig::from_settings(
                 kind,
@@ -37,11 +44,16 @@ pub fn azure_config(config: &CloudConfig) -> Result<AzureConfig, ProviderError> 
             .map_err(ProviderError::Credential)?
         }
     };
-    Ok(AzureConfig::new(
-        &config.arm_endpoint,
-        &config.imds_endpoint,
-        credential,
-    ))
+    let azure = match config.provider {
+        ProviderKind::Mock => {
+            AzureConfig::mock(&config.arm_endpoint, &config.imds_endpoint, credential)
+        }
+        ProviderKind::Azure => {
+            AzureConfig::new(&config.arm_endpoint, &config.imds_endpoint, credential)
+        }
+    };
+    azure.validate().map_err(ProviderError::Client)?;
+    Ok(azure)
 }
 
 pub fn build(config: &CloudConfig) -> Result<Arc<dyn CloudProvider>, ProviderError> {
@@ -63,7 +75,25 @@ mod tests {
         let c = azure_config(&config).unwrap();
         assert_eq!(c.credential, CredentialConfig::None);
         assert_eq!(c.arm_endpoint, "http://127.0.0.1:1");
+        assert!(c.allow_plain_http);
+        config.credential = CredentialKind::TestToken;
+        config.test_token = "tok".into();
+        assert_eq!(
+            azure_config(&config).unwrap().credential,
+            CredentialConfig::StaticToken {
+                token: "tok".into()
+            }
+        );
+        // The Azure provider sends its token over https only, and never the test token.
         config.provider = ProviderKind::Azure;
+        assert!(azure_config(&config).is_err());
+        config.credential = CredentialKind::ManagedIdentity;
+        config.test_token.clear();
+        assert!(
+            azure_config(&config).is_err(),
+            "http:// with provider azure"
+        );
+        config.arm_endpoint = String::new();
         config.client_id = "id".into();
         assert_eq!(
             azure_config(&config).unwrap().credential,

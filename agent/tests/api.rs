@@ -151,6 +151,8 @@ async fn allocate_release_and_gc_are_idempotent() {
     }
     let gc = GcRequest {
         valid_attachments: vec![key("b"), eth1.key.clone()],
+        network: Some("vnet".into()),
+        allocated_before: Some(vnet_agent::agent::now_secs() + 1),
     };
     let out = c.gc(&gc).await.unwrap();
     let gone: BTreeSet<String> = out.released.iter().map(|a| a.key.to_string()).collect();
@@ -168,6 +170,85 @@ async fn allocate_release_and_gc_are_idempotent() {
         .map(|a| a.key.to_string())
         .collect();
     assert_eq!(left, ["a/eth1".to_string(), "b/eth0".to_string()].into());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_releases_only_its_own_networks_old_allocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(test_config(dir.path()), Arc::new(FakeCloud::new())).await;
+    let c = &agent.client;
+    let on = |id: &str, network: Option<&str>| {
+        let mut r = alloc_req(id);
+        r.network = network.map(Into::into);
+        r
+    };
+    for (id, network) in [
+        ("blue-a", Some("blue")),
+        ("blue-b", Some("blue")),
+        ("red-a", Some("red")),
+        // As recorded before the agent kept networks.
+        ("legacy", None),
+        ("legacy-gone", None),
+    ] {
+        c.allocate(&on(id, network)).await.unwrap();
+    }
+    let gc = |network: Option<&str>, valid: &[&str], allocated_before: Option<u64>| GcRequest {
+        valid_attachments: valid.iter().map(|id| key(id)).collect(),
+        network: network.map(Into::into),
+        allocated_before,
+    };
+    let released = |r: vnet_api::GcResponse| -> BTreeSet<String> {
+        r.released
+            .iter()
+            .map(|a| a.key.container_id.to_string())
+            .collect()
+    };
+    let later = Some(vnet_agent::agent::now_secs() + 1);
+    // Just made: the runtime's list may predate them, so the default cut-off spares them all.
+    let out = c.gc(&gc(Some("blue"), &[], None)).await.unwrap();
+    assert!(
+        out.released.is_empty(),
+        "young allocations released: {out:?}"
+    );
+    // Blue's GC frees blue's stale attachment only: never red's, never one without a network.
+    let out = c
+        .gc(&gc(Some("blue"), &["blue-a", "legacy"], later))
+        .await
+        .unwrap();
+    assert_eq!(released(out), ["blue-b".to_string()].into());
+    let network_of = |all: &[vnet_api::Allocation], id: &str| {
+        all.iter()
+            .find(|a| a.key == key(id))
+            .map(|a| a.network.clone())
+    };
+    let all = c.allocations().await.unwrap().allocations;
+    assert_eq!(network_of(&all, "red-a"), Some(Some("red".into())));
+    assert_eq!(
+        network_of(&all, "legacy"),
+        Some(Some("blue".into())),
+        "blue listed it: claimed"
+    );
+    assert_eq!(
+        network_of(&all, "legacy-gone"),
+        Some(None),
+        "kept, unclaimed"
+    );
+    // Red's GC frees red's and leaves the claimed one to blue.
+    let out = c.gc(&gc(Some("red"), &[], later)).await.unwrap();
+    assert_eq!(released(out), ["red-a".to_string()].into());
+    // A plugin from before networks collects only what carries no network.
+    let out = c.gc(&gc(None, &[], later)).await.unwrap();
+    assert_eq!(released(out), ["legacy-gone".to_string()].into());
+    let left: BTreeSet<String> = c
+        .allocations()
+        .await
+        .unwrap()
+        .allocations
+        .iter()
+        .map(|a| a.key.container_id.to_string())
+        .collect();
+    assert_eq!(left, ["blue-a".to_string(), "legacy".to_string()].into());
     agent.stop().await;
 }
 
@@ -557,4 +638,94 @@ async fn known_demand_grows_the_pool_ahead_of_the_pods() {
     .await;
     assert!(cloud.secondary_ips().len() >= 28);
     agent.stop().await;
+}
+
+/// A small tmpfs mounted on `path`, unmounted when dropped (on failure too).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {out:?}");
+        Tmpfs(path.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_allocations_until_space_is_freed_then_the_agent_recovers() {
+    // Regression: a failed journal write poisoned the store until a restart.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    let _tmpfs = Tmpfs::mount(&config.state_dir, "1m");
+    config.pool.cooldown_secs = 0;
+    let agent = TestAgent::start(config.clone(), Arc::new(FakeCloud::new())).await;
+    let c = &agent.client;
+    c.allocate(&alloc_req("before")).await.unwrap();
+    // Fill the file system.
+    let filler = config.state_dir.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let mut small = [0u8; 512].to_vec();
+        while !small.is_empty() {
+            if f.write_all(&small).is_err() {
+                small.truncate(small.len() / 2);
+            }
+        }
+        let _ = f.sync_all();
+    }
+    // Allocations go on until the journal's last page is full, then fail.
+    let mut refused = None;
+    for i in 0..500 {
+        if let Err(e) = c.allocate(&alloc_req(&format!("full-{i}"))).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("an allocation fails on a full disk");
+    assert_eq!(api_error(refused).1, ErrorCode::Internal);
+    assert!(!c.health().await.is_ok_and(|h| h.ready));
+    let err = c.allocate(&alloc_req("while-full")).await.unwrap_err();
+    assert_eq!(api_error(err).1, ErrorCode::NotReady);
+    // Space comes back: the agent re-opens its store by itself, no restart.
+    std::fs::remove_file(&filler).unwrap();
+    eventually("the agent is ready again", || async {
+        c.health().await.is_ok_and(|h| h.ready)
+    })
+    .await;
+    let after = c.allocate(&alloc_req("after")).await.unwrap();
+    let served: BTreeSet<_> = c
+        .allocations()
+        .await
+        .unwrap()
+        .allocations
+        .into_iter()
+        .map(|a| (a.key.to_string(), a.ip))
+        .collect();
+    assert!(served.contains(&(key("after").to_string(), after.allocation.ip)));
+    agent.stop().await;
+    // What it served is exactly what is durable.
+    let durable: BTreeSet<_> = JournalStore::read_state(&config.state_dir)
+        .unwrap()
+        .allocations
+        .into_values()
+        .map(|a| (a.key.to_string(), a.ip))
+        .collect();
+    assert_eq!(durable, served);
 }

@@ -35,6 +35,33 @@ pub struct NodeIdentity {
     pub subnet_prefix: Ipv4Network,
     /// The VNet's address space: the default non-masquerade CIDRs.
     pub vnet_address_space: Vec<Ipv4Network>,
+    /// What kind of machine the node is, as the cloud reports it (it decides how the NIC is written).
+    #[serde(default)]
+    pub kind: NodeKind,
+    /// The scale set the node belongs to (empty for a standalone VM).
+    #[serde(default)]
+    pub scale_set: String,
+}
+
+/// A standalone VM, or a member of a virtual machine scale set in one of its two orchestration
+/// modes. Uniform instances have no standalone NIC: their NIC is written through the instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    #[default]
+    Vm,
+    Uniform,
+    Flexible,
+}
+
+impl NodeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::Vm => "vm",
+            NodeKind::Uniform => "uniform",
+            NodeKind::Flexible => "flexible",
+        }
+    }
 }
 
 /// One secondary address on the NIC that this product owns.
@@ -44,6 +71,15 @@ pub struct SecondaryIp {
     pub name: String,
     pub ip: Ipv4Addr,
     pub subnet_id: String,
+}
+
+/// What ARM last reported about the caller's request budget (its
+/// `x-ms-ratelimit-remaining-subscription-reads/writes` headers) and how many 429s it answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArmBudget {
+    pub remaining_reads: Option<u64>,
+    pub remaining_writes: Option<u64>,
+    pub throttled: u64,
 }
 
 /// Errors the agent acts on: each variant implies a different reaction (wait, back off, report).
@@ -123,4 +159,9 @@ pub trait CloudProvider: Send + Sync + 'static {
 
     /// Removes the given addresses from the NIC. Addresses already absent are not an error.
     async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
+
+    /// The cloud API's last reported request budget, for metrics (`None`: not reported).
+    fn arm_budget(&self) -> Option<ArmBudget> {
+        None
+    }
 }

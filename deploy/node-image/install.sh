@@ -6,11 +6,16 @@
 #
 # install    verifies every file against SHA256SUMS before touching anything, then installs binaries,
 #            the unit, the sysctl drop-in and the helper atomically (temp file in the same directory,
-#            fsync, rename); writes /etc/vnet-cni/agent.toml and the conflist template only if absent;
+#            fsync, rename); the reference loopback and portmap plugins into /opt/cni/bin only when
+#            the node has none; writes /etc/vnet-cni/agent.toml, agent.env and the conflist template
+#            only if absent;
 #            enables vnet-agent.service; on a running systemd host (no destdir) starts it, or restarts
 #            it if anything changed (this is the in-place upgrade). Running it twice changes nothing.
-# uninstall  removes exactly what the install manifest lists; keeps the allocation state in
-#            /var/lib/vnet-cni unless --purge, and keeps a config file the operator edited unless --purge.
+# uninstall  refuses while pods of vnet-cni run on the node (cordon and drain it first); stops the
+#            agent; removes the conflist, the agent's nftables table and tombstone veths
+#            (`vnet-agent uninstall`), then exactly what the install manifest lists; keeps the
+#            allocation state in /var/lib/vnet-cni unless --purge, and keeps a config file the
+#            operator edited unless --purge.
 #
 # --destdir DIR (or DESTDIR=DIR): install into a root file system (an image build); nothing is
 #            started and the unit is enabled by creating the wants symlink directly.
@@ -31,7 +36,9 @@ readonly WANTS_LINK=/etc/systemd/system/multi-user.target.wants/vnet-agent.servi
 readonly SYSCTL_FILE=/etc/sysctl.d/90-vnet-cni.conf
 readonly CONF_DIR=/etc/vnet-cni
 readonly CNI_CONF_DIR=/etc/cni/net.d
-readonly CONFLIST_NAME=10-vnet-cni.conflist
+readonly CONFLIST_NAME=00-vnet-cni.conflist
+# The name earlier releases used; it sorts after other CNIs' 05-/10- files. Migrated on upgrade.
+readonly LEGACY_CONFLIST_NAME=10-vnet-cni.conflist
 readonly STATE_DIR=/var/lib/vnet-cni
 readonly RUN_DIR=/run/vnet-cni
 readonly MANIFEST=/var/lib/vnet-cni/install-manifest
@@ -49,7 +56,7 @@ die() {
     exit 1
 }
 usage() {
-    sed -n '2,21s/^# \{0,1\}//p' "$0"
+    sed -n '2,26s/^# \{0,1\}//p' "$0"
 }
 
 while [ $# -gt 0 ]; do
@@ -231,6 +238,38 @@ enable_unit() {
     record link - - "$WANTS_LINK"
 }
 
+# The reference plugins containerd and the conflist need (loopback for every sandbox, portmap
+# chained after vnet-cni): installed when the node has none, kept up to date when we installed them,
+# and never replacing the node's own.
+install_plugin_if_absent() { # name
+    ip_dst=$CNI_BIN_DIR/$1
+    if { [ -e "$ROOT$ip_dst" ] || [ -L "$ROOT$ip_dst" ]; } && ! old_manifest_has file "$ip_dst"; then
+        say "kept the node's own $ip_dst"
+        return
+    fi
+    install_file "cni/$1" "$ip_dst" 0755
+}
+
+# Earlier releases installed the template as 10-vnet-cni.conflist: an unedited one goes (the new
+# 00- template replaces it), an edited one becomes the new template, so the operator's edits stay.
+migrate_legacy_template() {
+    old=$CONF_DIR/$LEGACY_CONFLIST_NAME
+    new=$CONF_DIR/$CONFLIST_NAME
+    old_manifest_has config "$old" || return 0
+    [ -f "$ROOT$old" ] || return 0
+    old_sum=$(old_manifest_line config "$old" | cut -d ' ' -f 3)
+    if [ "$(sha256_of "$ROOT$old")" = "$old_sum" ] || [ -e "$ROOT$new" ]; then
+        rm -f "$ROOT$old"
+        say "removed the old template $old"
+    else
+        mv -f "$ROOT$old" "$ROOT$new"
+        # Recorded with the package's sum, so uninstall sees it as edited and keeps it.
+        record config 0644 "$(expected_sum "etc/$CONFLIST_NAME")" "$new"
+        say "renamed the edited template $old to $new"
+    fi
+    CHANGED=1
+}
+
 cmd_install() {
     verify_package
     if [ -f "$ROOT$MANIFEST" ]; then
@@ -242,6 +281,8 @@ cmd_install() {
     ensure_dir "$STATE_DIR" 0700
     ensure_dir "$CNI_CONF_DIR"
     install_file bin/vnet-cni "$CNI_BIN_DIR/vnet-cni" 0755
+    install_plugin_if_absent loopback
+    install_plugin_if_absent portmap
     install_file bin/vnet-agent "$BIN_DIR/vnet-agent" 0755
     install_file bin/vnetctl "$BIN_DIR/vnetctl" 0755
     install_file libexec/publish-conflist "$LIBEXEC_DIR/publish-conflist" 0755
@@ -251,7 +292,11 @@ cmd_install() {
     install_file sysctl/90-vnet-cni.conf "$SYSCTL_FILE" 0644
     install_file systemd/vnet-agent.service "$UNIT_DIR/$UNIT" 0644
     install_config etc/agent.toml "$CONF_DIR/agent.toml"
-    install_config "etc/$CONFLIST_NAME" "$CONF_DIR/$CONFLIST_NAME"
+    install_config etc/agent.env "$CONF_DIR/agent.env"
+    migrate_legacy_template
+    if ! grep -q " $CONF_DIR/$CONFLIST_NAME\$" "$WORK/manifest"; then
+        install_config "etc/$CONFLIST_NAME" "$CONF_DIR/$CONFLIST_NAME"
+    fi
 
     if [ "$LIVE" -eq 1 ] && [ "$CHANGED" -eq 1 ]; then
         systemctl daemon-reload
@@ -309,15 +354,45 @@ cmd_uninstall() {
     else
         cp "$ROOT$MANIFEST" "$WORK/old-manifest"
     fi
+    agent=$ROOT$BIN_DIR/vnet-agent
+    if [ -z "$ROOT" ] && [ -x "$agent" ]; then
+        # Pods of ours would be stuck terminating without the plugin and its conflist, and a purge
+        # would let a reinstall reuse their addresses: refuse before touching anything.
+        agent_config=
+        [ ! -f "$CONF_DIR/agent.toml" ] || agent_config="--config $CONF_DIR/agent.toml"
+        # shellcheck disable=SC2086 # agent_config is empty or two words
+        rc=0
+        "$agent" uninstall --check $agent_config || rc=$?
+        case $rc in
+        0) ;;
+        3) die "not uninstalled: pods of vnet-cni still run here; cordon and drain the node first (see above)" ;;
+        *) die "not uninstalled: vnet-agent uninstall --check failed (see above)" ;;
+        esac
+    fi
+    was_active=0
     if [ "$LIVE" -eq 1 ]; then
+        systemctl is-active --quiet "$UNIT" && was_active=1
         systemctl disable --now --quiet "$UNIT" 2>/dev/null || true
     fi
-    # The conflist the agent published: the runtime must not keep calling a removed plugin.
-    published=$ROOT$CNI_CONF_DIR/$CONFLIST_NAME
-    if [ -f "$published" ] && grep -q '"vnet-cni"' "$published"; then
-        rm -f "$published"
-        say "removed $CNI_CONF_DIR/$CONFLIST_NAME"
+    if [ -z "$ROOT" ] && [ -x "$agent" ]; then
+        # The node objects the agent and the plugin made: conflist, nftables table, tombstone veths.
+        # shellcheck disable=SC2086
+        if ! "$agent" uninstall $agent_config; then
+            if [ "$was_active" -eq 1 ]; then
+                systemctl enable --now --quiet "$UNIT" || true
+            fi
+            die "not uninstalled: vnet-agent uninstall refused or failed (see above); the agent was restarted"
+        fi
     fi
+    # The conflist the agent published (also under its old name): the runtime must not keep
+    # calling a removed plugin.
+    for name in "$CONFLIST_NAME" "$LEGACY_CONFLIST_NAME"; do
+        published=$ROOT$CNI_CONF_DIR/$name
+        if [ -f "$published" ] && grep -q '"vnet-cni"' "$published"; then
+            rm -f "$published"
+            say "removed $CNI_CONF_DIR/$name"
+        fi
+    done
     rm -f "$ROOT$STATE_DIR/published-conflist.sha256"
     if [ -f "$WORK/old-manifest" ]; then
         grep -v '^#' "$WORK/old-manifest" | while read -r kind _mode sum path; do

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Builds the node-image release tarball: vnet-cni-<version>-linux-amd64.tar.gz with bin/ (vnet-cni,
-# vnet-agent, vnetctl), the agent.toml and conflist templates, the systemd unit, the sysctl drop-in,
-# the conflist publisher, install.sh, the docs and SHA256SUMS over every file.
+# vnet-agent, vnetctl), cni/ (the reference loopback and portmap plugins, installed on nodes that
+# have none), the agent.toml, agent.env and conflist templates, the systemd unit, the sysctl
+# drop-in, the conflist publisher, install.sh, the docs and SHA256SUMS over every file.
 #
 #   deploy/node-image/release.sh [--out-dir DIR] [--bin-dir DIR] [--version VERSION]
+#                                [--cni-plugins-dir DIR]
 #
 # --out-dir DIR  where the tarball and its .sha256 go (default: <cargo target dir>/dist).
 # --bin-dir DIR  package prebuilt binaries from DIR instead of building (env VNET_RELEASE_BIN_DIR);
 #                the tests use this with target/debug so they need no release build.
 # --version V    override the version (env VNET_RELEASE_VERSION); default: the workspace version
 #                and the git commit, e.g. 0.1.0-g1a2b3c4d (just 0.1.0 outside a git checkout).
+# --cni-plugins-dir DIR  where loopback and portmap come from (env VNET_CNI_PLUGINS_DIR; default
+#                /usr/lib/cni, Debian's containernetworking-plugins).
 #
 # The build links glibc statically (-C target-feature=+crt-static for x86_64-unknown-linux-gnu):
 # see docs/install-node-image.md for why, and for the one caveat (NSS modules).
@@ -24,6 +28,8 @@ repo=$(cd "$here/../.." && pwd)
 out_dir=
 bin_dir=${VNET_RELEASE_BIN_DIR:-}
 version=${VNET_RELEASE_VERSION:-}
+cni_plugins_dir=${VNET_CNI_PLUGINS_DIR:-/usr/lib/cni}
+readonly CNI_PLUGINS=(loopback portmap)
 
 die() {
     echo "release.sh: error: $*" >&2
@@ -39,7 +45,9 @@ while [[ $# -gt 0 ]]; do
     --bin-dir=*) bin_dir=${1#*=} ;;
     --version) version=${2:?--version needs a value}; shift ;;
     --version=*) version=${1#*=} ;;
-    -h | --help) sed -n '2,17s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    --cni-plugins-dir) cni_plugins_dir=${2:?--cni-plugins-dir needs a directory}; shift ;;
+    --cni-plugins-dir=*) cni_plugins_dir=${1#*=} ;;
+    -h | --help) sed -n '2,22s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift
@@ -77,18 +85,26 @@ fi
 for bin in "${BINARIES[@]}"; do
     [[ -x $bin_dir/$bin ]] || die "$bin_dir/$bin is missing or not executable"
 done
+for plugin in "${CNI_PLUGINS[@]}"; do
+    [[ -x $cni_plugins_dir/$plugin ]] ||
+        die "$cni_plugins_dir/$plugin is missing (apt-get install containernetworking-plugins, or pass --cni-plugins-dir)"
+done
 
 name="vnet-cni-$version-linux-amd64"
 stage_root=$(mktemp -d)
 trap 'rm -rf "$stage_root"' EXIT
 stage=$stage_root/$name
-mkdir -p "$stage"/{bin,etc,systemd,sysctl,libexec,doc}
+mkdir -p "$stage"/{bin,cni,etc,systemd,sysctl,libexec,doc}
 
 for bin in "${BINARIES[@]}"; do
     install -m 0755 "$bin_dir/$bin" "$stage/bin/$bin"
 done
 install -m 0644 "$here/agent.toml" "$stage/etc/agent.toml"
-install -m 0644 "$here/10-vnet-cni.conflist" "$stage/etc/10-vnet-cni.conflist"
+for plugin in "${CNI_PLUGINS[@]}"; do
+    install -m 0755 "$cni_plugins_dir/$plugin" "$stage/cni/$plugin"
+done
+install -m 0644 "$here/agent.env" "$stage/etc/agent.env"
+install -m 0644 "$here/00-vnet-cni.conflist" "$stage/etc/00-vnet-cni.conflist"
 install -m 0644 "$here/vnet-agent.service" "$stage/systemd/vnet-agent.service"
 install -m 0644 "$here/90-vnet-cni.conf" "$stage/sysctl/90-vnet-cni.conf"
 install -m 0755 "$here/publish-conflist" "$stage/libexec/publish-conflist"
@@ -120,6 +136,14 @@ linkage() {
     done
     for bin in "${BINARIES[@]}"; do
         echo "$bin $(linkage "$stage/bin/$bin") ($origin)"
+    done
+    # The reference plugins are whatever the build machine's packages ship (Debian's are linked
+    # against glibc dynamically); say where they came from.
+    plugins_pkg=$(dpkg-query -S "$cni_plugins_dir/portmap" 2>/dev/null | cut -d: -f1 || true)
+    plugins_version=
+    [[ -z $plugins_pkg ]] || plugins_version=$(dpkg-query -W -f='${Version}' "$plugins_pkg" 2>/dev/null || true)
+    for plugin in "${CNI_PLUGINS[@]}"; do
+        echo "cni/$plugin $(linkage "$stage/cni/$plugin") (${plugins_pkg:-$cni_plugins_dir}${plugins_version:+ $plugins_version})"
     done
 } >"$stage/VERSION"
 chmod 0644 "$stage/VERSION"

@@ -1,11 +1,13 @@
 # An AKS cluster with bring-your-own CNI (network_plugin = "none") on its own VNet, ready for
-# vnet-cni: a node subnet, an optional pod subnet, and a user-assigned identity for the agent that
-# holds exactly the permissions docs/cloud.md lists: on the subnets, the node resource group, the
-# VNet (its read only) and the subscription (operation polling only).
+# vnet-cni: a node subnet (pods take their addresses from it: Azure keeps every ipConfiguration of a
+# NIC in one subnet), a registry for the image, and the agent's identity with exactly the role in
+# deploy/azure/vnet-cni-role.json.
 #
-# The agent authenticates with managed_identity through IMDS on its node, so the identity is the
-# node pool's kubelet identity: it is attached to every node VM. (Workload identity would need the
-# webhook pod, which cannot run before the CNI.)
+# The agent's identity is the nodes' kubelet identity, a user-assigned identity made here: the agent
+# runs on the host network before any pod has one and signs in through IMDS on its node, and the
+# kubelet identity is the one AKS attaches to every node of every pool (new pools and scale-outs
+# included). Workload identity would need its webhook pod and the sign-in host before the CNI
+# works; a second identity on the AKS-managed scale sets is not kept there by AKS.
 
 data "azurerm_subscription" "current" {}
 
@@ -30,57 +32,34 @@ resource "azurerm_subnet" "nodes" {
   address_prefixes     = [var.node_subnet_prefix]
 }
 
-resource "azurerm_subnet" "pods" {
-  count                = var.pod_subnet_prefix == null ? 0 : 1
-  name                 = "pods"
-  resource_group_name  = azurerm_resource_group.main.name
-  virtual_network_name = azurerm_virtual_network.main.name
-  address_prefixes     = [var.pod_subnet_prefix]
-}
-
 locals {
-  subnet_ids = concat([azurerm_subnet.nodes.id], azurerm_subnet.pods[*].id)
-  # The resource group AKS creates for the node VMs and NICs; referencing the cluster's attribute
-  # orders the role after the cluster, so the group exists when it becomes an assignable scope.
+  # The agent's custom role, kept in one file for Terraform, the docs and the mock's tests.
+  role_file = jsondecode(file("${path.module}/../azure/vnet-cni-role.json"))
+
+  # Polling Azure-AsyncOperation URLs is the one action at subscription level
+  # (/subscriptions/{id}/providers/Microsoft.Network/locations/{region}/operations/{id}): it gets a
+  # role of its own, assignable and assigned there, so nothing else is granted that wide.
+  operations_action = "Microsoft.Network/locations/operations/read"
+  agent_actions     = [for action in local.role_file.Actions : action if action != local.operations_action]
+
+  # The resource group AKS creates for the node scale sets and NICs (and their NSG and load
+  # balancer); referencing the cluster's attribute orders the role after the cluster, so the group
+  # exists when it becomes an assignable scope.
   node_resource_group_name = "${var.name}-nodes-rg"
   node_resource_group_id   = azurerm_kubernetes_cluster.main.node_resource_group_id
 
-  # Exactly the actions docs/cloud.md lists for the agent, split by the scope each one needs, so
-  # no action is granted wider than that: NICs and VMs in the node resource group, join and read on
-  # the cluster's subnets only, the VNet's own read (its address space), and the polling of
-  # long-running operations, which live at the subscription level.
-  agent_roles = {
-    nodes = {
-      actions = [
-        "Microsoft.Compute/virtualMachines/read",
-        "Microsoft.Network/networkInterfaces/read",
-        "Microsoft.Network/networkInterfaces/write",
-      ]
-      scopes = [local.node_resource_group_id]
-    }
-    subnets = {
-      actions = [
-        "Microsoft.Network/virtualNetworks/subnets/read",
-        "Microsoft.Network/virtualNetworks/subnets/join/action",
-      ]
-      scopes = local.subnet_ids
-    }
-    vnet = {
-      actions = ["Microsoft.Network/virtualNetworks/read"]
-      scopes  = [azurerm_virtual_network.main.id]
-    }
-    operations = {
-      actions = ["Microsoft.Network/locations/operations/read"]
-      scopes  = [data.azurerm_subscription.current.id]
-    }
+  # Custom roles are assignable only at management group, subscription or resource group scope:
+  # the groups of the nodes and of the VNet (the same group is listed once).
+  agent_assignable_scopes = distinct([local.node_resource_group_id, azurerm_resource_group.main.id])
+
+  # Assigned narrowly: the node resource group (NICs, scale-set instances, VMs and what the NICs
+  # reference) and the VNet itself (its read, its subnets' read and join), not the VNet's group.
+  agent_assignment_scopes = {
+    nodes = local.node_resource_group_id
+    vnet  = azurerm_virtual_network.main.id
   }
 
-  # One assignment per (role, scope); keys use indexes because ids are unknown until apply.
-  agent_assignments = merge([
-    for role, spec in local.agent_roles : {
-      for index, scope in spec.scopes : "${role}-${index}" => { role = role, scope = scope }
-    }
-  ]...)
+  image = "${var.create_registry ? azurerm_container_registry.main[0].login_server : var.registry}/vnet-cni:${var.image_tag}"
 }
 
 # The control plane's identity: manages the node pool and may assign the kubelet identity.
@@ -113,24 +92,61 @@ resource "azurerm_role_assignment" "cluster_joins_node_subnet" {
 }
 
 resource "azurerm_role_definition" "agent" {
-  for_each    = local.agent_roles
-  name        = "${var.name}-vnet-cni-agent-${each.key}"
-  scope       = data.azurerm_subscription.current.id
-  description = "vnet-cni agent (${each.key}): add and remove secondary IP configurations on its node's NIC."
+  name        = "${var.name}-vnet-cni-agent"
+  scope       = azurerm_resource_group.main.id
+  description = local.role_file.Description
 
   permissions {
-    actions     = each.value.actions
+    actions     = local.agent_actions
     not_actions = []
   }
 
-  assignable_scopes = each.value.scopes
+  assignable_scopes = local.agent_assignable_scopes
 }
 
 resource "azurerm_role_assignment" "agent" {
-  for_each           = local.agent_assignments
-  scope              = each.value.scope
-  role_definition_id = azurerm_role_definition.agent[each.value.role].role_definition_resource_id
+  for_each           = local.agent_assignment_scopes
+  scope              = each.value
+  role_definition_id = azurerm_role_definition.agent.role_definition_resource_id
   principal_id       = azurerm_user_assigned_identity.agent.principal_id
+}
+
+resource "azurerm_role_definition" "agent_operations" {
+  name        = "${var.name}-vnet-cni-agent-operations"
+  scope       = data.azurerm_subscription.current.id
+  description = "vnet-cni agent: poll the status of its own long-running NIC and scale-set writes."
+
+  permissions {
+    actions     = [local.operations_action]
+    not_actions = []
+  }
+
+  assignable_scopes = [data.azurerm_subscription.current.id]
+}
+
+resource "azurerm_role_assignment" "agent_operations" {
+  scope              = data.azurerm_subscription.current.id
+  role_definition_id = azurerm_role_definition.agent_operations.role_definition_resource_id
+  principal_id       = azurerm_user_assigned_identity.agent.principal_id
+}
+
+# The image's registry (unless var.registry names an existing one): the kubelet identity pulls
+# from it, so no pull secret is needed.
+resource "azurerm_container_registry" "main" {
+  count               = var.create_registry ? 1 : 0
+  name                = replace("${var.name}vnetcni", "-", "")
+  location            = azurerm_resource_group.main.location
+  resource_group_name = azurerm_resource_group.main.name
+  sku                 = "Basic"
+  admin_enabled       = false
+  tags                = var.tags
+}
+
+resource "azurerm_role_assignment" "kubelet_pulls_image" {
+  count                = var.create_registry ? 1 : 0
+  scope                = azurerm_container_registry.main[0].id
+  role_definition_name = "AcrPull"
+  principal_id         = azurerm_user_assigned_identity.agent.principal_id
 }
 
 resource "azurerm_kubernetes_cluster" "main" {

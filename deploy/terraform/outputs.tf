@@ -19,7 +19,7 @@ output "get_credentials" {
 }
 
 output "agent_identity_client_id" {
-  description = "Put in agent.toml as cloud.client_id."
+  description = "The kubelet identity the agent signs in as: agent.toml's cloud.client_id (render.sh --client-id)."
   value       = azurerm_user_assigned_identity.agent.client_id
 }
 
@@ -28,9 +28,24 @@ output "node_subnet_id" {
   value       = azurerm_subnet.nodes.id
 }
 
-output "pod_subnet_id" {
-  description = "Put in agent.toml as cloud.pod_subnet_id (empty when there is no pod subnet)."
-  value       = one(azurerm_subnet.pods[*].id)
+output "image" {
+  description = "The image reference to build, push and install: deploy/render.sh --image."
+  value       = local.image
+
+  precondition {
+    condition     = var.create_registry || var.registry != ""
+    error_message = "With create_registry = false, set registry to the registry the nodes pull the image from."
+  }
+}
+
+output "registry_login" {
+  description = "Command that logs docker in to the created registry (empty without one)."
+  value       = var.create_registry ? "az acr login --name ${azurerm_container_registry.main[0].name}" : ""
+}
+
+output "install_command" {
+  description = "Renders vnet-cni with this cluster's image and agent identity, and applies it (run from the repository root)."
+  value       = "deploy/render.sh --image ${local.image} --client-id ${azurerm_user_assigned_identity.agent.client_id} | kubectl apply -f -"
 }
 
 output "vnet_address_space" {

@@ -1,5 +1,11 @@
+variable "subscription_id" {
+  description = "Azure subscription to create everything in. azurerm 4.x requires it: set it here or in ARM_SUBSCRIPTION_ID (null reads the environment)."
+  type        = string
+  default     = null
+}
+
 variable "name" {
-  description = "Prefix of every resource name."
+  description = "Prefix of every resource name, the custom roles' too (role names may need to be unique in the tenant, unverified: use one prefix per cluster)."
   type        = string
   default     = "vnetcni"
 }
@@ -41,16 +47,9 @@ variable "vnet_address_space" {
 }
 
 variable "node_subnet_prefix" {
-  description = "Node subnet. Pods take their addresses from it unless a pod subnet is set."
+  description = "Node subnet. Pods take their addresses from it too (one subnet per NIC on Azure): size it for nodes x (pool.max + 1)."
   type        = string
-  default     = "10.240.0.0/20"
-}
-
-variable "pod_subnet_prefix" {
-  description = "Optional separate pod subnet (set the agent's cloud.pod_subnet_id to its id); null for none."
-  type        = string
-  default     = "10.240.64.0/18"
-  nullable    = true
+  default     = "10.240.0.0/18"
 }
 
 variable "service_cidr" {
@@ -69,4 +68,27 @@ variable "tags" {
   description = "Tags on every resource."
   type        = map(string)
   default     = { project = "vnet-cni" }
+}
+
+variable "create_registry" {
+  description = "Create an Azure Container Registry for the vnet-cni image and let the nodes pull from it (AcrPull for the kubelet identity). false: set registry."
+  type        = bool
+  default     = true
+}
+
+variable "registry" {
+  description = "With create_registry = false: the registry host (and path) the image is pulled from, e.g. myacr.azurecr.io; the nodes must be allowed to pull from it."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.registry == "" || can(regex("^[a-z0-9][a-z0-9.:-]*[a-z0-9](/[a-z0-9._-]+)*$", var.registry))
+    error_message = "registry must be a registry host with an optional path, e.g. myacr.azurecr.io or ghcr.io/org."
+  }
+}
+
+variable "image_tag" {
+  description = "Tag of the vnet-cni image you push (render.sh feeds <registry>/vnet-cni:<image_tag> into deploy/kustomization.yaml)."
+  type        = string
+  default     = "0.1.0"
 }

@@ -9,6 +9,8 @@ terraform {
   }
 }
 
+# azurerm 4.x needs the subscription: var.subscription_id, or ARM_SUBSCRIPTION_ID when it is null.
 provider "azurerm" {
   features {}
+  subscription_id = var.subscription_id
 }

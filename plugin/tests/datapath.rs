@@ -784,3 +784,37 @@ fn agent_refusals_map_to_cni_codes() {
         assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
     }
 }
+
+#[test]
+fn gc_of_one_network_leaves_another_networks_veths() {
+    // Two vnet-cni networks on one node (e.g. through Multus) share the host veth name shape.
+    let node = node();
+    let agent = FakeAgent::start([10, 77, 9]);
+    let blue = Netns::new("pod").unwrap();
+    let red = Netns::new("pod").unwrap();
+    add(&node, &agent, "1.1.0", "ctr-blue", &blue).assert_ok();
+    let mut red_cfg = conf("1.1.0", agent.socket_str(), &agent.spool_dir());
+    red_cfg["name"] = "red".into();
+    exec_plugin(
+        Some(&node),
+        &cni_env("ADD", "ctr-red", &path_str(&red), "eth0"),
+        &red_cfg.to_string(),
+    )
+    .assert_ok();
+    // GC of the first network, which lists none of its attachments as valid.
+    let mut cfg = conf("1.1.0", agent.socket_str(), &agent.spool_dir());
+    cfg["cni.dev/valid-attachments"] = serde_json::json!([]);
+    exec_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &cfg.to_string()).assert_ok();
+    let links = ip(&node, &["link", "show"]);
+    assert!(
+        !links.contains(&host_veth_name("vnet", &key("ctr-blue", "eth0"))),
+        "its own stale veth is removed: {links}"
+    );
+    assert!(
+        links.contains(&host_veth_name("vnet", &key("ctr-red", "eth0"))),
+        "the other network's veth is left alone: {links}"
+    );
+    let gc = agent.state.lock().unwrap().gcs.pop().unwrap();
+    assert_eq!(gc.network.as_deref(), Some("vnet-test"));
+    assert!(gc.allocated_before.is_some());
+}

@@ -1,424 +1,20 @@
 //! The node-image release and installer (deploy/node-image): builds the release tarball from the
 //! binaries already in the target directory (`release.sh --bin-dir`, no release build), installs it
-//! into temporary roots with `install.sh --destdir` and checks what a node image would then hold.
-//! Nothing here touches the host's own /etc, /opt or /usr, so no root is needed, except for the
-//! last test: an in-place upgrade of one node of the lab (network namespaces) while its pods answer.
+//! into temporary roots with `install.sh --destdir` and checks what a node image would then hold:
+//! files, modes, checksums, idempotence, refusal of a tampered package, uninstall, upgrade and
+//! rollback. Nothing here touches the host's own /etc, /opt or /usr, so no root is needed.
+//! The unit and scripts: node_image_unit.rs; in the lab: node_image_lab.rs; under systemd:
+//! node_image_systemd.rs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::path::PathBuf;
 
 mod common;
 
-/// Every external command runs under coreutils `timeout` with this limit.
-const COMMAND_TIMEOUT_SECS: u32 = 300;
-const BINARIES: [&str; 3] = ["vnet-cni", "vnet-agent", "vnetctl"];
-
-/// (installed path below the root, file in the package, mode). The last two are configs: written
-/// only when absent.
-const INSTALLED_FILES: [(&str, &str, u32); 11] = [
-    ("opt/cni/bin/vnet-cni", "bin/vnet-cni", 0o755),
-    ("usr/local/bin/vnet-agent", "bin/vnet-agent", 0o755),
-    ("usr/local/bin/vnetctl", "bin/vnetctl", 0o755),
-    (
-        "usr/local/libexec/vnet-cni/publish-conflist",
-        "libexec/publish-conflist",
-        0o755,
-    ),
-    ("usr/local/libexec/vnet-cni/install.sh", "install.sh", 0o755),
-    ("usr/local/share/doc/vnet-cni/VERSION", "VERSION", 0o644),
-    (
-        "usr/local/share/doc/vnet-cni/install-node-image.md",
-        "doc/install-node-image.md",
-        0o644,
-    ),
-    (
-        "etc/sysctl.d/90-vnet-cni.conf",
-        "sysctl/90-vnet-cni.conf",
-        0o644,
-    ),
-    (
-        "etc/systemd/system/vnet-agent.service",
-        "systemd/vnet-agent.service",
-        0o644,
-    ),
-    ("etc/vnet-cni/agent.toml", "etc/agent.toml", 0o644),
-    (
-        "etc/vnet-cni/10-vnet-cni.conflist",
-        "etc/10-vnet-cni.conflist",
-        0o644,
-    ),
-];
-const WANTS_LINK: &str = "etc/systemd/system/multi-user.target.wants/vnet-agent.service";
-const UNIT_PATH: &str = "/etc/systemd/system/vnet-agent.service";
-const MANIFEST: &str = "var/lib/vnet-cni/install-manifest";
-const STATE_DIR: &str = "var/lib/vnet-cni";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-fn node_image_dir() -> PathBuf {
-    repo_root().join("deploy/node-image")
-}
-
-/// Runs `program args` under `timeout`, returning the output whatever the exit status.
-fn run(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    Command::new("timeout")
-        .arg(COMMAND_TIMEOUT_SECS.to_string())
-        .arg(program)
-        .args(args)
-        .envs(envs.iter().copied())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
-/// Like [`run`], but the command must succeed; returns its stdout.
-fn run_ok(program: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
-    let out = run(program, args, envs);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn have(tool: &str) -> bool {
-    run("sh", &["-c", &format!("command -v {tool}")], &[])
-        .status
-        .success()
-}
-
-fn sha256(path: &Path) -> String {
-    let out = run_ok("sha256sum", &[path.to_str().expect("utf-8 path")], &[]);
-    out.split_whitespace()
-        .next()
-        .expect("sha256sum prints a hash")
-        .to_owned()
-}
-
-fn mode(path: &Path) -> u32 {
-    fs::symlink_metadata(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .permissions()
-        .mode()
-        & 0o7777
-}
-
-/// A directory removed on drop, even when the test panics.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "vnet-node-image-{label}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The release tarball, built once per test run, and its unpacked directory.
-struct Package {
-    tarball: PathBuf,
-    /// `.../vnet-cni-<version>-linux-amd64`
-    dir: PathBuf,
-    version: String,
-}
-
-/// Builds the package into `<target>/tmp/node-image-<pid>`: kept out of /tmp because of the
-/// binaries' size, and left there after the run (statics are not dropped); the next run removes
-/// the directories of processes that are gone.
-fn package() -> &'static Package {
-    static PACKAGE: OnceLock<Package> = OnceLock::new();
-    PACKAGE.get_or_init(|| {
-        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        remove_stale_package_dirs(base);
-        let work = base.join(format!("node-image-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&work);
-        fs::create_dir_all(&work).expect("create package work dir");
-        let bin_dir = binaries_to_package(&work);
-        let out_dir = work.join("dist");
-        let stdout = run_ok(
-            "bash",
-            &[
-                node_image_dir().join("release.sh").to_str().expect("utf-8"),
-                "--bin-dir",
-                bin_dir.to_str().expect("utf-8"),
-                "--out-dir",
-                out_dir.to_str().expect("utf-8"),
-            ],
-            &[],
-        );
-        let tarball = PathBuf::from(
-            stdout
-                .lines()
-                .last()
-                .expect("release.sh prints the tarball")
-                .trim(),
-        );
-        let name = tarball
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("tarball name")
-            .to_owned();
-        let version = name
-            .strip_prefix("vnet-cni-")
-            .and_then(|n| n.strip_suffix("-linux-amd64.tar.gz"))
-            .unwrap_or_else(|| {
-                panic!("tarball {name} is not vnet-cni-<version>-linux-amd64.tar.gz")
-            })
-            .to_owned();
-        let unpacked = work.join("unpacked");
-        fs::create_dir_all(&unpacked).expect("create unpack dir");
-        run_ok(
-            "tar",
-            &[
-                "-xzf",
-                tarball.to_str().expect("utf-8"),
-                "-C",
-                unpacked.to_str().expect("utf-8"),
-            ],
-            &[],
-        );
-        let dir = unpacked.join(name.trim_end_matches(".tar.gz"));
-        assert!(dir.is_dir(), "the tarball unpacks into {}", dir.display());
-        Package {
-            tarball,
-            dir,
-            version,
-        }
-    })
-}
-
-fn remove_stale_package_dirs(base: &Path) {
-    let Ok(entries) = fs::read_dir(base) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name.strip_prefix("node-image-")
-            && !Path::new("/proc").join(pid).exists()
-        {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// The workspace's own (debug) binaries when all of them are built (tests/run.sh builds them
-/// first); otherwise small stand-ins, since what is tested here is packaging and installing.
-fn binaries_to_package(work: &Path) -> PathBuf {
-    let target_bin_dir = Path::new(env!("CARGO_BIN_EXE_vnetctl"))
-        .parent()
-        .expect("vnetctl has a directory")
-        .to_path_buf();
-    if BINARIES.iter().all(|b| target_bin_dir.join(b).is_file()) {
-        // Without their debug info (five times smaller), so packing and hashing stay quick.
-        let stripped = work.join("bin");
-        fs::create_dir_all(&stripped).expect("create bin dir");
-        for bin in BINARIES {
-            let (src, dst) = (target_bin_dir.join(bin), stripped.join(bin));
-            let strip = run(
-                "strip",
-                &[
-                    "--strip-debug",
-                    "-o",
-                    dst.to_str().expect("utf-8"),
-                    src.to_str().expect("utf-8"),
-                ],
-                &[],
-            );
-            if !strip.status.success() {
-                fs::copy(&src, &dst).expect("copy binary");
-            }
-        }
-        return stripped;
-    }
-    eprintln!(
-        "node_image: {} lacks some of {BINARIES:?}; packaging stand-ins \
-         (run `cargo build --workspace --bins` to package the real debug binaries)",
-        target_bin_dir.display()
-    );
-    let stand_ins = work.join("stand-in-bin");
-    fs::create_dir_all(&stand_ins).expect("create stand-in dir");
-    for bin in BINARIES {
-        let path = stand_ins.join(bin);
-        fs::write(&path, format!("#!/bin/sh\necho '{bin} stand-in'\n")).expect("write stand-in");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod stand-in");
-    }
-    stand_ins
-}
-
-/// A private copy of the unpacked package, for tests that change it.
-fn copy_of_package(into: &Path) -> PathBuf {
-    let copy = into.join("package");
-    run_ok(
-        "cp",
-        &[
-            "-a",
-            package().dir.to_str().expect("utf-8"),
-            copy.to_str().expect("utf-8"),
-        ],
-        &[],
-    );
-    copy
-}
-
-fn install_sh(package_dir: &Path, args: &[&str]) -> Output {
-    let script = package_dir.join("install.sh");
-    let mut all = vec![script.to_str().expect("utf-8")];
-    all.extend_from_slice(args);
-    // Plain `sh` (dash on Debian): the installer must not need bash.
-    run("sh", &all, &[])
-}
-
-fn install_ok(package_dir: &Path, root: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["install", "--destdir", root.to_str().expect("utf-8")];
-    args.extend_from_slice(extra);
-    let out = install_sh(package_dir, &args);
-    assert!(
-        out.status.success(),
-        "install.sh failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn uninstall_ok(package_dir: &Path, root: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["uninstall", "--destdir", root.to_str().expect("utf-8")];
-    args.extend_from_slice(extra);
-    let out = install_sh(package_dir, &args);
-    assert!(
-        out.status.success(),
-        "install.sh uninstall failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Kind {
-    Dir,
-    File { sha256: String },
-    Link { target: PathBuf },
-}
-
-/// Everything a user could see change about a path: content, mode, owner, inode and times.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Entry {
-    kind: Kind,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    inode: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-/// Every path below `root` (relative, without the root itself).
-fn snapshot(root: &Path) -> BTreeMap<String, Entry> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>) {
-        for entry in fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-            let path = entry.expect("dir entry").path();
-            let meta = fs::symlink_metadata(&path).expect("metadata");
-            let kind = if meta.file_type().is_symlink() {
-                Kind::Link {
-                    target: fs::read_link(&path).expect("readlink"),
-                }
-            } else if meta.is_dir() {
-                Kind::Dir
-            } else {
-                Kind::File {
-                    sha256: sha256(&path),
-                }
-            };
-            let rel = path
-                .strip_prefix(root)
-                .expect("below root")
-                .to_string_lossy()
-                .into_owned();
-            out.insert(
-                rel,
-                Entry {
-                    kind: kind.clone(),
-                    mode: meta.permissions().mode() & 0o7777,
-                    uid: meta.uid(),
-                    gid: meta.gid(),
-                    inode: meta.ino(),
-                    mtime: (meta.mtime(), meta.mtime_nsec()),
-                    ctime: (meta.ctime(), meta.ctime_nsec()),
-                },
-            );
-            if kind == Kind::Dir {
-                walk(root, &path, out);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-/// Every directory leading to `paths` (for an install into an empty root).
-fn parents_of<'a>(paths: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
-    let mut dirs = BTreeSet::new();
-    for path in paths {
-        let mut parent = Path::new(path).parent();
-        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
-            dirs.insert(dir.to_string_lossy().into_owned());
-            parent = dir.parent();
-        }
-    }
-    dirs
-}
-
-fn running_as_root() -> bool {
-    fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
-}
-
-fn expected_sums(package_dir: &Path) -> BTreeMap<String, String> {
-    fs::read_to_string(package_dir.join("SHA256SUMS"))
-        .expect("read SHA256SUMS")
-        .lines()
-        .map(|line| {
-            let (sum, path) = line.split_once("  ").expect("sha256sum line");
-            (path.to_owned(), sum.to_owned())
-        })
-        .collect()
-}
+use common::node_image::*;
 
 #[test]
 fn release_tarball_holds_every_artifact_with_checksums_that_verify() {
@@ -476,8 +72,11 @@ fn release_tarball_holds_every_artifact_with_checksums_that_verify() {
         "bin/vnet-cni",
         "bin/vnet-agent",
         "bin/vnetctl",
+        "cni/loopback",
+        "cni/portmap",
         "etc/agent.toml",
-        "etc/10-vnet-cni.conflist",
+        "etc/agent.env",
+        "etc/00-vnet-cni.conflist",
         "systemd/vnet-agent.service",
         "sysctl/90-vnet-cni.conf",
         "libexec/publish-conflist",
@@ -519,7 +118,7 @@ fn release_tarball_holds_every_artifact_with_checksums_that_verify() {
 
     // The conflist template: vnet-cni, then portmap for hostPorts.
     let conflist: serde_json::Value = serde_json::from_str(
-        &fs::read_to_string(pkg.dir.join("etc/10-vnet-cni.conflist")).unwrap(),
+        &fs::read_to_string(pkg.dir.join("etc/00-vnet-cni.conflist")).unwrap(),
     )
     .expect("conflist is JSON");
     assert_eq!(conflist["cniVersion"], "1.0.0");
@@ -582,7 +181,7 @@ fn install_into_an_empty_root_puts_every_file_in_place_with_its_mode_and_checksu
         "the CNI config directory exists"
     );
     assert!(
-        !tree.contains_key("etc/cni/net.d/10-vnet-cni.conflist"),
+        !tree.contains_key("etc/cni/net.d/00-vnet-cni.conflist"),
         "the conflist is published by the agent when ready, not by the installer"
     );
 
@@ -630,6 +229,93 @@ fn installing_twice_changes_nothing_and_keeps_the_operators_config() {
     fs::write(&config, edited).unwrap();
     install_ok(&pkg.dir, &root, &[]);
     assert_eq!(fs::read_to_string(&config).unwrap(), edited);
+}
+
+#[test]
+fn the_nodes_own_loopback_and_portmap_are_kept_and_survive_uninstall() {
+    let pkg = package();
+    let tmp = TempDir::new("own-plugins");
+    let root = tmp.path().join("root");
+    let bin = root.join("opt/cni/bin");
+    fs::create_dir_all(&bin).unwrap();
+    let own = "#!/bin/sh\necho the node's own portmap\n";
+    fs::write(bin.join("portmap"), own).unwrap();
+    fs::set_permissions(bin.join("portmap"), fs::Permissions::from_mode(0o755)).unwrap();
+
+    let output = install_ok(&pkg.dir, &root, &[]);
+    assert!(
+        output.contains("kept the node's own /opt/cni/bin/portmap"),
+        "{output}"
+    );
+    assert_eq!(fs::read_to_string(bin.join("portmap")).unwrap(), own);
+    // loopback was missing: installed from the package.
+    assert_eq!(
+        sha256(&bin.join("loopback")),
+        expected_sums(&pkg.dir)["cni/loopback"]
+    );
+    let manifest = fs::read_to_string(root.join(MANIFEST)).unwrap();
+    assert!(manifest.contains(" /opt/cni/bin/loopback\n"), "{manifest}");
+    assert!(!manifest.contains("/opt/cni/bin/portmap"), "{manifest}");
+
+    // Uninstall removes only what it installed.
+    uninstall_ok(&pkg.dir, &root, &[]);
+    assert_eq!(fs::read_to_string(bin.join("portmap")).unwrap(), own);
+    assert!(!bin.join("loopback").exists());
+}
+
+#[test]
+fn upgrading_from_the_10_conflist_name_moves_the_template_to_00() {
+    let pkg = package();
+    let tmp = TempDir::new("legacy-name");
+    for edited in [false, true] {
+        let root = tmp.path().join(format!("root-{edited}"));
+        install_ok(&pkg.dir, &root, &[]);
+        // Make the root look like an earlier release's: the template under the old name.
+        let conf = root.join("etc/vnet-cni");
+        fs::rename(
+            conf.join("00-vnet-cni.conflist"),
+            conf.join("10-vnet-cni.conflist"),
+        )
+        .unwrap();
+        let manifest_path = root.join(MANIFEST);
+        let manifest = fs::read_to_string(&manifest_path).unwrap();
+        fs::write(
+            &manifest_path,
+            manifest.replace(
+                "/etc/vnet-cni/00-vnet-cni.conflist",
+                "/etc/vnet-cni/10-vnet-cni.conflist",
+            ),
+        )
+        .unwrap();
+        let operators = "{\"name\": \"vnet-cni\", \"edited\": true}\n";
+        if edited {
+            fs::write(conf.join("10-vnet-cni.conflist"), operators).unwrap();
+        }
+
+        install_ok(&pkg.dir, &root, &[]);
+        assert!(
+            !conf.join("10-vnet-cni.conflist").exists(),
+            "edited={edited}"
+        );
+        let new = fs::read_to_string(conf.join("00-vnet-cni.conflist")).unwrap();
+        if edited {
+            assert_eq!(new, operators, "the operator's edits move to the new name");
+        } else {
+            assert_eq!(
+                new,
+                fs::read_to_string(pkg.dir.join("etc/00-vnet-cni.conflist")).unwrap()
+            );
+        }
+        let manifest = fs::read_to_string(&manifest_path).unwrap();
+        assert!(!manifest.contains("10-vnet-cni"), "{manifest}");
+        // A re-run changes nothing more.
+        let before = snapshot(&root);
+        install_ok(&pkg.dir, &root, &[]);
+        assert_eq!(snapshot(&root), before);
+        // An edited template is kept by uninstall, an unedited one goes.
+        uninstall_ok(&pkg.dir, &root, &[]);
+        assert_eq!(conf.join("00-vnet-cni.conflist").exists(), edited);
+    }
 }
 
 #[test]
@@ -704,8 +390,8 @@ fn uninstall_leaves_only_the_state_and_purge_removes_it() {
     fs::write(state.join("allocations.json"), "{\"allocations\":[]}\n").unwrap();
     fs::write(state.join("spool/release-1.json"), "{}\n").unwrap();
     fs::copy(
-        root.join("etc/vnet-cni/10-vnet-cni.conflist"),
-        root.join("etc/cni/net.d/10-vnet-cni.conflist"),
+        root.join("etc/vnet-cni/00-vnet-cni.conflist"),
+        root.join("etc/cni/net.d/00-vnet-cni.conflist"),
     )
     .unwrap();
 
@@ -780,30 +466,6 @@ fn uninstall_keeps_an_edited_config_until_purged() {
         "purge leaves nothing: {:?}",
         snapshot(&root).keys()
     );
-}
-
-/// A "new release": the plugin binary changed, SHA256SUMS and VERSION regenerated.
-fn next_release(into: &Path) -> PathBuf {
-    let next = copy_of_package(into);
-    let mut plugin = fs::OpenOptions::new()
-        .append(true)
-        .open(next.join("bin/vnet-cni"))
-        .unwrap();
-    plugin.write_all(b"\nnext release\n").unwrap();
-    drop(plugin);
-    fs::write(next.join("VERSION"), "vnet-cni 9.9.9-gnext\n").unwrap();
-    run_ok(
-        "sh",
-        &[
-            "-c",
-            &format!(
-                "cd '{}' && find . -type f ! -name SHA256SUMS | sed 's|^\\./||' | LC_ALL=C sort | xargs sha256sum > SHA256SUMS",
-                next.display()
-            ),
-        ],
-        &[],
-    );
-    next
 }
 
 #[test]
@@ -888,673 +550,4 @@ fn install_with_no_enable_leaves_the_unit_disabled() {
         !root.join(WANTS_LINK).exists() && fs::symlink_metadata(root.join(WANTS_LINK)).is_err()
     );
     assert!(root.join(UNIT_PATH.trim_start_matches('/')).is_file());
-}
-
-/// `Key=Value` lines of a unit file (later lines win, as for systemd's single-value settings).
-fn unit_settings(text: &str) -> BTreeMap<String, Vec<String>> {
-    let mut settings: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for line in text.lines().map(str::trim) {
-        if line.starts_with('#') || line.starts_with('[') || line.is_empty() {
-            continue;
-        }
-        if let Some((key, value)) = line.split_once('=') {
-            settings
-                .entry(key.to_owned())
-                .or_default()
-                .push(value.to_owned());
-        }
-    }
-    settings
-}
-
-#[test]
-fn the_unit_is_hardened_and_passes_systemd_analyze_verify() {
-    let pkg = package();
-    let unit_text = fs::read_to_string(pkg.dir.join("systemd/vnet-agent.service")).unwrap();
-    let settings = unit_settings(&unit_text);
-    let one = |key: &str| -> String {
-        settings
-            .get(key)
-            .and_then(|v| v.last())
-            .unwrap_or_else(|| panic!("the unit sets {key}"))
-            .clone()
-    };
-    let words =
-        |key: &str| -> BTreeSet<String> { one(key).split_whitespace().map(String::from).collect() };
-
-    // What a reviewer of the unit checks.
-    assert_eq!(one("Type"), "exec", "the agent has no sd_notify");
-    assert_eq!(one("Restart"), "on-failure");
-    assert_eq!(
-        one("ExecStart"),
-        "/usr/local/bin/vnet-agent --config /etc/vnet-cni/agent.toml"
-    );
-    for runtime in ["containerd.service", "crio.service", "kubelet.service"] {
-        assert!(words("Before").contains(runtime), "starts before {runtime}");
-    }
-    assert!(words("After").contains("network-online.target"));
-    assert!(words("Wants").contains("network-online.target"));
-    assert_eq!(one("NoNewPrivileges"), "yes");
-    assert_eq!(
-        one("CapabilityBoundingSet"),
-        "CAP_NET_ADMIN",
-        "only CAP_NET_ADMIN"
-    );
-    assert_eq!(one("AmbientCapabilities"), "CAP_NET_ADMIN");
-    assert_eq!(one("ProtectSystem"), "strict");
-    assert_eq!(
-        words("ReadWritePaths"),
-        ["/var/lib/vnet-cni", "/run/vnet-cni", "-/etc/cni/net.d"]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        "writable: state, socket and CNI config directories only"
-    );
-    for (key, value) in [
-        ("ProtectHome", "yes"),
-        ("PrivateTmp", "yes"),
-        ("PrivateDevices", "yes"),
-        ("ProtectKernelTunables", "yes"),
-        ("ProtectKernelModules", "yes"),
-        ("ProtectControlGroups", "yes"),
-        ("RestrictSUIDSGID", "yes"),
-        ("StateDirectory", "vnet-cni"),
-        ("RuntimeDirectory", "vnet-cni"),
-        ("WantedBy", "multi-user.target"),
-    ] {
-        assert_eq!(one(key), value, "{key}");
-    }
-    assert_eq!(
-        words("RestrictAddressFamilies"),
-        ["AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"]
-            .into_iter()
-            .map(String::from)
-            .collect()
-    );
-    // Forwarding comes from the shipped sysctl drop-in, applied with full privileges.
-    assert_eq!(
-        one("ExecStartPre"),
-        "+/usr/lib/systemd/systemd-sysctl /etc/sysctl.d/90-vnet-cni.conf"
-    );
-    let sysctl = fs::read_to_string(pkg.dir.join("sysctl/90-vnet-cni.conf")).unwrap();
-    assert!(
-        sysctl
-            .lines()
-            .any(|l| l.trim() == "net.ipv4.ip_forward = 1"),
-        "{sysctl}"
-    );
-
-    if !have("systemd-analyze") {
-        eprintln!(
-            "node_image: SKIPPED only the `systemd-analyze verify` check: systemd-analyze is not \
-             installed here (Debian package `systemd`)"
-        );
-        return;
-    }
-    // verify checks that every Exec binary exists, so the unit is checked as installed into a
-    // temporary root, with its /usr/local paths pointing there.
-    let tmp = TempDir::new("verify");
-    let root = tmp.path().join("root");
-    install_ok(&pkg.dir, &root, &[]);
-    let installed = fs::read_to_string(root.join(UNIT_PATH.trim_start_matches('/'))).unwrap();
-    let relocated = installed
-        .lines()
-        .map(|line| {
-            if line.starts_with("Exec") {
-                line.replace("/usr/local/", &format!("{}/usr/local/", root.display()))
-            } else {
-                line.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let unit_dir = tmp.path().join("units");
-    fs::create_dir_all(&unit_dir).unwrap();
-    let unit_file = unit_dir.join("vnet-agent.service");
-    fs::write(&unit_file, relocated + "\n").unwrap();
-    let out = run(
-        "systemd-analyze",
-        &["verify", "--man=no", unit_file.to_str().unwrap()],
-        &[("SYSTEMD_LOG_COLOR", "0")],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !stderr.contains("vnet-agent.service:"),
-        "systemd-analyze verify failed ({}):\n{stderr}",
-        out.status
-    );
-    // The exposure score, for the record (reported, not asserted).
-    let security = run(
-        "systemd-analyze",
-        &[
-            "security",
-            "--offline=yes",
-            "--no-pager",
-            unit_file.to_str().unwrap(),
-        ],
-        &[],
-    );
-    if let Some(score) = String::from_utf8_lossy(&security.stdout)
-        .lines()
-        .find(|l| l.contains("Overall exposure level"))
-    {
-        eprintln!("node_image: systemd-analyze security: {}", score.trim());
-    }
-}
-
-/// `vnet-agent --config FILE --print-config`, without `VNET_AGENT_*` overrides from the caller.
-fn agent_effective_config(agent: &Path, config: &Path) -> String {
-    let mut command = Command::new("timeout");
-    command
-        .arg(COMMAND_TIMEOUT_SECS.to_string())
-        .arg(agent)
-        .arg("--config")
-        .arg(config)
-        .arg("--print-config");
-    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("VNET_AGENT_")) {
-        command.env_remove(key);
-    }
-    let out = command.output().expect("run vnet-agent");
-    assert!(
-        out.status.success(),
-        "vnet-agent rejects {}: {}",
-        config.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-#[test]
-fn the_shipped_agent_config_is_valid_and_states_the_agents_defaults() {
-    let agent = vnet_lab::lab::default_bin_dir().join("vnet-agent");
-    assert!(
-        agent.is_file(),
-        "vnet-agent not built at {}: run `cargo build --workspace --bins` first",
-        agent.display()
-    );
-    let template = node_image_dir().join("agent.toml");
-    let check = run(
-        agent.to_str().unwrap(),
-        &["--config", template.to_str().unwrap(), "--check-config"],
-        &[],
-    );
-    assert!(
-        check.status.success(),
-        "vnet-agent --check-config rejects the shipped agent.toml: {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    // The template says its values are the defaults: the agent must agree.
-    assert_eq!(
-        agent_effective_config(&agent, &template),
-        agent_effective_config(&agent, Path::new("/dev/null")),
-        "deploy/node-image/agent.toml differs from the agent's defaults"
-    );
-}
-
-#[test]
-fn the_scripts_are_valid_shell() {
-    let dir = node_image_dir();
-    for (shell, script) in [
-        ("sh", "install.sh"),
-        ("sh", "publish-conflist"),
-        ("bash", "release.sh"),
-    ] {
-        run_ok(shell, &["-n", dir.join(script).to_str().unwrap()], &[]);
-    }
-    if have("shellcheck") {
-        for script in ["install.sh", "publish-conflist", "release.sh"] {
-            run_ok("shellcheck", &[dir.join(script).to_str().unwrap()], &[]);
-        }
-    } else {
-        eprintln!("node_image: shellcheck is not installed; only `sh -n` syntax checks ran");
-    }
-    let help = run_ok(
-        "sh",
-        &[package().dir.join("install.sh").to_str().unwrap(), "--help"],
-        &[],
-    );
-    assert!(
-        help.contains("uninstall") && help.contains("--destdir"),
-        "{help}"
-    );
-    let bad = install_sh(&package().dir, &["--frobnicate"]);
-    assert!(!bad.status.success(), "an unknown option is an error");
-}
-
-/// A one-shot HTTP server on a Unix socket answering `GET /v1/health` with `ready`.
-fn serve_health(listener: UnixListener, ready: bool) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut request = [0u8; 1024];
-            let n = stream.read(&mut request).unwrap_or(0);
-            if n == 0 {
-                // The test's wake-up connection: stop serving.
-                return;
-            }
-            let body = format!("{{\"ready\":{ready},\"version\":\"test\"}}");
-            let status = if ready {
-                "200 OK"
-            } else {
-                "503 Service Unavailable"
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    })
-}
-
-#[test]
-fn the_conflist_is_published_only_once_the_agent_is_ready() {
-    let pkg = package();
-    let tmp = TempDir::new("publish");
-    let socket = tmp.path().join("agent.sock");
-    let agent_config = tmp.path().join("agent.toml");
-    fs::write(
-        &agent_config,
-        format!("socket_path = \"{}\"\n", socket.display()),
-    )
-    .unwrap();
-    let net_d = tmp.path().join("net.d");
-    fs::create_dir_all(&net_d).unwrap();
-    let template = pkg.dir.join("etc/10-vnet-cni.conflist");
-    let publish = pkg.dir.join("libexec/publish-conflist");
-    let state_dir = tmp.path().join("state");
-    fs::create_dir_all(&state_dir).unwrap();
-    let envs = [
-        ("VNET_STATE_DIR", state_dir.to_str().unwrap()),
-        ("VNET_CONFLIST_TEMPLATE", template.to_str().unwrap()),
-        ("VNET_CNI_CONF_DIR", net_d.to_str().unwrap()),
-        ("VNET_AGENT_CONFIG", agent_config.to_str().unwrap()),
-        ("VNET_PUBLISH_TIMEOUT", "2"),
-    ];
-    let published = net_d.join("10-vnet-cni.conflist");
-
-    // No agent: nothing is published, and the unit's start fails (so systemd retries).
-    let out = run("sh", &[publish.to_str().unwrap()], &envs);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not ready"));
-    assert!(!published.exists());
-
-    let with_curl = have("curl");
-    if with_curl {
-        // An agent that is up but not ready yet: still nothing.
-        let listener = UnixListener::bind(&socket).unwrap();
-        let server = serve_health(listener, false);
-        let out = run("sh", &[publish.to_str().unwrap()], &envs);
-        assert!(
-            !out.status.success(),
-            "published before the agent was ready"
-        );
-        assert!(!published.exists());
-        let _ = std::os::unix::net::UnixStream::connect(&socket);
-        server.join().unwrap();
-        fs::remove_file(&socket).unwrap();
-    } else {
-        eprintln!(
-            "node_image: curl is not installed; publish-conflist falls back to the socket's existence"
-        );
-    }
-
-    // A ready agent: the conflist appears, identical to the template, and no temp file stays.
-    let listener = UnixListener::bind(&socket).unwrap();
-    let server = serve_health(listener, true);
-    run_ok("sh", &[publish.to_str().unwrap()], &envs);
-    assert_eq!(fs::read(&published).unwrap(), fs::read(&template).unwrap());
-    assert_eq!(mode(&published), 0o644);
-    let names: Vec<_> = fs::read_dir(&net_d)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names, ["10-vnet-cni.conflist"]);
-
-    // A new release's template replaces what this script published before.
-    let new_template = tmp.path().join("10-vnet-cni.conflist");
-    let new_text = fs::read_to_string(&template).unwrap().replace(
-        "\"type\": \"vnet-cni\"",
-        "\"type\": \"vnet-cni\",\n      \"logLevel\": \"info\"",
-    );
-    fs::write(&new_template, &new_text).unwrap();
-    let mut new_envs = envs;
-    new_envs[1] = ("VNET_CONFLIST_TEMPLATE", new_template.to_str().unwrap());
-    run_ok("sh", &[publish.to_str().unwrap()], &new_envs);
-    assert_eq!(fs::read_to_string(&published).unwrap(), new_text);
-
-    // A conflist the agent (or an operator) wrote is theirs: left alone.
-    let agents = "{\"cniVersion\":\"1.0.0\",\"name\":\"vnet-cni\",\"plugins\":[{\"type\":\"vnet-cni\",\"mtu\":1400}]}\n";
-    fs::write(&published, agents).unwrap();
-    let output = run_ok("sh", &[publish.to_str().unwrap()], &envs);
-    assert!(output.contains("leaving it"), "{output}");
-    assert_eq!(fs::read_to_string(&published).unwrap(), agents);
-    let _ = std::os::unix::net::UnixStream::connect(&socket);
-    server.join().unwrap();
-}
-
-// --- In-place upgrade in the lab ------------------------------------------------------------------
-
-/// SIGTERM: how systemd stops the agent on `systemctl restart`.
-const SIGTERM: i32 = 15;
-
-/// Probes `to` from `from_ns`, once more after a miss, so one delayed SYN on a loaded machine is
-/// not taken for a pod that stopped answering.
-fn answers(from_ns: &str, to: std::net::Ipv4Addr) -> Result<(), String> {
-    let first = vnet_lab::probe::probe(from_ns, to);
-    if first.ok() {
-        return Ok(());
-    }
-    let second = vnet_lab::probe::probe(from_ns, to);
-    if second.ok() {
-        Ok(())
-    } else {
-        Err(format!("{to}: {:?} then {:?}", first.error, second.error))
-    }
-}
-
-/// The node-image upgrade on one lab node: the lab runs the binaries that install.sh put into a
-/// node root; a new release is installed over them and node-1's agent is restarted, as
-/// `install.sh` does with `systemctl restart` on a real node, while pods on node-1 are probed
-/// continuously from node-2. (The lab's nodes share one binary directory, so the new plugin
-/// serves node-2 too; only node-1's agent is restarted.)
-#[test]
-fn lab_upgrade_in_place_keeps_pods_answering_and_loses_no_allocation() {
-    use vnet_lab::lab::{Lab, LabConfig, LabGuard, PoolConfig, default_bin_dir, is_root};
-    use vnet_lab::probe::Responder;
-
-    assert!(
-        is_root(),
-        "needs root: the lab builds network namespaces (run `cargo test` as root)"
-    );
-    let target_bins = default_bin_dir();
-    for bin in ["vnet-mockcloud", "vnet-agent", "vnet-cni"] {
-        assert!(
-            target_bins.join(bin).is_file(),
-            "{bin} not built in {}: run `cargo build --workspace --bins` before this test",
-            target_bins.display()
-        );
-    }
-    let pkg = package();
-    let real = fs::read_to_string(pkg.dir.join("VERSION")).unwrap();
-    assert!(
-        !real.contains("not-elf"),
-        "the package holds stand-ins, not the real binaries:\n{real}"
-    );
-
-    // The node root, release 1, and a lab whose binaries are the ones installed there.
-    let tmp = TempDir::new("lab-upgrade");
-    let root = tmp.path().join("root");
-    install_ok(&pkg.dir, &root, &["--no-enable"]);
-    let lab_bin = tmp.path().join("lab-bin");
-    fs::create_dir_all(&lab_bin).unwrap();
-    for (name, installed) in [
-        ("vnet-agent", root.join("usr/local/bin/vnet-agent")),
-        ("vnet-cni", root.join("opt/cni/bin/vnet-cni")),
-        ("vnet-mockcloud", target_bins.join("vnet-mockcloud")),
-    ] {
-        std::os::unix::fs::symlink(&installed, lab_bin.join(name)).unwrap();
-    }
-    let mut cfg = LabConfig::new(&format!("ni-upgrade-{}", std::process::id()));
-    cfg.nodes = 2;
-    cfg.bin_dir = lab_bin;
-    cfg.pool = PoolConfig {
-        warm: 4,
-        batch: 4,
-        ..PoolConfig::default()
-    };
-    assert!(
-        cfg.cnitool.is_file(),
-        "cnitool not found at {} (tests/tools/build-cnitool.sh, or set VNET_CNITOOL)",
-        cfg.cnitool.display()
-    );
-    let lab: LabGuard = LabGuard::new(Lab::up(&cfg).unwrap_or_else(|e| panic!("lab up: {e}")));
-
-    let client = lab.add_pod("node-2", "client").expect("client pod");
-    let servers: Vec<_> = (0..3)
-        .map(|i| {
-            lab.add_pod("node-1", &format!("web{i}"))
-                .expect("pod on node-1")
-        })
-        .collect();
-    let _responders: Vec<Responder> = servers
-        .iter()
-        .map(|s| Responder::start(&s.ns).expect("responder"))
-        .collect();
-    for s in &servers {
-        answers(&client.ns, s.ip).unwrap_or_else(|e| panic!("{} before the upgrade: {e}", s.name));
-    }
-    let allocations = |lab: &Lab| -> BTreeSet<(String, std::net::Ipv4Addr)> {
-        lab.agent_allocations("node-1")
-            .expect("node-1 allocations")
-            .allocations
-            .into_iter()
-            .map(|a| (a.host_veth, a.ip))
-            .collect()
-    };
-    let before = allocations(&lab);
-    assert_eq!(
-        before.len(),
-        servers.len(),
-        "one allocation per pod: {before:?}"
-    );
-    let old_agent = lab.agent_pid("node-1").expect("node-1 agent");
-
-    // Probe node-1's pods from node-2 the whole time the upgrade runs.
-    let next = next_release_of_agent_and_plugin(tmp.path());
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (rounds, misses) = std::thread::scope(|scope| {
-        let prober = scope.spawn(|| {
-            let mut rounds = 0u32;
-            let mut misses = Vec::new();
-            while !stop.load(Ordering::SeqCst) || rounds == 0 {
-                for s in &servers {
-                    if let Err(e) = answers(&client.ns, s.ip) {
-                        misses.push(format!("{}: {e}", s.name));
-                    }
-                }
-                rounds += 1;
-            }
-            (rounds, misses)
-        });
-        // The upgrade: new binaries renamed into place, then the agent restarted.
-        let output = install_ok(&next, &root, &["--no-enable"]);
-        assert!(
-            output.contains("installed /usr/local/bin/vnet-agent"),
-            "{output}"
-        );
-        assert!(
-            output.contains("installed /opt/cni/bin/vnet-cni"),
-            "{output}"
-        );
-        lab.signal_agent("node-1", SIGTERM)
-            .expect("stop the old agent");
-        lab.start_agent("node-1").expect("start the new agent");
-        lab.wait_agent_ready("node-1", Duration::from_secs(120))
-            .expect("the new agent gets ready");
-        stop.store(true, Ordering::SeqCst);
-        prober.join().expect("prober")
-    });
-    eprintln!("node_image: {rounds} probe rounds over the upgrade");
-    assert!(
-        misses.is_empty(),
-        "pods stopped answering during the upgrade: {misses:?}"
-    );
-
-    // The new agent runs the new release's binary, and holds every allocation it had.
-    let new_agent = lab.agent_pid("node-1").expect("node-1 agent");
-    assert_ne!(new_agent, old_agent, "the agent was restarted");
-    assert_eq!(
-        sha256(&PathBuf::from(format!("/proc/{new_agent}/exe"))),
-        expected_sums(&next)["bin/vnet-agent"],
-        "node-1 runs the new agent"
-    );
-    assert_eq!(allocations(&lab), before, "allocations after the upgrade");
-
-    // The upgraded node still serves new pods (through the new plugin), and nothing is doubled.
-    let fresh = lab
-        .add_pod("node-1", "fresh")
-        .expect("ADD after the upgrade");
-    assert!(
-        !before.iter().any(|(_, ip)| *ip == fresh.ip),
-        "{} reused",
-        fresh.ip
-    );
-    let _fresh_responder = Responder::start(&fresh.ns).expect("responder");
-    for s in servers.iter().chain(std::iter::once(&fresh)) {
-        answers(&client.ns, s.ip).unwrap_or_else(|e| panic!("{} after the upgrade: {e}", s.name));
-    }
-    common::assert_ip_accounting(&lab);
-    for pod in lab.state().pods {
-        lab.del_pod(&pod.node, &pod.name).expect("delete pod");
-    }
-    common::assert_ip_accounting(&lab);
-    common::assert_no_leftover_links(&lab);
-}
-
-/// The unit's privilege claims, without systemd: in a private network and mount namespace
-/// (anonymous, gone with its processes), forwarding is switched on first (the unit's
-/// `ExecStartPre=+systemd-sysctl`), `/proc/sys` is made read-only (`ProtectKernelTunables=yes`),
-/// so is `/` except the agent's directories (`ProtectSystem=strict`, `ReadWritePaths=`), and the
-/// packaged agent runs with CAP_NET_ADMIN as its only capability and no new privileges
-/// (`CapabilityBoundingSet=CAP_NET_ADMIN`, `NoNewPrivileges=yes`) against vnet-mockcloud on
-/// the namespace's loopback. It must get ready and install its nftables table.
-#[test]
-fn the_agent_gets_ready_with_only_cap_net_admin_and_a_read_only_system() {
-    use vnet_lab::lab::{default_bin_dir, is_root};
-
-    assert!(
-        is_root(),
-        "needs root: the test makes a private network namespace"
-    );
-    for tool in ["unshare", "setpriv", "nft", "curl"] {
-        assert!(have(tool), "{tool} is needed for this test");
-    }
-    let mock = default_bin_dir().join("vnet-mockcloud");
-    assert!(
-        mock.is_file(),
-        "vnet-mockcloud not built at {}: run `cargo build --workspace --bins` first",
-        mock.display()
-    );
-    let pkg = package();
-    let agent = pkg.dir.join("bin/vnet-agent");
-    let version = fs::read_to_string(pkg.dir.join("VERSION")).unwrap();
-    assert!(
-        !version.contains("vnet-agent not-elf"),
-        "the package holds a stand-in agent, not the real one:\n{version}"
-    );
-
-    let tmp = TempDir::new("caps");
-    let dir = tmp.path();
-    fs::write(
-        dir.join("topology.json"),
-        r#"{"subscription":"sub","resource_group":"rg","location":"westeurope",
-            "vnet":{"name":"vnet","address_space":["10.240.0.0/16"]},
-            "subnets":[{"name":"nodes","prefix":"10.240.0.0/16"}],
-            "vms":[{"name":"node-1","subnet":"nodes","primary_ip":"10.240.0.4"}]}"#,
-    )
-    .unwrap();
-    fs::write(
-        dir.join("agent.toml"),
-        format!(
-            r#"socket_path = "{dir}/run/agent.sock"
-state_dir = "{dir}/state"
-metrics_address = "127.0.0.1:19464"
-[cloud]
-provider = "mock"
-arm_endpoint = "http://127.0.0.1:18080"
-imds_endpoint = "http://127.0.0.1:18080/vms/node-1"
-credential = "none"
-[pool]
-warm = 2
-batch = 2
-"#,
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    // Children are stopped on every exit path of the script; the namespaces die with them.
-    let script = r#"
-set -eu
-dir=$1 mock=$2 agent=$3
-pids=
-trap 'for p in $pids; do kill $p 2>/dev/null || true; done; wait' EXIT
-ip link set lo up
-echo 1 > /proc/sys/net/ipv4/ip_forward
-mount --make-rprivate /
-mount --bind -o ro /proc/sys /proc/sys
-# ProtectSystem=strict + ReadWritePaths: everything read-only but the test's directory (state,
-# socket). Every other mount (/dev, /proc, /tmp if separate) is left as it is.
-mount --bind "$dir" "$dir"
-mount -o remount,bind,ro /
-if touch /vnet-node-image-probe 2>/dev/null; then rm -f /vnet-node-image-probe; echo "/ is writable"; exit 1; fi
-"$mock" --listen 127.0.0.1:18080 --topology "$dir/topology.json" >"$dir/mock.log" 2>&1 &
-pids="$pids $!"
-setpriv --bounding-set=-all,+net_admin --inh-caps=-all --no-new-privs     "$agent" --config "$dir/agent.toml" >"$dir/agent.log" 2>&1 &
-agent_pid=$!
-pids="$pids $agent_pid"
-tries=0
-until curl -fsS --max-time 2 --unix-socket "$dir/run/agent.sock" http://agent/v1/health 2>/dev/null | grep -q '"ready":true'; do
-    kill -0 "$agent_pid" 2>/dev/null || { echo "agent exited"; exit 1; }
-    tries=$((tries + 1))
-    [ "$tries" -lt 120 ] || { echo "agent not ready"; exit 1; }
-    sleep 0.5
-done
-echo "ready"
-grep CapEff /proc/"$agent_pid"/status
-nft list table ip vnet-cni >/dev/null && echo "nft table present"
-"#;
-    let out = run(
-        "unshare",
-        &[
-            "--net",
-            "--mount",
-            "sh",
-            "-c",
-            script,
-            "sh",
-            dir.to_str().unwrap(),
-            mock.to_str().unwrap(),
-            agent.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let log = fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-    assert!(
-        out.status.success() && stdout.contains("ready\n"),
-        "the agent did not get ready with CAP_NET_ADMIN only ({}):\n{stdout}{}\nagent log:\n{log}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // CAP_NET_ADMIN is bit 12: the agent held nothing else.
-    assert!(stdout.contains("CapEff:\t0000000000001000"), "{stdout}");
-    assert!(
-        stdout.contains("nft table present"),
-        "{stdout}\nagent log:\n{log}"
-    );
-}
-
-/// A new release whose agent and plugin binaries differ from the installed ones (a byte appended
-/// after the ELF image changes the file, not what runs).
-fn next_release_of_agent_and_plugin(into: &Path) -> PathBuf {
-    let next = next_release(into);
-    let mut agent = fs::OpenOptions::new()
-        .append(true)
-        .open(next.join("bin/vnet-agent"))
-        .unwrap();
-    agent.write_all(b"\nnext release\n").unwrap();
-    drop(agent);
-    run_ok(
-        "sh",
-        &[
-            "-c",
-            &format!(
-                "cd '{}' && find . -type f ! -name SHA256SUMS | sed 's|^\\./||' | LC_ALL=C sort | xargs sha256sum > SHA256SUMS",
-                next.display()
-            ),
-        ],
-        &[],
-    );
-    next
 }

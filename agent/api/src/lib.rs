@@ -135,9 +135,24 @@ pub struct ReleaseResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GcRequest {
-    /// Every attachment still in use on this network; the agent releases all others.
+    /// Every attachment still in use on this network; the agent releases the others of this
+    /// network (see `network`).
     pub valid_attachments: Vec<AttachmentKey>,
+    /// The CNI network being collected (the config's `name`). The agent releases only
+    /// allocations recorded with this network. `None` (a plugin from before networks were
+    /// recorded): only allocations recorded without a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Only allocations made before this time (seconds since the Unix epoch) may be released:
+    /// a younger one may be an ADD the runtime's list could not include yet. `None`: now minus
+    /// [`GC_MIN_AGE_SECS`]. Later than now counts as now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_before: Option<u64>,
 }
+
+/// GC leaves alone attachments younger than this: the runtime lists its attachments, then calls
+/// GC, and an ADD that finished in between is not on the list but is not stale either.
+pub const GC_MIN_AGE_SECS: u64 = 60;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcResponse {
@@ -152,6 +167,11 @@ pub struct Allocation {
     pub key: AttachmentKey,
     #[serde(default)]
     pub pod: PodRef,
+    /// The CNI network the attachment was added on (its ADD's `network`). `None` for allocations
+    /// recorded before the agent kept it, and for ADDs that named no network: GC of a named
+    /// network never releases those (they may be another network's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// The host veth's deterministic name ([`host_veth_name`]).
     pub host_veth: String,
     /// Seconds since the Unix epoch.
@@ -296,6 +316,7 @@ mod tests {
                 name: Some("web-0".into()),
                 uid: None,
             },
+            network: Some("vnet".into()),
             host_veth: host_veth_name(DEFAULT_HOST_VETH_PREFIX, &key()),
             allocated_at: 1_700_000_000,
         }
@@ -327,7 +348,12 @@ mod tests {
         assert!(!old.dying_veth_deleted);
         round_trip(GcRequest {
             valid_attachments: vec![key()],
+            network: Some("vnet".into()),
+            allocated_before: Some(7),
         });
+        // A plugin from before networks sends neither.
+        let old: GcRequest = serde_json::from_str(r#"{"valid_attachments":[]}"#).unwrap();
+        assert_eq!((old.network, old.allocated_before), (None, None));
         round_trip(GcResponse {
             released: vec![allocation()],
         });

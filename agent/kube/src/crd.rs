@@ -21,6 +21,9 @@ pub mod condition {
     /// The API server refused (RBAC 403) or failed a call the agent needs; the node is still
     /// served, but pod-aware garbage collection or demand may be stale.
     pub const KUBE_ACCESS_DEGRADED: &str = "KubeAccessDegraded";
+    /// Another CNI config in the runtime's config directory sorts before vnet-cni's, so the
+    /// runtime gives new pods that network instead; the message names the file.
+    pub const CONFLIST_SHADOWED: &str = "ConflistShadowed";
 }
 
 /// Per-node overrides of the agent's `[pool]` settings. Unset fields keep the agent's config.

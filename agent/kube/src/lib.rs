@@ -37,7 +37,10 @@ use async_trait::async_trait;
 use kube::config::{InClusterError, KubeConfigOptions, Kubeconfig, KubeconfigError};
 use vnet_api::{Allocation, AttachmentKey, StatusResponse};
 
-pub use conflist::{ConflistOptions, conflist, remove_conflist, write_conflist};
+pub use conflist::{
+    ConflistOptions, conflist, effective_conflist, remove_conflist, shadowing_conflist,
+    write_conflist,
+};
 pub use crd::{NodeIPPool, NodeIPPoolSpec, NodeIPPoolStatus, PoolCondition};
 pub use sync::run;
 
@@ -64,6 +67,12 @@ pub trait NodeAgent: Send + Sync {
     /// The per-node overrides from the NodeIPPool spec (all `None` when the spec is empty or the
     /// resource is gone). Called on start and whenever the spec changes.
     fn apply_pool_overrides(&self, _overrides: &NodeIPPoolSpec) {}
+    /// The CNI config directory the agent publishes its conflist in, checked for another config
+    /// that the runtime would load instead (the `ConflistShadowed` condition). By default the
+    /// directory of this process's last [`write_conflist`]; `None` skips the check.
+    fn cni_conf_dir(&self) -> Option<PathBuf> {
+        conflist::published_dir()
+    }
 }
 
 /// Timing of [`run`]. Defaults suit a real cluster.

@@ -190,6 +190,7 @@ pub async fn run<F>(
         exists: false,
         last_written: None,
         applied_overrides: None,
+        shadowed_by: None,
     };
     let mut gc = PodGc::default();
     let mut pending_pods = 0;
@@ -268,6 +269,8 @@ struct StatusPublisher {
     exists: bool,
     last_written: Option<(NodeIPPoolStatus, Instant)>,
     applied_overrides: Option<NodeIPPoolSpec>,
+    /// The CNI config the runtime loads instead of ours, as last checked.
+    shadowed_by: Option<String>,
 }
 
 impl StatusPublisher {
@@ -292,11 +295,13 @@ impl StatusPublisher {
             }
         }
 
+        self.check_conflist().await;
         let previous = self.last_written.as_ref().map(|(status, _)| status);
         let status = build_status(
             &self.agent.status(),
             pending_pods,
             self.health.summary(),
+            self.shadowed_by.as_deref(),
             previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]),
         );
         let due = match &self.last_written {
@@ -336,6 +341,40 @@ impl StatusPublisher {
                 self.last_written = None;
             }
             Err(error) => self.health.report(Area::PoolStatus, &error),
+        }
+    }
+
+    /// Looks for a CNI config that sorts before ours (another CNI installed later, a leftover):
+    /// the runtime would give new pods that network. Logged when it starts and when it ends.
+    async fn check_conflist(&mut self) {
+        let Some(dir) = self.agent.cni_conf_dir() else {
+            return;
+        };
+        let checked = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || crate::conflist::shadowing_conflist(&dir)).await
+        };
+        let shadowed_by = match checked {
+            Ok(Ok(found)) => found.map(|name| dir.join(name).display().to_string()),
+            Ok(Err(error)) => {
+                warn!(dir = %dir.display(), %error, "cannot read the CNI config directory");
+                return;
+            }
+            Err(_) => return,
+        };
+        if shadowed_by != self.shadowed_by {
+            match &shadowed_by {
+                Some(path) => warn!(
+                    config = %path,
+                    "{}",
+                    shadowed_message(path)
+                ),
+                None => info!(
+                    "vnet-cni's conflist is again the first in {}",
+                    dir.display()
+                ),
+            }
+            self.shadowed_by = shadowed_by;
         }
     }
 
@@ -391,11 +430,20 @@ async fn with_timeout<T>(
         })
 }
 
+fn shadowed_message(path: &str) -> String {
+    format!(
+        "{path} sorts before {}: the container runtime gives new pods that network, not vnet-cni's; \
+         remove it (or the CNI that wrote it)",
+        crate::conflist::CONFLIST_FILE_NAME
+    )
+}
+
 /// The status from the agent's view; condition times carry over while a condition keeps its value.
 fn build_status(
     agent: &StatusResponse,
     pending_pods: u32,
     kube_problems: Option<String>,
+    shadowed_by: Option<&str>,
     previous: &[PoolCondition],
 ) -> NodeIPPoolStatus {
     let ready_message = agent.reason.clone().unwrap_or_default();
@@ -442,6 +490,16 @@ fn build_status(
                 "APIServerHealthy"
             },
             kube_problems.unwrap_or_default(),
+        ),
+        (
+            condition::CONFLIST_SHADOWED,
+            shadowed_by.is_some(),
+            if shadowed_by.is_some() {
+                "AnotherConfigSortsFirst"
+            } else {
+                "VnetCniConfigFirst"
+            },
+            shadowed_by.map(shadowed_message).unwrap_or_default(),
         ),
     ]
     .into_iter()
@@ -509,7 +567,7 @@ impl PodGc {
                 let meta = &pod.metadata;
                 Some((
                     (meta.namespace.as_deref()?, meta.name.as_deref()?),
-                    meta.uid.as_deref(),
+                    runtime_uid(pod),
                 ))
             })
             .collect();
@@ -585,6 +643,22 @@ impl PodGc {
     }
 }
 
+/// On a mirror pod: the UID of the static pod it mirrors (kubelet sets it to the static pod's
+/// config hash, which is that pod's UID).
+pub(crate) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// The UID the runtime passes as `K8S_POD_UID`. For a static pod that is the kubelet's own UID,
+/// which its mirror pod in the API server carries in the mirror annotation, not in metadata.uid.
+fn runtime_uid(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MIRROR_ANNOTATION))
+        .map(String::as_str)
+        .filter(|uid| !uid.is_empty())
+        .or(pod.metadata.uid.as_deref())
+}
+
 /// A pod that will ask this node for an address: on the pod network, not started, not going away.
 fn needs_address(pod: &Pod) -> bool {
     let host_network = pod
@@ -637,7 +711,7 @@ mod tests {
     #[test]
     fn status_mirrors_the_pool_and_sets_conditions() {
         let mut agent = agent_status();
-        let status = build_status(&agent, 4, None, &[]);
+        let status = build_status(&agent, 4, None, None, &[]);
         assert_eq!((status.total, status.free, status.cooldown), (16, 11, 2));
         assert_eq!(status.pending_pods, 4);
         assert!(condition(&status, "Ready").is_true());
@@ -648,7 +722,13 @@ mod tests {
         agent.can_allocate = false;
         agent.reason = Some("subnet full".into());
         agent.last_cloud_error = Some("SubnetIsFull".into());
-        let degraded = build_status(&agent, 0, Some("RBAC forbidden".into()), &status.conditions);
+        let degraded = build_status(
+            &agent,
+            0,
+            Some("RBAC forbidden".into()),
+            Some("/etc/cni/net.d/00-multus.conf"),
+            &status.conditions,
+        );
         assert!(!condition(&degraded, "Ready").is_true());
         assert_eq!(condition(&degraded, "Ready").message, "subnet full");
         assert!(condition(&degraded, "SubnetFull").is_true());
@@ -657,18 +737,28 @@ mod tests {
             "SubnetIsFull"
         );
         assert!(condition(&degraded, "KubeAccessDegraded").is_true());
+        assert!(!condition(&status, "ConflistShadowed").is_true());
+        let shadowed = condition(&degraded, "ConflistShadowed");
+        assert!(shadowed.is_true());
+        assert!(
+            shadowed
+                .message
+                .starts_with("/etc/cni/net.d/00-multus.conf sorts before 00-vnet-cni.conflist"),
+            "{}",
+            shadowed.message
+        );
         assert_eq!(degraded.last_cloud_error.as_deref(), Some("SubnetIsFull"));
     }
 
     #[test]
     fn unchanged_conditions_keep_their_transition_time() {
-        let mut previous = build_status(&agent_status(), 0, None, &[]).conditions;
+        let mut previous = build_status(&agent_status(), 0, None, None, &[]).conditions;
         for c in &mut previous {
             c.last_transition_time = "2020-01-01T00:00:00Z".into();
         }
         let mut agent = agent_status();
         agent.subnet_full = true;
-        let status = build_status(&agent, 0, None, &previous);
+        let status = build_status(&agent, 0, None, None, &previous);
         assert_eq!(
             condition(&status, "Ready").last_transition_time,
             "2020-01-01T00:00:00Z"
@@ -694,6 +784,26 @@ mod tests {
         assert!(!needs_address(&pod(false, "Running", Some("10.0.0.5"))));
         assert!(!needs_address(&pod(false, "Pending", Some("10.0.0.5"))));
         assert!(!needs_address(&pod(false, "Succeeded", None)));
+    }
+
+    #[test]
+    fn a_mirror_pod_stands_for_the_static_pods_uid() {
+        let pod = |annotations: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "etcd-node-1", "namespace": "kube-system",
+                             "uid": "api-uid", "annotations": annotations},
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            runtime_uid(&pod(serde_json::json!({MIRROR_ANNOTATION: "static-uid"}))),
+            Some("static-uid")
+        );
+        assert_eq!(runtime_uid(&pod(serde_json::json!({}))), Some("api-uid"));
+        assert_eq!(
+            runtime_uid(&pod(serde_json::json!({MIRROR_ANNOTATION: ""}))),
+            Some("api-uid")
+        );
     }
 
     #[test]

@@ -1,149 +1,17 @@
 //! CI checks of deploy/: every Kubernetes manifest deserializes into its k8s-openapi type without
 //! losing a field (a misspelled or misplaced key fails), the checked-in CRD is what the Rust types
-//! generate, the agent configs use only keys the agent knows, and the Terraform files parse and
-//! are tidy.
+//! generate, the agent configs use only keys the agent knows, and the kind pieces work offline.
+//! The Terraform: tests/terraform.rs; the rendered install: tests/render.rs.
+
+mod support;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Service;
 use serde_json::Value;
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
-}
-
-fn files_under(dir: &Path, extensions: &[&str]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            if path.is_dir() {
-                if !name.starts_with('.') {
-                    pending.push(path);
-                }
-            } else if extensions.iter().any(|ext| name.ends_with(ext)) {
-                found.push(path);
-            }
-        }
-    }
-    found.sort();
-    found
-}
-
-/// Kubernetes manifests: deploy/crds, deploy/manifests, deploy/kind (but its kind cluster config)
-/// and deploy/*.yaml. deploy/node-image (cloud-init for image builders) and deploy/terraform are
-/// not Kubernetes objects.
-fn manifest_files() -> Vec<PathBuf> {
-    let deploy = deploy_dir();
-    let top_level = std::fs::read_dir(&deploy)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"));
-    let mut files: Vec<PathBuf> = ["crds", "manifests", "kind"]
-        .into_iter()
-        .flat_map(|dir| files_under(&deploy.join(dir), &[".yaml", ".yml"]))
-        .chain(top_level)
-        .filter(|p| p.file_name().unwrap() != "kind-config.yaml")
-        .collect();
-    files.sort();
-    files
-}
-
-fn documents(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| {
-            let yaml = serde_yaml::Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
-            serde_json::to_value(yaml).unwrap()
-        })
-        .filter(|doc| !doc.is_null())
-        .collect()
-}
-
-/// The first place where `a` and `b` differ, as a JSON path.
-fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            keys.into_iter().find_map(|k| match (x.get(k), y.get(k)) {
-                (Some(xv), Some(yv)) => first_difference(xv, yv, &format!("{path}.{k}")),
-                (Some(_), None) => {
-                    Some(format!("{path}.{k} (dropped: unknown or misplaced field)"))
-                }
-                (None, Some(_)) => Some(format!("{path}.{k} (added)")),
-                (None, None) => None,
-            })
-        }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
-            .iter()
-            .zip(y)
-            .enumerate()
-            .find_map(|(i, (xv, yv))| first_difference(xv, yv, &format!("{path}[{i}]"))),
-        (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => None,
-        _ if a == b => None,
-        _ => Some(format!("{path}: {a} != {b}")),
-    }
-}
-
-/// Deserializes into `T` and back: a field k8s-openapi does not know is dropped and reported.
-fn typed<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<T, String> {
-    let value: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
-    let back = serde_json::to_value(&value).unwrap();
-    match first_difference(doc, &back, "") {
-        None => Ok(value),
-        Some(difference) => Err(difference),
-    }
-}
-
-fn check_document(doc: &Value) -> Result<(), String> {
-    let api_version = doc["apiVersion"].as_str().unwrap_or_default();
-    let kind = doc["kind"].as_str().unwrap_or_default();
-    match (api_version, kind) {
-        ("apps/v1", "DaemonSet") => typed::<DaemonSet>(doc).map(drop),
-        ("apps/v1", "Deployment") => typed::<Deployment>(doc).map(drop),
-        ("v1", "ConfigMap") => typed::<ConfigMap>(doc).map(drop),
-        ("v1", "Service") => typed::<Service>(doc).map(drop),
-        ("v1", "ServiceAccount") => typed::<ServiceAccount>(doc).map(drop),
-        ("rbac.authorization.k8s.io/v1", "ClusterRole") => typed::<ClusterRole>(doc).map(drop),
-        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-            typed::<ClusterRoleBinding>(doc).map(drop)
-        }
-        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
-            typed::<CustomResourceDefinition>(doc).map(drop)
-        }
-        _ => Err(format!("no check for {api_version} {kind}: add one")),
-    }
-}
-
-fn all_documents() -> Vec<(PathBuf, Value)> {
-    manifest_files()
-        .into_iter()
-        .flat_map(|path| {
-            documents(&path)
-                .into_iter()
-                .map(move |doc| (path.clone(), doc))
-        })
-        .collect()
-}
-
-fn find(kind: &str, name: &str) -> Value {
-    all_documents()
-        .into_iter()
-        .map(|(_, doc)| doc)
-        .find(|doc| doc["kind"] == kind && doc["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/"))
-}
+use support::manifests::*;
 
 #[test]
 fn every_manifest_is_a_valid_kubernetes_object() {
@@ -167,10 +35,10 @@ fn every_manifest_is_a_valid_kubernetes_object() {
         "invalid manifests:\n{}",
         failures.join("\n")
     );
+    // The agent's ConfigMap is generated by deploy/kustomization.yaml (checked rendered below).
     for kind in [
         "CustomResourceDefinition",
         "DaemonSet",
-        "ConfigMap",
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
@@ -261,60 +129,52 @@ fn agent_runs_with_least_privilege_and_api_independent_probes() {
         .into_iter()
         .find(|c| c.name == "install-cni")
         .unwrap();
-    let script = install.command.unwrap().join(" ");
+    // The image's installer (atomic copy; loopback and portmap only when absent) into the
+    // host's plugin directory, mounted where the command says.
+    assert_eq!(
+        install.command.as_deref(),
+        Some(
+            &[
+                "/opt/vnet-cni/install-cni".to_string(),
+                "/host/opt/cni/bin".to_string()
+            ][..]
+        )
+    );
     assert!(
-        script.contains(".tmp") && script.contains("mv -f"),
-        "install-cni must copy to a temp file and rename: {script}"
+        install
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == "/host/opt/cni/bin" && m.read_only != Some(true))
     );
 }
 
-#[test]
-fn cluster_role_grants_exactly_what_the_agent_uses() {
-    let role: ClusterRole = typed(&find("ClusterRole", "vnet-cni-agent")).unwrap();
-    let granted: BTreeSet<String> = role
-        .rules
-        .unwrap()
+// The ClusterRole is checked against the calls the agent really makes in
+// tests/integration.rs (`cluster_role_grants_exactly_what_the_scenarios_call`).
+
+/// The agent configs in deploy/: the AKS one and kind's (each becomes the vnet-cni-config
+/// ConfigMap through kustomize).
+fn agent_configs() -> Vec<(PathBuf, toml::Table)> {
+    ["manifests/agent.toml", "kind/agent.toml"]
         .into_iter()
-        .flat_map(|rule| {
-            let groups = rule.api_groups.unwrap_or_default();
-            let resources = rule.resources.unwrap_or_default();
-            let verbs = rule.verbs;
-            groups.into_iter().flat_map(move |g| {
-                let verbs = verbs.clone();
-                resources.clone().into_iter().flat_map(move |r| {
-                    let g = g.clone();
-                    verbs
-                        .clone()
-                        .into_iter()
-                        .map(move |v| format!("{g}/{r}:{v}"))
-                })
-            })
+        .map(|file| {
+            let path = deploy_dir().join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let config = text
+                .parse()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            (path, config)
         })
-        .collect();
-    let expected: BTreeSet<String> = [
-        "/pods:get",
-        "/pods:list",
-        "/pods:watch",
-        "/nodes:get",
-        "/nodes:list",
-        "/nodes:watch",
-        "vnet-cni.io/nodeippools:get",
-        "vnet-cni.io/nodeippools:list",
-        "vnet-cni.io/nodeippools:watch",
-        "vnet-cni.io/nodeippools:create",
-        "vnet-cni.io/nodeippools:patch",
-        "vnet-cni.io/nodeippools:update",
-        "vnet-cni.io/nodeippools/status:get",
-        "vnet-cni.io/nodeippools/status:patch",
-        "vnet-cni.io/nodeippools/status:update",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
-    assert_eq!(granted, expected);
+        .collect()
+}
+
+fn kind_agent_config() -> toml::Table {
+    agent_configs().pop().unwrap().1
 }
 
 /// The agent rejects unknown keys: a ConfigMap with a typo would crash-loop on every node.
+/// `cloud.pod_subnet_id` is not among them: a NIC's addresses must all be in one subnet on Azure,
+/// so no example may suggest a pod subnet.
 #[test]
 fn agent_configs_use_only_keys_the_agent_knows() {
     let top: BTreeSet<&str> = [
@@ -341,7 +201,6 @@ fn agent_configs_use_only_keys_the_agent_knows() {
         "client_id",
         "tenant_id",
         "client_secret_file",
-        "pod_subnet_id",
     ]
     .into();
     let pool: BTreeSet<&str> = [
@@ -353,16 +212,14 @@ fn agent_configs_use_only_keys_the_agent_knows() {
         "allocate_timeout_secs",
     ]
     .into();
-    let mut seen = 0;
-    for (path, doc) in all_documents() {
-        let Some(text) = doc["data"]["agent.toml"].as_str() else {
-            continue;
-        };
-        seen += 1;
-        let config: toml::Table = text
-            .parse()
-            .unwrap_or_else(|e| panic!("{}: agent.toml: {e}", path.display()));
-        for (key, value) in &config {
+    let configs = agent_configs();
+    assert_eq!(
+        configs.len(),
+        2,
+        "expected the AKS and the kind agent configs"
+    );
+    for (path, config) in &configs {
+        for (key, value) in config {
             assert!(
                 top.contains(key.as_str()),
                 "{}: unknown key {key}",
@@ -376,7 +233,7 @@ fn agent_configs_use_only_keys_the_agent_knows() {
             for sub in value.as_table().unwrap().keys() {
                 assert!(
                     allowed.contains(sub.as_str()),
-                    "{}: unknown key {key}.{sub}",
+                    "{}: unknown or removed key {key}.{sub}",
                     path.display()
                 );
             }
@@ -390,8 +247,13 @@ fn agent_configs_use_only_keys_the_agent_knows() {
             "{}: metrics_address must stay on port 9464 (the DaemonSet's probes)",
             path.display()
         );
+        assert_eq!(
+            config["cni_conf_dir"].as_str(),
+            Some("/etc/cni/net.d"),
+            "{}: the DaemonSet mounts the host's /etc/cni/net.d there",
+            path.display()
+        );
     }
-    assert_eq!(seen, 2, "expected the AKS and the kind agent configs");
 }
 
 #[test]
@@ -416,12 +278,7 @@ fn kind_setup_is_consistent() {
         spec.cluster_ip.unwrap(),
         spec.ports.unwrap()[0].port
     );
-    let kind_config = documents(&deploy_dir().join("kind/agent-config.yaml"));
-    let agent: toml::Table = kind_config[0]["data"]["agent.toml"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let agent = kind_agent_config();
     assert_eq!(
         agent["cloud"]["arm_endpoint"].as_str(),
         Some(endpoint.as_str())
@@ -433,153 +290,12 @@ fn kind_setup_is_consistent() {
     assert_eq!(agent["cloud"]["provider"].as_str(), Some("mock"));
 }
 
-fn terraform_files() -> Vec<PathBuf> {
-    files_under(&deploy_dir().join("terraform"), &[".tf"])
-}
-
-#[test]
-fn terraform_files_parse_and_are_tidy() {
-    let files = terraform_files();
-    assert!(!files.is_empty(), "no .tf files in deploy/terraform");
-    for path in &files {
-        let text = std::fs::read_to_string(path).unwrap();
-        if let Err(e) = hcl::parse(&text) {
-            panic!("{}: not valid HCL: {e}", path.display());
-        }
-        for (number, line) in text.lines().enumerate() {
-            assert!(
-                !line.contains('\t'),
-                "{}:{}: tab (terraform fmt uses two spaces)",
-                path.display(),
-                number + 1
-            );
-            assert_eq!(
-                line.trim_end(),
-                line,
-                "{}:{}: trailing whitespace",
-                path.display(),
-                number + 1
-            );
-        }
-        assert!(
-            text.ends_with('\n') && !text.ends_with("\n\n"),
-            "{}: must end with one newline",
-            path.display()
-        );
-    }
-}
-
-/// `terraform fmt -check` when terraform is installed; hcl-rs cannot check terraform's layout
-/// (alignment of `=`), so without terraform only the tidiness test above runs.
-#[test]
-fn terraform_files_are_formatted_when_terraform_is_installed() {
-    let Ok(mut child) = Command::new("terraform")
-        .args(["fmt", "-check", "-diff", "-recursive"])
-        .arg(deploy_dir().join("terraform"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        eprintln!(
-            "terraform is not installed: `terraform fmt -check` skipped (parse and tidiness still checked)"
-        );
-        return;
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("terraform fmt did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        status.success(),
-        "terraform fmt -check failed; run `terraform fmt -recursive deploy/terraform`:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// Every `"Microsoft.…/…"` string literal in a Terraform file.
-fn azure_actions_in(text: &str) -> BTreeSet<String> {
-    text.split('"')
-        .skip(1)
-        .step_by(2)
-        .filter(|s| s.starts_with("Microsoft.") && s.contains('/') && !s.contains(' '))
-        .map(String::from)
-        .collect()
-}
-
-/// The agent's Azure role grants exactly the actions docs/cloud.md lists, no more, no fewer.
-#[test]
-fn terraform_grants_the_agent_exactly_the_actions_docs_cloud_md_lists() {
-    let cloud_md = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/cloud.md");
-    let doc =
-        std::fs::read_to_string(&cloud_md).expect("docs/cloud.md lists the agent's permissions");
-    // The rows of its permission table: "| `Microsoft.X/y` | why | scope |".
-    let documented: BTreeSet<String> = doc
-        .lines()
-        .filter_map(|line| line.strip_prefix("| `"))
-        .filter_map(|rest| rest.split_once('`'))
-        .map(|(action, _)| action.to_string())
-        .filter(|action| action.starts_with("Microsoft."))
-        .collect();
-    assert!(
-        documented.len() >= 5,
-        "no permission table found in docs/cloud.md"
-    );
-    let main_tf = std::fs::read_to_string(deploy_dir().join("terraform/main.tf")).unwrap();
-    assert_eq!(
-        azure_actions_in(&main_tf),
-        documented,
-        "deploy/terraform/main.tf and docs/cloud.md disagree on the agent's permissions"
-    );
-}
-
-/// Runs `program` with `args`, stdin and env, killing it after 30 s.
-fn run_with_timeout(
-    program: &str,
-    args: &[&str],
-    stdin: &str,
-    env: &[(&str, String)],
-) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(program)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{program} {args:?} did not finish within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 #[test]
 fn kind_topology_lists_every_node_as_a_vm_in_the_node_subnet() {
     let script = deploy_dir().join("kind/topology.sh");
     let output = run_with_timeout(
         "bash",
-        &[script.to_str().unwrap(), "172.18.0.0/16", "10.250.0.0/16"],
+        &[script.to_str().unwrap(), "172.18.0.0/16"],
         "vnet-cni-control-plane 172.18.0.3\nvnet-cni-worker 172.18.0.2\nvnet-cni-worker2 172.18.0.4\n",
         &[],
     );
@@ -589,14 +305,14 @@ fn kind_topology_lists_every_node_as_a_vm_in_the_node_subnet() {
         String::from_utf8_lossy(&output.stderr)
     );
     let topology: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // One subnet: pods take their addresses from the nodes' subnet, as on Azure.
     assert_eq!(
         topology["vnet"]["address_space"],
-        serde_json::json!(["172.18.0.0/16", "10.250.0.0/16"])
+        serde_json::json!(["172.18.0.0/16"])
     );
     assert_eq!(
         topology["subnets"],
-        serde_json::json!([{"name": "nodes", "prefix": "172.18.0.0/16"},
-                           {"name": "pods", "prefix": "10.250.0.0/16"}])
+        serde_json::json!([{"name": "nodes", "prefix": "172.18.0.0/16"}])
     );
     let vms = topology["vms"].as_array().unwrap();
     assert_eq!(vms.len(), 3);
@@ -604,19 +320,50 @@ fn kind_topology_lists_every_node_as_a_vm_in_the_node_subnet() {
         vms[2],
         serde_json::json!({"name": "vnet-cni-worker2", "subnet": "nodes", "primary_ip": "172.18.0.4"})
     );
-    // The agent's pod_subnet_id names that "pods" subnet.
-    let kind_config = documents(&deploy_dir().join("kind/agent-config.yaml"));
-    let agent: toml::Table = kind_config[0]["data"]["agent.toml"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        agent["cloud"]["pod_subnet_id"]
-            .as_str()
-            .unwrap()
-            .ends_with("/virtualNetworks/vnet/subnets/pods")
+    // The old two-subnet call is refused, not silently half-used.
+    let old = run_with_timeout(
+        "bash",
+        &[script.to_str().unwrap(), "172.18.0.0/16", "10.250.0.0/16"],
+        "",
+        &[],
     );
+    assert!(!old.status.success());
+    assert!(kind_agent_config()["cloud"].get("pod_subnet_id").is_none());
+}
+
+/// kube-proxy's cluster CIDR is where pods get addresses: up.sh writes the kind network's subnet
+/// (the node subnet, known only at run time) into kind's podSubnet.
+#[test]
+fn kind_config_gets_the_node_subnet_as_pod_subnet() {
+    let script = deploy_dir().join("kind/up.sh");
+    let output = run_with_timeout(
+        "bash",
+        &[
+            script.to_str().unwrap(),
+            "--print-kind-config",
+            "172.19.0.0/16",
+        ],
+        "",
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let config: Value =
+        serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(&text).unwrap()).unwrap();
+    assert_eq!(config["networking"]["podSubnet"], "172.19.0.0/16");
+    assert_eq!(config["networking"]["disableDefaultCNI"], true);
+    assert_eq!(config["networking"]["serviceSubnet"], "10.96.0.0/16");
+    let bad = run_with_timeout(
+        "bash",
+        &[script.to_str().unwrap(), "--print-kind-config", "nonsense"],
+        "",
+        &[],
+    );
+    assert!(!bad.status.success());
 }
 
 /// The kind fabric's shell loop, run for two rounds against fake `wget`/`ip`/`sleep`: it routes
@@ -710,7 +457,18 @@ fn pod_templates_reference_only_what_exists() {
             .map(|(_, d)| d["metadata"]["name"].as_str().unwrap().to_string())
             .collect()
     };
-    let config_maps = names_of("ConfigMap");
+    // ConfigMaps of deploy/kustomization.yaml's configMapGenerator count as defined.
+    let mut config_maps = names_of("ConfigMap");
+    let kustomization: Value = serde_json::to_value(
+        serde_yaml::from_str::<serde_yaml::Value>(
+            &std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for generated in kustomization["configMapGenerator"].as_array().unwrap() {
+        config_maps.insert(generated["name"].as_str().unwrap().to_string());
+    }
     let accounts = names_of("ServiceAccount");
     let mut templates = 0;
     for (path, doc) in &docs {

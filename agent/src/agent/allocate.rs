@@ -16,8 +16,14 @@ impl Agent {
         if let Some(at) = st.memory.nic_limit_at {
             cap = cap.min(at);
         }
-        // Addresses being released free NIC slots once the cloud confirms: worth waiting for.
-        if c.total + c.releasing + st.pending >= cap && c.cooldown == 0 && c.releasing == 0 {
+        // Exhausted only when nothing on its way can serve the allocation: addresses in the
+        // in-flight cloud write (pending), cooling down, or being released (they free NIC
+        // slots once the cloud confirms) are all worth waiting for.
+        if c.total + c.releasing + st.pending >= cap
+            && st.pending == 0
+            && c.cooldown == 0
+            && c.releasing == 0
+        {
             return Some(format!(
                 "all {cap} addresses this node may hold are allocated (pool.max = {}, NIC limit {})",
                 st.pool.max,

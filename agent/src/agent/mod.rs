@@ -57,6 +57,8 @@ const FIRST_RECONCILE_REPEAT: Duration = Duration::from_secs(30);
 const POOL_TICK: Duration = Duration::from_secs(1);
 /// Retry delay for a veth deletion that failed.
 const REAP_RETRY: Duration = Duration::from_secs(5);
+/// How often a failed store is re-opened from disk (the pool task tries).
+const STORE_RECOVER_INTERVAL: Duration = Duration::from_secs(5);
 /// Upper bound of the back-off between attempts to finish a failed release.
 const MAX_RELEASE_BACKOFF_SECS: u64 = 300;
 
@@ -216,6 +218,13 @@ impl Agent {
     ) -> Arc<Agent> {
         let (reaper_tx, reaper_rx) = mpsc::unbounded_channel();
         let pool = settings.pool;
+        metrics
+            .node_info
+            .get_or_create(&crate::metrics::NodeLabels {
+                kind: identity.kind.as_str(),
+                scale_set: identity.scale_set.clone(),
+            })
+            .set(1);
         Arc::new(Agent {
             settings,
             identity,
@@ -337,6 +346,42 @@ impl Agent {
         m.pool_target.set(target as i64);
         m.subnet_full.set(status.subnet_full as i64);
         status
+    }
+
+    /// Whether a store write failed and the store has not been recovered yet.
+    pub(super) fn store_failed(&self) -> bool {
+        self.state.lock().unwrap().store_error.is_some()
+    }
+
+    /// After a failed store write: re-opens the store from disk (once writes succeed again) and
+    /// rebuilds the in-memory state from it, so whatever the failed writes described and memory
+    /// already held is forgotten exactly as a restart would forget it. The cloud is read again
+    /// at once (addresses whose records failed are adopted), and dying veths go to the reaper
+    /// again. `true` when the agent allocates again.
+    pub async fn recover_store(&self) -> bool {
+        let state = match self.store.recover().wait().await {
+            Ok(state) => state,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?STORE_RECOVER_INTERVAL, "the store cannot be re-opened yet");
+                return false;
+            }
+        };
+        let dying = {
+            let mut st = self.state.lock().unwrap();
+            st.ipam = Ipam::from_state(state);
+            st.store_error = None;
+            st.next_reconcile = Some(Instant::now());
+            // Under the lock: every record queued from here on is computed against the new state.
+            self.store.resume();
+            st.ipam.dying()
+        };
+        for (ip, veth) in dying {
+            let _ = self.reaper_tx.send(ReapJob::background(Some(ip), veth));
+        }
+        info!("store re-opened from disk after a failed write; the agent allocates again");
+        self.changed.notify_waiters();
+        self.kick.notify_one();
+        true
     }
 
     /// Waits until everything queued in the store is durable.

@@ -66,9 +66,25 @@ impl Agent {
 
     /// The pool task: sizes the pool and reconciles periodically until `shutdown` turns true.
     pub async fn run_pool(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut last_recovery: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            // With a failed store nothing is sized or reconciled (its records could not be
+            // kept): the store is re-opened first.
+            if self.store_failed() {
+                let due = last_recovery.is_none_or(|t| t.elapsed() >= STORE_RECOVER_INTERVAL);
+                if !due || {
+                    last_recovery = Some(Instant::now());
+                    !self.recover_store().await
+                } {
+                    tokio::select! {
+                        _ = tokio::time::sleep(POOL_TICK) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
             }
             self.pool_step().await;
             let due = self

@@ -19,6 +19,8 @@ struct FlakyCloud {
     /// The next reads fail.
     list_failures: AtomicUsize,
     list_calls: AtomicUsize,
+    /// When set, every assignment waits for a permit (an ARM write in flight).
+    assign_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 #[async_trait]
@@ -45,6 +47,9 @@ impl CloudProvider for FlakyCloud {
         subnet_id: &str,
         count: usize,
     ) -> Result<Vec<SecondaryIp>, CloudError> {
+        if let Some(gate) = &self.assign_gate {
+            gate.acquire().await.unwrap().forget();
+        }
         self.fake.assign_ips(nic_id, subnet_id, count).await
     }
 
@@ -323,6 +328,136 @@ async fn shutting_down_fails_waiting_allocations_at_once() {
         "{err:?}"
     );
     assert_eq!(agent.state.lock().unwrap().waiters, 0);
+}
+
+/// A scale-set instance reimaged under running pods: its ipConfigurations are gone. The pod's
+/// address is kept (unreconciled, in the status), never handed to another pod, and counted as
+/// lost; when the cloud gives the same address back it stays the old pod's.
+#[tokio::test]
+async fn addresses_a_reimage_takes_off_the_nic_are_reported_and_never_handed_out_twice() {
+    let cloud = Arc::new(FlakyCloud::default());
+    let store = Arc::new(MemoryStore::new());
+    let agent = agent_with(cloud.clone(), store.clone());
+    let pool = pool_with_releasing(&agent, &cloud, 2, 0).await;
+    assert!(pool.is_empty());
+    let held = agent.allocate(request("a")).await.unwrap().allocation.ip;
+    let spare = *cloud
+        .fake
+        .secondary_ips()
+        .iter()
+        .find(|ip| **ip != held)
+        .unwrap();
+    assert_eq!(agent.status().pool.free, 1);
+
+    // The reimage: every secondary address leaves the NIC at once.
+    cloud.fake.remove_external(held);
+    cloud.fake.remove_external(spare);
+    agent.reconcile_with_cloud().await.unwrap();
+    let status = agent.status();
+    assert_eq!(status.unreconciled, vec![held]);
+    assert_eq!(status.pool.free, 0);
+    let metrics = agent.metrics.encode();
+    assert!(
+        metrics.contains("vnet_agent_addresses_lost_total{state=\"allocated\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vnet_agent_addresses_lost_total{state=\"free\"} 1"));
+    assert!(metrics.contains("vnet_agent_node_info{kind=\"vm\",scale_set=\"\"} 1"));
+
+    // The cloud hands the pod's old address back: recovered for the pod that holds it.
+    cloud.fake.add_external(held);
+    cloud.fake.add_external(spare);
+    agent.reconcile_with_cloud().await.unwrap();
+    assert!(agent.status().unreconciled.is_empty());
+    assert_eq!(agent.status().pool.free, 1);
+    let b = agent.allocate(request("b")).await.unwrap().allocation.ip;
+    assert_ne!(b, held);
+    agent.state.lock().unwrap().ipam.check();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_the_max_allocations_wait_for_pending_addresses() {
+    // Regression: with max = 4, warm = 2, batch = 2, after two ADDs (total 2, allocated 2,
+    // pending 2) the next ADDs were refused at once as "exhausted".
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let cloud = Arc::new(FlakyCloud {
+        assign_gate: Some(gate.clone()),
+        ..Default::default()
+    });
+    let mut settings = settings(&cloud.fake);
+    settings.pool.warm = 2;
+    settings.pool.batch = 2;
+    settings.pool.max = 4;
+    let agent = agent_with_settings(cloud.clone(), Arc::new(MemoryStore::new()), settings);
+    // The warm pool, already there (put on the NIC past the gate).
+    pool_with_releasing(&agent, &cloud, 2, 0).await;
+    let (stop, shutdown) = watch::channel(false);
+    let pool_task = tokio::spawn(agent.clone().run_pool(shutdown));
+    agent.allocate(request("a")).await.unwrap();
+    agent.allocate(request("b")).await.unwrap();
+    // The pool asks for two more; that write is in flight.
+    for _ in 0..1_000 {
+        if agent.status().pool.pending == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pool = agent.status().pool;
+    assert_eq!((pool.total, pool.allocated, pool.pending), (2, 2, 2));
+    let waiting: Vec<_> = ["c", "d", "e"]
+        .into_iter()
+        .map(|id| {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.allocate(request(id)).await })
+        })
+        .collect();
+    for _ in 0..1_000 {
+        if agent.state.lock().unwrap().waiters == 3 {
+            break;
+        }
+        if waiting.iter().any(|t| t.is_finished()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        waiting.iter().all(|t| !t.is_finished()),
+        "an ADD was answered while two addresses were on their way"
+    );
+    // The write lands: two ADDs get the new addresses; the third is now truly exhausted.
+    gate.add_permits(1);
+    let mut served = 0;
+    let mut exhausted = 0;
+    for t in waiting {
+        match t.await.unwrap() {
+            Ok(_) => served += 1,
+            Err(AgentError::Exhausted(_)) => exhausted += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((served, exhausted), (2, 1));
+    let _ = stop.send(true);
+    pool_task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_store_write_is_recovered_in_process() {
+    let cloud = Arc::new(FlakyCloud::default());
+    let store = Arc::new(MemoryStore::new());
+    let agent = agent_with(cloud.clone(), store.clone());
+    pool_with_releasing(&agent, &cloud, 3, 0).await;
+    let kept = agent.allocate(request("a")).await.unwrap().allocation;
+    store.fail_next(1);
+    let err = agent.allocate(request("b")).await.unwrap_err();
+    assert!(matches!(err, AgentError::Internal(_)), "{err:?}");
+    assert!(!agent.is_ready());
+    assert!(agent.recover_store().await);
+    assert!(agent.is_ready(), "allocating again");
+    // Memory is what the store holds: the refused allocation is forgotten, the kept one stays.
+    assert_eq!(agent.allocations(), vec![kept]);
+    let b = agent.allocate(request("b")).await.unwrap().allocation;
+    assert_eq!(store.state().allocations[&b.key].ip, b.ip);
+    agent.state.lock().unwrap().ipam.check();
 }
 
 #[tokio::test]

@@ -27,7 +27,10 @@
 //! One writer thread owns the journal. It takes every batch queued since its last write, appends
 //! them with one `write` and one `fdatasync`, then acknowledges them all (group commit): 50
 //! parallel ADDs cost a handful of fsyncs, not 50 in series. After a failed write the store is
-//! poisoned (the file may end in a partial line) and refuses further writes until a restart.
+//! poisoned (the file may end in a partial line) and refuses further writes until its owner
+//! asks it to recover ([`Store::recover`]): the writer cuts the failed write's bytes, checks
+//! that writing works again, re-reads the files exactly as a restart would and hands that state
+//! back, then stays closed until [`Store::resume`], so nothing queued against the old state lands.
 //!
 //! # Compaction
 //!
@@ -40,10 +43,18 @@
 //!
 //! # Recovery
 //!
-//! A torn last line (a crash mid-append: no final newline, or not valid JSON) was never
-//! acknowledged, so it is dropped and cut off before new appends. Damage anywhere else is
-//! reported as [`StoreError::Corrupt`] and the agent refuses to start rather than guess: guessing
-//! is how two pods end up with one IP. An exclusive `flock` on `<state_dir>/agent.lock` keeps a
+//! A torn last line (a crash mid-append: bytes after the last newline) was never acknowledged,
+//! since every acknowledged record ends with a newline, so it is dropped and cut off before new
+//! appends. Any complete line that does not parse, the last one included, is damage: it is
+//! reported as [`StoreError::Corrupt`] (with how to recover) and the agent refuses to start
+//! rather than guess: guessing is how two pods end up with one IP.
+//!
+//! # Versions
+//!
+//! Both files carry [`VERSION`]. An agent refuses files of a newer version
+//! ([`StoreError::NewerVersion`]); files of an older version are read and rewritten in the
+//! current one (a compaction) before anything is appended. So after an upgrade a rollback to the
+//! older agent stops with an error instead of reading new records with their new fields dropped. An exclusive `flock` on `<state_dir>/agent.lock` keeps a
 //! second agent off the same files.
 
 use std::fs::{File, OpenOptions};
@@ -55,14 +66,18 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use vnet_api::Allocation;
 
-use super::{Cooldown, Record, Store, StoreError, StoreState, Ticket};
+use super::{Cooldown, Record, RecoverTicket, Store, StoreError, StoreState, Ticket};
 
 pub const JOURNAL_FILE: &str = "allocations.journal";
 pub const SNAPSHOT_FILE: &str = "allocations.snapshot.json";
 pub const LOCK_FILE: &str = "agent.lock";
 const JOURNAL_FORMAT: &str = "vnet-agent-journal";
 const SNAPSHOT_FORMAT: &str = "vnet-agent-snapshot";
-const VERSION: u32 = 1;
+/// The format version of both files. Bump it whenever a record type or a field is added (the
+/// `record_forms_are_pinned_to_the_version` test fails until you do): an older agent refuses a
+/// newer version, while a record with a field it does not know would be read with that field
+/// silently dropped. History: 1: first format; 2: `network` on allocations (CNI GC per network).
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, Clone)]
 pub struct JournalOptions {
@@ -104,8 +119,17 @@ struct Batch {
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
+/// What the writer thread is asked to do, in submission order.
+enum Msg {
+    Batch(Batch),
+    /// Re-open from disk after a failure (see [`Store::recover`]).
+    Recover(oneshot::Sender<Result<StoreState, StoreError>>),
+    /// Accept batches again after a recovery.
+    Resume,
+}
+
 pub struct JournalStore {
-    tx: std::sync::Mutex<Option<mpsc::UnboundedSender<Batch>>>,
+    tx: std::sync::Mutex<Option<mpsc::UnboundedSender<Msg>>>,
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -163,12 +187,22 @@ struct Loaded {
     valid_len: u64,
     /// Whether the journal must be rewritten (missing, stale generation, empty).
     rewrite_journal: bool,
+    /// Written in an older format: rewritten in this version's before anything is appended, so
+    /// an older agent refuses the files instead of dropping fields it does not know.
+    upgrade: bool,
 }
 
 fn load(dir: &Path) -> Result<Loaded, StoreError> {
+    load_up_to(dir, VERSION)
+}
+
+/// Loads `dir` as an agent that reads formats up to `readable` would (a lower value stands in for
+/// an older agent in the rollback tests).
+fn load_up_to(dir: &Path, readable: u32) -> Result<Loaded, StoreError> {
     let snap_path = dir.join(SNAPSHOT_FILE);
     let mut state = StoreState::default();
     let mut generation = 0;
+    let mut snapshot_version = None;
     match std::fs::read(&snap_path) {
         Ok(bytes) => {
             let snap: Snapshot =
@@ -184,13 +218,15 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
                     message: format!("unexpected format {:?}", snap.format),
                 });
             }
-            if snap.version > VERSION {
+            if snap.version > readable {
                 return Err(StoreError::NewerVersion {
                     path: snap_path.display().to_string(),
                     version: snap.version,
+                    readable,
                 });
             }
             generation = snap.generation;
+            snapshot_version = Some(snap.version);
             state.pool = snap.pool.into_iter().collect();
             state.allocations = snap
                 .allocations
@@ -217,6 +253,7 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
                 generation,
                 valid_len: 0,
                 rewrite_journal: true,
+                upgrade: snapshot_version.is_some_and(|v| v < VERSION),
             });
         }
         Err(e) => return Err(io_err(&journal_path, e)),
@@ -239,6 +276,7 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
             generation,
             valid_len: 0,
             rewrite_journal: true,
+            upgrade: snapshot_version.is_some_and(|v| v < VERSION),
         });
     };
     let header: Header =
@@ -246,10 +284,11 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
     if header.format != JOURNAL_FORMAT {
         return Err(corrupt(1, format!("unexpected format {:?}", header.format)));
     }
-    if header.version > VERSION {
+    if header.version > readable {
         return Err(StoreError::NewerVersion {
             path: journal_path.display().to_string(),
             version: header.version,
+            readable,
         });
     }
     if header.generation < generation {
@@ -259,6 +298,7 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
             generation,
             valid_len: 0,
             rewrite_journal: true,
+            upgrade: snapshot_version.is_some_and(|v| v < VERSION),
         });
     }
     if header.generation > generation {
@@ -271,15 +311,14 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
         ));
     }
     let mut valid_len = first.len() as u64;
-    let last = lines.len() - 1;
+    // Every acknowledged record ends with a newline, so a complete line that does not parse is
+    // damage, even the last one: only the unterminated tail (cut off above) is a torn append.
     for (i, line) in lines.iter().enumerate().skip(1) {
         match serde_json::from_slice::<Record>(line) {
             Ok(record) => {
                 state.apply(&record);
                 valid_len += line.len() as u64;
             }
-            // A crash can leave garbage only at the very end.
-            Err(_) if i == last => break,
             Err(e) => return Err(corrupt(i + 1, e.to_string())),
         }
     }
@@ -288,7 +327,33 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
         generation,
         valid_len,
         rewrite_journal: false,
+        upgrade: header.version < VERSION || snapshot_version.is_some_and(|v| v < VERSION),
     })
+}
+
+/// Makes the journal ready for appends (fresh when needed, a torn tail cut off) and opens it.
+fn open_journal(dir: &Path, loaded: &Loaded) -> Result<(File, u64), StoreError> {
+    let journal_path = dir.join(JOURNAL_FILE);
+    if loaded.rewrite_journal {
+        write_atomic(dir, JOURNAL_FILE, &header_line(loaded.generation))?;
+    } else {
+        // Cut a torn tail so new records start on a line of their own.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&journal_path)
+            .map_err(|e| io_err(&journal_path, e))?;
+        if f.metadata().map_err(|e| io_err(&journal_path, e))?.len() != loaded.valid_len {
+            f.set_len(loaded.valid_len)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| io_err(&journal_path, e))?;
+        }
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&journal_path)
+        .map_err(|e| io_err(&journal_path, e))?;
+    let len = file.metadata().map_err(|e| io_err(&journal_path, e))?.len();
+    Ok((file, len))
 }
 
 fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>, StoreError> {
@@ -312,27 +377,9 @@ impl JournalStore {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let lock = lock_dir(dir)?;
         let loaded = load(dir)?;
-        let journal_path = dir.join(JOURNAL_FILE);
-        if loaded.rewrite_journal {
-            write_atomic(dir, JOURNAL_FILE, &header_line(loaded.generation))?;
-        } else {
-            // Cut a torn tail so new records start on a line of their own.
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&journal_path)
-                .map_err(|e| io_err(&journal_path, e))?;
-            if f.metadata().map_err(|e| io_err(&journal_path, e))?.len() != loaded.valid_len {
-                f.set_len(loaded.valid_len)
-                    .and_then(|_| f.sync_all())
-                    .map_err(|e| io_err(&journal_path, e))?;
-            }
-        }
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&journal_path)
-            .map_err(|e| io_err(&journal_path, e))?;
-        let len = file.metadata().map_err(|e| io_err(&journal_path, e))?.len();
+        let (file, len) = open_journal(dir, &loaded)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let upgrade = loaded.upgrade;
         let mut writer = Writer {
             dir: dir.to_owned(),
             file,
@@ -341,8 +388,18 @@ impl JournalStore {
             state: loaded.state.clone(),
             options,
             poisoned: None,
+            held: false,
             _lock: lock,
         };
+        if upgrade {
+            // Rewrite both files in this version before the first append: a record in the new
+            // form must never land in a journal whose header an older agent would accept.
+            writer.compact()?;
+            tracing::info!(
+                version = VERSION,
+                "store upgraded to this agent's format; an older agent will refuse it"
+            );
+        }
         let handle = std::thread::Builder::new()
             .name("vnet-journal".into())
             .spawn(move || writer.run(rx))
@@ -382,8 +439,10 @@ impl Store for JournalStore {
         let tx = self.tx.lock().unwrap();
         match tx.as_ref() {
             Some(tx) => {
-                if let Err(e) = tx.send(Batch { records, done }) {
-                    let _ = e.0.done.send(Err(StoreError::Closed));
+                if let Err(e) = tx.send(Msg::Batch(Batch { records, done }))
+                    && let Msg::Batch(b) = e.0
+                {
+                    let _ = b.done.send(Err(StoreError::Closed));
                 }
             }
             None => {
@@ -391,6 +450,29 @@ impl Store for JournalStore {
             }
         }
         Ticket::new(rx)
+    }
+
+    fn recover(&self) -> RecoverTicket {
+        let (done, rx) = oneshot::channel();
+        match self.tx.lock().unwrap().as_ref() {
+            Some(tx) => {
+                if let Err(e) = tx.send(Msg::Recover(done))
+                    && let Msg::Recover(done) = e.0
+                {
+                    let _ = done.send(Err(StoreError::Closed));
+                }
+            }
+            None => {
+                let _ = done.send(Err(StoreError::Closed));
+            }
+        }
+        RecoverTicket(rx)
+    }
+
+    fn resume(&self) {
+        if let Some(tx) = self.tx.lock().unwrap().as_ref() {
+            let _ = tx.send(Msg::Resume);
+        }
     }
 }
 
@@ -403,26 +485,89 @@ struct Writer {
     state: StoreState,
     options: JournalOptions,
     poisoned: Option<String>,
+    /// Recovered, waiting for the owner to adopt the recovered state ([`Msg::Resume`]): batches
+    /// queued before then were made against the state before the recovery and are refused.
+    held: bool,
     _lock: nix::fcntl::Flock<File>,
 }
 
+/// Free space a recovery must find before it reports success (one write of this size is made,
+/// synced and removed): re-opening on a disk that is still full would fail again at once.
+const RECOVER_PROBE_BYTES: usize = 64 * 1024;
+
 impl Writer {
-    fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Batch>) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut batches = vec![first];
-            while let Ok(more) = rx.try_recv() {
-                batches.push(more);
+    fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let mut next = rx.blocking_recv();
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Recover(done) => {
+                    let _ = done.send(self.recover());
+                }
+                Msg::Resume => self.held = false,
+                Msg::Batch(first) => {
+                    // Group every batch queued behind this one, up to the next control message.
+                    let mut batches = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        match more {
+                            Msg::Batch(b) => batches.push(b),
+                            other => {
+                                next = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    let result = self.write(&batches);
+                    for batch in batches {
+                        let _ = batch.done.send(result.clone());
+                    }
+                }
             }
-            let result = self.write(&batches);
-            for batch in batches {
-                let _ = batch.done.send(result.clone());
+            if next.is_none() {
+                next = rx.blocking_recv();
             }
         }
+    }
+
+    /// Re-opens the store from disk after a failed write: cuts what the failed write may have
+    /// left (it was never acknowledged), reads the files as a restart would, checks that a write
+    /// now succeeds, and returns the state. The writer then refuses batches until resumed.
+    fn recover(&mut self) -> Result<StoreState, StoreError> {
+        let Some(reason) = self.poisoned.clone() else {
+            // Healthy (the owner saw a refusal while held): hand back the state all the same.
+            self.held = true;
+            return Ok(self.state.clone());
+        };
+        let path = self.dir.join(JOURNAL_FILE);
+        // Only the failed write's bytes go: everything before `len` was acknowledged.
+        self.file
+            .set_len(self.len)
+            .and_then(|()| self.file.sync_all())
+            .map_err(|e| io_err(&path, e))?;
+        let probe = write_temp(&self.dir, "space-probe", &vec![0u8; RECOVER_PROBE_BYTES]);
+        if let Ok(p) = &probe {
+            let _ = std::fs::remove_file(p);
+        }
+        probe?;
+        let loaded = load(&self.dir)?;
+        let (file, len) = open_journal(&self.dir, &loaded)?;
+        tracing::info!(after = %reason, "store re-opened from disk; writes succeed again");
+        self.file = file;
+        self.len = len;
+        self.generation = loaded.generation;
+        self.state = loaded.state.clone();
+        self.poisoned = None;
+        self.held = true;
+        Ok(loaded.state)
     }
 
     fn write(&mut self, batches: &[Batch]) -> Result<(), StoreError> {
         if let Some(reason) = &self.poisoned {
             return Err(StoreError::Poisoned(reason.clone()));
+        }
+        if self.held {
+            return Err(StoreError::Poisoned(
+                "the store is being re-opened after a failure".into(),
+            ));
         }
         let mut buf = Vec::new();
         for record in batches.iter().flat_map(|b| &b.records) {
@@ -534,6 +679,7 @@ mod tests {
                 ip: ip(i),
                 key: key(i),
                 pod: Default::default(),
+                network: None,
                 host_veth: format!("vnet{i}"),
                 allocated_at: 1,
             },
@@ -646,13 +792,173 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join(JOURNAL_FILE),
-            "{\"format\":\"vnet-agent-journal\",\"version\":2,\"generation\":0}\n",
+            format!(
+                "{{\"format\":\"vnet-agent-journal\",\"version\":{},\"generation\":0}}\n",
+                VERSION + 1
+            ),
         )
         .unwrap();
-        assert!(matches!(
-            JournalStore::open(dir.path(), JournalOptions::default()),
-            Err(StoreError::NewerVersion { version: 2, .. })
-        ));
+        let err = JournalStore::open(dir.path(), JournalOptions::default())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, StoreError::NewerVersion { version, .. } if *version == VERSION + 1),
+            "{err}"
+        );
+        assert!(err.to_string().contains("run the newer agent"), "{err}");
+    }
+
+    #[test]
+    fn a_terminated_last_line_that_does_not_parse_is_corruption() {
+        // Regression: it was taken for a torn write and dropped, erasing an acknowledged record.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = JournalStore::open(dir.path(), JournalOptions::default()).unwrap();
+        rt().block_on(store.submit(vec![allocate(1), allocate(2)]).wait())
+            .unwrap();
+        store.close();
+        drop(store);
+        let path = dir.path().join(JOURNAL_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        // A flipped byte in the last, acknowledged record: still newline-terminated.
+        let damaged = text.replacen("\"c2\"", "\"c2\u{0}", 1);
+        assert_ne!(damaged, text);
+        std::fs::write(&path, &damaged).unwrap();
+        let err = JournalStore::open(dir.path(), JournalOptions::default())
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Corrupt { line: 3, .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("To recover") && message.contains("move the state directory aside"),
+            "the message says how to recover: {message}"
+        );
+        // Nothing was cut off or rewritten: the damage is still there for a person to look at.
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), damaged);
+    }
+
+    /// A version-1 directory, as the agent before `network` wrote it.
+    fn write_version_1(dir: &Path) {
+        let mut text =
+            String::from("{\"format\":\"vnet-agent-journal\",\"version\":1,\"generation\":0}\n");
+        text.push_str("{\"op\":\"pool_add\",\"ips\":[\"10.240.0.10\",\"10.240.0.11\"]}\n");
+        text.push_str("{\"op\":\"allocate\",\"allocation\":{\"ip\":\"10.240.0.10\",\"container_id\":\"old\",\"ifname\":\"eth0\",\"pod\":{},\"host_veth\":\"vnet5d1e0c2a9f3\",\"allocated_at\":1}}\n");
+        std::fs::write(dir.join(JOURNAL_FILE), text).unwrap();
+    }
+
+    #[test]
+    fn an_older_format_is_upgraded_and_a_rollback_then_refuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write_version_1(dir.path());
+        // The older agent reads its own format.
+        assert_eq!(
+            load_up_to(dir.path(), 1).unwrap().state.allocations.len(),
+            1
+        );
+        let (store, state) = JournalStore::open(dir.path(), JournalOptions::default()).unwrap();
+        let old: AttachmentKey = "old/eth0".parse().unwrap();
+        assert_eq!(
+            state.allocations[&old].network, None,
+            "recorded before networks"
+        );
+        // The upgraded agent records an allocation with its network.
+        let mut with_network = allocate(5);
+        if let Record::Allocate { allocation } = &mut with_network {
+            allocation.network = Some("blue".into());
+        }
+        rt().block_on(store.submit(vec![with_network]).wait())
+            .unwrap();
+        store.close();
+        drop(store);
+        let state = JournalStore::read_state(dir.path()).unwrap();
+        assert_eq!(state.allocations[&key(5)].network.as_deref(), Some("blue"));
+        assert!(state.allocations.contains_key(&old));
+        // Rolled back, the older agent refuses rather than read "blue" as no network.
+        let err = load_up_to(dir.path(), 1).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                StoreError::NewerVersion {
+                    version: VERSION,
+                    readable: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn record_forms_are_pinned_to_the_version() {
+        // Adding a record type or a field changes these forms: bump VERSION (so an older agent
+        // refuses the files instead of dropping the field) and update this list.
+        let allocation = Allocation {
+            ip: ip(0),
+            key: key(0),
+            pod: vnet_api::PodRef {
+                namespace: Some("ns".into()),
+                name: Some("p".into()),
+                uid: Some("u".into()),
+            },
+            network: Some("n".into()),
+            host_veth: "vnet0".into(),
+            allocated_at: 1,
+        };
+        let records = [
+            Record::PoolAdd { ips: vec![ip(0)] },
+            Record::PoolReleasing { ips: vec![ip(0)] },
+            Record::PoolRemove { ips: vec![ip(0)] },
+            Record::Allocate {
+                allocation: allocation.clone(),
+            },
+            Record::Release {
+                key: key(0),
+                ip: ip(0),
+                cooldown_until: 2,
+                dying_veth: Some("vdel0".into()),
+            },
+            Record::Cooldown {
+                ip: ip(0),
+                until: 3,
+            },
+        ];
+        let forms: Vec<String> = records
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap())
+            .collect();
+        let snapshot = Snapshot {
+            format: SNAPSHOT_FORMAT.into(),
+            version: VERSION,
+            generation: 0,
+            pool: vec![ip(0)],
+            allocations: vec![allocation],
+            cooldown: vec![Cooldown {
+                ip: ip(0),
+                until: 1,
+                dying_veth: Some("vdel0".into()),
+            }],
+            releasing: vec![ip(1)],
+        };
+        let pinned = (
+            2,
+            vec![
+                r#"{"op":"pool_add","ips":["10.240.0.10"]}"#,
+                r#"{"op":"pool_releasing","ips":["10.240.0.10"]}"#,
+                r#"{"op":"pool_remove","ips":["10.240.0.10"]}"#,
+                r#"{"op":"allocate","allocation":{"ip":"10.240.0.10","container_id":"c0","ifname":"eth0","pod":{"namespace":"ns","name":"p","uid":"u"},"network":"n","host_veth":"vnet0","allocated_at":1}}"#,
+                r#"{"op":"release","key":{"container_id":"c0","ifname":"eth0"},"ip":"10.240.0.10","cooldown_until":2,"dying_veth":"vdel0"}"#,
+                r#"{"op":"cooldown","ip":"10.240.0.10","until":3}"#,
+            ],
+            r#"{"format":"vnet-agent-snapshot","version":2,"generation":0,"pool":["10.240.0.10"],"allocations":[{"ip":"10.240.0.10","container_id":"c0","ifname":"eth0","pod":{"namespace":"ns","name":"p","uid":"u"},"network":"n","host_veth":"vnet0","allocated_at":1}],"cooldown":[{"ip":"10.240.0.10","until":1,"dying_veth":"vdel0"}],"releasing":["10.240.0.11"]}"#,
+        );
+        assert_eq!(
+            (VERSION, forms, serde_json::to_string(&snapshot).unwrap()),
+            (
+                pinned.0,
+                pinned.1.iter().map(|s| s.to_string()).collect(),
+                pinned.2.to_string()
+            ),
+            "the journal's forms changed: bump VERSION and pin the new forms"
+        );
     }
 
     #[test]

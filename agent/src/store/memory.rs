@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use super::{Record, Store, StoreError, StoreState, Ticket};
+use super::{Record, RecoverTicket, Store, StoreError, StoreState, Ticket};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -64,4 +64,12 @@ impl Store for MemoryStore {
         }
         Ticket::ready(Ok(()))
     }
+
+    fn recover(&self) -> RecoverTicket {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(Ok(self.state()));
+        RecoverTicket(rx)
+    }
+
+    fn resume(&self) {}
 }

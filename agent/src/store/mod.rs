@@ -145,14 +145,22 @@ impl StoreState {
 pub enum StoreError {
     #[error("store I/O error on {path}: {message}")]
     Io { path: String, message: String },
-    #[error("store file {path} is corrupt at line {line}: {message}")]
+    #[error(
+        "store file {path} is corrupt at line {line}: {message}. The agent does not guess (a guess can give one address to two pods). To recover: keep a copy of the state directory; repair the line by hand if you can read what it was (one JSON record per line), or drain the node, stop the agent, move the state directory aside and start the agent (it then re-reads the NIC); see docs/operations.md"
+    )]
     Corrupt {
         path: String,
         line: usize,
         message: String,
     },
-    #[error("store file {path} was written by a newer agent (format version {version})")]
-    NewerVersion { path: String, version: u32 },
+    #[error(
+        "store file {path} was written by a newer agent (format version {version}; this agent reads up to {readable}): run the newer agent, or drain the node, stop the agent and move the state directory aside"
+    )]
+    NewerVersion {
+        path: String,
+        version: u32,
+        readable: u32,
+    },
     #[error("state dir {0} is in use by another vnet-agent")]
     Locked(String),
     #[error("the store failed earlier and accepts no more writes: {0}")]
@@ -180,10 +188,27 @@ impl Ticket {
     }
 }
 
+/// Resolves to the durable state once a recovery is done.
+pub struct RecoverTicket(pub(crate) oneshot::Receiver<Result<StoreState, StoreError>>);
+
+impl RecoverTicket {
+    pub async fn wait(self) -> Result<StoreState, StoreError> {
+        self.0.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Queues `records` after everything submitted before. An empty list is a barrier: its ticket
     /// resolves once everything before it is durable.
     fn submit(&self, records: Vec<Record>) -> Ticket;
+
+    /// After a failed write: re-open from what is durable, once writing works again, and return
+    /// that state. Until [`Store::resume`] every submission is refused, so records computed
+    /// against the state before the failure never land.
+    fn recover(&self) -> RecoverTicket;
+
+    /// Accept submissions again (queued in order: everything submitted after it is accepted).
+    fn resume(&self);
 }
 
 #[cfg(test)]
@@ -199,6 +224,7 @@ mod tests {
             ip: ip.into(),
             key: key(id),
             pod: Default::default(),
+            network: None,
             host_veth: "vnet0".into(),
             allocated_at: 1,
         }

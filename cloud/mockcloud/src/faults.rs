@@ -1,7 +1,8 @@
 //! Fault injection: latency per operation and probabilistic (optionally counted) failures.
 //!
 //! Operation names: `imds`, `token`, `nic_get`, `nic_put`, `operation_get`, `vm_get`, `vnet_get`,
-//! `subnet_get`. A fault with an empty `operations` list applies to every ARM operation.
+//! `subnet_get`, and on the scale-set path `vmss_vm_get`, `vmss_vm_put`, `vmss_nic_get`,
+//! `compute_operation_get`. A fault with an empty `operations` list applies to every ARM operation.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,7 +22,8 @@ pub struct Faults {
     pub busy: Option<FaultSpec>,
     /// 403 `AuthorizationFailed` naming the action the caller lacks.
     pub forbidden: Option<FaultSpec>,
-    /// The NIC PUT is accepted but its long-running operation ends `Failed` and is rolled back.
+    /// The NIC PUT is accepted but its long-running operation ends `Failed`: rolled back, or with
+    /// `"rollback": false` its new ipConfigurations left `Failed` until the next successful PUT.
     pub async_failure: Option<FaultSpec>,
     /// Another writer changes the NIC just before a PUT with `If-Match`: the PUT gets 412.
     pub etag_race: Option<FaultSpec>,
@@ -29,9 +31,16 @@ pub struct Faults {
     pub lost_response: Option<FaultSpec>,
     /// How many polls of an operation answer `InProgress` before the final status (default 1).
     pub operation_polls: Option<u32>,
-    /// `Retry-After` (seconds) on accepted PUTs and on `InProgress` polls (default 1).
+    /// `Retry-After` (seconds) on accepted PUTs, on `InProgress` polls and on a PUT to a busy
+    /// NIC. Default 10, what NRP answers on a NIC PUT; the lab, tests and benchmark pin 1.
     pub operation_retry_after_secs: Option<u64>,
+    /// Base URL of the `Azure-AsyncOperation` URLs (default: `http://` + the request's Host),
+    /// e.g. another host to check that a client does not follow it with its token.
+    pub operation_base_url: Option<String>,
 }
+
+/// `Retry-After` of NRP's long-running operations (Azure's answer to a NIC PUT).
+pub const DEFAULT_OPERATION_RETRY_AFTER_SECS: u64 = 10;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -55,6 +64,10 @@ pub struct FaultSpec {
     pub code: Option<String>,
     /// Overrides the HTTP status (server_error only).
     pub status: Option<u16>,
+    /// Overrides the error message (server_error only).
+    pub message: Option<String>,
+    /// async_failure only: `false` leaves the NIC's new entries `Failed` instead of rolling back.
+    pub rollback: bool,
 }
 
 impl Default for FaultSpec {
@@ -66,6 +79,8 @@ impl Default for FaultSpec {
             retry_after_secs: 1,
             code: None,
             status: None,
+            message: None,
+            rollback: true,
         }
     }
 }
@@ -170,7 +185,8 @@ impl Faults {
     }
 
     pub fn operation_retry_after_secs(&self) -> u64 {
-        self.operation_retry_after_secs.unwrap_or(1)
+        self.operation_retry_after_secs
+            .unwrap_or(DEFAULT_OPERATION_RETRY_AFTER_SECS)
     }
 }
 

@@ -10,15 +10,22 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod auth;
+mod document;
 pub mod fabric;
 pub mod faults;
 pub mod model;
+pub mod rules;
+pub mod scaleset;
 mod server;
+pub mod throttle;
 pub mod topology;
 
+pub use auth::{Principal, Principals, RoleDefinition};
 pub use faults::{FaultSpec, Faults, Latency};
 pub use model::{AddressView, NicView, StateView};
 pub use server::Counters;
+pub use throttle::{Bucket, RateLimits};
 pub use topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +36,8 @@ pub enum MockError {
     State(String),
     #[error("invalid faults: {0}")]
     Faults(String),
+    #[error("invalid principals: {0}")]
+    Principals(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -44,6 +53,11 @@ pub struct MockConfig {
     /// Program `<ip>/32 via <vm primary ip>` routes in this process's network namespace.
     pub fabric_routes: bool,
     pub faults: Faults,
+    /// Callers by bearer token, each with its permissions. `None`: no authentication and every
+    /// action allowed (tests that are not about permissions).
+    pub principals: Option<Principals>,
+    /// ARM's throttling buckets (per principal; callers without a token share one).
+    pub rate_limits: RateLimits,
 }
 
 impl MockConfig {
@@ -53,6 +67,8 @@ impl MockConfig {
             state_file: None,
             fabric_routes: false,
             faults: Faults::default(),
+            principals: None,
+            rate_limits: RateLimits::default(),
         }
     }
 }

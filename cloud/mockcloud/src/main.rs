@@ -1,11 +1,12 @@
-//! `vnet-mockcloud --listen ADDR:PORT --topology FILE [--state FILE] [--fabric-routes] [--faults JSON]`
+//! `vnet-mockcloud --listen ADDR:PORT --topology FILE [--state FILE] [--fabric-routes] [--faults JSON]
+//! [--principals FILE] [--rate-limits JSON]`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use vnet_mockcloud::{Faults, MockConfig, MockServer, Topology};
+use vnet_mockcloud::{Faults, MockConfig, MockServer, Principals, RateLimits, Topology};
 
 /// Emulates the slice of Azure vnet-agent uses (IMDS, ARM NICs, long-running operations).
 #[derive(Parser, Debug)]
@@ -26,6 +27,15 @@ struct Args {
     /// Initial fault configuration (JSON, same shape as PUT /admin/faults).
     #[arg(long)]
     faults: Option<String>,
+    /// Callers and their permissions: JSON `[{"token","name","role":{"Actions":[...]}}]`. With
+    /// it, every ARM call needs a known bearer token and the role's actions (as on Azure).
+    #[arg(long)]
+    principals: Option<PathBuf>,
+    /// ARM throttling buckets per principal, JSON
+    /// `{"reads":{"size":250,"refill_per_sec":25},"writes":{"size":200,"refill_per_sec":10}}`
+    /// (those are the defaults).
+    #[arg(long)]
+    rate_limits: Option<String>,
 }
 
 #[tokio::main]
@@ -45,11 +55,27 @@ async fn main() -> anyhow::Result<()> {
         Some(json) => Faults::from_json(json).map_err(|e| anyhow::anyhow!("--faults: {e}"))?,
         None => Faults::default(),
     };
+    let principals = match &args.principals {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read principals {}", path.display()))?;
+            Some(Principals::from_json(&text)?)
+        }
+        None => None,
+    };
+    let rate_limits = match &args.rate_limits {
+        Some(json) => {
+            RateLimits::from_json(json).map_err(|e| anyhow::anyhow!("--rate-limits: {e}"))?
+        }
+        None => RateLimits::default(),
+    };
     let config = MockConfig {
         topology,
         state_file: args.state,
         fabric_routes: args.fabric_routes,
         faults,
+        principals,
+        rate_limits,
     };
     let server = MockServer::start(config, args.listen).await?;
     // One line on stdout so a parent that asked for port 0 learns the address.

@@ -6,9 +6,13 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::MockError;
+use crate::document::{
+    RequestedConfig, caller_document, initial_document, parse_ip_configurations,
+};
+use crate::rules::{self, ConfigRefs};
 use crate::topology::{Topology, derived_mac, is_assignable, nic_name};
 
 /// Azure's limit of ipConfigurations on one NIC.
@@ -17,7 +21,6 @@ pub const MAX_IP_CONFIGS_PER_NIC: usize = 256;
 pub const NIC_LIMIT_CODE: &str = "NetworkInterfaceIpConfigurationCountExceedsLimit";
 /// An operation nobody polls still finishes after this long, so a NIC never stays busy forever.
 const OPERATION_DEADLINE: Duration = Duration::from_secs(10);
-
 /// An Azure error answer: status, `{"error":{"code","message"}}`, optional `Retry-After`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArmError {
@@ -63,6 +66,24 @@ pub struct IpConfig {
     /// Added by an operation that has not finished: no address shown yet.
     #[serde(skip)]
     pub pending: bool,
+    /// Left `Failed` by an operation that failed without rolling back, until a PUT succeeds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub failed: bool,
+    /// The rest of the ipConfiguration's `properties` as last written (ASGs, pools, ...).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Map<String, Value>,
+}
+
+impl IpConfig {
+    pub fn provisioning_state(&self) -> &'static str {
+        if self.pending {
+            "Updating"
+        } else if self.failed {
+            "Failed"
+        } else {
+            "Succeeded"
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +95,9 @@ pub struct Nic {
     pub provisioning_state: &'static str,
     pub configs: Vec<IpConfig>,
     pub active_operation: Option<String>,
+    /// The document's caller-owned fields as last written: `tags` and the non-computed
+    /// `properties` (NSG, DNS settings, accelerated networking, ...).
+    pub doc: Map<String, Value>,
 }
 
 impl Nic {
@@ -97,10 +121,38 @@ pub enum OperationStatus {
 struct Operation {
     nic: String,
     polls_left: u32,
-    failure: Option<(String, String)>,
+    failure: Option<Failure>,
     previous: Vec<IpConfig>,
+    previous_doc: Map<String, Value>,
     status: OperationStatus,
     deadline: Instant,
+}
+
+/// How a long-running operation runs: `polls` answers `InProgress` before the end, and the
+/// `Retry-After` (seconds) a PUT to the busy NIC is told to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    pub polls: u32,
+    pub retry_after_secs: u64,
+}
+
+impl Timing {
+    pub fn new(polls: u32, retry_after_secs: u64) -> Timing {
+        Timing {
+            polls,
+            retry_after_secs,
+        }
+    }
+}
+
+/// How an operation is made to fail (fault injection).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub code: String,
+    pub message: String,
+    /// `true`: the NIC goes back to what it was (and shows `Failed`); `false`: the new
+    /// ipConfigurations stay, `Failed`, until the next successful PUT.
+    pub rollback: bool,
 }
 
 /// A change the fabric must make for the VNet to deliver an address to its VM.
@@ -120,6 +172,10 @@ pub struct PersistedState {
 pub struct PersistedNic {
     pub generation: u64,
     pub ip_configurations: Vec<IpConfig>,
+    #[serde(default)]
+    pub doc: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub failed: bool,
 }
 
 /// `GET /admin/state`.
@@ -139,6 +195,9 @@ pub struct AddressView {
     pub subnet: String,
     pub primary: bool,
     pub pending: bool,
+    /// The ipConfiguration's `provisioningState`.
+    #[serde(default)]
+    pub provisioning_state: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +219,8 @@ pub struct Cloud {
     next_operation: u64,
     /// Bumped by every change worth persisting.
     pub version: u64,
+    /// Uniform scale-set instances (their NICs are in `nics`).
+    pub(crate) instances: crate::scaleset::Instances,
 }
 
 impl Cloud {
@@ -170,8 +231,14 @@ impl Cloud {
         let mut owners = HashMap::new();
         for vm in &topology.vms {
             let name = nic_name(&vm.name);
-            let (generation, configs) = match persisted.nics.get(&name) {
-                Some(saved) => (saved.generation, saved.ip_configurations.clone()),
+            let (doc, primary_extra) = initial_document(&topology, &vm.nic);
+            let (generation, configs, doc, failed) = match persisted.nics.get(&name) {
+                Some(saved) => (
+                    saved.generation,
+                    saved.ip_configurations.clone(),
+                    saved.doc.clone().unwrap_or(doc),
+                    saved.failed,
+                ),
                 None => (
                     1,
                     vec![IpConfig {
@@ -181,7 +248,11 @@ impl Cloud {
                         subnet: vm.subnet.clone(),
                         primary: true,
                         pending: false,
+                        failed: false,
+                        extra: primary_extra,
                     }],
+                    doc,
+                    false,
                 ),
             };
             for config in &configs {
@@ -211,13 +282,15 @@ impl Cloud {
                     vm: vm.name.clone(),
                     mac: vm.mac.clone().unwrap_or_else(|| derived_mac(&vm.name)),
                     generation,
-                    provisioning_state: "Succeeded",
+                    provisioning_state: if failed { "Failed" } else { "Succeeded" },
                     configs,
                     active_operation: None,
+                    doc,
                 },
             );
         }
         Ok(Cloud {
+            instances: crate::scaleset::Instances::new(&topology),
             topology,
             nics,
             owners,
@@ -258,13 +331,23 @@ impl Cloud {
             .configs
             .iter()
             .map(|c| {
-                let mut properties = json!({
-                    "provisioningState": if c.pending { "Updating" } else { "Succeeded" },
-                    "privateIPAllocationMethod": if c.static_allocation { "Static" } else { "Dynamic" },
-                    "privateIPAddressVersion": "IPv4",
-                    "subnet": {"id": topo.subnet_id(&c.subnet)},
-                    "primary": c.primary,
-                });
+                let mut properties = Value::Object(c.extra.clone());
+                for (key, value) in [
+                    ("provisioningState", json!(c.provisioning_state())),
+                    (
+                        "privateIPAllocationMethod",
+                        json!(if c.static_allocation {
+                            "Static"
+                        } else {
+                            "Dynamic"
+                        }),
+                    ),
+                    ("privateIPAddressVersion", json!("IPv4")),
+                    ("subnet", json!({"id": topo.subnet_id(&c.subnet)})),
+                    ("primary", json!(c.primary)),
+                ] {
+                    properties[key] = value;
+                }
                 if !c.pending || c.static_allocation {
                     properties["privateIPAddress"] = json!(c.ip.to_string());
                 }
@@ -277,22 +360,39 @@ impl Cloud {
                 })
             })
             .collect();
-        Some(json!({
-            "name": nic.name,
-            "id": nic_id,
-            "etag": etag,
-            "type": "Microsoft.Network/networkInterfaces",
-            "location": topo.location,
-            "properties": {
-                "provisioningState": nic.provisioning_state,
-                "resourceGuid": format!("{:08x}-0000-4000-8000-000000000000", fnv(&nic.name)),
-                "macAddress": nic.mac.replace(':', "-").to_uppercase(),
-                "primary": true,
-                "enableIPForwarding": false,
-                "virtualMachine": {"id": topo.vm_id(&nic.vm)},
-                "ipConfigurations": configs,
-            }
-        }))
+        let mut doc = Value::Object(nic.doc.clone());
+        for (key, value) in [
+            ("name", json!(nic.name)),
+            ("id", json!(nic_id)),
+            ("etag", json!(etag)),
+            ("type", json!("Microsoft.Network/networkInterfaces")),
+            ("location", json!(topo.location)),
+        ] {
+            doc[key] = value;
+        }
+        if !doc["properties"].is_object() {
+            doc["properties"] = json!({});
+        }
+        for (key, value) in [
+            ("provisioningState", json!(nic.provisioning_state)),
+            (
+                "resourceGuid",
+                json!(format!(
+                    "{:08x}-0000-4000-8000-000000000000",
+                    fnv(&nic.name)
+                )),
+            ),
+            (
+                "macAddress",
+                json!(nic.mac.replace(':', "-").to_uppercase()),
+            ),
+            ("primary", json!(true)),
+            ("virtualMachine", json!({"id": topo.vm_id(&nic.vm)})),
+            ("ipConfigurations", json!(configs)),
+        ] {
+            doc["properties"][key] = value;
+        }
+        Some(doc)
     }
 
     /// Simulates another writer touching the NIC (the etag changes, nothing else).
@@ -311,21 +411,27 @@ impl Cloud {
         name: &str,
         if_match: Option<&str>,
         body: &Value,
-        failure: Option<(String, String)>,
-        polls: u32,
+        failure: Option<Failure>,
+        timing: Timing,
         now: Instant,
     ) -> Result<String, ArmError> {
+        let Timing {
+            polls,
+            retry_after_secs,
+        } = timing;
         let key = self.nic_key(name).ok_or_else(|| self.nic_not_found(name))?;
         let nic = &self.nics[&key];
-        if nic.active_operation.is_some() {
+        if let Some(running) = &nic.active_operation {
+            // What NRP answers for a write to a NIC whose previous operation still runs.
             return Err(ArmError::new(
-                409,
-                "AnotherOperationInProgress",
+                429,
+                BUSY_CODE,
                 format!(
-                    "Another operation on this or dependent resource is in progress. To retry later, Resource '{}'.",
+                    "Operation 'PutNetworkInterfaceOperation' on resource '{}' could not be completed because operation '{running}' is still updating it. The call can be retried in {retry_after_secs} seconds.",
                     self.topology.nic_id(&key)
                 ),
-            ));
+            )
+            .with_retry_after(retry_after_secs));
         }
         if let Some(expected) = if_match
             && expected != "*"
@@ -333,17 +439,21 @@ impl Cloud {
         {
             return Err(ArmError::new(
                 412,
-                "PreconditionFailed",
+                ETAG_MISMATCH_CODE,
                 format!(
-                    "Precondition failed: the etag {expected} does not match the current etag {} of the resource.",
+                    "Precondition failed for operation on resource '{}': the etag {expected} in the If-Match header does not match the current etag {}.",
+                    self.topology.nic_id(&key),
                     nic.etag()
                 ),
             ));
         }
         let requested = parse_ip_configurations(body)?;
         let new_configs = self.plan(&key, &requested)?;
+        self.check_ip_config_rules(&self.topology.nic_id(&key), &new_configs)?;
+        let new_doc = caller_document(body);
 
         let nic = self.nics.get_mut(&key).expect("NIC exists");
+        let previous_doc = std::mem::replace(&mut nic.doc, new_doc);
         let previous = std::mem::replace(&mut nic.configs, new_configs);
         nic.generation += 1;
         nic.provisioning_state = "Updating";
@@ -365,11 +475,31 @@ impl Cloud {
                 polls_left: polls,
                 failure,
                 previous,
+                previous_doc,
                 status: OperationStatus::InProgress,
                 deadline: now + OPERATION_DEADLINE,
             },
         );
         Ok(id)
+    }
+
+    /// Azure's rules over a NIC's next ipConfigurations: one subnet, one set of ASGs.
+    /// `nic_id` names the NIC in messages (a scale-set instance's NIC ID works too).
+    pub fn check_ip_config_rules(
+        &self,
+        nic_id: &str,
+        configs: &[IpConfig],
+    ) -> Result<(), ArmError> {
+        let refs: Vec<ConfigRefs> = configs
+            .iter()
+            .map(|c| ConfigRefs {
+                id: format!("{nic_id}/ipConfigurations/{}", c.name),
+                subnet: self.topology.subnet_id(&c.subnet),
+                asgs: rules::asg_ids(&json!({"properties": Value::Object(c.extra.clone())})),
+            })
+            .collect();
+        rules::check_one_subnet(&refs)?;
+        rules::check_same_asgs(&refs)
     }
 
     /// The NIC's next ipConfigurations for a PUT, with dynamic addresses chosen. Errors as Azure's.
@@ -422,10 +552,15 @@ impl Cloud {
                 .iter()
                 .find(|c| c.name.eq_ignore_ascii_case(&r.name))
             {
-                // An existing configuration keeps its address and subnet.
+                // An existing configuration keeps its address and subnet; a Failed one is
+                // provisioned again by this PUT.
                 let mut kept = existing.clone();
                 if let Some(stat) = r.static_allocation {
                     kept.static_allocation = stat;
+                }
+                kept.extra = r.extra.clone();
+                if kept.failed {
+                    kept.pending = true;
                 }
                 result.push(kept);
                 continue;
@@ -458,6 +593,8 @@ impl Cloud {
                 subnet: subnet.name.clone(),
                 primary: false,
                 pending: true,
+                failed: false,
+                extra: r.extra.clone(),
             };
             if config.static_allocation {
                 let ip = r.ip.ok_or_else(|| {
@@ -579,18 +716,28 @@ impl Cloud {
         let nic = self.nics.get_mut(&op.nic).expect("NIC exists");
         let vm_ip = self.topology.vm(&nic.vm).map(|v| v.primary_ip);
         let old: HashSet<Ipv4Addr> = op.previous.iter().map(|c| c.ip).collect();
+        // Addresses the fabric delivers already (a Failed entry's address is not delivered).
+        let delivered: HashSet<Ipv4Addr> = op
+            .previous
+            .iter()
+            .filter(|c| !c.failed && !c.pending)
+            .map(|c| c.ip)
+            .collect();
         let new: HashSet<Ipv4Addr> = nic.configs.iter().map(|c| c.ip).collect();
         let mut routes = Vec::new();
         match op.failure.take() {
             None => {
                 for ip in old.difference(&new) {
                     self.owners.remove(ip);
-                    routes.push(RouteChange::Delete { ip: *ip });
+                    if delivered.contains(ip) {
+                        routes.push(RouteChange::Delete { ip: *ip });
+                    }
                 }
                 for config in nic.configs.iter_mut() {
                     config.pending = false;
+                    config.failed = false;
                     if !config.primary
-                        && !old.contains(&config.ip)
+                        && !delivered.contains(&config.ip)
                         && let Some(via) = vm_ip
                     {
                         routes.push(RouteChange::Replace { ip: config.ip, via });
@@ -599,18 +746,71 @@ impl Cloud {
                 nic.provisioning_state = "Succeeded";
                 op.status = OperationStatus::Succeeded;
             }
-            Some((code, message)) => {
+            Some(failure) if failure.rollback => {
                 for ip in new.difference(&old) {
                     self.owners.remove(ip);
                 }
                 nic.configs = std::mem::take(&mut op.previous);
+                nic.doc = std::mem::take(&mut op.previous_doc);
                 nic.generation += 1;
                 nic.provisioning_state = "Failed";
-                op.status = OperationStatus::Failed { code, message };
+                op.status = OperationStatus::Failed {
+                    code: failure.code,
+                    message: failure.message,
+                };
+            }
+            Some(failure) => {
+                // Released addresses are gone; what the PUT added stays, Failed, holding its
+                // address, until a later PUT succeeds.
+                for ip in old.difference(&new) {
+                    self.owners.remove(ip);
+                    if delivered.contains(ip) {
+                        routes.push(RouteChange::Delete { ip: *ip });
+                    }
+                }
+                for config in nic.configs.iter_mut() {
+                    if config.pending {
+                        config.pending = false;
+                        config.failed = true;
+                    }
+                }
+                nic.generation += 1;
+                nic.provisioning_state = "Failed";
+                op.status = OperationStatus::Failed {
+                    code: failure.code,
+                    message: failure.message,
+                };
             }
         }
         nic.active_operation = None;
         routes
+    }
+
+    /// Drops every ipConfiguration but the primary at once (a reimage resetting the instance to
+    /// its scale set's model), finishing a running operation first. Returns the addresses lost
+    /// and the routes to delete.
+    pub fn reset_to_primary(
+        &mut self,
+        name: &str,
+    ) -> Result<(Vec<String>, Vec<RouteChange>), ArmError> {
+        let key = self.nic_key(name).ok_or_else(|| self.nic_not_found(name))?;
+        let mut routes = Vec::new();
+        if let Some(id) = self.nics[&key].active_operation.clone() {
+            routes.extend(self.finish(&id));
+        }
+        let nic = self.nics.get_mut(&key).expect("NIC exists");
+        let (kept, lost): (Vec<IpConfig>, Vec<IpConfig>) = std::mem::take(&mut nic.configs)
+            .into_iter()
+            .partition(|c| c.primary);
+        nic.configs = kept;
+        nic.generation += 1;
+        nic.provisioning_state = "Succeeded";
+        for config in &lost {
+            self.owners.remove(&config.ip);
+            routes.push(RouteChange::Delete { ip: config.ip });
+        }
+        self.version += 1;
+        Ok((lost.iter().map(|c| c.ip.to_string()).collect(), routes))
     }
 
     /// Every secondary address's route, for (re)programming the fabric at start.
@@ -620,7 +820,7 @@ impl Cloud {
             let Some(vm) = self.topology.vm(&nic.vm) else {
                 continue;
             };
-            for config in nic.configs.iter().filter(|c| !c.primary) {
+            for config in nic.configs.iter().filter(|c| !c.primary && !c.failed) {
                 routes.push(RouteChange::Replace {
                     ip: config.ip,
                     via: vm.primary_ip,
@@ -641,6 +841,8 @@ impl Cloud {
                         PersistedNic {
                             generation: nic.generation,
                             ip_configurations: nic.configs.clone(),
+                            doc: Some(nic.doc.clone()),
+                            failed: nic.provisioning_state == "Failed",
                         },
                     )
                 })
@@ -661,6 +863,7 @@ impl Cloud {
                     subnet: c.subnet.clone(),
                     primary: c.primary,
                     pending: c.pending,
+                    provisioning_state: c.provisioning_state().to_string(),
                 });
             }
             nics.push(NicView {
@@ -689,12 +892,23 @@ impl Cloud {
         let topo = &self.topology;
         let vm = topo.vm(vm_name)?;
         let nic = self.nic(&nic_name(&vm.name))?;
+        let mut doc = self.imds_doc(vm, nic)?;
+        self.patch_imds(vm, &mut doc);
+        Some(doc)
+    }
+
+    fn imds_doc(&self, vm: &crate::topology::VmSpec, nic: &Nic) -> Option<Value> {
+        let topo = &self.topology;
         let subnet = topo.subnet(&vm.subnet)?;
         let mut addresses: Vec<Value> = Vec::new();
         for c in nic.configs.iter().filter(|c| c.primary) {
             addresses.push(json!({"privateIpAddress": c.ip.to_string(), "publicIpAddress": ""}));
         }
-        for c in nic.configs.iter().filter(|c| !c.primary && !c.pending) {
+        for c in nic
+            .configs
+            .iter()
+            .filter(|c| !c.primary && !c.pending && !c.failed)
+        {
             addresses.push(json!({"privateIpAddress": c.ip.to_string(), "publicIpAddress": ""}));
         }
         Some(json!({
@@ -708,6 +922,7 @@ impl Cloud {
                 "vmSize": "Standard_D4s_v5",
                 "zone": "",
                 "osType": "Linux",
+                "azEnvironment": "AzurePublicCloud",
                 "vmId": format!("{:08x}-0000-4000-8000-000000000001", fnv(&vm.name)),
             },
             "network": {
@@ -734,7 +949,11 @@ impl Cloud {
             .vms
             .iter()
             .find(|v| v.name.eq_ignore_ascii_case(vm_name))?;
-        Some(json!({
+        // A Uniform instance is no `virtualMachines` resource.
+        if crate::scaleset::is_uniform_vm(topo, &vm.name) {
+            return None;
+        }
+        let mut doc = json!({
             "name": vm.name,
             "id": topo.vm_id(&vm.name),
             "type": "Microsoft.Compute/virtualMachines",
@@ -750,7 +969,9 @@ impl Cloud {
                     }]
                 }
             }
-        }))
+        });
+        self.patch_vm_json(vm, &mut doc);
+        Some(doc)
     }
 
     pub fn subnet_json(&self, name: &str) -> Option<Value> {
@@ -793,84 +1014,10 @@ impl Cloud {
     }
 }
 
-/// One ipConfiguration as a PUT body asks for it.
-#[derive(Debug)]
-struct RequestedConfig {
-    name: String,
-    ip: Option<Ipv4Addr>,
-    static_allocation: Option<bool>,
-    subnet_id: Option<String>,
-    primary: bool,
-}
-
-fn parse_ip_configurations(body: &Value) -> Result<Vec<RequestedConfig>, ArmError> {
-    let invalid = |m: String| ArmError::bad_request("InvalidRequestFormat", m);
-    let configs = body
-        .get("properties")
-        .and_then(|p| p.get("ipConfigurations"))
-        .and_then(Value::as_array)
-        .ok_or_else(|| {
-            invalid(
-                "Cannot parse the request: properties.ipConfigurations must be an array.".into(),
-            )
-        })?;
-    configs
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let name = c
-                .get("name")
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty())
-                .ok_or_else(|| invalid(format!("ipConfigurations[{i}].name is required.")))?;
-            if name.len() > 80
-                || !name
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
-            {
-                return Err(ArmError::bad_request(
-                    "InvalidResourceName",
-                    format!("Resource name {name} is invalid."),
-                ));
-            }
-            let props = c.get("properties").cloned().unwrap_or(Value::Null);
-            let ip = match props.get("privateIPAddress").and_then(Value::as_str) {
-                None | Some("") => None,
-                Some(text) => Some(text.parse().map_err(|_| {
-                    ArmError::bad_request(
-                        "InvalidPrivateIPAddress",
-                        format!("{text} is not a valid IPv4 address."),
-                    )
-                })?),
-            };
-            let static_allocation = match props
-                .get("privateIPAllocationMethod")
-                .and_then(Value::as_str)
-            {
-                None => None,
-                Some(m) if m.eq_ignore_ascii_case("dynamic") => Some(false),
-                Some(m) if m.eq_ignore_ascii_case("static") => Some(true),
-                Some(m) => {
-                    return Err(invalid(format!("Unknown privateIPAllocationMethod {m}.")));
-                }
-            };
-            Ok(RequestedConfig {
-                name: name.to_string(),
-                ip,
-                static_allocation,
-                subnet_id: props
-                    .get("subnet")
-                    .and_then(|s| s.get("id"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                primary: props
-                    .get("primary")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-            })
-        })
-        .collect()
-}
+/// Code of a PUT to a NIC whose previous operation still runs (429, with `Retry-After`).
+pub const BUSY_CODE: &str = "RetryableErrorDueToAnotherOperation";
+/// Code of a PUT whose `If-Match` is stale (412).
+pub const ETAG_MISMATCH_CODE: &str = "PreconditionFailedEtagMismatch";
 
 fn fnv(text: &str) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
@@ -915,7 +1062,14 @@ mod tests {
         let mut c = cloud("10.0.0.0/24", 2); // VMs at .4 and .5
         let body = body_adding(&c, "node-1-nic", &["a", "b"]);
         let op = c
-            .put_nic("node-1-nic", None, &body, None, 0, Instant::now())
+            .put_nic(
+                "node-1-nic",
+                None,
+                &body,
+                None,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
             .unwrap();
         assert_eq!(finish_all(&mut c, &op), OperationStatus::Succeeded);
         let ips: Vec<String> = c
@@ -932,14 +1086,21 @@ mod tests {
         let mut c = cloud("10.0.0.0/29", 1); // assignable .4 .5 .6; VM holds .4
         let body = body_adding(&c, "node-1-nic", &["a", "b", "c"]);
         let err = c
-            .put_nic("node-1-nic", None, &body, None, 0, Instant::now())
+            .put_nic(
+                "node-1-nic",
+                None,
+                &body,
+                None,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
             .unwrap_err();
         assert_eq!(err.code, "SubnetIsFull");
         assert_eq!(err.status, 400);
     }
 
     #[test]
-    fn stale_etag_is_412_and_busy_nic_is_409() {
+    fn stale_etag_is_412_and_busy_nic_is_429() {
         let mut c = cloud("10.0.0.0/24", 1);
         let body = body_adding(&c, "node-1-nic", &["a"]);
         let err = c
@@ -948,30 +1109,53 @@ mod tests {
                 Some("W/\"stale\""),
                 &body,
                 None,
-                0,
+                Timing::new(0, 1),
                 Instant::now(),
             )
             .unwrap_err();
-        assert_eq!(err.status, 412);
+        assert_eq!((err.status, err.code.as_str()), (412, ETAG_MISMATCH_CODE));
         let etag = c.nic("node-1-nic").unwrap().etag();
-        c.put_nic("node-1-nic", Some(&etag), &body, None, 1, Instant::now())
-            .unwrap();
+        c.put_nic(
+            "node-1-nic",
+            Some(&etag),
+            &body,
+            None,
+            Timing::new(1, 1),
+            Instant::now(),
+        )
+        .unwrap();
         let err = c
-            .put_nic("node-1-nic", None, &body, None, 0, Instant::now())
+            .put_nic(
+                "node-1-nic",
+                None,
+                &body,
+                None,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
             .unwrap_err();
-        assert_eq!(
-            (err.status, err.code.as_str()),
-            (409, "AnotherOperationInProgress")
-        );
+        assert_eq!((err.status, err.code.as_str()), (429, BUSY_CODE));
+        assert_eq!(err.retry_after, Some(1));
     }
 
     #[test]
     fn failed_operation_rolls_back() {
         let mut c = cloud("10.0.0.0/24", 1);
         let body = body_adding(&c, "node-1-nic", &["a"]);
-        let failure = Some(("InternalServerError".to_string(), "boom".to_string()));
+        let failure = Some(Failure {
+            code: "InternalServerError".into(),
+            message: "boom".into(),
+            rollback: true,
+        });
         let op = c
-            .put_nic("node-1-nic", None, &body, failure, 0, Instant::now())
+            .put_nic(
+                "node-1-nic",
+                None,
+                &body,
+                failure,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
             .unwrap();
         assert!(matches!(
             finish_all(&mut c, &op),
@@ -987,7 +1171,14 @@ mod tests {
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let body = body_adding(&c, "node-1-nic", &refs);
         let err = c
-            .put_nic("node-1-nic", None, &body, None, 0, Instant::now())
+            .put_nic(
+                "node-1-nic",
+                None,
+                &body,
+                None,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
             .unwrap_err();
         assert_eq!(err.code, NIC_LIMIT_CODE);
     }
@@ -997,7 +1188,14 @@ mod tests {
         let mut c = cloud("10.0.0.0/29", 2); // assignable .4 .5 .6; VMs hold .4 .5
         let body = body_adding(&c, "node-1-nic", &["a"]);
         let op = c
-            .put_nic("node-1-nic", None, &body, None, 0, Instant::now())
+            .put_nic(
+                "node-1-nic",
+                None,
+                &body,
+                None,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
             .unwrap();
         finish_all(&mut c, &op);
         // node-1 releases .6; while that runs node-2 cannot get it.
@@ -1007,19 +1205,132 @@ mod tests {
             .unwrap()
             .retain(|c| c["name"] != "a");
         let op = c
-            .put_nic("node-1-nic", None, &body, None, 1, Instant::now())
+            .put_nic(
+                "node-1-nic",
+                None,
+                &body,
+                None,
+                Timing::new(1, 1),
+                Instant::now(),
+            )
             .unwrap();
         let grab = body_adding(&c, "node-2-nic", &["b"]);
         assert_eq!(
-            c.put_nic("node-2-nic", None, &grab, None, 0, Instant::now())
-                .unwrap_err()
-                .code,
+            c.put_nic(
+                "node-2-nic",
+                None,
+                &grab,
+                None,
+                Timing::new(0, 1),
+                Instant::now()
+            )
+            .unwrap_err()
+            .code,
             "SubnetIsFull"
         );
         finish_all(&mut c, &op);
         let op2 = c
-            .put_nic("node-2-nic", None, &grab, None, 0, Instant::now())
+            .put_nic(
+                "node-2-nic",
+                None,
+                &grab,
+                None,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
             .unwrap();
         assert_eq!(finish_all(&mut c, &op2), OperationStatus::Succeeded);
+    }
+
+    #[test]
+    fn failed_without_rollback_keeps_failed_entries_until_a_put_succeeds() {
+        let mut c = cloud("10.0.0.0/24", 1);
+        let body = body_adding(&c, "node-1-nic", &["a"]);
+        let failure = Some(Failure {
+            code: "InternalServerError".into(),
+            message: "boom".into(),
+            rollback: false,
+        });
+        let op = c
+            .put_nic(
+                "node-1-nic",
+                None,
+                &body,
+                failure,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
+            .unwrap();
+        assert!(matches!(
+            finish_all(&mut c, &op),
+            OperationStatus::Failed { .. }
+        ));
+        let doc = c.nic_json("node-1-nic").unwrap();
+        assert_eq!(doc["properties"]["provisioningState"], "Failed");
+        assert_eq!(
+            doc["properties"]["ipConfigurations"][1]["properties"]["provisioningState"],
+            "Failed"
+        );
+        // The same document again: provisioned, Succeeded, same address.
+        let ip = doc["properties"]["ipConfigurations"][1]["properties"]["privateIPAddress"].clone();
+        let op = c
+            .put_nic(
+                "node-1-nic",
+                None,
+                &doc,
+                None,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
+            .unwrap();
+        assert_eq!(finish_all(&mut c, &op), OperationStatus::Succeeded);
+        let doc = c.nic_json("node-1-nic").unwrap();
+        assert_eq!(doc["properties"]["provisioningState"], "Succeeded");
+        let entry = &doc["properties"]["ipConfigurations"][1]["properties"];
+        assert_eq!(entry["provisioningState"], "Succeeded");
+        assert_eq!(entry["privateIPAddress"], ip);
+    }
+
+    #[test]
+    fn a_second_subnet_or_other_asgs_on_one_nic_are_refused() {
+        let mut topo = Topology::single_subnet("10.0.0.0/16".parse().unwrap(), 1);
+        topo.subnets[0].prefix = "10.0.0.0/24".parse().unwrap();
+        topo.subnets.push(crate::topology::SubnetSpec {
+            name: "pods".into(),
+            prefix: "10.0.1.0/24".parse().unwrap(),
+        });
+        topo.vms[0].nic.application_security_groups = vec!["asg-nodes".into()];
+        let mut c = Cloud::new(topo, None).unwrap();
+        let mut body = c.nic_json("node-1-nic").unwrap();
+        let pods = c.topology.subnet_id("pods");
+        let asgs =
+            body["properties"]["ipConfigurations"][0]["properties"]["applicationSecurityGroups"]
+                .clone();
+        body["properties"]["ipConfigurations"].as_array_mut().unwrap().push(
+            json!({"name": "x", "properties": {"subnet": {"id": pods}, "applicationSecurityGroups": asgs}}),
+        );
+        let err = c
+            .put_nic(
+                "node-1-nic",
+                None,
+                &body,
+                None,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
+            .unwrap_err();
+        assert_eq!(err.message, rules::DIFFERENT_SUBNETS_MESSAGE);
+        let body = body_adding(&c, "node-1-nic", &["y"]);
+        let err = c
+            .put_nic(
+                "node-1-nic",
+                None,
+                &body,
+                None,
+                Timing::new(0, 1),
+                Instant::now(),
+            )
+            .unwrap_err();
+        assert_eq!(err.code, rules::ASG_MISMATCH_CODE);
     }
 }

@@ -17,11 +17,18 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 
+use crate::auth::{Principal, Principals, authorization_failed, check_linked_access};
 use crate::fabric::Fabric;
 use crate::faults::{FaultKind, Faults};
-use crate::model::{ArmError, Cloud, OperationStatus, PersistedState, RouteChange, StateView};
+use crate::model::{
+    ArmError, Cloud, Failure, OperationStatus, PersistedState, RouteChange, StateView, Timing,
+};
+use crate::rules;
+use crate::throttle::{Kind, Limiter};
 use crate::topology::Topology;
 use crate::{MockConfig, MockError, write_atomically};
+
+mod scaleset;
 
 const MAX_BODY: usize = 4 << 20;
 
@@ -56,6 +63,8 @@ pub(crate) struct App {
     counters: Mutex<Counters>,
     fabric: Option<Fabric>,
     persist: Option<(Arc<StateWriter>, watch::Sender<PersistedState>)>,
+    principals: Option<Principals>,
+    limiter: Mutex<Limiter>,
 }
 
 impl App {
@@ -95,6 +104,8 @@ impl App {
             counters: Mutex::new(Counters::default()),
             fabric,
             persist,
+            principals: config.principals,
+            limiter: Mutex::new(Limiter::new(config.rate_limits)),
         }))
     }
 
@@ -222,6 +233,8 @@ struct Ctx {
     query: HashMap<String, String>,
     body: Bytes,
     peer: IpAddr,
+    /// The throttling bucket this request drew from and what is left, for the answer's header.
+    rate: Mutex<Option<(Kind, u32)>>,
 }
 
 impl Ctx {
@@ -260,9 +273,16 @@ async fn handle(
         query,
         body,
         peer: peer.ip().to_canonical(),
+        rate: Mutex::new(None),
     };
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let (operation, response) = route(&app, &ctx, &segments).await;
+    let (operation, mut response) = route(&app, &ctx, &segments).await;
+    // ARM reports the caller's remaining budget on every answer, errors included.
+    if let Some((kind, remaining)) = *lock(&ctx.rate) {
+        response
+            .headers_mut()
+            .insert(kind.header(), HeaderValue::from(remaining));
+    }
     if let Some(operation) = operation {
         app.count(
             |c| &mut c.responses,
@@ -308,7 +328,25 @@ async fn route(app: &App, ctx: &Ctx, segments: &[&str]) -> (Option<&'static str>
             id,
         ] => {
             let op = "operation_get";
-            if let Err(e) = arm_prelude(app, ctx, op, sub, None, &Method::GET).await {
+            let scope = format!("/{}", segments.join("/"));
+            if let Err(e) = arm_prelude(app, ctx, op, sub, None, &Method::GET, &scope).await {
+                return (Some(op), arm_error(e));
+            }
+            (Some(op), operation_status(app, ctx, id).await)
+        }
+        [
+            "subscriptions",
+            sub,
+            "providers",
+            "Microsoft.Compute",
+            "locations",
+            _,
+            "operations",
+            id,
+        ] => {
+            let op = "compute_operation_get";
+            let scope = format!("/{}", segments.join("/"));
+            if let Err(e) = arm_prelude(app, ctx, op, sub, None, &Method::GET, &scope).await {
                 return (Some(op), arm_error(e));
             }
             (Some(op), operation_status(app, ctx, id).await)
@@ -356,6 +394,9 @@ fn admin(app: &App, ctx: &Ctx, rest: &[&str]) -> Response {
             }
         }
         (&Method::GET, ["topology"]) => json_response(StatusCode::OK, json!(app.topology())),
+        (&Method::POST, ["scalesets", set, "virtualMachines", instance, "reimage"]) => {
+            scaleset::reimage(app, set, instance)
+        }
         _ => arm_error(ArmError::new(404, "NotFound", "Unknown admin endpoint.")),
     }
 }
@@ -437,11 +478,60 @@ fn action_for(operation: &str) -> &'static str {
         "vm_get" => "Microsoft.Compute/virtualMachines/read",
         "vnet_get" => "Microsoft.Network/virtualNetworks/read",
         "subnet_get" => "Microsoft.Network/virtualNetworks/subnets/read",
+        "vmss_vm_get" => "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
+        "vmss_vm_put" => "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write",
+        "vmss_nic_get" => {
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/networkInterfaces/read"
+        }
+        "compute_operation_get" => "Microsoft.Compute/locations/operations/read",
         _ => "Microsoft.Network/locations/operations/read",
     }
 }
 
-/// What every ARM call goes through: counting, api-version, scope, latency, injected faults.
+/// The caller, from its bearer token: `Ok(None)` when the mock has no principals configured.
+fn authenticate<'a>(app: &'a App, ctx: &Ctx) -> Result<Option<&'a Principal>, ArmError> {
+    let Some(principals) = &app.principals else {
+        return Ok(None);
+    };
+    let header = ctx
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let Some(header) = header else {
+        return Err(ArmError::new(
+            401,
+            "AuthenticationFailed",
+            "Authentication failed. The 'Authorization' header is missing.",
+        ));
+    };
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .unwrap_or_default();
+    principals.get(token.trim()).map(Some).ok_or_else(|| {
+        ArmError::new(
+            401,
+            "InvalidAuthenticationToken",
+            "The access token is invalid.",
+        )
+    })
+}
+
+/// The throttling key: the principal, or the raw token when the mock knows no principals.
+fn rate_key(ctx: &Ctx, caller: Option<&Principal>) -> String {
+    match caller {
+        Some(p) => p.name.clone(),
+        None => ctx
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("anonymous")
+            .to_string(),
+    }
+}
+
+/// What every ARM call goes through: counting, api-version, scope, the caller and its
+/// permission, throttling, latency, injected faults. Returns the caller (with principals).
 async fn arm_prelude(
     app: &App,
     ctx: &Ctx,
@@ -449,7 +539,8 @@ async fn arm_prelude(
     sub: &str,
     rg: Option<&str>,
     allowed: &Method,
-) -> Result<(), ArmError> {
+    scope: &str,
+) -> Result<Option<Principal>, ArmError> {
     app.count(|c| &mut c.calls, operation.to_string());
     check_api_version(ctx.query.get("api-version").map(String::as_str))?;
     if ctx.method != *allowed {
@@ -485,20 +576,43 @@ async fn arm_prelude(
             format!("Resource group '{rg}' could not be found."),
         ));
     }
+    let caller = authenticate(app, ctx)?.cloned();
+    let kind = if operation == "nic_put" || operation == "vmss_vm_put" {
+        Kind::Write
+    } else {
+        Kind::Read
+    };
+    let key = rate_key(ctx, caller.as_ref());
+    let taken = lock(&app.limiter).take(&key, kind, Instant::now());
+    match taken {
+        Ok(remaining) => *lock(&ctx.rate) = Some((kind, remaining)),
+        Err(wait) => {
+            *lock(&ctx.rate) = Some((kind, 0));
+            return Err(ArmError::new(
+                429,
+                THROTTLED_CODE,
+                format!(
+                    "Number of '{}' requests for subscription '{sub}' actor '{key}' exceeded. Please try again after '{wait}' seconds after additional tokens are available.",
+                    kind.name()
+                ),
+            )
+            .with_retry_after(wait));
+        }
+    }
+
     let delay = lock(&app.faults).latency_for(operation);
     tokio::time::sleep(delay).await;
 
-    if app.roll(FaultKind::Forbidden, operation).is_some() {
-        let action = action_for(operation);
-        return Err(ArmError::new(
-            403,
-            "AuthorizationFailed",
-            format!(
-                "The client 'mock-client' with object id '00000000-0000-0000-0000-000000000000' does not have authorization to perform action '{action}' over scope '/subscriptions/{sub}' or the scope is invalid. If access was recently granted, please refresh your credentials."
-            ),
-        ));
+    let action = action_for(operation);
+    if caller.as_ref().is_some_and(|p| !p.allows(action))
+        || app.roll(FaultKind::Forbidden, operation).is_some()
+    {
+        return Err(authorization_failed(caller.as_ref(), action, scope));
     }
     if let Some(spec) = app.roll(FaultKind::Throttle, operation) {
+        if scaleset::is_compute(operation) {
+            return Err(scaleset::compute_throttled(&spec));
+        }
         return Err(ArmError::new(
             429,
             spec.code.as_deref().unwrap_or("TooManyRequests"),
@@ -510,11 +624,12 @@ async fn arm_prelude(
         return Err(ArmError::new(
             spec.status.unwrap_or(500),
             spec.code.as_deref().unwrap_or("InternalServerError"),
-            "An error occurred.",
+            spec.message.as_deref().unwrap_or("An error occurred."),
         ));
     }
     // Busy only makes sense for writes unless the fault names operations explicitly.
     let busy_eligible = operation == "nic_put"
+        || operation == "vmss_vm_put"
         || lock(&app.faults)
             .busy
             .as_ref()
@@ -527,8 +642,11 @@ async fn arm_prelude(
         )
         .with_retry_after(spec.retry_after_secs));
     }
-    Ok(())
+    Ok(caller)
 }
+
+/// ARM's code for a request over the caller's throttling budget (unverified; see docs/cloud.md).
+const THROTTLED_CODE: &str = "SubscriptionRequestsThrottled";
 
 fn check_api_version(version: Option<&str>) -> Result<(), ArmError> {
     let Some(version) = version else {
@@ -572,6 +690,38 @@ async fn arm(
             ("subnet_get", Method::GET)
         }
         (["Microsoft.Compute", "virtualMachines", _], _) => ("vm_get", Method::GET),
+        (
+            [
+                "Microsoft.Compute",
+                "virtualMachineScaleSets",
+                _,
+                "virtualMachines",
+                _,
+            ],
+            &Method::PUT,
+        ) => ("vmss_vm_put", Method::PUT),
+        (
+            [
+                "Microsoft.Compute",
+                "virtualMachineScaleSets",
+                _,
+                "virtualMachines",
+                _,
+            ],
+            _,
+        ) => ("vmss_vm_get", Method::GET),
+        (
+            [
+                "Microsoft.Compute",
+                "virtualMachineScaleSets",
+                _,
+                "virtualMachines",
+                _,
+                "networkInterfaces",
+                _,
+            ],
+            _,
+        ) => ("vmss_nic_get", Method::GET),
         _ => {
             return (
                 None,
@@ -583,9 +733,14 @@ async fn arm(
             );
         }
     };
-    if let Err(e) = arm_prelude(app, ctx, operation, sub, Some(rg), &method).await {
-        return (Some(operation), arm_error(e));
-    }
+    let scope = format!(
+        "/subscriptions/{sub}/resourceGroups/{rg}/providers/{}",
+        rest.join("/")
+    );
+    let caller = match arm_prelude(app, ctx, operation, sub, Some(rg), &method, &scope).await {
+        Ok(caller) => caller,
+        Err(e) => return (Some(operation), arm_error(e)),
+    };
     let not_found = |kind: &str, name: &str| {
         arm_error(ArmError::new(
             404,
@@ -594,8 +749,14 @@ async fn arm(
         ))
     };
     let response = match rest {
+        // A Uniform instance's NIC has no standalone resource.
+        ["Microsoft.Network", "networkInterfaces", nic]
+            if crate::scaleset::is_uniform_nic(&lock(&app.cloud).topology, nic) =>
+        {
+            not_found("Microsoft.Network/networkInterfaces", nic)
+        }
         ["Microsoft.Network", "networkInterfaces", nic] if operation == "nic_put" => {
-            nic_put(app, ctx, nic)
+            nic_put(app, ctx, nic, caller.as_ref(), &scope)
         }
         ["Microsoft.Network", "networkInterfaces", nic] => {
             let (doc, routed) = app.with_cloud(|c| {
@@ -629,12 +790,34 @@ async fn arm(
             Some(doc) => json_response(StatusCode::OK, doc),
             None => not_found("Microsoft.Compute/virtualMachines", vm),
         },
+        [
+            "Microsoft.Compute",
+            "virtualMachineScaleSets",
+            set,
+            "virtualMachines",
+            instance,
+        ] => {
+            if operation == "vmss_vm_put" {
+                scaleset::instance_put(app, ctx, set, instance, caller.as_ref(), &scope)
+            } else {
+                scaleset::instance_get(app, set, instance).await
+            }
+        }
+        [
+            "Microsoft.Compute",
+            "virtualMachineScaleSets",
+            set,
+            "virtualMachines",
+            instance,
+            "networkInterfaces",
+            nic,
+        ] => scaleset::instance_nic_get(app, ctx, set, instance, nic).await,
         _ => unreachable!("matched above"),
     };
     (Some(operation), response)
 }
 
-fn nic_put(app: &App, ctx: &Ctx, nic: &str) -> Response {
+fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &str) -> Response {
     let body: Value = match serde_json::from_slice(&ctx.body) {
         Ok(body) => body,
         Err(e) => {
@@ -644,6 +827,10 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str) -> Response {
             ));
         }
     };
+    let refs = rules::nic_linked_references(&body);
+    if let Err(e) = check_linked_access(caller, action_for("nic_put"), scope, refs) {
+        return arm_error(e);
+    }
     let if_match = ctx
         .headers
         .get(header::IF_MATCH)
@@ -655,17 +842,21 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str) -> Response {
             ((), Vec::new())
         });
     }
-    let failure = app.roll(FaultKind::AsyncFailure, "nic_put").map(|spec| {
-        (
-            spec.code.unwrap_or_else(|| "InternalServerError".into()),
-            "The operation failed with an internal error.".to_string(),
-        )
-    });
-    let (polls, retry_after) = {
+    let failure = app
+        .roll(FaultKind::AsyncFailure, "nic_put")
+        .map(|spec| Failure {
+            code: spec.code.unwrap_or_else(|| "InternalServerError".into()),
+            message: spec
+                .message
+                .unwrap_or_else(|| "The operation failed with an internal error.".to_string()),
+            rollback: spec.rollback,
+        });
+    let (polls, retry_after, base_url) = {
         let faults = lock(&app.faults);
         (
             faults.operation_polls(),
             faults.operation_retry_after_secs(),
+            faults.operation_base_url.clone(),
         )
     };
     let (result, _) = app.with_cloud(|c| {
@@ -675,7 +866,7 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str) -> Response {
                 if_match.as_deref(),
                 &body,
                 failure,
-                polls,
+                Timing::new(polls, retry_after.max(1)),
                 Instant::now(),
             )
             .map(|op| {
@@ -691,12 +882,7 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str) -> Response {
     });
     let (op, doc, sub, location) = match result {
         Ok(ok) => ok,
-        Err(mut e) => {
-            if e.status == 409 {
-                e.retry_after = Some(retry_after.max(1));
-            }
-            return arm_error(e);
-        }
+        Err(e) => return arm_error(e),
     };
     if app.roll(FaultKind::LostResponse, "nic_put").is_some() {
         return arm_error(ArmError::new(
@@ -706,9 +892,10 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str) -> Response {
         ));
     }
     let mut response = nic_response(StatusCode::OK, doc.unwrap_or(Value::Null));
+    let base = base_url.unwrap_or_else(|| format!("http://{}", ctx.host()));
     let url = format!(
-        "http://{}/subscriptions/{sub}/providers/Microsoft.Network/locations/{location}/operations/{op}?api-version=2024-05-01",
-        ctx.host()
+        "{}/subscriptions/{sub}/providers/Microsoft.Network/locations/{location}/operations/{op}?api-version=2024-05-01",
+        base.trim_end_matches('/')
     );
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&url) {
@@ -773,12 +960,6 @@ fn arm_error(error: ArmError) -> Response {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    if error.status == 429 {
-        response.headers_mut().insert(
-            "x-ms-ratelimit-remaining-subscription-writes",
-            HeaderValue::from(0),
-        );
     }
     response
 }

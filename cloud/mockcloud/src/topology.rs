@@ -6,6 +6,7 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
 use crate::MockError;
+pub use crate::scaleset::{Orchestration, ScaleSetSpec};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -17,6 +18,9 @@ pub struct Topology {
     pub vnet: VnetSpec,
     pub subnets: Vec<SubnetSpec>,
     pub vms: Vec<VmSpec>,
+    /// Virtual machine scale sets; a VM names its set in `scale_set`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scale_sets: Vec<ScaleSetSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +46,41 @@ pub struct VmSpec {
     /// `00:0d:3a:..` style; derived from the name when absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// The scale set this VM is an instance of (absent: a standalone VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_set: Option<String>,
+    /// What else the VM's NIC carries (NSG, ASGs, load balancer pools, tags, DNS, ...).
+    #[serde(default, skip_serializing_if = "NicSpec::is_empty")]
+    pub nic: NicSpec,
+}
+
+/// The fields of a node NIC that vnet-cni does not own but must keep on every write. References
+/// are resource names in the topology's resource group (or full resource IDs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NicSpec {
+    pub tags: serde_json::Map<String, serde_json::Value>,
+    /// NSG name (`Microsoft.Network/networkSecurityGroups/{name}`).
+    pub network_security_group: Option<String>,
+    /// ASG names of the primary ipConfiguration.
+    pub application_security_groups: Vec<String>,
+    /// `{loadBalancer}/{pool}` pairs of the primary ipConfiguration.
+    pub load_balancer_backend_address_pools: Vec<String>,
+    /// Public IP name of the primary ipConfiguration.
+    pub public_ip_address: Option<String>,
+    pub dns_servers: Vec<String>,
+    pub accelerated_networking: bool,
+    pub ip_forwarding: bool,
+    /// Further NIC `properties`, kept verbatim (golden documents in tests).
+    pub properties: serde_json::Map<String, serde_json::Value>,
+    /// Further `properties` of the primary ipConfiguration, kept verbatim.
+    pub primary_ip_configuration_properties: serde_json::Map<String, serde_json::Value>,
+}
+
+impl NicSpec {
+    pub fn is_empty(&self) -> bool {
+        *self == NicSpec::default()
+    }
 }
 
 fn default_location() -> String {
@@ -57,6 +96,8 @@ impl Topology {
                 subnet: "nodes".to_string(),
                 primary_ip: Ipv4Addr::from(u32::from(prefix.network()) + 4 + i as u32),
                 mac: None,
+                scale_set: None,
+                nic: NicSpec::default(),
             })
             .collect();
         Topology {
@@ -72,6 +113,7 @@ impl Topology {
                 prefix,
             }],
             vms,
+            scale_sets: Vec::new(),
         }
     }
 
@@ -130,6 +172,7 @@ impl Topology {
                 }
             }
         }
+        crate::scaleset::validate(self)?;
         Ok(())
     }
 
@@ -172,6 +215,16 @@ impl Topology {
             "{}/Microsoft.Network/networkInterfaces/{nic}",
             self.rg_prefix()
         )
+    }
+
+    /// A resource ID for `name` of `kind` (`Microsoft.Network/networkSecurityGroups`) in this
+    /// resource group, or `name` itself when it already is a resource ID.
+    pub fn resource_id(&self, kind: &str, name: &str) -> String {
+        if name.starts_with("/subscriptions/") {
+            name.to_string()
+        } else {
+            format!("{}/{kind}/{name}", self.rg_prefix())
+        }
     }
 
     /// The subnet name a subnet resource ID refers to, when it is one of this VNet's.

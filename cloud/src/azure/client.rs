@@ -3,16 +3,25 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
-use reqwest::{Method, StatusCode};
+use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
 
-use super::config::{ARM_SCOPE, AzureConfig, CredentialConfig};
-use crate::CloudError;
+use super::config::{
+    AzureConfig, CredentialConfig, DEFAULT_ARM_ENDPOINT, arm_endpoint_for_environment, arm_scope,
+};
+use crate::{ArmBudget, CloudError};
+
+/// Headers in which ARM reports the caller's remaining budget.
+pub const REMAINING_READS: &str = "x-ms-ratelimit-remaining-subscription-reads";
+pub const REMAINING_WRITES: &str = "x-ms-ratelimit-remaining-subscription-writes";
+/// "Not reported yet" in the budget gauges.
+const UNKNOWN: u64 = u64::MAX;
 
 /// Waits between retries. Tests inject one that records the requested delays.
 pub trait Sleeper: Send + Sync + 'static {
@@ -55,16 +64,68 @@ impl Reply {
     }
 }
 
+/// The ARM endpoint in use: where the token may go, and the token's scope.
+#[derive(Debug, Clone)]
+struct ArmBase {
+    endpoint: String,
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+    scope: String,
+}
+
+impl ArmBase {
+    fn parse(endpoint: &str) -> Result<ArmBase, CloudError> {
+        let url = Url::parse(endpoint)
+            .map_err(|e| CloudError::Fatal(format!("ARM endpoint {endpoint:?}: {e}")))?;
+        Ok(ArmBase {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            scheme: url.scheme().to_string(),
+            host: url.host_str().unwrap_or_default().to_ascii_lowercase(),
+            port: url.port_or_known_default(),
+            scope: arm_scope(endpoint),
+        })
+    }
+
+    /// Whether `url` is on this endpoint's scheme, host and port: only there goes the token.
+    fn owns(&self, url: &Url) -> bool {
+        url.scheme() == self.scheme
+            && url
+                .host_str()
+                .is_some_and(|h| h.eq_ignore_ascii_case(&self.host))
+            && url.port_or_known_default() == self.port
+    }
+}
+
+/// What ARM last said about the caller's budget, and how often it throttled.
+#[derive(Debug)]
+struct Budget {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    throttled: AtomicU64,
+}
+
 pub struct Client {
     pub config: AzureConfig,
     arm: reqwest::Client,
     imds: reqwest::Client,
     credential: Option<Arc<dyn TokenCredential>>,
     pub sleeper: Arc<dyn Sleeper>,
+    base: RwLock<ArmBase>,
+    /// `arm_endpoint` was configured: IMDS's azEnvironment does not change it.
+    base_configured: bool,
+    budget: Budget,
 }
 
 impl Client {
     pub fn new(config: AzureConfig) -> Result<Client, CloudError> {
+        config.validate()?;
+        let base_configured = !config.arm_endpoint.is_empty();
+        let base = ArmBase::parse(if base_configured {
+            &config.arm_endpoint
+        } else {
+            DEFAULT_ARM_ENDPOINT
+        })?;
         let build = |builder: reqwest::ClientBuilder| {
             builder
                 .timeout(config.request_timeout)
@@ -82,7 +143,105 @@ impl Client {
             imds,
             credential,
             sleeper: Arc::new(TokioSleeper),
+            base: RwLock::new(base),
+            base_configured,
+            budget: Budget {
+                reads: AtomicU64::new(UNKNOWN),
+                writes: AtomicU64::new(UNKNOWN),
+                throttled: AtomicU64::new(0),
+            },
         })
+    }
+
+    /// Replaces the credential (tests: one that fails the way a token endpoint can).
+    pub fn set_credential(&mut self, credential: Arc<dyn TokenCredential>) {
+        self.credential = Some(credential);
+    }
+
+    /// The ARM base URL in use.
+    pub fn arm_endpoint(&self) -> String {
+        self.base
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .endpoint
+            .clone()
+    }
+
+    /// Follows IMDS's `compute.azEnvironment` unless `arm_endpoint` was configured.
+    pub fn adopt_environment(&self, environment: &str) -> Result<(), CloudError> {
+        if self.base_configured || environment.is_empty() {
+            return Ok(());
+        }
+        let endpoint = arm_endpoint_for_environment(environment).ok_or_else(|| {
+            CloudError::Fatal(format!(
+                "IMDS names Azure environment {environment:?}, whose ARM endpoint is unknown; set cloud.arm_endpoint"
+            ))
+        })?;
+        let base = ArmBase::parse(endpoint)?;
+        tracing::info!(
+            environment,
+            endpoint,
+            "ARM endpoint from IMDS azEnvironment"
+        );
+        *self.base.write().unwrap_or_else(|p| p.into_inner()) = base;
+        Ok(())
+    }
+
+    /// ARM's last reported budget and the number of 429s seen.
+    pub fn budget(&self) -> ArmBudget {
+        let known = |v: u64| (v != UNKNOWN).then_some(v);
+        ArmBudget {
+            remaining_reads: known(self.budget.reads.load(Ordering::Relaxed)),
+            remaining_writes: known(self.budget.writes.load(Ordering::Relaxed)),
+            throttled: self.budget.throttled.load(Ordering::Relaxed),
+        }
+    }
+
+    fn note_budget(&self, reply_headers: &HeaderMap, status: StatusCode) {
+        for (name, gauge) in [
+            (REMAINING_READS, &self.budget.reads),
+            (REMAINING_WRITES, &self.budget.writes),
+        ] {
+            if let Some(v) = reply_headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                gauge.store(v, Ordering::Relaxed);
+                tracing::debug!(header = name, remaining = v, "ARM budget");
+            }
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            self.budget.throttled.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                retry_after = ?retry_after(reply_headers),
+                "ARM throttled the request (429)"
+            );
+        }
+    }
+
+    /// Before an ARM request: wait if the budget of its kind is low (see [`super::Pacing`]).
+    async fn pace(&self, method: &Method) {
+        let pacing = &self.config.pacing;
+        let (remaining, floor, rate) = if method == Method::GET {
+            (
+                self.budget.reads.load(Ordering::Relaxed),
+                pacing.reads_floor,
+                pacing.reads_per_sec,
+            )
+        } else {
+            (
+                self.budget.writes.load(Ordering::Relaxed),
+                pacing.writes_floor,
+                pacing.writes_per_sec,
+            )
+        };
+        if remaining == UNKNOWN || remaining >= floor || rate <= 0.0 {
+            return;
+        }
+        let wait = Duration::from_secs_f64((floor - remaining) as f64 / rate).min(pacing.max_wait);
+        tracing::info!(remaining, floor, ?wait, "ARM budget low; slowing down");
+        self.sleep(wait).await;
     }
 
     pub async fn sleep(&self, duration: Duration) {
@@ -90,16 +249,45 @@ impl Client {
     }
 
     async fn token(&self) -> Result<Option<String>, CloudError> {
+        if let CredentialConfig::StaticToken { token } = &self.config.credential {
+            return Ok(Some(token.clone()));
+        }
         let Some(credential) = &self.credential else {
             return Ok(None);
         };
+        let scope = self
+            .base
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .scope
+            .clone();
         let token = credential
-            .get_token(&[ARM_SCOPE], None)
+            .get_token(&[&scope], None)
             .await
-            .map_err(|e| CloudError::Unauthorized {
-                message: format!("cannot get a token for {ARM_SCOPE}: {e}"),
-            })?;
+            .map_err(|e| token_error(&scope, &e))?;
         Ok(Some(token.token.secret().to_string()))
+    }
+
+    /// The token may go only to the ARM endpoint's scheme, host and port (`https://` unless
+    /// this is the mock): never to a long-running-operation URL on another host.
+    fn check_arm_url(&self, url: &str) -> Result<(), CloudError> {
+        let parsed =
+            Url::parse(url).map_err(|e| CloudError::Fatal(format!("not a URL: {url:?}: {e}")))?;
+        let base = self.base.read().unwrap_or_else(|p| p.into_inner());
+        if parsed.scheme() != "https" && !self.config.allow_plain_http {
+            return Err(CloudError::Fatal(format!(
+                "refusing to send the ARM token over {}: {url} (only https:// to {})",
+                parsed.scheme(),
+                base.endpoint
+            )));
+        }
+        if !base.owns(&parsed) {
+            return Err(CloudError::Fatal(format!(
+                "refusing to send the ARM token to {url}: not the ARM endpoint {}",
+                base.endpoint
+            )));
+        }
+        Ok(())
     }
 
     /// One request; any HTTP answer is `Ok`, a transport failure or timeout is `Transient`.
@@ -113,6 +301,8 @@ impl Client {
     ) -> Result<Reply, CloudError> {
         let mut request = match target {
             Target::Arm => {
+                self.check_arm_url(url)?;
+                self.pace(&method).await;
                 let mut r = self.arm.request(method.clone(), url);
                 if let Some(token) = self.token().await? {
                     r = r.bearer_auth(token);
@@ -136,6 +326,9 @@ impl Client {
             .map_err(|e| transport_error(&method, url, &e))?;
         let status = response.status();
         let headers = response.headers().clone();
+        if target == Target::Arm {
+            self.note_budget(&headers, status);
+        }
         let bytes = response
             .bytes()
             .await
@@ -193,7 +386,7 @@ fn credential(config: &CredentialConfig) -> Result<Option<Arc<dyn TokenCredentia
     };
     let fail = |what: &str, e: azure_core::Error| CloudError::Fatal(format!("{what}: {e}"));
     Ok(match config {
-        CredentialConfig::None => None,
+        CredentialConfig::None | CredentialConfig::StaticToken { .. } => None,
         CredentialConfig::ManagedIdentity { client_id } => {
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
@@ -244,6 +437,51 @@ fn credential(config: &CredentialConfig) -> Result<Option<Arc<dyn TokenCredentia
     })
 }
 
+/// A token failure: transient when the token endpoint was unreachable or answered 5xx/429
+/// (retried like any transient failure), else `Unauthorized`.
+fn token_error(scope: &str, error: &azure_core::Error) -> CloudError {
+    let message = format!("cannot get a token for {scope}: {error}");
+    if token_error_is_transient(error) {
+        CloudError::Transient(message)
+    } else {
+        CloudError::Unauthorized { message }
+    }
+}
+
+fn token_error_is_transient(error: &azure_core::Error) -> bool {
+    use azure_core::error::ErrorKind;
+    let kind_transient = |kind: &ErrorKind| match kind {
+        ErrorKind::Connection | ErrorKind::Io => true,
+        ErrorKind::HttpResponse { status, .. } => {
+            let code = u16::from(*status);
+            code >= 500 || code == 429 || code == 408
+        }
+        _ => false,
+    };
+    if kind_transient(error.kind()) {
+        return true;
+    }
+    // azure_identity wraps the cause in a Credential error: look down the chain.
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(inner) = cause.downcast_ref::<azure_core::Error>()
+            && kind_transient(inner.kind())
+        {
+            return true;
+        }
+        if let Some(inner) = cause.downcast_ref::<reqwest::Error>()
+            && (inner.is_connect() || inner.is_timeout())
+        {
+            return true;
+        }
+        if cause.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 fn transport_error(method: &Method, url: &str, error: &reqwest::Error) -> CloudError {
     let kind = if error.is_timeout() {
         "timed out"
@@ -274,10 +512,11 @@ pub fn error_parts(body: &Value) -> (String, String) {
     }
 }
 
-const BUSY_CODES: [&str; 3] = [
+/// The NIC is busy with another operation: retry after `Retry-After`. (`OperationNotAllowed`
+/// is not one of them: it is a refusal, reported with its message.)
+const BUSY_CODES: [&str; 2] = [
     "RetryableErrorDueToAnotherOperation",
     "AnotherOperationInProgress",
-    "OperationNotAllowed",
 ];
 
 /// Maps an Azure error answer (or a failed operation's error) to what the agent acts on.
@@ -319,8 +558,14 @@ pub fn map_error(
     }
     match status {
         401 | 403 => CloudError::Unauthorized {
-            message: match missing_permission(message) {
-                Some(action) => format!("missing permission {action}: {detail}"),
+            message: match missing_permissions(code, message) {
+                Some(actions) if code.eq_ignore_ascii_case("LinkedAuthorizationFailed") => {
+                    format!(
+                        "missing permission {} on resources the NIC references (linked access check): {detail}",
+                        actions.join(", ")
+                    )
+                }
+                Some(actions) => format!("missing permission {}: {detail}", actions.join(", ")),
                 None => detail,
             },
         },
@@ -347,11 +592,28 @@ pub fn error_from_reply(reply: &Reply, subnet_id: Option<&str>) -> CloudError {
     )
 }
 
-/// The action in ARM's `AuthorizationFailed` text: "...perform action 'X' over scope...".
-fn missing_permission(message: &str) -> Option<&str> {
-    let start = message.find("action '")? + "action '".len();
-    let len = message[start..].find('\'')?;
-    Some(&message[start..start + len])
+/// The actions the caller lacks, from ARM's texts:
+/// `AuthorizationFailed`: "...does not have authorization to perform action 'X' over scope...";
+/// `LinkedAuthorizationFailed`: "...has permission to perform action 'W' on scope '...'; however,
+/// it does not have permission to perform action(s) 'X,Y' on the linked scope(s) ...".
+fn missing_permissions(code: &str, message: &str) -> Option<Vec<String>> {
+    let after = if code.eq_ignore_ascii_case("LinkedAuthorizationFailed") {
+        let at = message.find("does not have permission to perform ")?;
+        &message[at..]
+    } else {
+        message
+    };
+    let start = after
+        .find("action(s) '")
+        .map(|i| i + "action(s) '".len())
+        .or_else(|| after.find("action '").map(|i| i + "action '".len()))?;
+    let len = after[start..].find('\'')?;
+    let actions: Vec<String> = after[start..start + len]
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    (!actions.is_empty()).then_some(actions)
 }
 
 /// The error returned after retries ran out, saying so for transient failures.
@@ -421,5 +683,68 @@ mod tests {
             m(400, "InvalidRequestFormat", ""),
             CloudError::Fatal(_)
         ));
+        let refused = m(
+            409,
+            "OperationNotAllowed",
+            "Operation is not allowed because x.",
+        );
+        assert!(
+            matches!(&refused, CloudError::Fatal(m) if m.contains("Operation is not allowed because x.")),
+            "{refused:?}"
+        );
+        let linked = m(
+            403,
+            "LinkedAuthorizationFailed",
+            "The client 'c' with object id 'o' has permission to perform action 'Microsoft.Network/networkInterfaces/write' on scope '/n'; however, it does not have permission to perform action(s) 'Microsoft.Network/networkSecurityGroups/join/action,Microsoft.Network/applicationSecurityGroups/joinIpConfiguration/action' on the linked scope(s) '/a,/b' (respectively) or the linked scope(s) are invalid.",
+        );
+        assert!(
+            matches!(&linked, CloudError::Unauthorized { message } if message.starts_with("missing permission Microsoft.Network/networkSecurityGroups/join/action, Microsoft.Network/applicationSecurityGroups/joinIpConfiguration/action ")),
+            "{linked:?}"
+        );
+    }
+
+    #[test]
+    fn the_arm_endpoint_follows_imds_unless_configured() {
+        let auto = Client::new(AzureConfig::new(
+            "",
+            "http://127.0.0.1:1",
+            CredentialConfig::None,
+        ))
+        .unwrap();
+        assert_eq!(auto.arm_endpoint(), "https://management.azure.com");
+        auto.adopt_environment("AzureUSGovernmentCloud").unwrap();
+        assert_eq!(auto.arm_endpoint(), "https://management.usgovcloudapi.net");
+        assert_eq!(
+            auto.base.read().unwrap().scope,
+            "https://management.usgovcloudapi.net/.default"
+        );
+        auto.adopt_environment("AzureChinaCloud").unwrap();
+        assert_eq!(auto.arm_endpoint(), "https://management.chinacloudapi.cn");
+        assert!(auto.adopt_environment("AzureMarsCloud").is_err());
+        // The token stays on the endpoint in use.
+        assert!(
+            auto.check_arm_url("https://management.chinacloudapi.cn/x")
+                .is_ok()
+        );
+        assert!(
+            auto.check_arm_url("https://management.azure.com/x")
+                .is_err()
+        );
+        assert!(
+            auto.check_arm_url("http://management.chinacloudapi.cn/x")
+                .is_err()
+        );
+
+        let configured = Client::new(AzureConfig::new(
+            "https://management.usgovcloudapi.net/",
+            "http://127.0.0.1:1",
+            CredentialConfig::None,
+        ))
+        .unwrap();
+        configured.adopt_environment("AzurePublicCloud").unwrap();
+        assert_eq!(
+            configured.arm_endpoint(),
+            "https://management.usgovcloudapi.net"
+        );
     }
 }

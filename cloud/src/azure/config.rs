@@ -11,15 +11,32 @@ pub const NETWORK_API_VERSION: &str = "2024-05-01";
 pub const COMPUTE_API_VERSION: &str = "2024-07-01";
 /// Instance metadata API version.
 pub const IMDS_API_VERSION: &str = "2021-02-01";
-/// The token scope for Azure Resource Manager.
+/// The token scope for Azure Resource Manager in the public cloud (others: `{endpoint}/.default`).
 pub const ARM_SCOPE: &str = "https://management.azure.com/.default";
 
 pub const DEFAULT_ARM_ENDPOINT: &str = "https://management.azure.com";
 pub const DEFAULT_IMDS_ENDPOINT: &str = "http://169.254.169.254";
 
+/// The ARM endpoint of an Azure cloud, by the name IMDS gives in `compute.azEnvironment`.
+pub fn arm_endpoint_for_environment(environment: &str) -> Option<&'static str> {
+    match environment.to_ascii_lowercase().as_str() {
+        "azurepubliccloud" => Some("https://management.azure.com"),
+        "azureusgovernmentcloud" => Some("https://management.usgovcloudapi.net"),
+        "azurechinacloud" => Some("https://management.chinacloudapi.cn"),
+        _ => None,
+    }
+}
+
+/// The token scope for an ARM endpoint: `https://management.azure.com/.default` and the like.
+pub fn arm_scope(endpoint: &str) -> String {
+    format!("{}/.default", endpoint.trim_end_matches('/'))
+}
+
 #[derive(Debug, Clone)]
 pub struct AzureConfig {
     /// ARM base URL, e.g. `https://management.azure.com` or `http://127.0.0.1:PORT` (mock).
+    /// Empty: the cloud IMDS names in `compute.azEnvironment` (public, US Government, China),
+    /// learned at discovery; the public cloud until then.
     pub arm_endpoint: String,
     /// IMDS base URL: `http://169.254.169.254`, or `http://127.0.0.1:PORT/vms/node-1` (mock).
     pub imds_endpoint: String,
@@ -27,6 +44,38 @@ pub struct AzureConfig {
     pub retry: RetryPolicy,
     /// Limit for one HTTP request (a timed-out write is resolved by re-reading the NIC).
     pub request_timeout: Duration,
+    /// Plain `http://` ARM and the static test token: vnet-mockcloud only (`provider = "mock"`).
+    /// Otherwise the token goes only to `https://` URLs on the ARM host.
+    pub allow_plain_http: bool,
+    /// Slowing down before ARM throttles.
+    pub pacing: Pacing,
+}
+
+/// When the remaining budget ARM reports (`x-ms-ratelimit-remaining-subscription-reads` /
+/// `-writes`) falls below `*_floor`, each request of that kind first waits until, at the
+/// documented refill rate, the bucket would be back at the floor. So a burst spreads out
+/// instead of running into 429s.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pacing {
+    pub reads_floor: u64,
+    pub writes_floor: u64,
+    /// ARM's refill rates (documented: reads 25/s, writes 10/s per principal).
+    pub reads_per_sec: f64,
+    pub writes_per_sec: f64,
+    /// Longest single wait.
+    pub max_wait: Duration,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Pacing {
+            reads_floor: 25,
+            writes_floor: 10,
+            reads_per_sec: 25.0,
+            writes_per_sec: 10.0,
+            max_wait: Duration::from_secs(5),
+        }
+    }
 }
 
 impl AzureConfig {
@@ -41,7 +90,60 @@ impl AzureConfig {
             credential,
             retry: RetryPolicy::default(),
             request_timeout: Duration::from_secs(30),
+            allow_plain_http: false,
+            pacing: Pacing::default(),
         }
+    }
+
+    /// vnet-mockcloud: plain HTTP allowed, and the static test token.
+    pub fn mock(
+        arm_endpoint: &str,
+        imds_endpoint: &str,
+        credential: CredentialConfig,
+    ) -> AzureConfig {
+        AzureConfig {
+            allow_plain_http: true,
+            ..AzureConfig::new(arm_endpoint, imds_endpoint, credential)
+        }
+    }
+
+    /// What is wrong with this configuration, before any request: an `http://` ARM endpoint or
+    /// the static test token outside the mock.
+    pub fn validate(&self) -> Result<(), CloudError> {
+        if !self.arm_endpoint.is_empty() {
+            let url = reqwest::Url::parse(&self.arm_endpoint).map_err(|e| {
+                CloudError::Fatal(format!("ARM endpoint {:?}: {e}", self.arm_endpoint))
+            })?;
+            match url.scheme() {
+                "https" => {}
+                "http" if self.allow_plain_http => {}
+                "http" => {
+                    return Err(CloudError::Fatal(format!(
+                        "ARM endpoint {}: plain http:// would send the bearer token unencrypted; use https:// (plain HTTP is for the mock provider only)",
+                        self.arm_endpoint
+                    )));
+                }
+                other => {
+                    return Err(CloudError::Fatal(format!(
+                        "ARM endpoint {}: unsupported scheme {other}",
+                        self.arm_endpoint
+                    )));
+                }
+            }
+            if url.host_str().is_none() {
+                return Err(CloudError::Fatal(format!(
+                    "ARM endpoint {}: no host",
+                    self.arm_endpoint
+                )));
+            }
+        }
+        if matches!(self.credential, CredentialConfig::StaticToken { .. }) && !self.allow_plain_http
+        {
+            return Err(CloudError::Fatal(
+                "the static test token is for vnet-mockcloud only (provider = \"mock\")".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Real Azure with the given credential.
@@ -68,6 +170,8 @@ pub enum CredentialConfig {
         client_id: String,
         secret_file: PathBuf,
     },
+    /// A fixed bearer token (vnet-mockcloud's per-caller test tokens; mock provider only).
+    StaticToken { token: String },
     /// No `Authorization` header (vnet-mockcloud).
     None,
 }

@@ -16,17 +16,23 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::{CloudError, CloudProvider, IP_CONFIG_PREFIX, NodeIdentity, SecondaryIp};
+use crate::{
+    ArmBudget, CloudError, CloudProvider, IP_CONFIG_PREFIX, NodeIdentity, NodeKind, SecondaryIp,
+};
 
 mod client;
 mod config;
+mod vmss;
 
 use client::{Client, Reply, Target, error_from_reply, error_parts, map_error};
+pub use client::{REMAINING_READS, REMAINING_WRITES};
 pub use client::{Sleeper, TokioSleeper};
 pub use config::{
     ARM_SCOPE, AzureConfig, COMPUTE_API_VERSION, CredentialConfig, DEFAULT_ARM_ENDPOINT,
-    DEFAULT_IMDS_ENDPOINT, IMDS_API_VERSION, NETWORK_API_VERSION, RetryPolicy,
+    DEFAULT_IMDS_ENDPOINT, IMDS_API_VERSION, NETWORK_API_VERSION, Pacing, RetryPolicy,
+    arm_endpoint_for_environment, arm_scope,
 };
+pub use vmss::VMSS_NIC_API_VERSION;
 
 #[derive(Clone)]
 pub struct AzureProvider {
@@ -52,6 +58,8 @@ enum Job {
     Release {
         ips: Vec<Ipv4Addr>,
     },
+    /// Nothing to add or remove: only bring a `Failed` NIC back to `Succeeded` (re-PUT it).
+    Repair,
 }
 
 struct Pending {
@@ -75,8 +83,21 @@ impl AzureProvider {
         config: AzureConfig,
         sleeper: Arc<dyn Sleeper>,
     ) -> Result<AzureProvider, CloudError> {
+        AzureProvider::with_parts(config, sleeper, None)
+    }
+
+    /// [`AzureProvider::with_sleeper`] with a credential of the caller's (tests: one that fails
+    /// the way a token endpoint can).
+    pub fn with_parts(
+        config: AzureConfig,
+        sleeper: Arc<dyn Sleeper>,
+        credential: Option<Arc<dyn azure_core::credentials::TokenCredential>>,
+    ) -> Result<AzureProvider, CloudError> {
         let mut client = Client::new(config)?;
         client.sleeper = sleeper;
+        if let Some(credential) = credential {
+            client.set_credential(credential);
+        }
         Ok(AzureProvider {
             inner: Arc::new(Inner {
                 client,
@@ -94,7 +115,7 @@ impl Inner {
     fn arm_url(&self, resource_id: &str, api_version: &str) -> String {
         format!(
             "{}{resource_id}?api-version={api_version}",
-            self.client.config.arm_endpoint
+            self.client.arm_endpoint()
         )
     }
 
@@ -108,11 +129,17 @@ impl Inner {
 
     /// The NIC once no operation runs on it, and its etag.
     async fn settled_nic(&self, nic_id: &str) -> Result<(Value, String), CloudError> {
+        let url = self.arm_url(nic_id, vmss::nic_api_version(nic_id));
+        self.settled(&url, nic_id).await
+    }
+
+    /// The resource at `url` once it is no longer `Updating`, and its etag.
+    async fn settled(&self, url: &str, what: &str) -> Result<(Value, String), CloudError> {
+        let nic_id = what;
         let policy = &self.client.config.retry;
-        let url = self.arm_url(nic_id, NETWORK_API_VERSION);
         let mut waited = Duration::ZERO;
         loop {
-            let reply = self.client.get(Target::Arm, &url).await?;
+            let reply = self.client.get(Target::Arm, url).await?;
             let state = reply.body["properties"]["provisioningState"]
                 .as_str()
                 .unwrap_or("Succeeded");
@@ -126,7 +153,7 @@ impl Inner {
             }
             if waited >= policy.operation_timeout {
                 return Err(CloudError::Transient(format!(
-                    "NIC {nic_id} still Updating after {waited:?}"
+                    "{nic_id} still Updating after {waited:?}"
                 )));
             }
             let delay = reply.retry_after().unwrap_or(policy.default_poll_interval);
@@ -196,7 +223,7 @@ impl Inner {
         nic_id: &str,
         job: Job,
     ) -> Result<Vec<SecondaryIp>, CloudError> {
-        let writer = self.writer(nic_id);
+        let writer = self.writer(&vmss::write_key(nic_id));
         let (reply, answer) = oneshot::channel();
         writer
             .pending
@@ -229,6 +256,7 @@ impl Inner {
                     adds.extend(names.iter().map(|n| (n.clone(), subnet_id.clone())));
                 }
                 Job::Release { ips } => releases.extend(ips.iter().copied()),
+                Job::Repair => {}
             }
         }
         tracing::info!(
@@ -250,6 +278,7 @@ impl Inner {
         for pending in batch {
             let answer = match (&result, &pending.job) {
                 (_, Job::Release { .. }) => release_result.clone().map(|_| Vec::new()),
+                (_, Job::Repair) => result.clone().map(|_| Vec::new()),
                 (Err(error), _) => Err(error.clone()),
                 (Ok(nic), Job::Assign { names, .. }) => assigned(nic, names),
             };
@@ -273,8 +302,25 @@ impl Inner {
             // Reading first also settles a write whose outcome we did not learn (timeout, 5xx):
             // if it took effect there is nothing left to change.
             let (nic, etag) = self.settled_nic(nic_id).await?;
-            let Some(body) = edited(&nic, adds, releases) else {
-                return Ok(nic);
+            // A Failed NIC (or entry) is not settled: write the same intent again, even when
+            // our entries are all there, until Azure reports Succeeded.
+            let body = match edited(&nic, adds, releases) {
+                Some(body) => body,
+                None if is_failed(&nic) => {
+                    tracing::info!(nic_id, "NIC is Failed; writing it again");
+                    nic.clone()
+                }
+                None => return Ok(nic),
+            };
+            // A Uniform instance's NIC is written through the instance.
+            let (url, body, etag) = match vmss::instance_of_nic(nic_id) {
+                None => (url.clone(), body, etag),
+                Some((instance, name)) => {
+                    let write = self
+                        .instance_write(instance, name, &nic, adds, releases)
+                        .await?;
+                    (write.url, write.body, write.etag)
+                }
             };
             attempt += 1;
             if attempt > policy.max_write_attempts {
@@ -321,12 +367,43 @@ impl Inner {
     }
 }
 
-/// The NIC body with our entries changed, or `None` when it already is as wanted.
+/// Whether the NIC or one of its ipConfigurations is `Failed` (stays so until a PUT succeeds).
+fn is_failed(nic: &Value) -> bool {
+    let failed = |v: &Value| v["properties"]["provisioningState"].as_str() == Some("Failed");
+    failed(nic)
+        || nic["properties"]["ipConfigurations"]
+            .as_array()
+            .is_some_and(|configs| configs.iter().any(failed))
+}
+
+/// Whether an ipConfiguration is provisioned (`Succeeded`, or no state reported).
+fn is_succeeded(config: &Value) -> bool {
+    config["properties"]["provisioningState"]
+        .as_str()
+        .is_none_or(|s| s == "Succeeded")
+}
+
+/// The NIC body with our entries changed, or `None` when it already is as wanted. New entries
+/// carry the primary ipConfiguration's application security groups: Azure refuses a NIC whose
+/// ipConfigurations do not all belong to the same ASGs.
 fn edited(nic: &Value, adds: &[(String, String)], releases: &HashSet<Ipv4Addr>) -> Option<Value> {
     let configs = nic["properties"]["ipConfigurations"]
         .as_array()
         .cloned()
         .unwrap_or_default();
+    let primary_asgs: Option<Value> = configs
+        .iter()
+        .find(|c| c["properties"]["primary"].as_bool() == Some(true))
+        .and_then(|c| c["properties"]["applicationSecurityGroups"].as_array())
+        .filter(|asgs| !asgs.is_empty())
+        .map(|asgs| {
+            Value::Array(
+                asgs.iter()
+                    .filter_map(|a| a["id"].as_str())
+                    .map(|id| json!({"id": id}))
+                    .collect(),
+            )
+        });
     let before = configs.len();
     let mut configs: Vec<Value> = configs
         .into_iter()
@@ -343,7 +420,7 @@ fn edited(nic: &Value, adds: &[(String, String)], releases: &HashSet<Ipv4Addr>) 
     let mut changed = configs.len() != before;
     for (name, subnet_id) in adds {
         if !configs.iter().any(|c| c["name"].as_str() == Some(name)) {
-            configs.push(json!({
+            let mut entry = json!({
                 "name": name,
                 "properties": {
                     "privateIPAllocationMethod": "Dynamic",
@@ -351,7 +428,11 @@ fn edited(nic: &Value, adds: &[(String, String)], releases: &HashSet<Ipv4Addr>) 
                     "primary": false,
                     "subnet": {"id": subnet_id},
                 }
-            }));
+            });
+            if let Some(asgs) = &primary_asgs {
+                entry["properties"]["applicationSecurityGroups"] = asgs.clone();
+            }
+            configs.push(entry);
             changed = true;
         }
     }
@@ -363,7 +444,7 @@ fn edited(nic: &Value, adds: &[(String, String)], releases: &HashSet<Ipv4Addr>) 
     Some(body)
 }
 
-/// Our ipConfigurations with their addresses.
+/// Our provisioned (`Succeeded`) ipConfigurations with their addresses.
 fn secondary_ips(nic: &Value) -> Vec<SecondaryIp> {
     let configs = nic["properties"]["ipConfigurations"]
         .as_array()
@@ -373,7 +454,7 @@ fn secondary_ips(nic: &Value) -> Vec<SecondaryIp> {
         .iter()
         .filter_map(|c| {
             let name = c["name"].as_str()?;
-            if !name.starts_with(IP_CONFIG_PREFIX) {
+            if !name.starts_with(IP_CONFIG_PREFIX) || !is_succeeded(c) {
                 return None;
             }
             let ip = c["properties"]["privateIPAddress"].as_str()?.parse().ok()?;
@@ -408,6 +489,14 @@ fn complete_secondary_ips(nic: &Value) -> Result<Vec<SecondaryIp>, CloudError> {
         let name = c["name"]
             .as_str()
             .ok_or_else(|| incomplete("an ipConfiguration without a name"))?;
+        if name.starts_with(IP_CONFIG_PREFIX) && !is_succeeded(c) {
+            return Err(incomplete(&format!(
+                "ipConfiguration {name} is {}",
+                c["properties"]["provisioningState"]
+                    .as_str()
+                    .unwrap_or_default()
+            )));
+        }
         if name.starts_with(IP_CONFIG_PREFIX)
             && c["properties"]["privateIPAddress"]
                 .as_str()
@@ -432,7 +521,7 @@ fn assigned(nic: &Value, names: &[String]) -> Result<Vec<SecondaryIp>, CloudErro
                 .cloned()
                 .ok_or_else(|| {
                     CloudError::Transient(format!(
-                        "ipConfiguration {name} has no address after the update"
+                        "ipConfiguration {name} has no Succeeded address after the update"
                     ))
                 })
         })
@@ -487,24 +576,30 @@ impl CloudProvider for AzureProvider {
         );
         let imds = inner.client.get(Target::Imds, &imds_url).await?.body;
         let compute = field(&imds, &["compute"], "IMDS")?;
+        // Sovereign clouds: the ARM endpoint and token scope follow the VM's cloud.
+        inner
+            .client
+            .adopt_environment(compute["azEnvironment"].as_str().unwrap_or_default())?;
         let vm_id = field(compute, &["resourceId"], "IMDS compute")?
             .as_str()
             .unwrap_or_default()
             .to_string();
-        // Flexible scale-set members are ordinary VMs with ordinary NICs; Uniform instances
-        // (`.../virtualMachineScaleSets/{ss}/virtualMachines/{n}`) are changed through the scale set.
-        if vm_id
-            .to_ascii_lowercase()
-            .contains("/virtualmachinescalesets/")
-        {
-            let vmss = compute["vmScaleSetName"].as_str().unwrap_or_default();
-            return Err(CloudError::Fatal(format!(
-                "this VM is an instance of Uniform scale set {vmss}; its NIC cannot be written directly and scale-set support is missing (see docs/cloud.md)"
-            )));
-        }
+        // What Azure reports picks the path: a Uniform instance's resourceId is
+        // `.../virtualMachineScaleSets/{ss}/virtualMachines/{n}` and its NIC lives under it; a
+        // Flexible member (vmScaleSetName set, a plain VM resourceId) has a standalone NIC.
+        let uniform = vmss::is_uniform_instance(&vm_id);
         let vm_name = compute["name"].as_str().unwrap_or_default().to_string();
+        let scale_set = compute["vmScaleSetName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let kind = match (uniform, scale_set.is_empty()) {
+            (true, _) => NodeKind::Uniform,
+            (false, false) => NodeKind::Flexible,
+            (false, true) => NodeKind::Vm,
+        };
 
-        // The NIC's resource ID is not in IMDS: the VM's network profile names it.
+        // The NIC's resource ID is not in IMDS: the VM's (or instance's) network profile names it.
         let vm = inner.arm_get(&vm_id, COMPUTE_API_VERSION).await?;
         let nics = field(
             &vm,
@@ -520,6 +615,11 @@ impl CloudProvider for AzureProvider {
             .or_else(|| nics.first())
             .ok_or_else(|| CloudError::Fatal(format!("VM {vm_id} has no network interface")))?;
         let nic_id = nic_ref["id"].as_str().unwrap_or_default().to_string();
+        if uniform && vmss::instance_of_nic(&nic_id).is_none() {
+            return Err(CloudError::Fatal(format!(
+                "instance {vm_id} names NIC {nic_id:?}, not one of its scale-set NICs"
+            )));
+        }
 
         let (nic, _) = inner.settled_nic(&nic_id).await?;
         let configs = nic["properties"]["ipConfigurations"]
@@ -581,6 +681,8 @@ impl CloudProvider for AzureProvider {
             subnet_id,
             subnet_prefix,
             vnet_address_space,
+            kind,
+            scale_set,
         };
         tracing::info!(?identity, "discovered node");
         Ok(identity)
@@ -588,7 +690,18 @@ impl CloudProvider for AzureProvider {
 
     async fn list_secondary_ips(&self, nic_id: &str) -> Result<Vec<SecondaryIp>, CloudError> {
         let (nic, _) = self.inner.settled_nic(nic_id).await?;
+        if !is_failed(&nic) {
+            return complete_secondary_ips(&nic);
+        }
+        // A Failed NIC is not a settled view: have it written again (in the NIC's write queue),
+        // then read what Azure made of it.
+        self.inner.submit(nic_id, Job::Repair).await?;
+        let (nic, _) = self.inner.settled_nic(nic_id).await?;
         complete_secondary_ips(&nic)
+    }
+
+    fn arm_budget(&self) -> Option<ArmBudget> {
+        Some(self.inner.client.budget())
     }
 
     async fn assign_ips(

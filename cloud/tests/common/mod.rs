@@ -9,16 +9,28 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vnet_cloud::azure::{AzureConfig, AzureProvider, CredentialConfig, RetryPolicy, Sleeper};
-use vnet_mockcloud::{Counters, MockConfig, MockServer, StateView, Topology};
+use vnet_mockcloud::{
+    Counters, MockConfig, MockServer, Principal, Principals, RoleDefinition, StateView, Topology,
+};
 
 /// Records every delay the provider asks for and waits only a millisecond, so retry timing is
-/// asserted on what the client decided, not on the clock.
+/// asserted on what the client decided, not on the clock (`real`: waits the whole delay, for
+/// tests where the mock's clock matters, such as throttling buckets refilling).
 #[derive(Default)]
 pub struct RecordingSleeper {
     delays: Mutex<Vec<Duration>>,
+    pub real: bool,
 }
 
 impl RecordingSleeper {
+    /// Records and really waits each delay.
+    pub fn real() -> RecordingSleeper {
+        RecordingSleeper {
+            real: true,
+            ..RecordingSleeper::default()
+        }
+    }
+
     pub fn delays(&self) -> Vec<Duration> {
         self.delays.lock().unwrap().clone()
     }
@@ -27,8 +39,42 @@ impl RecordingSleeper {
 impl Sleeper for RecordingSleeper {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         self.delays.lock().unwrap().push(duration);
-        Box::pin(tokio::time::sleep(Duration::from_millis(1)))
+        let wait = if self.real {
+            duration
+        } else {
+            Duration::from_millis(1)
+        };
+        Box::pin(tokio::time::sleep(wait))
     }
+}
+
+/// The custom role docs/cloud.md shows and the Terraform grants: the agents' permissions.
+pub const ROLE_JSON: &str = include_str!("../../../deploy/azure/vnet-cni-role.json");
+
+pub fn role() -> RoleDefinition {
+    serde_json::from_str(ROLE_JSON).expect("deploy/azure/vnet-cni-role.json parses")
+}
+
+/// The static test token of `vm`'s agent.
+pub fn token_of(vm: &str) -> String {
+    format!("test-token-{vm}")
+}
+
+/// One principal per VM (token [`token_of`]) with `role`.
+pub fn principals(topology: &Topology, role: &RoleDefinition) -> Principals {
+    Principals::new(
+        topology
+            .vms
+            .iter()
+            .map(|vm| Principal {
+                token: token_of(&vm.name),
+                name: format!("agent-{}", vm.name),
+                object_id: "11111111-2222-3333-4444-555555555555".into(),
+                role: role.clone(),
+            })
+            .collect(),
+    )
+    .unwrap()
 }
 
 pub struct Lab {
@@ -38,7 +84,11 @@ pub struct Lab {
 
 impl Lab {
     pub async fn start(topology: Topology) -> Lab {
-        let mock = MockServer::start(MockConfig::new(topology), "127.0.0.1:0".parse().unwrap())
+        Lab::start_with(MockConfig::new(topology)).await
+    }
+
+    pub async fn start_with(config: MockConfig) -> Lab {
+        let mock = MockServer::start(config, "127.0.0.1:0".parse().unwrap())
             .await
             .expect("mock starts");
         Lab {
@@ -52,12 +102,22 @@ impl Lab {
         Lab::start(Topology::single_subnet(prefix.parse().unwrap(), vm_count)).await
     }
 
+    /// A provider for `vm` with its static test token (each VM its own principal).
     pub fn provider(&self, vm: &str) -> (AzureProvider, Arc<RecordingSleeper>) {
         let sleeper = Arc::new(RecordingSleeper::default());
-        let mut config = AzureConfig::new(
+        let provider =
+            AzureProvider::with_sleeper(self.config(vm), sleeper.clone()).expect("provider");
+        (provider, sleeper)
+    }
+
+    /// The configuration [`Lab::provider`] uses (tests change it for special cases).
+    pub fn config(&self, vm: &str) -> AzureConfig {
+        let mut config = AzureConfig::mock(
             &self.mock.base_url(),
             &self.mock.imds_endpoint(vm),
-            CredentialConfig::None,
+            CredentialConfig::StaticToken {
+                token: token_of(vm),
+            },
         );
         config.retry = RetryPolicy {
             max_attempts: 4,
@@ -69,8 +129,7 @@ impl Lab {
             operation_timeout: Duration::from_secs(300),
         };
         config.request_timeout = Duration::from_secs(20);
-        let provider = AzureProvider::with_sleeper(config, sleeper.clone()).expect("provider");
-        (provider, sleeper)
+        config
     }
 
     pub fn nic_id(&self, vm: &str) -> String {
@@ -147,5 +206,55 @@ impl Lab {
             .collect();
         ips.sort();
         ips
+    }
+}
+
+/// node-1 a standalone VM, node-2 and node-3 instances 0 and 1 of Uniform scale set `pool1`,
+/// node-4 a member of Flexible scale set `flex`, all in one subnet `prefix`.
+pub fn mixed_topology(prefix: &str) -> Topology {
+    use vnet_mockcloud::topology::{Orchestration, ScaleSetSpec};
+    let mut topology = Topology::single_subnet(prefix.parse().unwrap(), 4);
+    topology.scale_sets = vec![
+        ScaleSetSpec {
+            name: "pool1".into(),
+            orchestration: Orchestration::Uniform,
+        },
+        ScaleSetSpec {
+            name: "flex".into(),
+            orchestration: Orchestration::Flexible,
+        },
+    ];
+    topology.vms[1].scale_set = Some("pool1".into());
+    topology.vms[2].scale_set = Some("pool1".into());
+    topology.vms[3].scale_set = Some("flex".into());
+    topology
+}
+
+impl Lab {
+    /// Instance `n` of Uniform scale set `set` (resource ID).
+    pub fn instance_id(&self, set: &str, n: u32) -> String {
+        format!(
+            "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/{set}/virtualMachines/{n}"
+        )
+    }
+
+    /// The NIC of instance `n` of Uniform scale set `set`, as Network's scale-set view names it.
+    pub fn instance_nic_id(&self, set: &str, n: u32) -> String {
+        format!("{}/networkInterfaces/{set}", self.instance_id(set, n))
+    }
+
+    /// GET of an ARM path on the mock (no token), as JSON.
+    pub async fn arm_get(&self, path: &str, api_version: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!(
+                "{}{path}?api-version={api_version}",
+                self.mock.base_url()
+            ))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 }

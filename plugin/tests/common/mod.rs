@@ -88,6 +88,7 @@ async fn allocate(
                 ip: Ipv4Addr::new(a, b, c, host),
                 key: req.key.clone(),
                 pod: req.pod.clone(),
+                network: req.network.clone(),
                 host_veth: vnet_api::host_veth_name("vnet", &req.key),
                 allocated_at: 0,
             };

@@ -5,7 +5,9 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+pub mod manifests;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -40,11 +43,26 @@ struct State {
     /// (method, path prefix) answered with 403.
     forbidden: Vec<(Method, String)>,
     pub requests: Vec<String>,
+    /// Every request as the RBAC authorizer sees it: "group/resource:verb".
+    authorizations: BTreeSet<String>,
 }
 
-#[derive(Clone, Default)]
+/// Like the real API server, the fake authorizes every request against the agent's ClusterRole
+/// (deploy/manifests/rbac.yaml): what it does not grant is answered 403, so the scenarios run
+/// with exactly the permissions an installed agent has.
+#[derive(Clone)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
+    granted: Arc<BTreeSet<String>>,
+}
+
+impl Default for FakeApi {
+    fn default() -> Self {
+        FakeApi {
+            state: Arc::default(),
+            granted: Arc::new(granted_by_the_cluster_role()),
+        }
+    }
 }
 
 fn collection_of(path: &str) -> Option<&'static str> {
@@ -130,6 +148,11 @@ impl FakeApi {
         self.state.lock().unwrap().requests.clone()
     }
 
+    /// What the requests so far needed from RBAC, as "group/resource:verb" (core group empty).
+    pub fn authorizations(&self) -> BTreeSet<String> {
+        self.state.lock().unwrap().authorizations.clone()
+    }
+
     pub fn get(&self, collection: &'static str, key: &str) -> Option<Value> {
         self.state
             .lock()
@@ -178,6 +201,17 @@ impl FakeApi {
             .unwrap_or_default();
         let mut state = self.state.lock().unwrap();
         state.requests.push(format!("{method} {path}"));
+        let watch = query.get("watch").map(String::as_str) == Some("true");
+        let Some(authorization) = authorization(&method, &path, watch) else {
+            return status_error(404, "NotFound", "no such route");
+        };
+        state.authorizations.insert(authorization.clone());
+        if !self.granted.contains(&authorization) {
+            let message = format!(
+                "{authorization} is forbidden: not granted to system:serviceaccount:kube-system:vnet-cni-agent by deploy/manifests/rbac.yaml"
+            );
+            return status_error(403, "Forbidden", &message);
+        }
         if let Some((_, prefix)) = state
             .forbidden
             .iter()
@@ -342,6 +376,78 @@ fn tokio_stream_from(
     mut receiver: mpsc::UnboundedReceiver<Bytes>,
 ) -> impl futures::Stream<Item = Bytes> + Send + 'static {
     futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+/// The RBAC attributes of a request, as the API server's authorizer derives them:
+/// `/api/v1/[namespaces/<ns>/]<resource>[/<name>[/<subresource>]]` or
+/// `/apis/<group>/<version>/...`, and the verb from the method (a GET of a collection is `list`, or
+/// `watch` with `watch=true`).
+pub fn authorization(method: &Method, path: &str, watch: bool) -> Option<String> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let rest = match rest {
+        ["namespaces", _namespace, rest @ ..] if !rest.is_empty() => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, subresource] => (format!("{resource}/{subresource}"), true),
+        _ => return None,
+    };
+    let verb = match (method.clone(), named) {
+        (Method::GET, false) if watch => "watch",
+        (Method::GET, false) => "list",
+        (Method::GET, true) => "get",
+        (Method::POST, _) => "create",
+        (Method::PUT, _) => "update",
+        (Method::PATCH, _) => "patch",
+        (Method::DELETE, false) => "deletecollection",
+        (Method::DELETE, true) => "delete",
+        _ => return None,
+    };
+    Some(format!("{group}/{resource}:{verb}"))
+}
+
+/// The ClusterRole in deploy/manifests/rbac.yaml, as "group/resource:verb".
+pub fn granted_by_the_cluster_role() -> BTreeSet<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/manifests/rbac.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let role = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "ClusterRole" && doc["metadata"]["name"] == "vnet-cni-agent")
+        .expect("ClusterRole vnet-cni-agent in rbac.yaml");
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        let list = |key: &str| -> Vec<String> {
+            rule[key]
+                .as_sequence()
+                .unwrap_or_else(|| panic!("rule without {key}: {rule:?}"))
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert!(
+            rule.get("resourceNames").is_none(),
+            "resourceNames cannot express the agent's own node"
+        );
+        for group in list("apiGroups") {
+            for resource in list("resources") {
+                for verb in list("verbs") {
+                    assert_ne!(verb, "*", "no wildcard verbs");
+                    granted.insert(format!("{group}/{resource}:{verb}"));
+                }
+            }
+        }
+    }
+    granted
 }
 
 fn percent_decode(s: &str) -> String {
