@@ -48,6 +48,8 @@ const REQUEST_GRACE: Duration = Duration::from_secs(4);
 const POOL_GRACE: Duration = Duration::from_secs(2);
 /// How often the spool is drained after start-up (a DEL may race the start).
 const SPOOL_INTERVAL: Duration = Duration::from_secs(10);
+/// How often forwarding and the nftables table are re-checked (and restored).
+pub const HOST_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Retry delay for a conflist write that failed.
 const CONFLIST_RETRY: Duration = Duration::from_secs(5);
 
@@ -180,6 +182,32 @@ async fn publish_conflist(dir: PathBuf, content: String, mut shutdown: watch::Re
     });
 }
 
+/// Re-checks ip_forward and the agent's nftables table every [`HOST_CHECK_INTERVAL`] and puts
+/// back whatever a firewall reload, an `nft flush ruleset` or a sysctl reset removed.
+async fn keep_host_rules(rules: masq::HostRules) {
+    loop {
+        tokio::time::sleep(HOST_CHECK_INTERVAL).await;
+        let r = rules.clone();
+        match tokio::task::spawn_blocking(move || masq::ensure(&r)).await {
+            Ok(Ok(repaired)) => {
+                if repaired.forwarding {
+                    warn!("IPv4 forwarding was off; turned back on");
+                }
+                if repaired.table {
+                    warn!(
+                        table = masq::TABLE,
+                        "the agent's nftables table was missing or incomplete; restored"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                error!(error = %e, "cannot restore forwarding or the nftables table; retrying")
+            }
+            Err(e) => error!(error = %e, "host check failed"),
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
     let Options {
@@ -277,10 +305,11 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     let spool_dir = config.spool_dir();
     drain_spool(&agent, &spool_dir).await;
 
-    if config.manage_host {
-        tokio::task::spawn_blocking(masq::enable_forwarding)
-            .await
-            .expect("no panic")?;
+    let host_task = if config.manage_host {
+        let mut rules = masq::HostRules {
+            masquerade: None,
+            drop_pod_imds: (!config.pod_imds_access).then(|| config.host_veth_prefix.clone()),
+        };
         if config.masquerade {
             let mut non_masq = config.non_masquerade_networks()?;
             if non_masq.is_empty() {
@@ -288,13 +317,22 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
             }
             // Pods draw from the NIC's subnet.
             let sources = vec![identity.subnet_prefix];
-            let script = masq::masquerade_script(&sources, identity.primary_ip, &non_masq);
+            rules.masquerade = Some((sources, identity.primary_ip, non_masq));
+        }
+        tokio::task::spawn_blocking(masq::enable_forwarding)
+            .await
+            .expect("no panic")?;
+        if !rules.is_empty() {
+            let script = rules.script();
             tokio::task::spawn_blocking(move || masq::apply_nft(&script, masq::NFT_TIMEOUT))
                 .await
                 .expect("no panic")?;
-            info!(non_masquerade = ?non_masq, "masquerade table installed");
+            info!(masquerade = ?rules.masquerade, drop_pod_imds = rules.drop_pod_imds.is_some(), "host table installed");
         }
-    }
+        Some(AbortOnDrop(tokio::spawn(keep_host_rules(rules))))
+    } else {
+        None
+    };
 
     let socket_path = config.socket_path.clone();
     let listener = crate::api::bind_socket(&socket_path).map_err(|source| DaemonError::Socket {
@@ -364,6 +402,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         pool_task.abort();
     }
     spool_task.abort();
+    drop(host_task);
     if let Err(e) = agent.flush().await {
         error!(error = %e, "final store flush failed");
     }
