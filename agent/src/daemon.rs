@@ -48,6 +48,47 @@ const REQUEST_GRACE: Duration = Duration::from_secs(4);
 const POOL_GRACE: Duration = Duration::from_secs(2);
 /// How often the spool is drained after start-up (a DEL may race the start).
 const SPOOL_INTERVAL: Duration = Duration::from_secs(10);
+/// The node identity as the last successful discovery found it, in the state directory.
+pub const IDENTITY_FILE: &str = "node-identity.json";
+/// Start-up reconcile attempts (1 s, 2 s, 4 s apart) before an agent with a stored identity
+/// serves from its stored pool.
+const STARTUP_RECONCILE_ATTEMPTS: u32 = 3;
+
+fn read_identity(state_dir: &std::path::Path) -> Option<vnet_cloud::NodeIdentity> {
+    let path = state_dir.join(IDENTITY_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(identity) => Some(identity),
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "stored node identity unreadable; ignored");
+            None
+        }
+    }
+}
+
+fn write_identity(
+    state_dir: &std::path::Path,
+    identity: &vnet_cloud::NodeIdentity,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let bytes = serde_json::to_vec_pretty(identity).map_err(std::io::Error::other)?;
+    write_atomically(&state_dir.join(IDENTITY_FILE), &bytes)
+}
+
+/// Temp file, fsync, rename, fsync of the directory.
+fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// How often forwarding and the nftables table are re-checked (and restored).
 pub const HOST_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Retry delay for a conflist write that failed.
@@ -246,8 +287,28 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     }));
 
     probes.set_phase("discovering the node through the cloud");
-    let identity = retry("node discovery", &mut shutdown, || cloud.discover()).await?;
+    let stored_identity = read_identity(&config.state_dir);
+    let identity = match &stored_identity {
+        // Known from an earlier run: one attempt, then the stored identity (a cloud outage
+        // must not keep a restarted agent from serving its stored pool).
+        Some(stored) => match tokio::select! {
+            r = cloud.discover() => r,
+            _ = shutdown.wait_for(|s| *s) => return Err(DaemonError::Interrupted),
+        } {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, vm = stored.vm_name, nic = stored.nic_id, "node discovery failed; using the identity stored by the previous run");
+                stored.clone()
+            }
+        },
+        None => retry("node discovery", &mut shutdown, || cloud.discover()).await?,
+    };
     info!(vm = identity.vm_name, nic = identity.nic_id, primary_ip = %identity.primary_ip, subnet = %identity.subnet_prefix, "node discovered");
+    if stored_identity.as_ref() != Some(&identity)
+        && let Err(e) = write_identity(&config.state_dir, &identity)
+    {
+        warn!(error = %e, "cannot store the node identity; a restart during a cloud outage will wait for the cloud");
+    }
 
     probes.set_phase("opening the allocation store");
     let state_dir = config.state_dir.clone();
@@ -293,10 +354,36 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     );
 
     probes.set_phase("reading the NIC's addresses from the cloud");
-    retry("reading the NIC's addresses", &mut shutdown, || {
-        agent.reconcile_with_cloud()
-    })
-    .await?;
+    if stored_identity.is_some() {
+        // A few attempts; then serve from the stored pool (every address in it was on the NIC
+        // at the last reconcile) and let the pool task reconcile once the cloud answers.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let done = tokio::select! {
+                r = agent.reconcile_with_cloud() => r.is_ok(),
+                _ = shutdown.wait_for(|s| *s) => return Err(DaemonError::Interrupted),
+            };
+            if done {
+                break;
+            }
+            if attempts >= STARTUP_RECONCILE_ATTEMPTS {
+                warn!(
+                    "the cloud does not answer; serving from the stored pool until it does (no pool growth, releases journaled)"
+                );
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1 << attempts)) => {}
+                _ = shutdown.wait_for(|s| *s) => return Err(DaemonError::Interrupted),
+            }
+        }
+    } else {
+        retry("reading the NIC's addresses", &mut shutdown, || {
+            agent.reconcile_with_cloud()
+        })
+        .await?;
+    }
 
     tokio::spawn(agent.clone().run_reaper(links.clone()));
     agent.sweep_tombstones(links.as_ref()).await;
