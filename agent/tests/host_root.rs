@@ -195,7 +195,15 @@ fn pods_cannot_reach_imds_and_the_node_can() {
     for (ns, args) in [
         (
             &node,
-            vec!["addr", "add", "169.254.169.254/32", "dev", "lo"],
+            vec![
+                "addr",
+                "add",
+                "169.254.169.254/32",
+                "dev",
+                "lo",
+                "scope",
+                "host",
+            ],
         ),
         (&node, vec!["link", "set", "lo", "up"]),
         (&node, vec!["link", "set", host_veth, "up"]),
