@@ -282,7 +282,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     let metrics_app = crate::api::metrics_router(probes.clone());
     // Served until `run` returns (not stopped by the signal): the probes keep answering while
     // in-flight requests finish, with /readyz saying the agent is stopping.
-    let _metrics_task = AbortOnDrop(tokio::spawn(async move {
+    let mut metrics_task = AbortOnDrop(tokio::spawn(async move {
         crate::listener::serve(metrics_listener, metrics_app).await;
     }));
 
@@ -496,6 +496,9 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     let closing = store.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     let _ = std::fs::remove_file(&socket_path);
+    // The listener is closed before `run` returns, so a restart can bind the same port.
+    metrics_task.0.abort();
+    let _ = (&mut metrics_task.0).await;
     info!("stopped");
     Ok(())
 }
