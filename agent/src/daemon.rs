@@ -303,7 +303,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         },
         None => retry("node discovery", &mut shutdown, || cloud.discover()).await?,
     };
-    info!(vm = identity.vm_name, nic = identity.nic_id, primary_ip = %identity.primary_ip, subnet = %identity.subnet_prefix, "node discovered");
+    info!(vm = identity.vm_name, kind = identity.kind.as_str(), scale_set = identity.scale_set, nic = identity.nic_id, primary_ip = %identity.primary_ip, subnet = %identity.subnet_prefix, "node discovered");
     if stored_identity.as_ref() != Some(&identity)
         && let Err(e) = write_identity(&config.state_dir, &identity)
     {

@@ -33,6 +33,12 @@ pub struct OperationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub kind: &'static str,
+    pub scale_set: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
     pub endpoint: String,
     pub result: String,
@@ -55,6 +61,19 @@ pub struct Metrics {
     pub cloud_latency: Family<OperationLabels, Histogram>,
     pub store_commit_latency: Histogram,
     pub api_requests: Family<ApiLabels, Counter>,
+    /// 1 for the node's kind (vm, uniform, flexible) and scale set, as discovery found them.
+    pub node_info: Family<NodeLabels, Gauge>,
+    /// Addresses the cloud took off the NIC without a release by this agent, by what they were.
+    pub addresses_lost: Family<StateLabels, Counter>,
+    /// ARM's `x-ms-ratelimit-remaining-subscription-reads/writes`, by `kind` (read, write).
+    pub arm_remaining: Family<KindLabels, Gauge>,
+    /// 429 answers the cloud client has seen.
+    pub arm_throttled: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
 }
 
 impl Default for Metrics {
@@ -77,6 +96,30 @@ impl Metrics {
         );
         let store_commit_latency = latency_histogram();
         let api_requests = Family::<ApiLabels, Counter>::default();
+        let node_info = Family::<NodeLabels, Gauge>::default();
+        let addresses_lost = Family::<StateLabels, Counter>::default();
+        registry.register(
+            "node_info",
+            "The node as the cloud reports it: kind (vm, uniform or flexible scale-set member) and scale set",
+            node_info.clone(),
+        );
+        registry.register(
+            "addresses_lost",
+            "Addresses the cloud removed from the NIC without a release by this agent (a reimage or model upgrade of a scale-set instance, another writer), by state: allocated (a pod still holds it; kept, never handed out again) or free",
+            addresses_lost.clone(),
+        );
+        let arm_remaining = Family::<KindLabels, Gauge>::default();
+        let arm_throttled = Gauge::default();
+        registry.register(
+            "arm_remaining_requests",
+            "Requests ARM last said this identity has left (x-ms-ratelimit-remaining-subscription-reads/writes), by kind",
+            arm_remaining.clone(),
+        );
+        registry.register(
+            "arm_throttled_responses",
+            "429 answers from ARM seen by the cloud client since start",
+            arm_throttled.clone(),
+        );
         registry.register(
             "ip_addresses",
             "Pod addresses by state (total, allocated, free, cooldown, pending, unreconciled)",
@@ -133,7 +176,30 @@ impl Metrics {
             cloud_latency,
             store_commit_latency,
             api_requests,
+            node_info,
+            addresses_lost,
+            arm_remaining,
+            arm_throttled,
         }
+    }
+
+    /// Copies the cloud client's last reported ARM budget into the gauges.
+    fn observe_budget(&self, budget: Option<vnet_cloud::ArmBudget>) {
+        let Some(budget) = budget else {
+            return;
+        };
+        for (kind, value) in [
+            ("read", budget.remaining_reads),
+            ("write", budget.remaining_writes),
+        ] {
+            if let Some(v) = value {
+                self.arm_remaining
+                    .get_or_create(&KindLabels { kind })
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        }
+        self.arm_throttled
+            .set(i64::try_from(budget.throttled).unwrap_or(i64::MAX));
     }
 
     pub fn set_ips(&self, state: &'static str, value: u32) {
@@ -171,6 +237,17 @@ impl Metrics {
             .get_or_create(&OperationLabels { operation })
             .observe(started.elapsed().as_secs_f64());
     }
+
+    fn observe(
+        &self,
+        cloud: &dyn CloudProvider,
+        operation: &'static str,
+        started: Instant,
+        result: &Result<impl Sized, CloudError>,
+    ) {
+        self.observe_cloud(operation, started, result);
+        self.observe_budget(cloud.arm_budget());
+    }
 }
 
 /// A [`CloudProvider`] that records every call in [`Metrics`].
@@ -190,7 +267,8 @@ impl CloudProvider for MeteredCloud {
     async fn discover(&self) -> Result<NodeIdentity, CloudError> {
         let started = Instant::now();
         let r = self.inner.discover().await;
-        self.metrics.observe_cloud("discover", started, &r);
+        self.metrics
+            .observe(self.inner.as_ref(), "discover", started, &r);
         r
     }
 
@@ -198,7 +276,7 @@ impl CloudProvider for MeteredCloud {
         let started = Instant::now();
         let r = self.inner.list_secondary_ips(nic_id).await;
         self.metrics
-            .observe_cloud("list_secondary_ips", started, &r);
+            .observe(self.inner.as_ref(), "list_secondary_ips", started, &r);
         r
     }
 
@@ -210,21 +288,44 @@ impl CloudProvider for MeteredCloud {
     ) -> Result<Vec<SecondaryIp>, CloudError> {
         let started = Instant::now();
         let r = self.inner.assign_ips(nic_id, subnet_id, count).await;
-        self.metrics.observe_cloud("assign_ips", started, &r);
+        self.metrics
+            .observe(self.inner.as_ref(), "assign_ips", started, &r);
         r
     }
 
     async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
         let started = Instant::now();
         let r = self.inner.release_ips(nic_id, ips).await;
-        self.metrics.observe_cloud("release_ips", started, &r);
+        self.metrics
+            .observe(self.inner.as_ref(), "release_ips", started, &r);
         r
+    }
+
+    fn arm_budget(&self) -> Option<vnet_cloud::ArmBudget> {
+        self.inner.arm_budget()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arm_budget_headers_become_gauges() {
+        let m = Metrics::new();
+        m.observe_budget(Some(vnet_cloud::ArmBudget {
+            remaining_reads: Some(240),
+            remaining_writes: Some(7),
+            throttled: 2,
+        }));
+        let text = m.encode();
+        assert!(
+            text.contains("vnet_agent_arm_remaining_requests{kind=\"write\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("vnet_agent_arm_remaining_requests{kind=\"read\"} 240"));
+        assert!(text.contains("vnet_agent_arm_throttled_responses 2"));
+    }
 
     #[tokio::test]
     async fn cloud_calls_are_counted_by_operation_and_code() {

@@ -76,6 +76,67 @@ fn dying_veths_are_found_and_deleted_and_a_missing_one_is_success() {
 }
 
 #[test]
+fn a_batch_of_dying_veths_goes_in_one_request_and_both_ends_with_it() {
+    vnet_testns::require_root();
+    let ns = Netns::new("agentbatch").unwrap();
+    let pod = Netns::new("agentbpod").unwrap();
+    let names: Vec<String> = (0..20)
+        .map(|i| vnet_api::tombstone_veth_name(&format!("vnet{i:011x}")))
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        // The peer lives in another namespace, as a pod's end does.
+        let peer = format!("eth{i}");
+        ns.exec(
+            "ip",
+            &[
+                "link",
+                "add",
+                name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+                "netns",
+                pod.name(),
+            ],
+        )
+        .unwrap();
+    }
+    ns.exec(
+        "ip",
+        &[
+            "link", "add", "keepme0", "type", "veth", "peer", "name", "keepme1",
+        ],
+    )
+    .unwrap();
+    // One name is already gone, one never existed: both are success.
+    ns.exec("ip", &["link", "del", &names[3]]).unwrap();
+    let mut asked = names.clone();
+    asked.push(vnet_api::tombstone_veth_name("vnetneverexist0"));
+    let (results, after) = in_netns(&ns, move |rt| {
+        rt.block_on(async {
+            let links = Rtnetlink::open().unwrap();
+            let results = links.delete_links(&asked).await;
+            let after = links.links_with_prefix("").await.unwrap();
+            (results, after)
+        })
+    });
+    assert_eq!(results.len(), 21);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    for name in &names {
+        assert!(!after.contains(name), "{name} left: {after:?}");
+    }
+    assert!(
+        after.contains(&"keepme0".to_string()),
+        "other links untouched"
+    );
+    let pod_links = pod.exec("ip", &["-o", "link", "show"]).unwrap();
+    let pod_links = String::from_utf8_lossy(&pod_links.stdout);
+    assert!(!pod_links.contains("eth"), "pod ends left: {pod_links}");
+}
+
+#[test]
 fn masquerade_table_is_installed_idempotently_and_forwarding_enabled() {
     vnet_testns::require_root();
     let ns = Netns::new("agentnft").unwrap();

@@ -267,3 +267,72 @@ fn chained_with_portmap_bandwidth_tuning() {
     tool.run("del", &pod, &env).assert_ok();
     assert_eq!(agent.allocation_count(), 0);
 }
+
+/// Links in `ns` other than loopback, as `ip -o link show` names them.
+fn links_besides_lo(ns: &Netns) -> Vec<String> {
+    common::ip(ns, &["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| n != "lo")
+        .collect()
+}
+
+/// 20 and 50 pods deleted at once through libcni: the moment each DEL returns, its pod's
+/// namespace holds nothing of ours (the spec: after DEL the attachment is gone).
+#[test]
+fn parallel_dels_leave_nothing_in_any_pod_netns() {
+    let agent = FakeAgent::start([10, 79, 4]);
+    let network = unique_network("pdel");
+    let mut conf = common::conf("1.0.0", agent.socket_str(), &agent.spool_dir());
+    conf["name"] = json!(network);
+    conf["logLevel"] = json!("warn");
+    let Some(tool) = setup(&network, "10-vnet.conf", conf) else {
+        return;
+    };
+    agent.state.lock().unwrap().reap_in = Some(tool.node.name().to_owned());
+    // First the agent deletes the handed-over link before it answers (as vnet-agent does), then
+    // in the background after answering (as agents before `dying_veth_deleted` did).
+    for (n, background) in [(20, false), (50, false), (20, true), (50, true)] {
+        agent.state.lock().unwrap().reap_in_background = background;
+        let pods: Vec<Netns> = (0..n).map(|_| Netns::new("pod").unwrap()).collect();
+        std::thread::scope(|s| {
+            for chunk in pods.chunks(8) {
+                let tool = &tool;
+                s.spawn(move || {
+                    for pod in chunk {
+                        tool.run("add", pod, &[]).assert_ok();
+                    }
+                });
+            }
+        });
+        let left: Vec<(usize, Vec<String>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = pods
+                .iter()
+                .map(|pod| {
+                    let tool = &tool;
+                    s.spawn(move || {
+                        tool.run("del", pod, &[]).assert_ok();
+                        links_besides_lo(pod)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .enumerate()
+                .filter(|(_, l)| !l.is_empty())
+                .collect()
+        });
+        assert!(
+            left.is_empty(),
+            "{n} parallel DELs (agent deletes in the background: {background}): {} pod netns still hold links right after DEL returned: {left:?}",
+            left.len()
+        );
+        assert_eq!(agent.allocation_count(), 0);
+        if !background {
+            let node_links = links_besides_lo(&tool.node);
+            assert!(node_links.is_empty(), "{node_links:?}");
+        }
+    }
+}

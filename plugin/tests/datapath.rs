@@ -137,46 +137,95 @@ fn add_check_del_del_again() {
     .unwrap();
     run(&node, &agent, "CHECK", id, &path_str(&pod)).assert_ok();
 
+    // The agent deletes the handed-over tombstone before it answers (as the real one does).
+    agent.state.lock().unwrap().reap_in = Some(node.name().to_owned());
     let out = run(&node, &agent, "DEL", id, &path_str(&pod));
     out.assert_ok();
     assert!(out.stdout.trim().is_empty());
+    assert!(
+        out.stderr.contains("deleted by the agent"),
+        "{}",
+        out.stderr
+    );
     let releases = agent.releases();
     let dying = releases[0]
         .dying_veth
         .clone()
         .expect("DEL hands the veth over");
     assert_eq!(dying, tombstone_veth_name(&host_veth));
-    // The deterministic name is free at once, the tombstone is down and has no routes.
-    assert!(!ip(&node, &["link", "show"]).contains(&host_veth));
-    let tomb = ip(&node, &["link", "show", &dying]);
-    assert!(tomb.contains("state DOWN"), "{tomb}");
+    // When DEL returns, nothing of the attachment is left: not in the pod, not on the node.
+    assert_eq!(pod_links(&pod), vec!["lo".to_owned()]);
+    let links = ip(&node, &["link", "show"]);
+    assert!(
+        !links.contains(&host_veth) && !links.contains(&dying),
+        "{links}"
+    );
     assert!(!ip(&node, &["-4", "route", "show"]).contains(&pod_addr.to_string()));
-    // The pod's interface name is free for a new ADD in the same sandbox.
-    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
 
-    // CHECK now fails (the agent holds nothing), DEL again succeeds. The tombstone still exists
-    // (this fake agent never deletes it), so the repeated DELs hand it over again.
+    // CHECK now fails (the agent holds nothing), DEL again succeeds and only releases.
     assert!(!run(&node, &agent, "CHECK", id, &path_str(&pod)).success);
     run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
     run(&node, &agent, "DEL", id, "").assert_ok();
     assert_eq!(agent.allocation_count(), 0);
     for again in &agent.releases()[1..] {
-        assert_eq!(again.dying_veth.as_deref(), Some(dying.as_str()));
+        assert_eq!(again.dying_veth, None);
     }
 
-    // A new ADD for the same pod in the same sandbox works while the tombstone still exists.
-    let out = add(&node, &agent, "1.0.0", id, &pod);
+    // An agent from before `dying_veth_deleted` deletes in the background after answering: the
+    // plugin deletes the link itself, so DEL still leaves nothing behind when it returns.
+    agent.state.lock().unwrap().reap_in_background = true;
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
+    let out = run(&node, &agent, "DEL", id, &path_str(&pod));
     out.assert_ok();
-    // Its DEL cannot take the tombstone name (EEXIST): the veth is deleted at once and the
-    // release carries no dying veth; the older tombstone is left to the agent.
+    assert!(out.stderr.contains("deleted here"), "{}", out.stderr);
+    assert_eq!(pod_links(&pod), vec!["lo".to_owned()]);
+    // And one that does not delete it at all: the same.
+    agent.state.lock().unwrap().reap_in = None;
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
     run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
-    let last = agent.releases().pop().unwrap();
-    assert_eq!(last.dying_veth, None);
+    assert_eq!(pod_links(&pod), vec!["lo".to_owned()]);
     let links = ip(&node, &["link", "show"]);
-    assert!(!links.contains(&host_veth), "{links}");
-    assert!(links.contains(&dying), "{links}");
+    assert!(
+        !links.contains(&host_veth) && !links.contains(&dying),
+        "{links}"
+    );
     assert_eq!(agent.allocation_count(), 0);
-    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+
+    // A leftover tombstone of the same key (its deletion failed both in the agent and here, and
+    // a new ADD ran since): the new veth cannot take the name, so it is deleted at once and
+    // released without a dying veth; the tombstone is handed over by a later DEL.
+    add(&node, &agent, "1.0.0", id, &pod).assert_ok();
+    ip(
+        &node,
+        &[
+            "link",
+            "add",
+            &dying,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "tomb-peer",
+        ],
+    );
+    run(&node, &agent, "DEL", id, &path_str(&pod)).assert_ok();
+    assert_eq!(agent.releases().pop().unwrap().dying_veth, None);
+    assert_eq!(pod_links(&pod), vec!["lo".to_owned()]);
+    run(&node, &agent, "DEL", id, "").assert_ok();
+    assert_eq!(
+        agent.releases().pop().unwrap().dying_veth.as_deref(),
+        Some(dying.as_str())
+    );
+    assert!(!ip(&node, &["link", "show"]).contains(&dying));
+}
+
+/// Names of the links in a namespace.
+fn pod_links(ns: &Netns) -> Vec<String> {
+    ip(ns, &["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .collect()
 }
 
 /// A DEL killed after renaming the host veth to its tombstone but before the release: the next
@@ -205,8 +254,9 @@ fn del_after_a_del_that_died_between_rename_and_release() {
     assert_eq!(releases.len(), 1);
     assert_eq!(releases[0].dying_veth.as_deref(), Some(tombstone.as_str()));
     assert_eq!(agent.allocation_count(), 0);
-    // The pod end, left as eth0 by the dead DEL, is retired now.
-    assert!(!ip(&pod, &["link", "show"]).contains("eth0"));
+    // The pod end, left as eth0 by the dead DEL, is gone with the tombstone.
+    assert_eq!(pod_links(&pod), vec!["lo".to_owned()]);
+    assert!(!ip(&node, &["link", "show"]).contains(&tombstone));
 
     // Same crash, agent down: the tombstone is deleted synchronously, then the release spooled.
     let id = "ctr-crashed-del-2";

@@ -32,6 +32,7 @@ use vnet_api::{AllocationsResponse, HealthResponse, StatusResponse};
 use crate::exec::{self, ExecError, enter_netns, ip, ip_batch};
 use crate::http::{self, HttpError};
 use crate::netns::{self, NetnsError};
+pub use crate::state::NodeKind;
 use crate::state::{self, HostState, LabState, NodeState, PodState, ProcState, StateError};
 
 /// Where IMDS answers on Azure; in the lab, an address of each node's namespace.
@@ -127,6 +128,9 @@ pub struct LabConfig {
     pub pool: PoolConfig,
     /// Fault configuration handed to the mock cloud at start (its `--faults` JSON).
     pub faults: Option<String>,
+    /// The mock's operation `Retry-After` (s), pinned unless `faults` sets it: Azure answers 10;
+    /// the lab runs at 1 by default.
+    pub operation_retry_after_secs: u64,
     pub base_dir: PathBuf,
     pub bin_dir: PathBuf,
     pub cnitool: PathBuf,
@@ -134,9 +138,49 @@ pub struct LabConfig {
     pub portmap: bool,
     pub agent_log_level: String,
     pub plugin_log_level: String,
+    /// Kinds of the nodes, cycled over them (node-1 takes the first); empty: all plain VMs.
+    pub node_kinds: Vec<NodeKind>,
+}
+
+/// The scale sets the lab's scale-set nodes belong to.
+pub const UNIFORM_SCALE_SET: &str = "lab-pool";
+pub const FLEXIBLE_SCALE_SET: &str = "lab-flex";
+
+/// `vm`, `uniform`, `flexible`, `mixed` (= `vm,uniform,flexible`) or a comma-separated list of
+/// those kinds, cycled over the nodes.
+pub fn parse_node_kinds(spec: &str) -> Result<Vec<NodeKind>, LabError> {
+    let invalid = |why: &str| LabError::Invalid {
+        what: "node kind",
+        value: spec.to_owned(),
+        why: why.to_owned(),
+    };
+    let mut kinds = Vec::new();
+    for word in spec.split(',').map(str::trim) {
+        match word {
+            "vm" => kinds.push(NodeKind::Vm),
+            "uniform" => kinds.push(NodeKind::Uniform),
+            "flexible" => kinds.push(NodeKind::Flexible),
+            "mixed" => kinds.extend([NodeKind::Vm, NodeKind::Uniform, NodeKind::Flexible]),
+            _ => {
+                return Err(invalid(
+                    "use vm, uniform, flexible, mixed, or a comma-separated list of them",
+                ));
+            }
+        }
+    }
+    Ok(kinds)
 }
 
 impl LabConfig {
+    /// The kind of node number `i` (0-based).
+    pub fn node_kind(&self, i: usize) -> NodeKind {
+        if self.node_kinds.is_empty() {
+            NodeKind::Vm
+        } else {
+            self.node_kinds[i % self.node_kinds.len()]
+        }
+    }
+
     pub fn new(name: &str) -> LabConfig {
         LabConfig {
             name: name.to_owned(),
@@ -144,12 +188,14 @@ impl LabConfig {
             subnet: "10.240.0.0/16".to_owned(),
             pool: PoolConfig::default(),
             faults: None,
+            operation_retry_after_secs: LAB_OPERATION_RETRY_AFTER_SECS,
             base_dir: PathBuf::from(DEFAULT_BASE_DIR),
             bin_dir: default_bin_dir(),
             cnitool: default_cnitool(),
             portmap: false,
             agent_log_level: "info".to_owned(),
             plugin_log_level: "warn".to_owned(),
+            node_kinds: Vec::new(),
         }
     }
 }
@@ -394,6 +440,7 @@ impl Lab {
                     agent_log: ndir.join("agent.log"),
                     dir: ndir,
                     name,
+                    kind: cfg.node_kind(i),
                 }
             })
             .collect::<Vec<_>>();
@@ -494,7 +541,9 @@ impl Lab {
         }
         self.wire(&st)?;
         self.write_topology(&st)?;
-        self.start_mock(cfg.faults.as_deref())?;
+        write_principals(&st)?;
+        let faults = pinned_faults(cfg.faults.as_deref(), cfg.operation_retry_after_secs)?;
+        self.start_mock(Some(&faults))?;
         for node in &st.nodes {
             fs::create_dir_all(&node.state_dir).map_err(io_err(&node.state_dir))?;
             fs::create_dir_all(&node.conf_dir).map_err(io_err(&node.conf_dir))?;
@@ -587,10 +636,24 @@ impl Lab {
     }
 
     fn write_topology(&self, st: &LabState) -> Result<(), LabError> {
+        // Node NICs as in a cluster: an NSG, an ASG and a load balancer backend pool, which every
+        // NIC write re-sends (ASG copied to new entries, join permissions checked).
         let mut vms: Vec<serde_json::Value> = st
             .nodes
             .iter()
-            .map(|n| json!({"name": n.name, "subnet": "nodes", "primary_ip": n.ip.to_string()}))
+            .map(|n| {
+                let mut vm = json!({"name": n.name, "subnet": "nodes", "primary_ip": n.ip.to_string(),
+                       "nic": {"network_security_group": "nsg-nodes",
+                               "application_security_groups": ["asg-nodes"],
+                               "load_balancer_backend_address_pools": ["kubernetes/kubernetes"],
+                               "tags": {"vnet-lab": st.name}}});
+                match n.kind {
+                    NodeKind::Vm => {}
+                    NodeKind::Uniform => vm["scale_set"] = json!(UNIFORM_SCALE_SET),
+                    NodeKind::Flexible => vm["scale_set"] = json!(FLEXIBLE_SCALE_SET),
+                }
+                vm
+            })
             .collect();
         vms.push(
             json!({"name": st.vm.name, "subnet": "nodes", "primary_ip": st.vm.ip.to_string()}),
@@ -602,6 +665,10 @@ impl Lab {
             "vnet": {"name": "vnet", "address_space": [st.subnet]},
             "subnets": [{"name": "nodes", "prefix": st.subnet}],
             "vms": vms,
+            "scale_sets": [
+                {"name": UNIFORM_SCALE_SET, "orchestration": "Uniform"},
+                {"name": FLEXIBLE_SCALE_SET, "orchestration": "Flexible"},
+            ],
         });
         let path = st.dir.join("topology.json");
         fs::write(
@@ -668,6 +735,8 @@ impl Lab {
             args.push("--faults".to_owned());
             args.push(f.to_owned());
         }
+        args.push("--principals".to_owned());
+        args.push(st.dir.join("principals.json").display().to_string());
         progress(&format!(
             "starting vnet-mockcloud on {} (router namespace)",
             st.mock_addr
@@ -846,6 +915,55 @@ impl Lab {
 
     pub fn mock_json(&self, path: &str) -> Result<serde_json::Value, LabError> {
         Ok(self.mock_request("GET", path, None)?.json(path)?)
+    }
+
+    /// The Prometheus text of `node`'s agent (served on 127.0.0.1:9464 in the node's namespace).
+    pub fn agent_metrics(&self, node: &str) -> Result<String, LabError> {
+        let n = self.node_state(&self.state(), node)?;
+        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
+        let response = http::tcp_request_in(&n.ns, addr, "GET", "/metrics", None)?;
+        if response.status != 200 {
+            return Err(LabError::Failed(format!(
+                "{node}: metrics answered {}",
+                response.status
+            )));
+        }
+        Ok(response.body)
+    }
+
+    /// Reimages `node`, a Uniform scale-set instance, in the mock cloud: its instance-level
+    /// ipConfigurations go back to the scale set's model. Returns the addresses it lost.
+    pub fn reimage(&self, node: &str) -> Result<Vec<Ipv4Addr>, LabError> {
+        let st = self.state();
+        let n = self.node_state(&st, node)?;
+        if n.kind != NodeKind::Uniform {
+            return Err(LabError::Invalid {
+                what: "node",
+                value: node.to_owned(),
+                why: format!(
+                    "{} is a {}, not a Uniform scale-set instance",
+                    n.name,
+                    n.kind.as_str()
+                ),
+            });
+        }
+        // Instance IDs follow the order of the set's members.
+        let instance = st
+            .nodes
+            .iter()
+            .take_while(|m| m.name != n.name)
+            .filter(|m| m.kind == NodeKind::Uniform)
+            .count();
+        let path =
+            format!("/admin/scalesets/{UNIFORM_SCALE_SET}/virtualMachines/{instance}/reimage");
+        let answer: serde_json::Value = self.mock_request("POST", &path, None)?.json(&path)?;
+        Ok(answer["lost"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|ip| ip.as_str()?.parse().ok())
+            .collect())
     }
 
     /// Registers another CNI network name whose libcni cache files `down` must remove.
@@ -1085,6 +1203,49 @@ pub fn parse_cni_result(out: &str) -> Result<(Ipv4Addr, String), LabError> {
     Ok((pod_ip, host_veth))
 }
 
+/// The lab's default operation `Retry-After` (the mock's own default is Azure's 10 s).
+pub const LAB_OPERATION_RETRY_AFTER_SECS: u64 = 1;
+
+/// The agents' permissions: exactly the custom role the docs show and Terraform grants.
+pub const AGENT_ROLE_JSON: &str = include_str!("../../deploy/azure/vnet-cni-role.json");
+
+/// A node agent's static test token (its principal at the mock).
+fn agent_token(st: &LabState, node: &NodeState) -> String {
+    format!("vnet-lab.{}.{}.{}", st.name, st.token, node.name)
+}
+
+/// `principals.json` for the mock: one principal per node agent, each with the shipped role.
+fn write_principals(st: &LabState) -> Result<(), LabError> {
+    let role: serde_json::Value = serde_json::from_str(AGENT_ROLE_JSON)
+        .map_err(|e| LabError::Failed(format!("deploy/azure/vnet-cni-role.json: {e}")))?;
+    let principals: Vec<serde_json::Value> = st
+        .nodes
+        .iter()
+        .map(|n| json!({"token": agent_token(st, n), "name": format!("vnet-agent-{}", n.name), "role": role}))
+        .collect();
+    let path = st.dir.join("principals.json");
+    fs::write(
+        &path,
+        serde_json::to_string_pretty(&principals).expect("json"),
+    )
+    .map_err(io_err(&path))
+}
+
+/// `faults` with the operation timing pinned (unless `faults` sets it itself).
+fn pinned_faults(faults: Option<&str>, retry_after_secs: u64) -> Result<String, LabError> {
+    let mut value: serde_json::Value = match faults {
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| LabError::Failed(format!("mock faults are not JSON: {e}")))?,
+        None => json!({}),
+    };
+    let Some(map) = value.as_object_mut() else {
+        return Err(LabError::Failed("mock faults must be a JSON object".into()));
+    };
+    map.entry("operation_retry_after_secs")
+        .or_insert(json!(retry_after_secs));
+    Ok(value.to_string())
+}
+
 fn write_agent_config(st: &LabState, node: &NodeState, cfg: &LabConfig) -> Result<(), LabError> {
     let endpoint = format!("http://{}", st.mock_addr);
     let p = &cfg.pool;
@@ -1102,7 +1263,8 @@ log_level = "{log_level}"
 provider = "mock"
 arm_endpoint = "{endpoint}"
 imds_endpoint = "{endpoint}"
-credential = "none"
+credential = "test_token"
+test_token = "{token}"
 
 [pool]
 warm = {warm}
@@ -1114,6 +1276,7 @@ allocate_timeout_secs = {alloc}
 "#,
         lab = st.name,
         node = node.name,
+        token = agent_token(st, node),
         socket = node.socket.display(),
         state_dir = node.state_dir.display(),
         log_level = cfg.agent_log_level,
@@ -1150,6 +1313,43 @@ fn write_conflist(st: &LabState, node: &NodeState, cfg: &LabConfig) -> Result<()
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn node_kinds_parse_and_cycle_over_the_nodes() {
+        let mut cfg = LabConfig::new("x");
+        cfg.node_kinds = parse_node_kinds("mixed").unwrap();
+        let kinds: Vec<NodeKind> = (0..4).map(|i| cfg.node_kind(i)).collect();
+        assert_eq!(
+            kinds,
+            [
+                NodeKind::Vm,
+                NodeKind::Uniform,
+                NodeKind::Flexible,
+                NodeKind::Vm
+            ]
+        );
+        cfg.node_kinds = parse_node_kinds("uniform, vm").unwrap();
+        assert_eq!(cfg.node_kind(3), NodeKind::Vm);
+        assert!(parse_node_kinds("uniform,aks").is_err());
+        assert_eq!(LabConfig::new("x").node_kind(7), NodeKind::Vm);
+    }
+
+    #[test]
+    fn the_mock_timing_is_pinned_unless_the_faults_set_it() {
+        let pinned: serde_json::Value =
+            serde_json::from_str(&pinned_faults(None, 1).unwrap()).unwrap();
+        assert_eq!(pinned, serde_json::json!({"operation_retry_after_secs": 1}));
+        let kept: serde_json::Value = serde_json::from_str(
+            &pinned_faults(Some(r#"{"operation_retry_after_secs": 0, "busy": {}}"#), 1).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(kept["operation_retry_after_secs"], 0);
+        assert!(pinned_faults(Some("[]"), 1).is_err());
+        // The agents' role is the shipped one and parses as a role definition.
+        let role: serde_json::Value = serde_json::from_str(AGENT_ROLE_JSON).unwrap();
+        assert!(role["Actions"].as_array().unwrap().len() > 5);
+    }
+
     use super::*;
 
     #[test]

@@ -150,6 +150,11 @@ impl Drop for Container {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+        // Killing the container's PID 1 ends its whole PID namespace; nspawn alone would not.
+        if self.init != 0 && self.nspawn.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill(2) on the container's init, a process this test started.
+            unsafe { libc::kill(self.init as i32, libc::SIGKILL) };
+        }
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
         let _ = fs::remove_dir(format!("/run/systemd/nspawn/propagate/{}", self.name));

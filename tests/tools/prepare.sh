@@ -17,6 +17,10 @@ packages=(
     iperf3 iputils-ping          # data-path checks and benchmarks
     jq procps psmisc util-linux coreutils
     golang-go golang-github-appc-cni-dev dpkg-dev debian-archive-keyring  # to build cnitool
+    binutils                     # strip, readelf: packaging the debug binaries small
+    docker.io                    # tests/tests/image.rs: a private dockerd builds and runs the image
+    containerd runc busybox-static  # tests/tests/containerd.rs: real containers on vnet-cni
+    debootstrap systemd-container   # Debian trees: the image's base; the node image under systemd-nspawn
 )
 missing=()
 for pkg in "${packages[@]}"; do

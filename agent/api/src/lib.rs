@@ -113,8 +113,9 @@ pub struct ReleaseRequest {
     #[serde(flatten)]
     pub key: AttachmentKey,
     /// When the plugin has handed the host veth over for deletion (renamed to a tombstone name,
-    /// down, routes removed), its current name. The agent deletes it in the background and keeps
-    /// the IP out of the pool until the link is gone.
+    /// down, routes removed), its current name. The agent deletes it (both ends: the pod's end
+    /// goes with it) before it answers, batching concurrent deletions into one netlink call, and
+    /// keeps the IP out of the pool until the link is gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dying_veth: Option<String>,
 }
@@ -123,6 +124,12 @@ pub struct ReleaseRequest {
 pub struct ReleaseResponse {
     /// The released allocation, or `None` when nothing was allocated for the key (a repeated DEL).
     pub released: Option<Allocation>,
+    /// `true` when the agent deleted the request's `dying_veth` before answering. `false` when
+    /// there was none, the deletion failed (the agent keeps retrying it and holds the address),
+    /// or an older agent (which omits the field) took it for background deletion: the plugin
+    /// then deletes the link itself, so nothing of the pod's attachment is left when DEL returns.
+    #[serde(default)]
+    pub dying_veth_deleted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,7 +339,13 @@ mod tests {
             key: key(),
             dying_veth: Some("vnx0123456789a".into()),
         });
-        round_trip(ReleaseResponse { released: None });
+        round_trip(ReleaseResponse {
+            released: None,
+            dying_veth_deleted: true,
+        });
+        // An older agent omits the field: the link was not deleted before the answer.
+        let old: ReleaseResponse = serde_json::from_str(r#"{"released":null}"#).unwrap();
+        assert!(!old.dying_veth_deleted);
         round_trip(GcRequest {
             valid_attachments: vec![key()],
             network: Some("vnet".into()),

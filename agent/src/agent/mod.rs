@@ -62,8 +62,7 @@ const STORE_RECOVER_INTERVAL: Duration = Duration::from_secs(5);
 /// Upper bound of the back-off between attempts to finish a failed release.
 const MAX_RELEASE_BACKOFF_SECS: u64 = 300;
 
-/// A dying veth to delete, and the address that waits for it (none for a leftover).
-type ReapJob = (Option<Ipv4Addr>, String);
+pub(crate) use reap::ReapJob;
 
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
@@ -219,6 +218,13 @@ impl Agent {
     ) -> Arc<Agent> {
         let (reaper_tx, reaper_rx) = mpsc::unbounded_channel();
         let pool = settings.pool;
+        metrics
+            .node_info
+            .get_or_create(&crate::metrics::NodeLabels {
+                kind: identity.kind.as_str(),
+                scale_set: identity.scale_set.clone(),
+            })
+            .set(1);
         Arc::new(Agent {
             settings,
             identity,
@@ -370,7 +376,7 @@ impl Agent {
             st.ipam.dying()
         };
         for (ip, veth) in dying {
-            let _ = self.reaper_tx.send((Some(ip), veth));
+            let _ = self.reaper_tx.send(ReapJob::background(Some(ip), veth));
         }
         info!("store re-opened from disk after a failed write; the agent allocates again");
         self.changed.notify_waiters();

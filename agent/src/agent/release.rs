@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// The longest a release waits for its dying veth's deletion before it answers without it (the
+/// plugin then deletes the link itself). Far above the ~20-60 ms a batch takes.
+const DELETE_WAIT: Duration = Duration::from_secs(1);
+
 impl Agent {
     /// Releases an attachment's address; durable before it returns. Also used by the spool drain
     /// before the agent is ready.
@@ -23,15 +27,31 @@ impl Agent {
                 None => (None, self.store.submit(Vec::new())),
             }
         };
+        // The veth is deleted while the release is written (the DEL waits for both). Deleting
+        // before the release is durable is safe: a crash in between leaves the allocation, and
+        // the plugin, without an answer, spools the release. The reaper gets the veth even when
+        // the write fails: memory already holds the address back until the link is gone, and
+        // nobody else would ever delete it (the store stops the agent from allocating until a
+        // restart, whose sweep finds the tombstone again).
+        let deleted = req.dying_veth.map(|veth| {
+            let (done, gone) = tokio::sync::oneshot::channel();
+            let _ = self.reaper_tx.send(ReapJob {
+                ip: released.as_ref().map(|a| a.ip),
+                veth,
+                done: Some(done),
+            });
+            gone
+        });
         let stored = self.submit_timed(ticket).await;
-        // The reaper gets the veth even when the write failed: memory already holds the address
-        // back until the link is gone, and nobody else would ever delete it (the store stops the
-        // agent from allocating until a restart, whose sweep finds the tombstone again).
-        if let Some(veth) = req.dying_veth {
-            let _ = self.reaper_tx.send((released.as_ref().map(|a| a.ip), veth));
-        }
         stored
             .map_err(|e| AgentError::Internal(format!("the release could not be stored: {e}")))?;
+        let dying_veth_deleted = match deleted {
+            // Bounded: without a running reaper (or a kernel that hangs) the plugin deletes it.
+            Some(gone) => tokio::time::timeout(DELETE_WAIT, gone)
+                .await
+                .is_ok_and(|r| r.unwrap_or(false)),
+            None => false,
+        };
         match &released {
             Some(a) => info!(
                 container_id = %a.key.container_id,
@@ -45,7 +65,10 @@ impl Agent {
             }
         }
         self.kick.notify_one();
-        Ok(ReleaseResponse { released })
+        Ok(ReleaseResponse {
+            released,
+            dying_veth_deleted,
+        })
     }
 
     /// Applies the spooled release in `path`, if the file is still there, and deletes the file

@@ -330,6 +330,51 @@ async fn shutting_down_fails_waiting_allocations_at_once() {
     assert_eq!(agent.state.lock().unwrap().waiters, 0);
 }
 
+/// A scale-set instance reimaged under running pods: its ipConfigurations are gone. The pod's
+/// address is kept (unreconciled, in the status), never handed to another pod, and counted as
+/// lost; when the cloud gives the same address back it stays the old pod's.
+#[tokio::test]
+async fn addresses_a_reimage_takes_off_the_nic_are_reported_and_never_handed_out_twice() {
+    let cloud = Arc::new(FlakyCloud::default());
+    let store = Arc::new(MemoryStore::new());
+    let agent = agent_with(cloud.clone(), store.clone());
+    let pool = pool_with_releasing(&agent, &cloud, 2, 0).await;
+    assert!(pool.is_empty());
+    let held = agent.allocate(request("a")).await.unwrap().allocation.ip;
+    let spare = *cloud
+        .fake
+        .secondary_ips()
+        .iter()
+        .find(|ip| **ip != held)
+        .unwrap();
+    assert_eq!(agent.status().pool.free, 1);
+
+    // The reimage: every secondary address leaves the NIC at once.
+    cloud.fake.remove_external(held);
+    cloud.fake.remove_external(spare);
+    agent.reconcile_with_cloud().await.unwrap();
+    let status = agent.status();
+    assert_eq!(status.unreconciled, vec![held]);
+    assert_eq!(status.pool.free, 0);
+    let metrics = agent.metrics.encode();
+    assert!(
+        metrics.contains("vnet_agent_addresses_lost_total{state=\"allocated\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vnet_agent_addresses_lost_total{state=\"free\"} 1"));
+    assert!(metrics.contains("vnet_agent_node_info{kind=\"vm\",scale_set=\"\"} 1"));
+
+    // The cloud hands the pod's old address back: recovered for the pod that holds it.
+    cloud.fake.add_external(held);
+    cloud.fake.add_external(spare);
+    agent.reconcile_with_cloud().await.unwrap();
+    assert!(agent.status().unreconciled.is_empty());
+    assert_eq!(agent.status().pool.free, 1);
+    let b = agent.allocate(request("b")).await.unwrap().allocation.ip;
+    assert_ne!(b, held);
+    agent.state.lock().unwrap().ipam.check();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_the_max_allocations_wait_for_pending_addresses() {
     // Regression: with max = 4, warm = 2, batch = 2, after two ADDs (total 2, allocated 2,
@@ -413,4 +458,74 @@ async fn a_failed_store_write_is_recovered_in_process() {
     let b = agent.allocate(request("b")).await.unwrap().allocation;
     assert_eq!(store.state().allocations[&b.key].ip, b.ip);
     agent.state.lock().unwrap().ipam.check();
+}
+
+#[tokio::test]
+async fn a_release_answers_once_its_veth_is_deleted_and_concurrent_ones_share_a_request() {
+    let cloud = Arc::new(FlakyCloud::default());
+    let store = Arc::new(MemoryStore::new());
+    let agent = agent_with(cloud.clone(), store.clone());
+    let links = Arc::new(crate::netlink::FakeLinks::default());
+    // Each request to the kernel takes a while, as deleting veths does.
+    *links.batch_delay.lock().unwrap() = Duration::from_millis(50);
+    tokio::spawn(agent.clone().run_reaper(links.clone()));
+    pool_with_releasing(&agent, &cloud, 13, 0).await;
+    let ids: Vec<String> = (0..12).map(|i| format!("pod{i}")).collect();
+    let mut tombstones = Vec::new();
+    for id in &ids {
+        agent.allocate(request(id)).await.unwrap();
+        let t = vnet_api::tombstone_veth_name(&vnet_api::host_veth_name("vnet", &request(id).key));
+        links.links.lock().unwrap().insert(t.clone());
+        tombstones.push(t);
+    }
+    let releases = ids.iter().zip(&tombstones).map(|(id, t)| {
+        let agent = agent.clone();
+        let links = links.clone();
+        let (key, t) = (request(id).key, t.clone());
+        async move {
+            let resp = agent
+                .release(ReleaseRequest {
+                    key,
+                    dying_veth: Some(t.clone()),
+                })
+                .await
+                .unwrap();
+            // When the answer comes, the link is gone.
+            (
+                resp.dying_veth_deleted,
+                links.links.lock().unwrap().contains(&t),
+            )
+        }
+    });
+    let answers = futures::future::join_all(releases).await;
+    assert!(
+        answers
+            .iter()
+            .all(|&(deleted, still_there)| deleted && !still_there),
+        "{answers:?}"
+    );
+    let batches = links.batches.lock().unwrap().clone();
+    assert!(
+        batches.len() < ids.len(),
+        "12 concurrent deletions took {} requests: {batches:?}",
+        batches.len()
+    );
+    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), ids.len());
+
+    // A deletion that fails: answered at once with `dying_veth_deleted` false (the plugin then
+    // deletes the link itself); the reaper keeps retrying and the address stays held.
+    *links.batch_delay.lock().unwrap() = Duration::ZERO;
+    links.busy.store(true, Ordering::SeqCst);
+    agent.allocate(request("busy")).await.unwrap();
+    let t = vnet_api::tombstone_veth_name("vnetbusy0000000");
+    links.links.lock().unwrap().insert(t.clone());
+    let resp = agent
+        .release(ReleaseRequest {
+            key: request("busy").key,
+            dying_veth: Some(t),
+        })
+        .await
+        .unwrap();
+    assert!(!resp.dying_veth_deleted);
+    assert!(resp.released.is_some());
 }

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::MockError;
+use crate::model::ArmError;
+use crate::rules;
 
 /// A role definition as `az role definition create` takes it; only the action lists matter here.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -75,6 +77,54 @@ impl Principals {
     pub fn get(&self, token: &str) -> Option<&Principal> {
         self.by_token.get(token)
     }
+}
+
+/// 403 `AuthorizationFailed` in ARM's words.
+pub fn authorization_failed(who: Option<&Principal>, action: &str, scope: &str) -> ArmError {
+    let (name, object_id) = who
+        .map(|p| (p.name.as_str(), p.object_id.as_str()))
+        .unwrap_or(("mock-client", "00000000-0000-0000-0000-000000000000"));
+    ArmError::new(
+        403,
+        "AuthorizationFailed",
+        format!(
+            "The client '{name}' with object id '{object_id}' does not have authorization to perform action '{action}' over scope '{scope}' or the scope is invalid. If access was recently granted, please refresh your credentials."
+        ),
+    )
+}
+
+/// 403 `LinkedAuthorizationFailed` when the caller may perform `write_action` on `scope` but
+/// lacks `join` on a resource the request references (`refs`, from [`rules`]); every missing
+/// action is listed, as ARM does. A scale-set instance update checks its references the same way.
+pub fn check_linked_access(
+    caller: Option<&Principal>,
+    write_action: &str,
+    scope: &str,
+    refs: Vec<rules::LinkedRef>,
+) -> Result<(), ArmError> {
+    let Some(caller) = caller else {
+        return Ok(());
+    };
+    let missing: Vec<rules::LinkedRef> = refs
+        .into_iter()
+        .filter(|r| !caller.allows(r.action))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let actions: Vec<&str> = missing.iter().map(|r| r.action).collect();
+    let scopes: Vec<&str> = missing.iter().map(|r| r.scope.as_str()).collect();
+    Err(ArmError::new(
+        403,
+        "LinkedAuthorizationFailed",
+        format!(
+            "The client '{}' with object id '{}' has permission to perform action '{write_action}' on scope '{scope}'; however, it does not have permission to perform action(s) '{}' on the linked scope(s) '{}' (respectively) or the linked scope(s) are invalid.",
+            caller.name,
+            caller.object_id,
+            actions.join(","),
+            scopes.join(","),
+        ),
+    ))
 }
 
 /// RBAC action matching: case-insensitive, `*` matches any run of characters.

@@ -11,10 +11,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub mod auth;
+mod document;
 pub mod fabric;
 pub mod faults;
 pub mod model;
 pub mod rules;
+pub mod scaleset;
 mod server;
 pub mod throttle;
 pub mod topology;

@@ -9,8 +9,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::MockError;
+use crate::document::{
+    RequestedConfig, caller_document, initial_document, parse_ip_configurations,
+};
 use crate::rules::{self, ConfigRefs};
-use crate::topology::{NicSpec, Topology, derived_mac, is_assignable, nic_name};
+use crate::topology::{Topology, derived_mac, is_assignable, nic_name};
 
 /// Azure's limit of ipConfigurations on one NIC.
 pub const MAX_IP_CONFIGS_PER_NIC: usize = 256;
@@ -18,25 +21,6 @@ pub const MAX_IP_CONFIGS_PER_NIC: usize = 256;
 pub const NIC_LIMIT_CODE: &str = "NetworkInterfaceIpConfigurationCountExceedsLimit";
 /// An operation nobody polls still finishes after this long, so a NIC never stays busy forever.
 const OPERATION_DEADLINE: Duration = Duration::from_secs(10);
-/// NIC `properties` the service computes: ignored in a PUT, always shown as the mock knows them.
-const NIC_COMPUTED: [&str; 6] = [
-    "provisioningState",
-    "resourceGuid",
-    "macAddress",
-    "primary",
-    "virtualMachine",
-    "ipConfigurations",
-];
-/// ipConfiguration `properties` the mock models itself; everything else is kept as written.
-const IP_CONFIG_MODELLED: [&str; 6] = [
-    "provisioningState",
-    "privateIPAddress",
-    "privateIPAllocationMethod",
-    "privateIPAddressVersion",
-    "subnet",
-    "primary",
-];
-
 /// An Azure error answer: status, `{"error":{"code","message"}}`, optional `Retry-After`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArmError {
@@ -235,6 +219,8 @@ pub struct Cloud {
     next_operation: u64,
     /// Bumped by every change worth persisting.
     pub version: u64,
+    /// Uniform scale-set instances (their NICs are in `nics`).
+    pub(crate) instances: crate::scaleset::Instances,
 }
 
 impl Cloud {
@@ -304,6 +290,7 @@ impl Cloud {
             );
         }
         Ok(Cloud {
+            instances: crate::scaleset::Instances::new(&topology),
             topology,
             nics,
             owners,
@@ -462,7 +449,7 @@ impl Cloud {
         }
         let requested = parse_ip_configurations(body)?;
         let new_configs = self.plan(&key, &requested)?;
-        self.check_nic_rules(&key, &new_configs)?;
+        self.check_ip_config_rules(&self.topology.nic_id(&key), &new_configs)?;
         let new_doc = caller_document(body);
 
         let nic = self.nics.get_mut(&key).expect("NIC exists");
@@ -496,9 +483,13 @@ impl Cloud {
         Ok(id)
     }
 
-    /// Azure's rules over the NIC's next ipConfigurations: one subnet, one set of ASGs.
-    fn check_nic_rules(&self, key: &str, configs: &[IpConfig]) -> Result<(), ArmError> {
-        let nic_id = self.topology.nic_id(key);
+    /// Azure's rules over a NIC's next ipConfigurations: one subnet, one set of ASGs.
+    /// `nic_id` names the NIC in messages (a scale-set instance's NIC ID works too).
+    pub fn check_ip_config_rules(
+        &self,
+        nic_id: &str,
+        configs: &[IpConfig],
+    ) -> Result<(), ArmError> {
         let refs: Vec<ConfigRefs> = configs
             .iter()
             .map(|c| ConfigRefs {
@@ -795,6 +786,33 @@ impl Cloud {
         routes
     }
 
+    /// Drops every ipConfiguration but the primary at once (a reimage resetting the instance to
+    /// its scale set's model), finishing a running operation first. Returns the addresses lost
+    /// and the routes to delete.
+    pub fn reset_to_primary(
+        &mut self,
+        name: &str,
+    ) -> Result<(Vec<String>, Vec<RouteChange>), ArmError> {
+        let key = self.nic_key(name).ok_or_else(|| self.nic_not_found(name))?;
+        let mut routes = Vec::new();
+        if let Some(id) = self.nics[&key].active_operation.clone() {
+            routes.extend(self.finish(&id));
+        }
+        let nic = self.nics.get_mut(&key).expect("NIC exists");
+        let (kept, lost): (Vec<IpConfig>, Vec<IpConfig>) = std::mem::take(&mut nic.configs)
+            .into_iter()
+            .partition(|c| c.primary);
+        nic.configs = kept;
+        nic.generation += 1;
+        nic.provisioning_state = "Succeeded";
+        for config in &lost {
+            self.owners.remove(&config.ip);
+            routes.push(RouteChange::Delete { ip: config.ip });
+        }
+        self.version += 1;
+        Ok((lost.iter().map(|c| c.ip.to_string()).collect(), routes))
+    }
+
     /// Every secondary address's route, for (re)programming the fabric at start.
     pub fn all_routes(&self) -> Vec<RouteChange> {
         let mut routes = Vec::new();
@@ -874,6 +892,13 @@ impl Cloud {
         let topo = &self.topology;
         let vm = topo.vm(vm_name)?;
         let nic = self.nic(&nic_name(&vm.name))?;
+        let mut doc = self.imds_doc(vm, nic)?;
+        self.patch_imds(vm, &mut doc);
+        Some(doc)
+    }
+
+    fn imds_doc(&self, vm: &crate::topology::VmSpec, nic: &Nic) -> Option<Value> {
+        let topo = &self.topology;
         let subnet = topo.subnet(&vm.subnet)?;
         let mut addresses: Vec<Value> = Vec::new();
         for c in nic.configs.iter().filter(|c| c.primary) {
@@ -924,7 +949,11 @@ impl Cloud {
             .vms
             .iter()
             .find(|v| v.name.eq_ignore_ascii_case(vm_name))?;
-        Some(json!({
+        // A Uniform instance is no `virtualMachines` resource.
+        if crate::scaleset::is_uniform_vm(topo, &vm.name) {
+            return None;
+        }
+        let mut doc = json!({
             "name": vm.name,
             "id": topo.vm_id(&vm.name),
             "type": "Microsoft.Compute/virtualMachines",
@@ -940,7 +969,9 @@ impl Cloud {
                     }]
                 }
             }
-        }))
+        });
+        self.patch_vm_json(vm, &mut doc);
+        Some(doc)
     }
 
     pub fn subnet_json(&self, name: &str) -> Option<Value> {
@@ -983,181 +1014,10 @@ impl Cloud {
     }
 }
 
-/// One ipConfiguration as a PUT body asks for it.
-#[derive(Debug)]
-struct RequestedConfig {
-    name: String,
-    ip: Option<Ipv4Addr>,
-    static_allocation: Option<bool>,
-    subnet_id: Option<String>,
-    primary: bool,
-    /// `properties` the mock does not model, kept as written.
-    extra: Map<String, Value>,
-}
-
-fn parse_ip_configurations(body: &Value) -> Result<Vec<RequestedConfig>, ArmError> {
-    let invalid = |m: String| ArmError::bad_request("InvalidRequestFormat", m);
-    let configs = body
-        .get("properties")
-        .and_then(|p| p.get("ipConfigurations"))
-        .and_then(Value::as_array)
-        .ok_or_else(|| {
-            invalid(
-                "Cannot parse the request: properties.ipConfigurations must be an array.".into(),
-            )
-        })?;
-    configs
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let name = c
-                .get("name")
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty())
-                .ok_or_else(|| invalid(format!("ipConfigurations[{i}].name is required.")))?;
-            if name.len() > 80
-                || !name
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
-            {
-                return Err(ArmError::bad_request(
-                    "InvalidResourceName",
-                    format!("Resource name {name} is invalid."),
-                ));
-            }
-            let props = c.get("properties").cloned().unwrap_or(Value::Null);
-            let ip = match props.get("privateIPAddress").and_then(Value::as_str) {
-                None | Some("") => None,
-                Some(text) => Some(text.parse().map_err(|_| {
-                    ArmError::bad_request(
-                        "InvalidPrivateIPAddress",
-                        format!("{text} is not a valid IPv4 address."),
-                    )
-                })?),
-            };
-            let static_allocation = match props
-                .get("privateIPAllocationMethod")
-                .and_then(Value::as_str)
-            {
-                None => None,
-                Some(m) if m.eq_ignore_ascii_case("dynamic") => Some(false),
-                Some(m) if m.eq_ignore_ascii_case("static") => Some(true),
-                Some(m) => {
-                    return Err(invalid(format!("Unknown privateIPAllocationMethod {m}.")));
-                }
-            };
-            Ok(RequestedConfig {
-                name: name.to_string(),
-                ip,
-                static_allocation,
-                subnet_id: props
-                    .get("subnet")
-                    .and_then(|s| s.get("id"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                primary: props
-                    .get("primary")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-                extra: props
-                    .as_object()
-                    .map(|o| {
-                        o.iter()
-                            .filter(|(k, _)| !IP_CONFIG_MODELLED.contains(&k.as_str()))
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })
-        })
-        .collect()
-}
-
 /// Code of a PUT to a NIC whose previous operation still runs (429, with `Retry-After`).
 pub const BUSY_CODE: &str = "RetryableErrorDueToAnotherOperation";
 /// Code of a PUT whose `If-Match` is stale (412).
 pub const ETAG_MISMATCH_CODE: &str = "PreconditionFailedEtagMismatch";
-
-/// The caller-owned part of a NIC PUT body: `tags` and the non-computed `properties`. A PUT
-/// replaces the document, so a field the caller leaves out is gone afterwards (as on Azure).
-fn caller_document(body: &Value) -> Map<String, Value> {
-    let mut doc = Map::new();
-    if let Some(tags) = body.get("tags") {
-        doc.insert("tags".into(), tags.clone());
-    }
-    let properties: Map<String, Value> = body["properties"]
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .filter(|(k, _)| !NIC_COMPUTED.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
-    doc.insert("properties".into(), Value::Object(properties));
-    doc
-}
-
-/// The NIC document a topology VM starts with, and its primary ipConfiguration's extra fields.
-fn initial_document(topo: &Topology, spec: &NicSpec) -> (Map<String, Value>, Map<String, Value>) {
-    let mut properties = spec.properties.clone();
-    properties
-        .entry("enableIPForwarding")
-        .or_insert(json!(spec.ip_forwarding));
-    properties
-        .entry("enableAcceleratedNetworking")
-        .or_insert(json!(spec.accelerated_networking));
-    properties.entry("dnsSettings").or_insert(json!({
-        "dnsServers": spec.dns_servers,
-        "appliedDnsServers": spec.dns_servers,
-    }));
-    properties.entry("nicType").or_insert(json!("Standard"));
-    if let Some(nsg) = &spec.network_security_group {
-        properties.insert(
-            "networkSecurityGroup".into(),
-            json!({"id": topo.resource_id("Microsoft.Network/networkSecurityGroups", nsg)}),
-        );
-    }
-    let mut doc = Map::new();
-    if !spec.tags.is_empty() {
-        doc.insert("tags".into(), Value::Object(spec.tags.clone()));
-    }
-    doc.insert("properties".into(), Value::Object(properties));
-
-    let mut primary = spec.primary_ip_configuration_properties.clone();
-    if !spec.application_security_groups.is_empty() {
-        let asgs: Vec<Value> = spec
-            .application_security_groups
-            .iter()
-            .map(|a| json!({"id": topo.resource_id("Microsoft.Network/applicationSecurityGroups", a)}))
-            .collect();
-        primary.insert("applicationSecurityGroups".into(), json!(asgs));
-    }
-    if !spec.load_balancer_backend_address_pools.is_empty() {
-        let pools: Vec<Value> = spec
-            .load_balancer_backend_address_pools
-            .iter()
-            .map(|p| {
-                let id = match p.split_once('/') {
-                    Some((lb, pool)) if !p.starts_with('/') => topo.resource_id(
-                        "Microsoft.Network/loadBalancers",
-                        &format!("{lb}/backendAddressPools/{pool}"),
-                    ),
-                    _ => p.clone(),
-                };
-                json!({"id": id})
-            })
-            .collect();
-        primary.insert("loadBalancerBackendAddressPools".into(), json!(pools));
-    }
-    if let Some(pip) = &spec.public_ip_address {
-        primary.insert(
-            "publicIPAddress".into(),
-            json!({"id": topo.resource_id("Microsoft.Network/publicIPAddresses", pip)}),
-        );
-    }
-    (doc, primary)
-}
 
 fn fnv(text: &str) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;

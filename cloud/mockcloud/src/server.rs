@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 
-use crate::auth::{Principal, Principals};
+use crate::auth::{Principal, Principals, authorization_failed, check_linked_access};
 use crate::fabric::Fabric;
 use crate::faults::{FaultKind, Faults};
 use crate::model::{
@@ -27,6 +27,8 @@ use crate::rules;
 use crate::throttle::{Kind, Limiter};
 use crate::topology::Topology;
 use crate::{MockConfig, MockError, write_atomically};
+
+mod scaleset;
 
 const MAX_BODY: usize = 4 << 20;
 
@@ -335,6 +337,23 @@ async fn route(app: &App, ctx: &Ctx, segments: &[&str]) -> (Option<&'static str>
         [
             "subscriptions",
             sub,
+            "providers",
+            "Microsoft.Compute",
+            "locations",
+            _,
+            "operations",
+            id,
+        ] => {
+            let op = "compute_operation_get";
+            let scope = format!("/{}", segments.join("/"));
+            if let Err(e) = arm_prelude(app, ctx, op, sub, None, &Method::GET, &scope).await {
+                return (Some(op), arm_error(e));
+            }
+            (Some(op), operation_status(app, ctx, id).await)
+        }
+        [
+            "subscriptions",
+            sub,
             "resourceGroups",
             rg,
             "providers",
@@ -375,6 +394,9 @@ fn admin(app: &App, ctx: &Ctx, rest: &[&str]) -> Response {
             }
         }
         (&Method::GET, ["topology"]) => json_response(StatusCode::OK, json!(app.topology())),
+        (&Method::POST, ["scalesets", set, "virtualMachines", instance, "reimage"]) => {
+            scaleset::reimage(app, set, instance)
+        }
         _ => arm_error(ArmError::new(404, "NotFound", "Unknown admin endpoint.")),
     }
 }
@@ -456,6 +478,12 @@ fn action_for(operation: &str) -> &'static str {
         "vm_get" => "Microsoft.Compute/virtualMachines/read",
         "vnet_get" => "Microsoft.Network/virtualNetworks/read",
         "subnet_get" => "Microsoft.Network/virtualNetworks/subnets/read",
+        "vmss_vm_get" => "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
+        "vmss_vm_put" => "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write",
+        "vmss_nic_get" => {
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/networkInterfaces/read"
+        }
+        "compute_operation_get" => "Microsoft.Compute/locations/operations/read",
         _ => "Microsoft.Network/locations/operations/read",
     }
 }
@@ -500,20 +528,6 @@ fn rate_key(ctx: &Ctx, caller: Option<&Principal>) -> String {
             .unwrap_or("anonymous")
             .to_string(),
     }
-}
-
-/// 403 `AuthorizationFailed` in ARM's words.
-fn authorization_failed(who: Option<&Principal>, action: &str, scope: &str) -> ArmError {
-    let (name, object_id) = who
-        .map(|p| (p.name.as_str(), p.object_id.as_str()))
-        .unwrap_or(("mock-client", "00000000-0000-0000-0000-000000000000"));
-    ArmError::new(
-        403,
-        "AuthorizationFailed",
-        format!(
-            "The client '{name}' with object id '{object_id}' does not have authorization to perform action '{action}' over scope '{scope}' or the scope is invalid. If access was recently granted, please refresh your credentials."
-        ),
-    )
 }
 
 /// What every ARM call goes through: counting, api-version, scope, the caller and its
@@ -563,7 +577,7 @@ async fn arm_prelude(
         ));
     }
     let caller = authenticate(app, ctx)?.cloned();
-    let kind = if operation == "nic_put" {
+    let kind = if operation == "nic_put" || operation == "vmss_vm_put" {
         Kind::Write
     } else {
         Kind::Read
@@ -596,6 +610,9 @@ async fn arm_prelude(
         return Err(authorization_failed(caller.as_ref(), action, scope));
     }
     if let Some(spec) = app.roll(FaultKind::Throttle, operation) {
+        if scaleset::is_compute(operation) {
+            return Err(scaleset::compute_throttled(&spec));
+        }
         return Err(ArmError::new(
             429,
             spec.code.as_deref().unwrap_or("TooManyRequests"),
@@ -612,6 +629,7 @@ async fn arm_prelude(
     }
     // Busy only makes sense for writes unless the fault names operations explicitly.
     let busy_eligible = operation == "nic_put"
+        || operation == "vmss_vm_put"
         || lock(&app.faults)
             .busy
             .as_ref()
@@ -672,6 +690,38 @@ async fn arm(
             ("subnet_get", Method::GET)
         }
         (["Microsoft.Compute", "virtualMachines", _], _) => ("vm_get", Method::GET),
+        (
+            [
+                "Microsoft.Compute",
+                "virtualMachineScaleSets",
+                _,
+                "virtualMachines",
+                _,
+            ],
+            &Method::PUT,
+        ) => ("vmss_vm_put", Method::PUT),
+        (
+            [
+                "Microsoft.Compute",
+                "virtualMachineScaleSets",
+                _,
+                "virtualMachines",
+                _,
+            ],
+            _,
+        ) => ("vmss_vm_get", Method::GET),
+        (
+            [
+                "Microsoft.Compute",
+                "virtualMachineScaleSets",
+                _,
+                "virtualMachines",
+                _,
+                "networkInterfaces",
+                _,
+            ],
+            _,
+        ) => ("vmss_nic_get", Method::GET),
         _ => {
             return (
                 None,
@@ -699,6 +749,12 @@ async fn arm(
         ))
     };
     let response = match rest {
+        // A Uniform instance's NIC has no standalone resource.
+        ["Microsoft.Network", "networkInterfaces", nic]
+            if crate::scaleset::is_uniform_nic(&lock(&app.cloud).topology, nic) =>
+        {
+            not_found("Microsoft.Network/networkInterfaces", nic)
+        }
         ["Microsoft.Network", "networkInterfaces", nic] if operation == "nic_put" => {
             nic_put(app, ctx, nic, caller.as_ref(), &scope)
         }
@@ -734,41 +790,31 @@ async fn arm(
             Some(doc) => json_response(StatusCode::OK, doc),
             None => not_found("Microsoft.Compute/virtualMachines", vm),
         },
+        [
+            "Microsoft.Compute",
+            "virtualMachineScaleSets",
+            set,
+            "virtualMachines",
+            instance,
+        ] => {
+            if operation == "vmss_vm_put" {
+                scaleset::instance_put(app, ctx, set, instance, caller.as_ref(), &scope)
+            } else {
+                scaleset::instance_get(app, set, instance).await
+            }
+        }
+        [
+            "Microsoft.Compute",
+            "virtualMachineScaleSets",
+            set,
+            "virtualMachines",
+            instance,
+            "networkInterfaces",
+            nic,
+        ] => scaleset::instance_nic_get(app, ctx, set, instance, nic).await,
         _ => unreachable!("matched above"),
     };
     (Some(operation), response)
-}
-
-/// 403 `LinkedAuthorizationFailed` when the caller may write the NIC but lacks `join` on a
-/// resource the body references; every missing action is listed, as ARM does.
-fn check_linked_access(
-    caller: Option<&Principal>,
-    body: &Value,
-    scope: &str,
-) -> Result<(), ArmError> {
-    let Some(caller) = caller else {
-        return Ok(());
-    };
-    let missing: Vec<rules::LinkedRef> = rules::nic_linked_references(body)
-        .into_iter()
-        .filter(|r| !caller.allows(r.action))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let actions: Vec<&str> = missing.iter().map(|r| r.action).collect();
-    let scopes: Vec<&str> = missing.iter().map(|r| r.scope.as_str()).collect();
-    Err(ArmError::new(
-        403,
-        "LinkedAuthorizationFailed",
-        format!(
-            "The client '{}' with object id '{}' has permission to perform action 'Microsoft.Network/networkInterfaces/write' on scope '{scope}'; however, it does not have permission to perform action(s) '{}' on the linked scope(s) '{}' (respectively) or the linked scope(s) are invalid.",
-            caller.name,
-            caller.object_id,
-            actions.join(","),
-            scopes.join(","),
-        ),
-    ))
 }
 
 fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &str) -> Response {
@@ -781,7 +827,8 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &
             ));
         }
     };
-    if let Err(e) = check_linked_access(caller, &body, scope) {
+    let refs = rules::nic_linked_references(&body);
+    if let Err(e) = check_linked_access(caller, action_for("nic_put"), scope, refs) {
         return arm_error(e);
     }
     let if_match = ctx

@@ -326,13 +326,35 @@ async fn the_binary_serves_the_contract_cli() {
     let dir = tempfile::tempdir().unwrap();
     let topology_file = dir.path().join("topology.json");
     std::fs::write(&topology_file, serde_json::to_string(&topology()).unwrap()).unwrap();
+    let principals = dir.path().join("principals.json");
+    std::fs::write(
+        &principals,
+        r#"[{"token":"tok","name":"agent","role":{"Actions":["Microsoft.Network/networkInterfaces/read"]}}]"#,
+    )
+    .unwrap();
+    // A bad --rate-limits is refused at start.
+    let bad = Command::new(env!("CARGO_BIN_EXE_vnet-mockcloud"))
+        .args(["--listen", "127.0.0.1:0", "--topology"])
+        .arg(&topology_file)
+        .args([
+            "--rate-limits",
+            r#"{"reads":{"size":0,"refill_per_sec":1}}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--rate-limits"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_vnet-mockcloud"))
         .args(["--listen", "127.0.0.1:0", "--topology"])
         .arg(&topology_file)
         .args([
             "--faults",
             r#"{"throttle":{"count":1,"retry_after_secs":9}}"#,
+            "--rate-limits",
+            r#"{"reads":{"size":5,"refill_per_sec":0.01},"writes":{"size":5,"refill_per_sec":0.01}}"#,
+            "--principals",
         ])
+        .arg(&principals)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -365,6 +387,7 @@ async fn the_binary_serves_the_contract_cli() {
     let http = reqwest::Client::new();
     let response = http
         .get(format!("http://{addr}{NIC}/node-2-nic?{API}"))
+        .bearer_auth("tok")
         .send()
         .await
         .unwrap();
@@ -372,10 +395,32 @@ async fn the_binary_serves_the_contract_cli() {
     assert_eq!(response.headers()["retry-after"], "9");
     let response = http
         .get(format!("http://{addr}{NIC}/node-2-nic?{API}"))
+        .bearer_auth("tok")
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
+    // --rate-limits: five reads in this principal's bucket, two taken.
+    assert_eq!(
+        response.headers()["x-ms-ratelimit-remaining-subscription-reads"],
+        "3"
+    );
+    // --principals: no token is 401; an action outside the role is 403 naming it.
+    let response = http
+        .get(format!("http://{addr}{NIC}/node-2-nic?{API}"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 401, "AuthenticationFailed").await;
+    let response = http
+        .get(format!(
+            "http://{addr}/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/node-2?{API}"
+        ))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 403, "AuthorizationFailed").await;
     drop(child);
 }
 

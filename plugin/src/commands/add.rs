@@ -228,7 +228,7 @@ async fn undo(ctx: &Context, host: &Handle, host_veth: &str, key: &AttachmentKey
             false
         }
     };
-    if veth_gone && let Err(e) = super::del::release_or_spool(ctx, key, None).await {
+    if veth_gone && let Err(e) = super::del::release_or_spool(ctx, key).await {
         log_warn!("undo: {e}");
     }
 }

@@ -37,9 +37,12 @@ pub struct FakeState {
     pub gcs: Vec<GcRequest>,
     pub status: Option<StatusResponse>,
     pub refuse_allocate: Option<ErrorResponse>,
-    /// When set, dying veths handed over by DEL are deleted in this namespace in the background,
-    /// as the real agent does (benchmarks: the kernel work must still happen somewhere).
+    /// When set, dying veths handed over by DEL are deleted in this namespace before the answer,
+    /// as the real agent does (it also batches concurrent ones), and the answer says so.
     pub reap_in: Option<String>,
+    /// With `reap_in`: delete in the background after answering instead, and leave
+    /// `dying_veth_deleted` out, as agents before it existed did.
+    pub reap_in_background: bool,
     /// When set, the GC handler records `ip -o link show` of this namespace as it was when the
     /// agent was asked to release (GC must have removed stale links by then).
     pub links_seen_at_gc_in: Option<String>,
@@ -104,15 +107,30 @@ async fn release(
     State(s): State<Shared>,
     Json(req): Json<ReleaseRequest>,
 ) -> Json<ReleaseResponse> {
-    let mut st = s.lock().unwrap();
-    let released = st.allocations.remove(&req.key);
-    if let (Some(ns), Some(veth)) = (st.reap_in.clone(), req.dying_veth.clone()) {
-        std::thread::spawn(move || {
-            let _ = vnet_testns::run("ip", &["-n", &ns, "link", "del", &veth]);
-        });
+    let (released, reap) = {
+        let mut st = s.lock().unwrap();
+        let released = st.allocations.remove(&req.key);
+        let reap = st.reap_in.clone().zip(req.dying_veth.clone());
+        let background = st.reap_in_background;
+        st.releases.push(req);
+        (released, reap.map(|r| (r, background)))
+    };
+    let mut dying_veth_deleted = false;
+    if let Some(((ns, veth), background)) = reap {
+        let del = move || {
+            let out = vnet_testns::run("ip", &["-n", &ns, "link", "del", &veth]);
+            out.is_ok_and(|o| o.status.success())
+        };
+        if background {
+            std::thread::spawn(del);
+        } else {
+            dying_veth_deleted = tokio::task::spawn_blocking(del).await.unwrap();
+        }
     }
-    st.releases.push(req);
-    Json(ReleaseResponse { released })
+    Json(ReleaseResponse {
+        released,
+        dying_veth_deleted,
+    })
 }
 
 async fn gc(State(s): State<Shared>, Json(req): Json<GcRequest>) -> Json<GcResponse> {
