@@ -153,6 +153,9 @@ pub struct Config {
     pub mtu: u32,
     pub masquerade: bool,
     pub non_masquerade_cidrs: Vec<String>,
+    /// `false` (the default): pod traffic to IMDS (169.254.169.254) is dropped, so a pod cannot
+    /// get the node identity's token. `true` for clusters whose pods need IMDS.
+    pub pod_imds_access: bool,
     pub host_veth_prefix: String,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -204,6 +207,7 @@ impl Default for Config {
             mtu: 1500,
             masquerade: true,
             non_masquerade_cidrs: Vec::new(),
+            pod_imds_access: false,
             host_veth_prefix: vnet_api::DEFAULT_HOST_VETH_PREFIX.into(),
             log_format: LogFormat::Text,
             log_level: "info".into(),
@@ -331,6 +335,9 @@ impl Config {
         }
         if let Some((var, v)) = get("masquerade") {
             self.masquerade = parse_bool(&v).map_err(|m| err(&var, m))?;
+        }
+        if let Some((var, v)) = get("pod_imds_access") {
+            self.pod_imds_access = parse_bool(&v).map_err(|m| err(&var, m))?;
         }
         if let Some((_, v)) = get("non_masquerade_cidrs") {
             self.non_masquerade_cidrs = v

@@ -48,6 +48,49 @@ const REQUEST_GRACE: Duration = Duration::from_secs(4);
 const POOL_GRACE: Duration = Duration::from_secs(2);
 /// How often the spool is drained after start-up (a DEL may race the start).
 const SPOOL_INTERVAL: Duration = Duration::from_secs(10);
+/// The node identity as the last successful discovery found it, in the state directory.
+pub const IDENTITY_FILE: &str = "node-identity.json";
+/// Start-up reconcile attempts (1 s, 2 s, 4 s apart) before an agent with a stored identity
+/// serves from its stored pool.
+const STARTUP_RECONCILE_ATTEMPTS: u32 = 3;
+
+fn read_identity(state_dir: &std::path::Path) -> Option<vnet_cloud::NodeIdentity> {
+    let path = state_dir.join(IDENTITY_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(identity) => Some(identity),
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "stored node identity unreadable; ignored");
+            None
+        }
+    }
+}
+
+fn write_identity(
+    state_dir: &std::path::Path,
+    identity: &vnet_cloud::NodeIdentity,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let bytes = serde_json::to_vec_pretty(identity).map_err(std::io::Error::other)?;
+    write_atomically(&state_dir.join(IDENTITY_FILE), &bytes)
+}
+
+/// Temp file, fsync, rename, fsync of the directory.
+fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// How often forwarding and the nftables table are re-checked (and restored).
+pub const HOST_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Retry delay for a conflist write that failed.
 const CONFLIST_RETRY: Duration = Duration::from_secs(5);
 
@@ -180,6 +223,32 @@ async fn publish_conflist(dir: PathBuf, content: String, mut shutdown: watch::Re
     });
 }
 
+/// Re-checks ip_forward and the agent's nftables table every [`HOST_CHECK_INTERVAL`] and puts
+/// back whatever a firewall reload, an `nft flush ruleset` or a sysctl reset removed.
+async fn keep_host_rules(rules: masq::HostRules) {
+    loop {
+        tokio::time::sleep(HOST_CHECK_INTERVAL).await;
+        let r = rules.clone();
+        match tokio::task::spawn_blocking(move || masq::ensure(&r)).await {
+            Ok(Ok(repaired)) => {
+                if repaired.forwarding {
+                    warn!("IPv4 forwarding was off; turned back on");
+                }
+                if repaired.table {
+                    warn!(
+                        table = masq::TABLE,
+                        "the agent's nftables table was missing or incomplete; restored"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                error!(error = %e, "cannot restore forwarding or the nftables table; retrying")
+            }
+            Err(e) => error!(error = %e, "host check failed"),
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
     let Options {
@@ -213,13 +282,33 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     let metrics_app = crate::api::metrics_router(probes.clone());
     // Served until `run` returns (not stopped by the signal): the probes keep answering while
     // in-flight requests finish, with /readyz saying the agent is stopping.
-    let _metrics_task = AbortOnDrop(tokio::spawn(async move {
+    let mut metrics_task = AbortOnDrop(tokio::spawn(async move {
         crate::listener::serve(metrics_listener, metrics_app).await;
     }));
 
     probes.set_phase("discovering the node through the cloud");
-    let identity = retry("node discovery", &mut shutdown, || cloud.discover()).await?;
+    let stored_identity = read_identity(&config.state_dir);
+    let identity = match &stored_identity {
+        // Known from an earlier run: one attempt, then the stored identity (a cloud outage
+        // must not keep a restarted agent from serving its stored pool).
+        Some(stored) => match tokio::select! {
+            r = cloud.discover() => r,
+            _ = shutdown.wait_for(|s| *s) => return Err(DaemonError::Interrupted),
+        } {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, vm = stored.vm_name, nic = stored.nic_id, "node discovery failed; using the identity stored by the previous run");
+                stored.clone()
+            }
+        },
+        None => retry("node discovery", &mut shutdown, || cloud.discover()).await?,
+    };
     info!(vm = identity.vm_name, kind = identity.kind.as_str(), scale_set = identity.scale_set, nic = identity.nic_id, primary_ip = %identity.primary_ip, subnet = %identity.subnet_prefix, "node discovered");
+    if stored_identity.as_ref() != Some(&identity)
+        && let Err(e) = write_identity(&config.state_dir, &identity)
+    {
+        warn!(error = %e, "cannot store the node identity; a restart during a cloud outage will wait for the cloud");
+    }
 
     probes.set_phase("opening the allocation store");
     let state_dir = config.state_dir.clone();
@@ -265,10 +354,36 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     );
 
     probes.set_phase("reading the NIC's addresses from the cloud");
-    retry("reading the NIC's addresses", &mut shutdown, || {
-        agent.reconcile_with_cloud()
-    })
-    .await?;
+    if stored_identity.is_some() {
+        // A few attempts; then serve from the stored pool (every address in it was on the NIC
+        // at the last reconcile) and let the pool task reconcile once the cloud answers.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let done = tokio::select! {
+                r = agent.reconcile_with_cloud() => r.is_ok(),
+                _ = shutdown.wait_for(|s| *s) => return Err(DaemonError::Interrupted),
+            };
+            if done {
+                break;
+            }
+            if attempts >= STARTUP_RECONCILE_ATTEMPTS {
+                warn!(
+                    "the cloud does not answer; serving from the stored pool until it does (no pool growth, releases journaled)"
+                );
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1 << attempts)) => {}
+                _ = shutdown.wait_for(|s| *s) => return Err(DaemonError::Interrupted),
+            }
+        }
+    } else {
+        retry("reading the NIC's addresses", &mut shutdown, || {
+            agent.reconcile_with_cloud()
+        })
+        .await?;
+    }
 
     tokio::spawn(agent.clone().run_reaper(links.clone()));
     agent.sweep_tombstones(links.as_ref()).await;
@@ -277,10 +392,11 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     let spool_dir = config.spool_dir();
     drain_spool(&agent, &spool_dir).await;
 
-    if config.manage_host {
-        tokio::task::spawn_blocking(masq::enable_forwarding)
-            .await
-            .expect("no panic")?;
+    let host_task = if config.manage_host {
+        let mut rules = masq::HostRules {
+            masquerade: None,
+            drop_pod_imds: (!config.pod_imds_access).then(|| config.host_veth_prefix.clone()),
+        };
         if config.masquerade {
             let mut non_masq = config.non_masquerade_networks()?;
             if non_masq.is_empty() {
@@ -288,13 +404,22 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
             }
             // Pods draw from the NIC's subnet.
             let sources = vec![identity.subnet_prefix];
-            let script = masq::masquerade_script(&sources, identity.primary_ip, &non_masq);
+            rules.masquerade = Some((sources, identity.primary_ip, non_masq));
+        }
+        tokio::task::spawn_blocking(masq::enable_forwarding)
+            .await
+            .expect("no panic")?;
+        if !rules.is_empty() {
+            let script = rules.script();
             tokio::task::spawn_blocking(move || masq::apply_nft(&script, masq::NFT_TIMEOUT))
                 .await
                 .expect("no panic")?;
-            info!(non_masquerade = ?non_masq, "masquerade table installed");
+            info!(masquerade = ?rules.masquerade, drop_pod_imds = rules.drop_pod_imds.is_some(), "host table installed");
         }
-    }
+        Some(AbortOnDrop(tokio::spawn(keep_host_rules(rules))))
+    } else {
+        None
+    };
 
     let socket_path = config.socket_path.clone();
     let listener = crate::api::bind_socket(&socket_path).map_err(|source| DaemonError::Socket {
@@ -364,12 +489,16 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         pool_task.abort();
     }
     spool_task.abort();
+    drop(host_task);
     if let Err(e) = agent.flush().await {
         error!(error = %e, "final store flush failed");
     }
     let closing = store.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     let _ = std::fs::remove_file(&socket_path);
+    // The listener is closed before `run` returns, so a restart can bind the same port.
+    metrics_task.0.abort();
+    let _ = (&mut metrics_task.0).await;
     info!("stopped");
     Ok(())
 }

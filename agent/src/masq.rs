@@ -17,6 +17,85 @@ use std::time::{Duration, Instant};
 use ipnetwork::Ipv4Network;
 
 pub const TABLE: &str = "vnet-cni";
+/// Azure's instance metadata service: the node's identity and its tokens.
+pub const IMDS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+pub const MASQUERADE_COMMENT: &str = "vnet-cni pod egress";
+pub const IMDS_DROP_COMMENT: &str = "vnet-cni pod imds drop";
+
+/// What the agent keeps in its table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRules {
+    /// Pod egress SNAT: the pods' source prefixes, the node's address, what is not masqueraded.
+    pub masquerade: Option<(Vec<Ipv4Network>, Ipv4Addr, Vec<Ipv4Network>)>,
+    /// Drop pod traffic to IMDS (a pod must not get the node's identity and its tokens): the
+    /// host veth prefix, since every pod packet enters the node through its host veth.
+    pub drop_pod_imds: Option<String>,
+}
+
+impl HostRules {
+    pub fn is_empty(&self) -> bool {
+        self.masquerade.is_none() && self.drop_pod_imds.is_none()
+    }
+
+    /// The table (replaced atomically, as [`masquerade_script`] describes).
+    pub fn script(&self) -> String {
+        let mut script = match &self.masquerade {
+            Some((sources, node_ip, non_masq)) => masquerade_script(sources, *node_ip, non_masq),
+            None => format!("table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n}}\n"),
+        };
+        if let Some(prefix) = &self.drop_pod_imds {
+            // Before routing, so it holds whether IMDS is reached through the node (Azure) or
+            // answered by it: priority raw.
+            script.push_str(&format!(
+                "table ip {TABLE} {{\n\
+                 \tchain pod_imds {{\n\
+                 \t\ttype filter hook prerouting priority raw; policy accept;\n\
+                 \t\tiifname \"{prefix}*\" ip daddr {IMDS} drop comment \"{IMDS_DROP_COMMENT}\"\n\
+                 \t}}\n\
+                 }}\n"
+            ));
+        }
+        script
+    }
+
+    fn comments(&self) -> Vec<&'static str> {
+        let mut c = Vec::new();
+        if self.masquerade.is_some() {
+            c.push(MASQUERADE_COMMENT);
+        }
+        if self.drop_pod_imds.is_some() {
+            c.push(IMDS_DROP_COMMENT);
+        }
+        c
+    }
+}
+
+/// What [`ensure`] had to put back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Repaired {
+    pub forwarding: bool,
+    pub table: bool,
+}
+
+/// Checks forwarding and the table and restores whatever is missing (a firewall reload, an
+/// `nft flush ruleset`, a sysctl reset). Blocking: call from a blocking thread.
+pub fn ensure(rules: &HostRules) -> Result<Repaired, HostError> {
+    let forwarding = enable_forwarding()?;
+    let mut table = false;
+    if !rules.is_empty() {
+        let listing = Command::new("nft")
+            .args(["list", "table", "ip", TABLE])
+            .stderr(Stdio::null())
+            .output()
+            .map_err(HostError::Spawn)?;
+        let text = String::from_utf8_lossy(&listing.stdout);
+        if !listing.status.success() || rules.comments().iter().any(|c| !text.contains(c)) {
+            apply_nft(&rules.script(), NFT_TIMEOUT)?;
+            table = true;
+        }
+    }
+    Ok(Repaired { forwarding, table })
+}
 pub const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +144,7 @@ pub fn masquerade_script(
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr {{ {sources} }} ip saddr != {node_ip} ip daddr != @non_masquerade masquerade comment \"vnet-cni pod egress\"\n\
+         \t\tip saddr {{ {sources} }} ip saddr != {node_ip} ip daddr != @non_masquerade masquerade comment \"{MASQUERADE_COMMENT}\"\n\
          \t}}\n\
          }}\n",
         join(non_masq)
@@ -111,17 +190,19 @@ pub fn apply_nft(script: &str, timeout: Duration) -> Result<(), HostError> {
     }
 }
 
-/// Sets `net.ipv4.ip_forward = 1` (and `conf.all.forwarding`, its alias) for the current netns.
-pub fn enable_forwarding() -> Result<(), HostError> {
+/// Sets `net.ipv4.ip_forward = 1` (and `conf.all.forwarding`, its alias) for the current netns;
+/// `true` when it was off.
+pub fn enable_forwarding() -> Result<bool, HostError> {
     let path = "/proc/sys/net/ipv4/ip_forward";
     let current = std::fs::read_to_string(path).unwrap_or_default();
     if current.trim() == "1" {
-        return Ok(());
+        return Ok(false);
     }
     std::fs::write(path, "1").map_err(|source| HostError::Forwarding {
         path: path.into(),
         source,
-    })
+    })?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -729,3 +729,75 @@ async fn a_full_disk_stops_allocations_until_space_is_freed_then_the_agent_recov
         .collect();
     assert_eq!(durable, served);
 }
+
+/// A cloud that answers nothing: an ARM and IMDS outage.
+struct DownCloud;
+
+#[async_trait::async_trait]
+impl vnet_cloud::CloudProvider for DownCloud {
+    async fn discover(&self) -> Result<vnet_cloud::NodeIdentity, CloudError> {
+        Err(CloudError::Transient("IMDS unreachable".into()))
+    }
+    async fn list_secondary_ips(
+        &self,
+        _: &str,
+    ) -> Result<Vec<vnet_cloud::SecondaryIp>, CloudError> {
+        Err(CloudError::Transient("ARM unreachable".into()))
+    }
+    async fn assign_ips(
+        &self,
+        _: &str,
+        _: &str,
+        _: usize,
+    ) -> Result<Vec<vnet_cloud::SecondaryIp>, CloudError> {
+        Err(CloudError::Transient("ARM unreachable".into()))
+    }
+    async fn release_ips(&self, _: &str, _: &[Ipv4Addr]) -> Result<(), CloudError> {
+        Err(CloudError::Transient("ARM unreachable".into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_a_cloud_outage_serves_from_the_stored_pool() {
+    // Regression: after a restart with the cloud unreachable the agent served nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.pool.warm = 3;
+    config.pool.batch = 3;
+    let cloud = Arc::new(FakeCloud::new());
+    let agent = TestAgent::start(config.clone(), cloud.clone()).await;
+    let a = agent.client.allocate(&alloc_req("a")).await.unwrap();
+    eventually("the warm pool is there", || async {
+        agent.client.status().await.unwrap().pool.free >= 2
+    })
+    .await;
+    agent.stop().await;
+
+    // The cloud goes away; the agent restarts (on a fresh metrics port: the old one may linger).
+    config.metrics_address = test_config(dir.path()).metrics_address;
+    let agent = TestAgent::start(config.clone(), Arc::new(DownCloud)).await;
+    let c = &agent.client;
+    let status = c.status().await.unwrap();
+    assert!(status.last_cloud_error.is_some(), "{status:?}");
+    let listed = c.allocations().await.unwrap().allocations;
+    assert_eq!(listed.len(), 1, "the stored allocation is kept");
+    assert_eq!(listed[0].ip, a.allocation.ip);
+    let b = c.allocate(&alloc_req("b")).await.unwrap();
+    assert!(
+        cloud.secondary_ips().contains(&b.allocation.ip),
+        "from the stored pool, on the NIC"
+    );
+    assert_ne!(b.allocation.ip, a.allocation.ip);
+    let released = c.release(&release_req("a")).await.unwrap();
+    assert_eq!(released.released.unwrap().ip, a.allocation.ip);
+    agent.stop().await;
+
+    // The cloud is back: the agent reconciles and keeps what it did meanwhile.
+    config.metrics_address = test_config(dir.path()).metrics_address;
+    let agent = TestAgent::start(config, cloud.clone()).await;
+    let listed = agent.client.allocations().await.unwrap().allocations;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].ip, b.allocation.ip);
+    assert!(agent.client.status().await.unwrap().unreconciled.is_empty());
+    agent.stop().await;
+}

@@ -191,3 +191,113 @@ fn a_bad_script_is_reported_with_nft_stderr() {
     .unwrap_err();
     assert!(matches!(err, masq::HostError::Nft { .. }), "{err}");
 }
+
+fn rules() -> masq::HostRules {
+    masq::HostRules {
+        masquerade: Some((
+            vec!["10.240.0.0/16".parse().unwrap()],
+            Ipv4Addr::new(10, 240, 0, 4),
+            vec!["10.240.0.0/16".parse().unwrap()],
+        )),
+        drop_pod_imds: Some("vnet".into()),
+    }
+}
+
+#[test]
+fn a_flushed_ruleset_and_forwarding_off_are_restored() {
+    vnet_testns::require_root();
+    let ns = Netns::new("agentrepair").unwrap();
+    let first = in_netns(&ns, |_| masq::ensure(&rules()).unwrap());
+    assert!(first.table, "installed the first time");
+    let again = in_netns(&ns, |_| masq::ensure(&rules()).unwrap());
+    assert_eq!(
+        again,
+        masq::Repaired::default(),
+        "nothing to do when intact"
+    );
+    // A firewall reload and a sysctl reset.
+    ns.exec("nft", &["flush", "ruleset"]).unwrap();
+    ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"])
+        .unwrap();
+    let repaired = in_netns(&ns, |_| masq::ensure(&rules()).unwrap());
+    assert_eq!(
+        repaired,
+        masq::Repaired {
+            forwarding: true,
+            table: true
+        }
+    );
+    let out = ns
+        .exec("nft", &["list", "table", "ip", "vnet-cni"])
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains(masq::MASQUERADE_COMMENT), "{listing}");
+    assert!(listing.contains(masq::IMDS_DROP_COMMENT), "{listing}");
+    let fwd = ns.exec("cat", &["/proc/sys/net/ipv4/ip_forward"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "1");
+}
+
+#[test]
+fn pods_cannot_reach_imds_and_the_node_can() {
+    vnet_testns::require_root();
+    // IMDS answered in the node's namespace, as Azure's host answers for the VM.
+    let node = Netns::new("agentimds").unwrap();
+    let pod = Netns::new("agentimdspod").unwrap();
+    let host_veth = "vnetimds000001";
+    node.exec(
+        "ip",
+        &[
+            "link", "add", host_veth, "type", "veth", "peer", "name", "eth0",
+        ],
+    )
+    .unwrap();
+    node.exec("ip", &["link", "set", "eth0", "netns", pod.name()])
+        .unwrap();
+    for (ns, args) in [
+        (
+            &node,
+            vec![
+                "addr",
+                "add",
+                "169.254.169.254/32",
+                "dev",
+                "lo",
+                "scope",
+                "host",
+            ],
+        ),
+        (&node, vec!["link", "set", "lo", "up"]),
+        (&node, vec!["link", "set", host_veth, "up"]),
+        (
+            &node,
+            vec!["route", "add", "10.240.0.9/32", "dev", host_veth],
+        ),
+        (&pod, vec!["addr", "add", "10.240.0.9/32", "dev", "eth0"]),
+        (&pod, vec!["link", "set", "eth0", "up"]),
+        (&pod, vec!["link", "set", "lo", "up"]),
+        (
+            &pod,
+            vec!["route", "add", "169.254.169.254/32", "dev", "eth0"],
+        ),
+    ] {
+        ns.exec("ip", &args).unwrap();
+    }
+    let ping = |ns: &Netns| {
+        ns.exec("ping", &["-c", "1", "-W", "1", "169.254.169.254"])
+            .is_ok()
+    };
+    assert!(
+        ping(&pod),
+        "the set-up works: without the rule the pod reaches it"
+    );
+    let mut opt_out = rules();
+    opt_out.drop_pod_imds = None;
+    in_netns(&node, move |_| masq::ensure(&opt_out).unwrap());
+    assert!(ping(&pod), "pod_imds_access = true leaves it reachable");
+    in_netns(&node, |_| {
+        // The opt-out's table lacks the rule: ensure puts it in.
+        assert!(masq::ensure(&rules()).unwrap().table);
+    });
+    assert!(!ping(&pod), "the pod must not reach IMDS");
+    assert!(ping(&node), "the node reaches IMDS");
+}

@@ -182,6 +182,38 @@ pub fn connectivity_checks(st: &LabState) -> Vec<Check> {
             node_ip,
         ));
     }
+    // IMDS: the node reaches it; a pod must not (the agent's pod_imds drop).
+    if let Some(n) = st.nodes.first() {
+        checks.push(check(
+            "node → IMDS",
+            n.name.clone(),
+            &n.ns,
+            "IMDS".into(),
+            crate::lab::IMDS_ADDRESS,
+            None,
+        ));
+    }
+    for p in with_pods.iter().take(1) {
+        let mut c = check(
+            "pod → IMDS is dropped",
+            label(p),
+            &p.ns,
+            "IMDS".into(),
+            crate::lab::IMDS_ADDRESS,
+            None,
+        );
+        let answered = c.probe.as_ref().is_some_and(|p| p.seen_as.is_some());
+        c.passed = !answered;
+        c.detail = if answered {
+            format!(
+                "the pod reached IMDS ({}): it could get the node's token",
+                c.detail
+            )
+        } else {
+            format!("no answer, as it must be ({})", c.detail)
+        };
+        checks.push(c);
+    }
     checks.push(no_tunnels(st));
     checks
 }

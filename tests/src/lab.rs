@@ -35,6 +35,8 @@ use crate::netns::{self, NetnsError};
 pub use crate::state::NodeKind;
 use crate::state::{self, HostState, LabState, NodeState, PodState, ProcState, StateError};
 
+/// Where IMDS answers on Azure; in the lab, an address of each node's namespace.
+pub const IMDS_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 pub const DEFAULT_BASE_DIR: &str = "/run/vnet-lab";
 pub const DEFAULT_CNITOOL: &str = "/usr/local/bin/cnitool";
 pub const SYSTEM_CNI_PATH: &str = "/usr/lib/cni";
@@ -610,6 +612,15 @@ impl Lab {
                     "link set eth0 up".into(),
                     format!("route add default via {}", st.gateway),
                 ],
+            )?;
+        }
+        for n in &st.nodes {
+            // IMDS, answered in the node's namespace as Azure's host answers for the VM (the
+            // demo's responder listens there): the node reaches it, its pods must not. Scope
+            // host, so the node never picks it as a source address.
+            ip_batch(
+                Some(&n.ns),
+                &[format!("addr add {IMDS_ADDRESS}/32 dev lo scope host")],
             )?;
         }
         ip_batch(

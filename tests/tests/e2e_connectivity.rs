@@ -38,5 +38,16 @@ fn pods_talk_across_nodes_with_their_own_ips_and_masquerade_outside_the_vnet() {
         );
     }
     assert!(find("no tunnel devices").all(|c| c.passed), "{table}");
+    // The node reaches IMDS (answered in its namespace); its pods do not.
+    assert_eq!(
+        find("node → IMDS").filter(|c| c.passed).count(),
+        1,
+        "{table}"
+    );
+    assert_eq!(
+        find("pod → IMDS is dropped").filter(|c| c.passed).count(),
+        1,
+        "{table}"
+    );
     common::assert_ip_accounting(&lab);
 }
