@@ -92,12 +92,20 @@ async fn bad_requests_get_a_400_that_names_the_problem_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(status, 404);
-    let (status, _) = agent
+    // The agent answers 413 as soon as the body passes its limit and closes the connection; a
+    // client still writing the rest may see that close before it reads the answer. Either way
+    // the body is refused and nothing changes (checked below).
+    match agent
         .client
         .raw(Method::POST, vnet_api::PATH_ALLOCATE, vec![b' '; 2 << 20])
         .await
-        .unwrap();
-    assert_eq!(status, 413, "oversized bodies are refused");
+    {
+        Ok((status, _)) => assert_eq!(status, 413, "oversized bodies are refused"),
+        Err(e) => assert!(
+            format!("{e:?}").contains("error writing a body to connection"),
+            "oversized body: {e:?}"
+        ),
+    }
 
     assert_eq!(agent.client.allocations().await.unwrap(), before_allocs);
     assert_eq!(
