@@ -818,3 +818,38 @@ fn gc_of_one_network_leaves_another_networks_veths() {
     assert_eq!(gc.network.as_deref(), Some("vnet-test"));
     assert!(gc.allocated_before.is_some());
 }
+
+#[test]
+fn gc_never_deletes_a_link_that_holds_a_stale_name_but_is_not_ours() {
+    let node = node();
+    let agent = FakeAgent::start([10, 77, 10]);
+    let pod = Netns::new("pod").unwrap();
+    add(&node, &agent, "1.1.0", "ctr-gc-foreign", &pod).assert_ok();
+    let name = host_veth_name("vnet", &key("ctr-gc-foreign", "eth0"));
+    // Another attachment's veth with the same short name carries its own mark.
+    ip(
+        &node,
+        &[
+            "link",
+            "set",
+            "dev",
+            &name,
+            "alias",
+            "vnet-cni someone-else/eth0",
+        ],
+    );
+    let mut cfg = conf("1.1.0", agent.socket_str(), &agent.spool_dir());
+    cfg["cni.dev/valid-attachments"] = serde_json::json!([]);
+    exec_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &cfg.to_string()).assert_ok();
+    let links = ip(&node, &["link", "show"]);
+    assert!(
+        links.contains(&name),
+        "the foreign link is left alone: {links}"
+    );
+    let gc = agent.state.lock().unwrap().gcs.pop().unwrap();
+    assert!(
+        !gc.valid_attachments
+            .contains(&key("ctr-gc-foreign", "eth0")),
+        "the stale allocation is still released"
+    );
+}

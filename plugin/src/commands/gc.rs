@@ -20,7 +20,7 @@ use vnet_api::{
 use super::add::netlink_socket_error;
 use super::{READ_TIMEOUT, agent_error};
 use crate::cni::gc_keys;
-use crate::datapath;
+use crate::datapath::{self, Owner};
 use crate::error::{CniError, CniResult, Code};
 use crate::netns;
 use crate::{Context, log_info, log_warn};
@@ -80,6 +80,12 @@ pub async fn run(ctx: &Context) -> CniResult<()> {
     for link in links.iter().filter(|l| l.is_veth) {
         let key = stale.as_ref().and_then(|s| s.get(&link.name));
         if key.is_none() && !is_tombstone_name(&link.name) {
+            continue;
+        }
+        if let Some(Owner::Foreign(why)) = key.map(|k| link.owner(k)) {
+            // The name is this stale attachment's, the link is not (a short-hash collision, or
+            // not ours at all): never delete it; the stale allocation is still released.
+            log_info!("left {} alone: {why}", link.name);
             continue;
         }
         match datapath::delete_link(&host, link.index).await {
