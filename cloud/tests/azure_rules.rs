@@ -399,9 +399,18 @@ async fn a_write_to_a_busy_nic_waits_the_retry_after_of_azures_429() {
     assert_eq!(again.status(), 429);
     assert_eq!(again.headers()["retry-after"], "3");
     let again: Value = again.json().await.unwrap();
+    // NRP's shape (cloudfoundry/bosh-azure-cpi-release#179): generic code, reason in details.
+    assert_eq!(again["error"]["code"], "RetryableError");
     assert_eq!(
-        again["error"]["code"],
+        again["error"]["details"][0]["code"],
         "RetryableErrorDueToAnotherOperation"
+    );
+    assert!(
+        again["error"]["details"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("The call can be retried in 3 seconds."),
+        "{again}"
     );
 }
 

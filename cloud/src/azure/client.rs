@@ -497,19 +497,53 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// `(code, message)` of an Azure error body `{"error":{"code","message"}}` (IMDS: `{"error":"..."}`).
+/// NRP answers a busy resource with the generic `RetryableError` and the reason in
+/// `details[].code` (cloudfoundry/bosh-azure-cpi-release#179): a busy code found there is returned
+/// as the code, with the detail's message (which says when to retry).
 pub fn error_parts(body: &Value) -> (String, String) {
     let error = &body["error"];
     match error {
-        Value::Object(_) => (
-            error["code"].as_str().unwrap_or_default().to_string(),
-            error["message"].as_str().unwrap_or_default().to_string(),
-        ),
+        Value::Object(_) => {
+            let code = error["code"].as_str().unwrap_or_default();
+            let message = error["message"].as_str().unwrap_or_default();
+            let busy_detail = error["details"].as_array().and_then(|details| {
+                details.iter().find(|d| {
+                    d["code"]
+                        .as_str()
+                        .is_some_and(|c| BUSY_CODES.iter().any(|b| b.eq_ignore_ascii_case(c)))
+                })
+            });
+            match busy_detail {
+                Some(detail) => (
+                    detail["code"].as_str().unwrap_or_default().to_string(),
+                    format!(
+                        "{code}: {message} {}",
+                        detail["message"].as_str().unwrap_or_default()
+                    )
+                    .trim()
+                    .to_string(),
+                ),
+                None => (code.to_string(), message.to_string()),
+            }
+        }
         Value::String(text) => (String::new(), text.clone()),
         _ => (
             String::new(),
             body.as_str().map(str::to_string).unwrap_or_default(),
         ),
     }
+}
+
+/// The wait NRP names in a busy answer's text ("The call can be retried in 14 seconds."), used
+/// when the answer has no `Retry-After` header.
+fn retry_in_message(message: &str) -> Option<Duration> {
+    let at = message.find("retried in ")? + "retried in ".len();
+    let rest = &message[at..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    if !rest[digits.len()..].trim_start().starts_with("second") {
+        return None;
+    }
+    digits.parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// The NIC is busy with another operation: retry after `Retry-After`. (`OperationNotAllowed`
@@ -553,7 +587,9 @@ pub fn map_error(
     {
         return CloudError::Busy {
             code: code.to_string(),
-            retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+            retry_after: retry_after
+                .or_else(|| retry_in_message(message))
+                .unwrap_or(Duration::from_secs(1)),
         };
     }
     match status {
@@ -701,6 +737,45 @@ mod tests {
             matches!(&linked, CloudError::Unauthorized { message } if message.starts_with("missing permission Microsoft.Network/networkSecurityGroups/join/action, Microsoft.Network/applicationSecurityGroups/joinIpConfiguration/action ")),
             "{linked:?}"
         );
+    }
+
+    /// The answer NRP gave cloudfoundry/bosh-azure-cpi-release#179 for a busy resource: generic
+    /// top-level code, the reason in `details`, the wait in the text, no `Retry-After` header.
+    #[test]
+    fn a_busy_answer_is_recognised_by_its_detail_code() {
+        let body = serde_json::json!({"error": {
+            "code": "RetryableError",
+            "message": "A retryable error occured.",
+            "details": [{
+                "code": "RetryableErrorDueToAnotherOperation",
+                "message": "Operation PutNetworkInterfaceOperation (xyz) is updating resource /subscriptions/s/resourceGroups/g/providers/Microsoft.Network/networkInterfaces/n. The call can be retried in 14 seconds."
+            }]
+        }});
+        let (code, message) = error_parts(&body);
+        assert_eq!(code, "RetryableErrorDueToAnotherOperation");
+        assert_eq!(
+            map_error(429, &code, &message, None, None),
+            CloudError::Busy {
+                code: "RetryableErrorDueToAnotherOperation".into(),
+                retry_after: Duration::from_secs(14),
+            }
+        );
+        // A Retry-After header wins over the text.
+        assert_eq!(
+            map_error(429, &code, &message, Some(Duration::from_secs(3)), None),
+            CloudError::Busy {
+                code: "RetryableErrorDueToAnotherOperation".into(),
+                retry_after: Duration::from_secs(3),
+            }
+        );
+        // Without a busy detail, a generic RetryableError 429 is throttling.
+        let (code, message) = error_parts(&serde_json::json!({"error": {
+            "code": "RetryableError", "message": "A retryable error occured.", "details": []
+        }}));
+        assert!(matches!(
+            map_error(429, &code, &message, None, None),
+            CloudError::Throttled { .. }
+        ));
     }
 
     #[test]
