@@ -592,8 +592,15 @@ pub fn map_error(
                 .unwrap_or(Duration::from_secs(1)),
         };
     }
+    // A refusal at any status (even 429 or 403): retrying or re-authenticating changes nothing.
+    if code.eq_ignore_ascii_case("OperationNotAllowed") {
+        return CloudError::Fatal(detail);
+    }
+    // NRP's linked access check fails with 400 (Azure/mpf#44): a missing permission all the same.
+    let denied =
+        matches!(status, 401 | 403) || code.eq_ignore_ascii_case("LinkedAccessCheckFailed");
     match status {
-        401 | 403 => CloudError::Unauthorized {
+        _ if denied => CloudError::Unauthorized {
             message: match missing_permissions(code, message) {
                 Some(actions) if code.eq_ignore_ascii_case("LinkedAuthorizationFailed") => {
                     format!(
@@ -728,6 +735,27 @@ mod tests {
             matches!(&refused, CloudError::Fatal(m) if m.contains("Operation is not allowed because x.")),
             "{refused:?}"
         );
+        // Azure/mpf#44: NRP's linked access check answers 400, naming the action.
+        let access_check = m(
+            400,
+            "LinkedAccessCheckFailed",
+            "The client 'c' with object id 'o' does not have authorization to perform action 'Microsoft.Network/publicIPAddresses/join/action' over scope '/p' or the scope is invalid.",
+        );
+        assert!(
+            matches!(&access_check, CloudError::Unauthorized { message } if message.starts_with("missing permission Microsoft.Network/publicIPAddresses/join/action:")),
+            "{access_check:?}"
+        );
+        for status in [429, 403, 400] {
+            let refused = m(
+                status,
+                "OperationNotAllowed",
+                "Operation is not allowed because y.",
+            );
+            assert!(
+                matches!(&refused, CloudError::Fatal(m) if m.contains("Operation is not allowed because y.")),
+                "{status}: {refused:?}"
+            );
+        }
         let linked = m(
             403,
             "LinkedAuthorizationFailed",
