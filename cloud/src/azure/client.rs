@@ -437,8 +437,9 @@ fn credential(config: &CredentialConfig) -> Result<Option<Arc<dyn TokenCredentia
     })
 }
 
-/// A token failure: transient when the token endpoint was unreachable or answered 5xx/429
-/// (retried like any transient failure), else `Unauthorized`.
+/// A token failure: transient when the token endpoint was unreachable, timed out or answered
+/// 5xx/429/408 (retried like any transient failure), else `Unauthorized` (a refusal, or a
+/// credential that cannot be built, e.g. a missing federated token file).
 fn token_error(scope: &str, error: &azure_core::Error) -> CloudError {
     let message = format!("cannot get a token for {scope}: {error}");
     if token_error_is_transient(error) {
@@ -451,7 +452,9 @@ fn token_error(scope: &str, error: &azure_core::Error) -> CloudError {
 fn token_error_is_transient(error: &azure_core::Error) -> bool {
     use azure_core::error::ErrorKind;
     let kind_transient = |kind: &ErrorKind| match kind {
-        ErrorKind::Connection | ErrorKind::Io => true,
+        // Not `Io` as such: a missing federated token file is an I/O error too, and no retry
+        // brings it back. I/O causes count only for the network kinds below.
+        ErrorKind::Connection => true,
         ErrorKind::HttpResponse { status, .. } => {
             let code = u16::from(*status);
             code >= 500 || code == 429 || code == 408
@@ -474,12 +477,32 @@ fn token_error_is_transient(error: &azure_core::Error) -> bool {
         {
             return true;
         }
-        if cause.downcast_ref::<std::io::Error>().is_some() {
+        if let Some(inner) = cause.downcast_ref::<std::io::Error>()
+            && io_error_is_network(inner)
+        {
             return true;
         }
         source = cause.source();
     }
     false
+}
+
+/// An I/O failure of the connection to the token endpoint (not of a local file).
+fn io_error_is_network(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::NotConnected
+            | ErrorKind::BrokenPipe
+            | ErrorKind::TimedOut
+            | ErrorKind::UnexpectedEof
+            | ErrorKind::HostUnreachable
+            | ErrorKind::NetworkUnreachable
+            | ErrorKind::NetworkDown
+    )
 }
 
 fn transport_error(method: &Method, url: &str, error: &reqwest::Error) -> CloudError {
