@@ -412,6 +412,29 @@ async fn a_write_to_a_busy_nic_waits_the_retry_after_of_azures_429() {
             .contains("The call can be retried in 3 seconds."),
         "{again}"
     );
+
+    // Our client waits for an Updating NIC before writing, so it meets this answer only when
+    // another writer slips in between: injected here, in the same shape. It waits the 3 s, then
+    // succeeds, and the busy 429 is not counted as ARM throttling.
+    let lab = Lab::with_subnet("10.240.0.0/24", 1).await;
+    lab.set_faults(
+        json!({"busy": {"count": 1, "retry_after_secs": 3}, "operation_retry_after_secs": 0}),
+    )
+    .await;
+    let (provider, sleeper) = lab.provider("node-1");
+    let assigned = provider
+        .assign_ips(&lab.nic_id("node-1"), &lab.subnet_id(), 1)
+        .await
+        .unwrap();
+    assert_eq!(assigned.len(), 1);
+    let counters = lab.counters().await;
+    assert_eq!(counters.responses("nic_put", 429), 1, "{counters:?}");
+    assert!(
+        sleeper.delays().contains(&Duration::from_secs(3)),
+        "{:?}",
+        sleeper.delays()
+    );
+    assert_eq!(provider.arm_budget().unwrap().throttled, 0);
 }
 
 #[tokio::test]
@@ -689,9 +712,11 @@ async fn the_client_slows_down_before_arm_throttles_it() {
     })
     .await;
     let mut config = lab.config("node-1");
+    // Paced at half the refill rate: every paced write finds at least one token back, however
+    // slow or fast the machine (a slow one only refills more between writes).
     config.pacing = Pacing {
         writes_floor: 2,
-        writes_per_sec: 4.0,
+        writes_per_sec: 2.0,
         ..Pacing::default()
     };
     let sleeper = Arc::new(RecordingSleeper::real());

@@ -197,7 +197,7 @@ impl Client {
         }
     }
 
-    fn note_budget(&self, reply_headers: &HeaderMap, status: StatusCode) {
+    fn note_budget(&self, reply_headers: &HeaderMap, status: StatusCode, body: &Value) {
         for (name, gauge) in [
             (REMAINING_READS, &self.budget.reads),
             (REMAINING_WRITES, &self.budget.writes),
@@ -211,7 +211,8 @@ impl Client {
                 tracing::debug!(header = name, remaining = v, "ARM budget");
             }
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        // A busy resource's 429 is not throttling (Microsoft: "view the error details").
+        if status == StatusCode::TOO_MANY_REQUESTS && !is_busy_answer(body) {
             self.budget.throttled.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 retry_after = ?retry_after(reply_headers),
@@ -326,9 +327,6 @@ impl Client {
             .map_err(|e| transport_error(&method, url, &e))?;
         let status = response.status();
         let headers = response.headers().clone();
-        if target == Target::Arm {
-            self.note_budget(&headers, status);
-        }
         let bytes = response
             .bytes()
             .await
@@ -340,6 +338,9 @@ impl Client {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
+        if target == Target::Arm {
+            self.note_budget(&headers, status, &body);
+        }
         Ok(Reply {
             status,
             headers,
@@ -555,6 +556,12 @@ pub fn error_parts(body: &Value) -> (String, String) {
             body.as_str().map(str::to_string).unwrap_or_default(),
         ),
     }
+}
+
+/// A 429 that says the resource is busy, not that the caller is throttled.
+fn is_busy_answer(body: &Value) -> bool {
+    let (code, _) = error_parts(body);
+    BUSY_CODES.iter().any(|b| b.eq_ignore_ascii_case(&code))
 }
 
 /// The wait NRP names in a busy answer's text ("The call can be retried in 14 seconds."), used
