@@ -4,8 +4,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use azure_core::credentials::TokenCredential;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
@@ -102,6 +102,9 @@ impl ArmBase {
 struct Budget {
     reads: AtomicU64,
     writes: AtomicU64,
+    /// When `reads`/`writes` were last reported: ARM refills the bucket since.
+    reads_seen: Mutex<Option<Instant>>,
+    writes_seen: Mutex<Option<Instant>>,
     throttled: AtomicU64,
 }
 
@@ -148,6 +151,8 @@ impl Client {
             budget: Budget {
                 reads: AtomicU64::new(UNKNOWN),
                 writes: AtomicU64::new(UNKNOWN),
+                reads_seen: Mutex::new(None),
+                writes_seen: Mutex::new(None),
                 throttled: AtomicU64::new(0),
             },
         })
@@ -198,9 +203,13 @@ impl Client {
     }
 
     fn note_budget(&self, reply_headers: &HeaderMap, status: StatusCode, body: &Value) {
-        for (name, gauge) in [
-            (REMAINING_READS, &self.budget.reads),
-            (REMAINING_WRITES, &self.budget.writes),
+        for (name, gauge, seen) in [
+            (REMAINING_READS, &self.budget.reads, &self.budget.reads_seen),
+            (
+                REMAINING_WRITES,
+                &self.budget.writes,
+                &self.budget.writes_seen,
+            ),
         ] {
             if let Some(v) = reply_headers
                 .get(name)
@@ -208,6 +217,7 @@ impl Client {
                 .and_then(|v| v.trim().parse::<u64>().ok())
             {
                 gauge.store(v, Ordering::Relaxed);
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 tracing::debug!(header = name, remaining = v, "ARM budget");
             }
         }
@@ -224,23 +234,36 @@ impl Client {
     /// Before an ARM request: wait if the budget of its kind is low (see [`super::Pacing`]).
     async fn pace(&self, method: &Method) {
         let pacing = &self.config.pacing;
-        let (remaining, floor, rate) = if method == Method::GET {
+        let (remaining, seen, floor, rate) = if method == Method::GET {
             (
                 self.budget.reads.load(Ordering::Relaxed),
+                &self.budget.reads_seen,
                 pacing.reads_floor,
                 pacing.reads_per_sec,
             )
         } else {
             (
                 self.budget.writes.load(Ordering::Relaxed),
+                &self.budget.writes_seen,
                 pacing.writes_floor,
                 pacing.writes_per_sec,
             )
         };
-        if remaining == UNKNOWN || remaining >= floor || rate <= 0.0 {
+        if remaining == UNKNOWN {
             return;
         }
-        let wait = Duration::from_secs_f64((floor - remaining) as f64 / rate).min(pacing.max_wait);
+        let since = seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|at| at.elapsed())
+            .unwrap_or_default();
+        let Some(wait) = pace_wait(remaining, since, floor, rate) else {
+            return;
+        };
+        // Callers that saw the same low budget would wake together: spread them over +50%.
+        let wait = wait
+            .mul_f64(rand::random_range(1.0..1.5))
+            .min(pacing.max_wait);
         tracing::info!(remaining, floor, ?wait, "ARM budget low; slowing down");
         self.sleep(wait).await;
     }
@@ -558,6 +581,17 @@ pub fn error_parts(body: &Value) -> (String, String) {
     }
 }
 
+/// How long to wait before a request when ARM reported `remaining` tokens `since` ago: the bucket
+/// refills at `rate`/s meanwhile, and the wait brings it back to `floor`. `None`: no wait.
+fn pace_wait(remaining: u64, since: Duration, floor: u64, rate: f64) -> Option<Duration> {
+    if rate <= 0.0 {
+        return None;
+    }
+    let now = remaining as f64 + since.as_secs_f64() * rate;
+    let missing = floor as f64 - now;
+    (missing > 0.0).then(|| Duration::from_secs_f64(missing / rate))
+}
+
 /// A 429 that says the resource is busy, not that the caller is throttled.
 fn is_busy_answer(body: &Value) -> bool {
     let (code, _) = error_parts(body);
@@ -795,6 +829,26 @@ mod tests {
             matches!(&linked, CloudError::Unauthorized { message } if message.starts_with("missing permission Microsoft.Network/networkSecurityGroups/join/action, Microsoft.Network/applicationSecurityGroups/joinIpConfiguration/action ")),
             "{linked:?}"
         );
+    }
+
+    #[test]
+    fn pacing_counts_the_refill_since_the_budget_was_reported() {
+        let at_once = Duration::ZERO;
+        assert_eq!(
+            pace_wait(0, at_once, 10, 10.0),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            pace_wait(5, at_once, 10, 10.0),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(pace_wait(10, at_once, 10, 10.0), None);
+        // Reported empty 0.3 s ago: 3 tokens are back, 0.7 s to the floor.
+        let wait = pace_wait(0, Duration::from_millis(300), 10, 10.0).unwrap();
+        assert!((wait.as_secs_f64() - 0.7).abs() < 1e-9, "{wait:?}");
+        // Reported empty a while ago: the bucket is full again.
+        assert_eq!(pace_wait(0, Duration::from_secs(2), 10, 10.0), None);
+        assert_eq!(pace_wait(0, at_once, 10, 0.0), None);
     }
 
     /// The answer NRP gave cloudfoundry/bosh-azure-cpi-release#179 for a busy resource: generic
