@@ -8,3 +8,9 @@ export VNET_CNITOOL=${VNET_CNITOOL:-/usr/local/bin/cnitool}
 # Binaries first: integration tests spawn vnet-agent, vnet-mockcloud, vnet-cni and vnetctl.
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast "$@"
+# The lab e2e tests again on a mixed lab: node-1 a Uniform scale-set instance (the cold burst
+# runs there), node-2 a Flexible member, node-3 a plain VM.
+if [ "$#" -eq 0 ]; then
+    VNET_E2E_NODE_KIND=uniform,flexible,vm cargo test -p vnet-lab --no-fail-fast \
+        --test e2e_connectivity --test e2e_churn --test e2e_agent_crash --test e2e_cold_burst
+fi

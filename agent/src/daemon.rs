@@ -214,12 +214,12 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     // Served until `run` returns (not stopped by the signal): the probes keep answering while
     // in-flight requests finish, with /readyz saying the agent is stopping.
     let _metrics_task = AbortOnDrop(tokio::spawn(async move {
-        let _ = axum::serve(metrics_listener, metrics_app).await;
+        crate::listener::serve(metrics_listener, metrics_app).await;
     }));
 
     probes.set_phase("discovering the node through the cloud");
     let identity = retry("node discovery", &mut shutdown, || cloud.discover()).await?;
-    info!(vm = identity.vm_name, nic = identity.nic_id, primary_ip = %identity.primary_ip, subnet = %identity.subnet_prefix, "node discovered");
+    info!(vm = identity.vm_name, kind = identity.kind.as_str(), scale_set = identity.scale_set, nic = identity.nic_id, primary_ip = %identity.primary_ip, subnet = %identity.subnet_prefix, "node discovered");
 
     probes.set_phase("opening the allocation store");
     let state_dir = config.state_dir.clone();

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use vnet_agent::agent::Agent;
 use vnet_agent::config::{Cli, Config};
 use vnet_agent::kubernetes::KubeAgent;
@@ -21,7 +21,13 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("uninstall") {
         return uninstall::main(args);
     }
-    let cli = Cli::parse();
+    let matches = Cli::command()
+        .after_help(
+            "To remove vnet-cni from a drained node: vnet-agent uninstall [--check] [--purge] \
+             (see vnet-agent uninstall --help)",
+        )
+        .get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let config = match Config::load(&cli, |var| std::env::var(var).ok()) {
         Ok(c) => c,
         Err(e) => {

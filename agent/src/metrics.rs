@@ -33,6 +33,12 @@ pub struct OperationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub kind: &'static str,
+    pub scale_set: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
     pub endpoint: String,
     pub result: String,
@@ -55,6 +61,10 @@ pub struct Metrics {
     pub cloud_latency: Family<OperationLabels, Histogram>,
     pub store_commit_latency: Histogram,
     pub api_requests: Family<ApiLabels, Counter>,
+    /// 1 for the node's kind (vm, uniform, flexible) and scale set, as discovery found them.
+    pub node_info: Family<NodeLabels, Gauge>,
+    /// Addresses the cloud took off the NIC without a release by this agent, by what they were.
+    pub addresses_lost: Family<StateLabels, Counter>,
     /// ARM's `x-ms-ratelimit-remaining-subscription-reads/writes`, by `kind` (read, write).
     pub arm_remaining: Family<KindLabels, Gauge>,
     /// 429 answers the cloud client has seen.
@@ -86,6 +96,18 @@ impl Metrics {
         );
         let store_commit_latency = latency_histogram();
         let api_requests = Family::<ApiLabels, Counter>::default();
+        let node_info = Family::<NodeLabels, Gauge>::default();
+        let addresses_lost = Family::<StateLabels, Counter>::default();
+        registry.register(
+            "node_info",
+            "The node as the cloud reports it: kind (vm, uniform or flexible scale-set member) and scale set",
+            node_info.clone(),
+        );
+        registry.register(
+            "addresses_lost",
+            "Addresses the cloud removed from the NIC without a release by this agent (a reimage or model upgrade of a scale-set instance, another writer), by state: allocated (a pod still holds it; kept, never handed out again) or free",
+            addresses_lost.clone(),
+        );
         let arm_remaining = Family::<KindLabels, Gauge>::default();
         let arm_throttled = Gauge::default();
         registry.register(
@@ -154,6 +176,8 @@ impl Metrics {
             cloud_latency,
             store_commit_latency,
             api_requests,
+            node_info,
+            addresses_lost,
             arm_remaining,
             arm_throttled,
         }

@@ -168,8 +168,7 @@ async fn run(cli: &UninstallCli, config: &Config) -> anyhow::Result<ExitCode> {
     remove_if_present(&config.socket_path)?;
     if cli.purge {
         if config.state_dir.exists() {
-            std::fs::remove_dir_all(&config.state_dir)
-                .with_context(|| format!("remove {}", config.state_dir.display()))?;
+            purge(&config.state_dir)?;
             println!("purged {}", config.state_dir.display());
         }
     } else if config.state_dir.exists() {
@@ -284,11 +283,21 @@ fn agent_holds_state(dir: &Path) -> anyhow::Result<bool> {
 
 /// `ip` tables named vnet-cni or vnet-cni-*: the agent's masquerade table and any it adds.
 fn our_nft_tables() -> anyhow::Result<Vec<String>> {
-    let out = Command::new("nft")
+    let out = match Command::new("nft")
         .args(["list", "tables", "ip"])
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| anyhow::anyhow!("cannot run nft (needed to remove the agent's table): {e}"))?;
+    {
+        Ok(out) => out,
+        // The agent cannot start without nft, so without nft it made no table.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("nft is not installed: no nftables table of ours to remove");
+            return Ok(Vec::new());
+        }
+        Err(e) => {
+            anyhow::bail!("cannot run nft (needed to remove the agent's table): {e}")
+        }
+    };
     if !out.status.success() {
         anyhow::bail!(
             "nft list tables failed: {}",
@@ -318,6 +327,26 @@ fn nft(script: &str) -> anyhow::Result<()> {
         anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+/// Removes the state directory: its contents, then the directory itself unless it is a mount
+/// point (the uninstall DaemonSet mounts the host's /var/lib/vnet-cni there).
+fn purge(dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        let removed = if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.with_context(|| format!("remove {}", path.display()))?;
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("remove {}: {e}", dir.display())),
+    }
 }
 
 fn remove_if_present(path: &Path) -> anyhow::Result<()> {

@@ -351,13 +351,15 @@ async fn sigterm_stops_the_agent_in_bounded_time_while_the_cloud_hangs() {
     );
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vnet-agent"))
-        .args(["--config", path.to_str().unwrap()])
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vnet-agent"))
+            .args(["--config", path.to_str().unwrap()])
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
     let client = vnet_agent::client::AgentClient::new(dir.path().join("run/agent.sock"));
     eventually("the agent is ready", || async {
         client.health().await.is_ok_and(|h| h.ready)
@@ -391,15 +393,13 @@ async fn sigterm_stops_the_agent_in_bounded_time_while_the_cloud_hangs() {
     // names before it gives up and kills the agent.
     let mut status = None;
     for _ in 0..100 {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             status = Some(s);
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let Some(status) = status else {
-        let _ = child.kill();
-        let _ = child.wait();
         panic!("the agent did not stop within 10 s of SIGTERM with the cloud hanging");
     };
     assert!(status.success(), "a graceful stop: {status}");
@@ -409,4 +409,111 @@ async fn sigterm_stops_the_agent_in_bounded_time_while_the_cloud_hangs() {
         matches!(&answer, Err(ClientError::Api { error, .. }) if error.code == ErrorCode::TryAgainLater),
         "the waiting ADD is told to try again later: {answer:?}"
     );
+}
+
+/// The binary against `mock`, with `nofile` file descriptors at most; returns it, its socket and
+/// its metrics address.
+fn spawn_agent_binary(
+    dir: &std::path::Path,
+    mock: &MockServer,
+    nofile: u32,
+) -> (std::process::Child, std::path::PathBuf, String) {
+    let metrics = test_config(dir).metrics_address;
+    let toml = format!(
+        "socket_path = \"{0}/run/agent.sock\"\nstate_dir = \"{0}/state\"\nmetrics_address = \"{3}\"\nmanage_host = false\n[pool]\nwarm = 2\nbatch = 2\n[cloud]\nprovider = \"mock\"\ncredential = \"none\"\narm_endpoint = \"{1}\"\nimds_endpoint = \"{2}\"\n",
+        dir.display(),
+        mock.base_url(),
+        mock.imds_endpoint("node-1"),
+        metrics,
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, toml).unwrap();
+    let child = std::process::Command::new("prlimit")
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(env!("CARGO_BIN_EXE_vnet-agent"))
+        .args(["--config", path.to_str().unwrap()])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, dir.join("run/agent.sock"), metrics)
+}
+
+/// One plain GET on a fresh connection; the status line's code.
+fn http_get(address: &str, path: &str) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &address.parse().map_err(std::io::Error::other)?,
+        Duration::from_secs(2),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf)?;
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {head:?}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_metrics_port_break_neither_probes_nor_adds() {
+    // Regression: the listener had no cap nor timeouts: idle connections used up the agent's
+    // file descriptors, and ADD (and the probes) stopped working.
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, socket, metrics) = spawn_agent_binary(dir.path(), &mock, 256);
+    let child = KillOnDrop(child);
+    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
+    let client = vnet_agent::client::AgentClient::new(&socket);
+    eventually("the agent is ready", || async {
+        client.health().await.is_ok_and(|h| h.ready)
+    })
+    .await;
+    // More idle connections than the agent has descriptors, held open throughout.
+    let idle: Vec<std::net::TcpStream> = (0..600)
+        .filter_map(|_| std::net::TcpStream::connect(&metrics).ok())
+        .collect();
+    assert!(idle.len() > 256, "only {} connections opened", idle.len());
+    let added = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.allocate(&alloc_req("after-flood")),
+    )
+    .await;
+    assert!(
+        matches!(added, Ok(Ok(_))),
+        "ADD works while the idle connections stay open: {added:?}"
+    );
+    eventually("/healthz answers 200 on a fresh connection", || {
+        let metrics = metrics.clone();
+        async move {
+            tokio::task::spawn_blocking(move || http_get(&metrics, "/healthz"))
+                .await
+                .unwrap()
+                .is_ok_and(|code| code == 200)
+        }
+    })
+    .await;
+    drop(idle);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+}
+
+/// Kills the agent process when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -48,6 +48,8 @@ impl FakeCloud {
                 subnet_id,
                 subnet_prefix: subnet,
                 vnet_address_space: vec![subnet],
+                kind: crate::NodeKind::Vm,
+                scale_set: String::new(),
             },
             state: Mutex::new(FakeState {
                 secondary: Vec::new(),

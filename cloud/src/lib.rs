@@ -35,6 +35,33 @@ pub struct NodeIdentity {
     pub subnet_prefix: Ipv4Network,
     /// The VNet's address space: the default non-masquerade CIDRs.
     pub vnet_address_space: Vec<Ipv4Network>,
+    /// What kind of machine the node is, as the cloud reports it (it decides how the NIC is written).
+    #[serde(default)]
+    pub kind: NodeKind,
+    /// The scale set the node belongs to (empty for a standalone VM).
+    #[serde(default)]
+    pub scale_set: String,
+}
+
+/// A standalone VM, or a member of a virtual machine scale set in one of its two orchestration
+/// modes. Uniform instances have no standalone NIC: their NIC is written through the instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    #[default]
+    Vm,
+    Uniform,
+    Flexible,
+}
+
+impl NodeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::Vm => "vm",
+            NodeKind::Uniform => "uniform",
+            NodeKind::Flexible => "flexible",
+        }
+    }
 }
 
 /// One secondary address on the NIC that this product owns.

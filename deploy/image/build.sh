@@ -64,7 +64,7 @@ install -m 0755 "$here/install-cni" "$context/install-cni"
 cp "$repo/deploy/Dockerfile" "$context/Dockerfile"
 
 # The base: Debian's packages only, cached outside the checkout; imported once per recipe.
-rootfs=$("$here/debian-rootfs.sh" --include ca-certificates,nftables,containernetworking-plugins,procps --strip | tail -n 1)
+rootfs=$("$here/debian-rootfs.sh" --include ca-certificates,nftables,containernetworking-plugins,procps,iproute2,wget --strip | tail -n 1)
 base=vnet-cni-base:$(basename "$rootfs" .tar | sed 's/^bookworm-minbase-//')
 if ! "$docker" image inspect "$base" >/dev/null 2>&1; then
     log "importing $rootfs as $base"

@@ -361,8 +361,13 @@ cmd_uninstall() {
         agent_config=
         [ ! -f "$CONF_DIR/agent.toml" ] || agent_config="--config $CONF_DIR/agent.toml"
         # shellcheck disable=SC2086 # agent_config is empty or two words
-        "$agent" uninstall --check $agent_config ||
-            die "not uninstalled: cordon and drain the node first (see above)"
+        rc=0
+        "$agent" uninstall --check $agent_config || rc=$?
+        case $rc in
+        0) ;;
+        3) die "not uninstalled: pods of vnet-cni still run here; cordon and drain the node first (see above)" ;;
+        *) die "not uninstalled: vnet-agent uninstall --check failed (see above)" ;;
+        esac
     fi
     was_active=0
     if [ "$LIVE" -eq 1 ]; then

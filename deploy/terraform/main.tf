@@ -36,11 +36,12 @@ locals {
   # The agent's custom role, kept in one file for Terraform, the docs and the mock's tests.
   role_file = jsondecode(file("${path.module}/../azure/vnet-cni-role.json"))
 
-  # Polling Azure-AsyncOperation URLs is the one action at subscription level
-  # (/subscriptions/{id}/providers/Microsoft.Network/locations/{region}/operations/{id}): it gets a
-  # role of its own, assignable and assigned there, so nothing else is granted that wide.
-  operations_action = "Microsoft.Network/locations/operations/read"
-  agent_actions     = [for action in local.role_file.Actions : action if action != local.operations_action]
+  # Polling long-running operations (Network's for NIC writes, Compute's for scale-set instance
+  # updates: /subscriptions/{id}/providers/Microsoft.{Network,Compute}/locations/{region}/operations/{id})
+  # are the only actions at subscription level: they get a role of their own, assignable and
+  # assigned there, so nothing else is granted that wide.
+  operations_actions = [for action in local.role_file.Actions : action if endswith(action, "/locations/operations/read")]
+  agent_actions      = [for action in local.role_file.Actions : action if !endswith(action, "/locations/operations/read")]
 
   # The resource group AKS creates for the node scale sets and NICs (and their NSG and load
   # balancer); referencing the cluster's attribute orders the role after the cluster, so the group
@@ -117,7 +118,7 @@ resource "azurerm_role_definition" "agent_operations" {
   description = "vnet-cni agent: poll the status of its own long-running NIC and scale-set writes."
 
   permissions {
-    actions     = [local.operations_action]
+    actions     = local.operations_actions
     not_actions = []
   }
 

@@ -37,6 +37,8 @@ pub struct BenchOptions {
     pub write_latency_ms: u64,
     /// The mock's operation `Retry-After` of each cold-burst run (the first is the headline).
     pub burst_retry_after_secs: Vec<u64>,
+    /// The node kinds of the cold-burst runs (each at every Retry-After; the first is the headline).
+    pub burst_node_kinds: Vec<crate::lab::NodeKind>,
     pub iperf_secs: u64,
     pub out: PathBuf,
 }
@@ -289,10 +291,16 @@ fn start_anchors(cfg: &LabConfig) -> Value {
 }
 
 /// Empty-pool burst in a separate one-node lab with slow NIC writes.
-fn cold_burst(cfg: &LabConfig, opts: &BenchOptions, retry_after: u64) -> Result<Value, LabError> {
+fn cold_burst(
+    cfg: &LabConfig,
+    opts: &BenchOptions,
+    retry_after: u64,
+    kind: crate::lab::NodeKind,
+) -> Result<Value, LabError> {
     let mut c = cfg.clone();
     c.name = format!("{}-cold", cfg.name);
     c.nodes = 1;
+    c.node_kinds = vec![kind];
     c.operation_retry_after_secs = retry_after;
     c.pool = PoolConfig {
         warm: 0,
@@ -302,11 +310,14 @@ fn cold_burst(cfg: &LabConfig, opts: &BenchOptions, retry_after: u64) -> Result<
         cooldown_secs: 30,
         allocate_timeout_secs: 30,
     };
-    c.faults =
-        Some(json!({"latency": {"nic_put": {"fixed_ms": opts.write_latency_ms}}}).to_string());
+    // The same write latency for a NIC PUT and for a Uniform instance's update.
+    let write = json!({"fixed_ms": opts.write_latency_ms});
+    c.faults = Some(json!({"latency": {"nic_put": write, "vmss_vm_put": write}}).to_string());
     progress(&format!(
-        "cold burst: {} pods at once, empty pool, NIC write latency {} ms, operation Retry-After {retry_after} s",
-        opts.burst, opts.write_latency_ms
+        "cold burst: {} pods at once on a {} node, empty pool, NIC write latency {} ms, operation Retry-After {retry_after} s",
+        opts.burst,
+        kind.as_str(),
+        opts.write_latency_ms
     ));
     let lab = LabGuard::new(Lab::up(&c)?);
     let st = lab.state();
@@ -330,6 +341,7 @@ fn cold_burst(cfg: &LabConfig, opts: &BenchOptions, retry_after: u64) -> Result<
     let s = stats(&run.ms);
     Ok(json!({
         "pods": opts.burst,
+        "node_kind": kind.as_str(),
         "write_latency_ms": opts.write_latency_ms,
         "operation_retry_after_secs": retry_after,
         "pool": {"warm": c.pool.warm, "batch": c.pool.batch},
@@ -339,7 +351,9 @@ fn cold_burst(cfg: &LabConfig, opts: &BenchOptions, retry_after: u64) -> Result<
         "wired": run.ms.len(),
         "failures": run.failures,
         "add_ms": s,
-        "nic_writes": counters["calls"]["nic_put"].as_u64().unwrap_or(0),
+        // A NIC PUT, or the instance update that carries a Uniform instance's NIC.
+        "nic_writes": counters["calls"]["nic_put"].as_u64().unwrap_or(0)
+            + counters["calls"]["vmss_vm_put"].as_u64().unwrap_or(0),
         "cloud_calls": counters["calls"],
     }))
 }
@@ -625,8 +639,15 @@ pub fn run(cfg: &LabConfig, opts: &BenchOptions) -> Result<(), LabError> {
     };
     drop(lab);
     let mut bursts = Vec::new();
-    for &retry_after in &opts.burst_retry_after_secs {
-        bursts.push(cold_burst(cfg, opts, retry_after)?);
+    let kinds = if opts.burst_node_kinds.is_empty() {
+        vec![crate::lab::NodeKind::Vm]
+    } else {
+        opts.burst_node_kinds.clone()
+    };
+    for &kind in &kinds {
+        for &retry_after in &opts.burst_retry_after_secs {
+            bursts.push(cold_burst(cfg, opts, retry_after, kind)?);
+        }
     }
     let burst = bursts.first().cloned().unwrap_or(Value::Null);
     let plugin_path = c.bin_dir.join("vnet-cni");
@@ -770,8 +791,9 @@ fn markdown(r: &Value, summary: &[(String, String, Stats, f64, usize)]) -> Strin
     for b in &runs {
         let _ = writeln!(
             md,
-            "{} pods launched at once on a node with an empty pool (warm {}, batch {}), mock NIC write latency {} ms, operation Retry-After {} s: all wired after **{} s** ({} wired, {} failed); **{} NIC writes**; pool total {} -> {}; ADD p50 {} ms, p99 {} ms.\n",
+            "{} pods launched at once on a {} node with an empty pool (warm {}, batch {}), mock NIC write latency {} ms, operation Retry-After {} s: all wired after **{} s** ({} wired, {} failed); **{} NIC writes**; pool total {} -> {}; ADD p50 {} ms, p99 {} ms.\n",
             b["pods"],
+            b["node_kind"].as_str().unwrap_or("vm"),
             b["pool"]["warm"],
             b["pool"]["batch"],
             b["write_latency_ms"],

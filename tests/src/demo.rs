@@ -224,6 +224,52 @@ pub fn no_tunnels(st: &LabState) -> Check {
     }
 }
 
+/// Each agent discovered its node as the kind the lab made it (plain VM, Uniform instance,
+/// Flexible member): the cloud path it writes through follows from that.
+pub fn node_kind_checks(lab: &Lab) -> Vec<Check> {
+    let st = lab.state();
+    st.nodes
+        .iter()
+        .map(|n| {
+            let want_set = match n.kind {
+                crate::state::NodeKind::Vm => "",
+                crate::state::NodeKind::Uniform => crate::lab::UNIFORM_SCALE_SET,
+                crate::state::NodeKind::Flexible => crate::lab::FLEXIBLE_SCALE_SET,
+            };
+            let want = format!(
+                "vnet_agent_node_info{{kind=\"{}\",scale_set=\"{want_set}\"}} 1",
+                n.kind.as_str()
+            );
+            let (passed, detail) = match lab.agent_metrics(&n.name) {
+                Ok(text) => match text
+                    .lines()
+                    .find(|l| l.starts_with("vnet_agent_node_info{"))
+                {
+                    Some(line) if line.trim() == want => {
+                        (true, format!("agent: {}", n.kind.as_str()))
+                    }
+                    Some(line) => (false, format!("agent reports {line}, expected {want}")),
+                    None => (false, "the agent reports no node kind".into()),
+                },
+                Err(e) => (false, e.to_string()),
+            };
+            Check {
+                name: "node kind as the agent discovered it".into(),
+                from: n.name.clone(),
+                to: if want_set.is_empty() {
+                    n.kind.as_str().to_owned()
+                } else {
+                    format!("{} ({want_set})", n.kind.as_str())
+                },
+                expect_seen: None,
+                probe: None,
+                passed,
+                detail,
+            }
+        })
+        .collect()
+}
+
 pub fn checks_table(checks: &[Check]) -> String {
     let rows: Vec<Vec<String>> = checks
         .iter()
@@ -281,8 +327,9 @@ fn demo_body(lab: &Lab, pods_per_node: usize) -> Result<bool, LabError> {
     let responders = start_responders(&st)?;
     // Give the responders' listen() a moment on a loaded machine; probes also time out at 1 s.
     std::thread::sleep(Duration::from_millis(50));
-    let checks = connectivity_checks(&st);
+    let mut checks = connectivity_checks(&st);
     drop(responders);
+    checks.extend(node_kind_checks(lab));
     println!("\nNodes\n{}", nodes_table(lab));
     println!("Pods\n{}", pods_table(lab));
     println!("Connectivity\n{}", checks_table(&checks));

@@ -32,6 +32,7 @@ use vnet_api::{AllocationsResponse, HealthResponse, StatusResponse};
 use crate::exec::{self, ExecError, enter_netns, ip, ip_batch};
 use crate::http::{self, HttpError};
 use crate::netns::{self, NetnsError};
+pub use crate::state::NodeKind;
 use crate::state::{self, HostState, LabState, NodeState, PodState, ProcState, StateError};
 
 pub const DEFAULT_BASE_DIR: &str = "/run/vnet-lab";
@@ -135,9 +136,49 @@ pub struct LabConfig {
     pub portmap: bool,
     pub agent_log_level: String,
     pub plugin_log_level: String,
+    /// Kinds of the nodes, cycled over them (node-1 takes the first); empty: all plain VMs.
+    pub node_kinds: Vec<NodeKind>,
+}
+
+/// The scale sets the lab's scale-set nodes belong to.
+pub const UNIFORM_SCALE_SET: &str = "lab-pool";
+pub const FLEXIBLE_SCALE_SET: &str = "lab-flex";
+
+/// `vm`, `uniform`, `flexible`, `mixed` (= `vm,uniform,flexible`) or a comma-separated list of
+/// those kinds, cycled over the nodes.
+pub fn parse_node_kinds(spec: &str) -> Result<Vec<NodeKind>, LabError> {
+    let invalid = |why: &str| LabError::Invalid {
+        what: "node kind",
+        value: spec.to_owned(),
+        why: why.to_owned(),
+    };
+    let mut kinds = Vec::new();
+    for word in spec.split(',').map(str::trim) {
+        match word {
+            "vm" => kinds.push(NodeKind::Vm),
+            "uniform" => kinds.push(NodeKind::Uniform),
+            "flexible" => kinds.push(NodeKind::Flexible),
+            "mixed" => kinds.extend([NodeKind::Vm, NodeKind::Uniform, NodeKind::Flexible]),
+            _ => {
+                return Err(invalid(
+                    "use vm, uniform, flexible, mixed, or a comma-separated list of them",
+                ));
+            }
+        }
+    }
+    Ok(kinds)
 }
 
 impl LabConfig {
+    /// The kind of node number `i` (0-based).
+    pub fn node_kind(&self, i: usize) -> NodeKind {
+        if self.node_kinds.is_empty() {
+            NodeKind::Vm
+        } else {
+            self.node_kinds[i % self.node_kinds.len()]
+        }
+    }
+
     pub fn new(name: &str) -> LabConfig {
         LabConfig {
             name: name.to_owned(),
@@ -152,6 +193,7 @@ impl LabConfig {
             portmap: false,
             agent_log_level: "info".to_owned(),
             plugin_log_level: "warn".to_owned(),
+            node_kinds: Vec::new(),
         }
     }
 }
@@ -396,6 +438,7 @@ impl Lab {
                     agent_log: ndir.join("agent.log"),
                     dir: ndir,
                     name,
+                    kind: cfg.node_kind(i),
                 }
             })
             .collect::<Vec<_>>();
@@ -588,11 +631,17 @@ impl Lab {
             .nodes
             .iter()
             .map(|n| {
-                json!({"name": n.name, "subnet": "nodes", "primary_ip": n.ip.to_string(),
+                let mut vm = json!({"name": n.name, "subnet": "nodes", "primary_ip": n.ip.to_string(),
                        "nic": {"network_security_group": "nsg-nodes",
                                "application_security_groups": ["asg-nodes"],
                                "load_balancer_backend_address_pools": ["kubernetes/kubernetes"],
-                               "tags": {"vnet-lab": st.name}}})
+                               "tags": {"vnet-lab": st.name}}});
+                match n.kind {
+                    NodeKind::Vm => {}
+                    NodeKind::Uniform => vm["scale_set"] = json!(UNIFORM_SCALE_SET),
+                    NodeKind::Flexible => vm["scale_set"] = json!(FLEXIBLE_SCALE_SET),
+                }
+                vm
             })
             .collect();
         vms.push(
@@ -605,6 +654,10 @@ impl Lab {
             "vnet": {"name": "vnet", "address_space": [st.subnet]},
             "subnets": [{"name": "nodes", "prefix": st.subnet}],
             "vms": vms,
+            "scale_sets": [
+                {"name": UNIFORM_SCALE_SET, "orchestration": "Uniform"},
+                {"name": FLEXIBLE_SCALE_SET, "orchestration": "Flexible"},
+            ],
         });
         let path = st.dir.join("topology.json");
         fs::write(
@@ -851,6 +904,55 @@ impl Lab {
 
     pub fn mock_json(&self, path: &str) -> Result<serde_json::Value, LabError> {
         Ok(self.mock_request("GET", path, None)?.json(path)?)
+    }
+
+    /// The Prometheus text of `node`'s agent (served on 127.0.0.1:9464 in the node's namespace).
+    pub fn agent_metrics(&self, node: &str) -> Result<String, LabError> {
+        let n = self.node_state(&self.state(), node)?;
+        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
+        let response = http::tcp_request_in(&n.ns, addr, "GET", "/metrics", None)?;
+        if response.status != 200 {
+            return Err(LabError::Failed(format!(
+                "{node}: metrics answered {}",
+                response.status
+            )));
+        }
+        Ok(response.body)
+    }
+
+    /// Reimages `node`, a Uniform scale-set instance, in the mock cloud: its instance-level
+    /// ipConfigurations go back to the scale set's model. Returns the addresses it lost.
+    pub fn reimage(&self, node: &str) -> Result<Vec<Ipv4Addr>, LabError> {
+        let st = self.state();
+        let n = self.node_state(&st, node)?;
+        if n.kind != NodeKind::Uniform {
+            return Err(LabError::Invalid {
+                what: "node",
+                value: node.to_owned(),
+                why: format!(
+                    "{} is a {}, not a Uniform scale-set instance",
+                    n.name,
+                    n.kind.as_str()
+                ),
+            });
+        }
+        // Instance IDs follow the order of the set's members.
+        let instance = st
+            .nodes
+            .iter()
+            .take_while(|m| m.name != n.name)
+            .filter(|m| m.kind == NodeKind::Uniform)
+            .count();
+        let path =
+            format!("/admin/scalesets/{UNIFORM_SCALE_SET}/virtualMachines/{instance}/reimage");
+        let answer: serde_json::Value = self.mock_request("POST", &path, None)?.json(&path)?;
+        Ok(answer["lost"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|ip| ip.as_str()?.parse().ok())
+            .collect())
     }
 
     /// Registers another CNI network name whose libcni cache files `down` must remove.
@@ -1200,6 +1302,27 @@ fn write_conflist(st: &LabState, node: &NodeState, cfg: &LabConfig) -> Result<()
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn node_kinds_parse_and_cycle_over_the_nodes() {
+        let mut cfg = LabConfig::new("x");
+        cfg.node_kinds = parse_node_kinds("mixed").unwrap();
+        let kinds: Vec<NodeKind> = (0..4).map(|i| cfg.node_kind(i)).collect();
+        assert_eq!(
+            kinds,
+            [
+                NodeKind::Vm,
+                NodeKind::Uniform,
+                NodeKind::Flexible,
+                NodeKind::Vm
+            ]
+        );
+        cfg.node_kinds = parse_node_kinds("uniform, vm").unwrap();
+        assert_eq!(cfg.node_kind(3), NodeKind::Vm);
+        assert!(parse_node_kinds("uniform,aks").is_err());
+        assert_eq!(LabConfig::new("x").node_kind(7), NodeKind::Vm);
+    }
+
     #[test]
     fn the_mock_timing_is_pinned_unless_the_faults_set_it() {
         let pinned: serde_json::Value =

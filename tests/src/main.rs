@@ -70,6 +70,10 @@ struct Build {
     /// Chain the portmap plugin after vnet-cni.
     #[arg(long)]
     portmap: bool,
+    /// What the nodes are in the cloud: vm, uniform (Uniform scale-set instances, as on AKS),
+    /// flexible, mixed (vm,uniform,flexible), or a comma-separated list, cycled over the nodes.
+    #[arg(long, default_value = "vm")]
+    node_kind: String,
 }
 
 impl Build {
@@ -94,6 +98,7 @@ impl Build {
             cfg.cnitool = c.clone();
         }
         cfg.portmap = self.portmap;
+        cfg.node_kinds = lab::parse_node_kinds(&self.node_kind)?;
         Ok(cfg)
     }
 }
@@ -109,6 +114,13 @@ enum LabCmd {
     },
     /// Show the lab's processes, nodes (pools) and pods.
     Status {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Reimage a Uniform scale-set node in the mock cloud: its instance-level ipConfigurations
+    /// go back to the scale set's model (the agent's status then lists what its pods lost).
+    Reimage {
+        node: String,
         #[command(flatten)]
         at: Where,
     },
@@ -166,6 +178,10 @@ enum LabCmd {
         /// 10 s Azure answers on a NIC PUT.
         #[arg(long, value_delimiter = ',', default_values_t = [1u64, 10])]
         burst_retry_after: Vec<u64>,
+        /// The node kinds the cold burst runs on, each at every Retry-After: the NIC path (vm)
+        /// and a Uniform scale-set instance written through Compute (uniform).
+        #[arg(long, default_value = "vm,uniform")]
+        burst_node_kind: String,
         /// iperf3 seconds per data path measurement (0 = skip).
         #[arg(long, default_value_t = 5)]
         iperf_secs: u64,
@@ -214,6 +230,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         LabCmd::Status { at } => {
             let lab = Lab::open(&at.state_dir, &at.name)?;
             print!("{}", report::status(&lab));
+        }
+        LabCmd::Reimage { node, at } => {
+            let lab = Lab::open(&at.state_dir, &at.name)?;
+            let lost = lab.reimage(&node)?;
+            println!(
+                "{node} reimaged: {} addresses left its NIC ({})",
+                lost.len(),
+                lost.iter()
+                    .map(|ip| ip.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
         }
         LabCmd::Down { at } => {
             if !lab::is_root() {
@@ -277,6 +305,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             burst,
             write_latency_ms,
             burst_retry_after,
+            burst_node_kind,
             iperf_secs,
         } => {
             let mut cfg = LabConfig::new(&name);
@@ -293,6 +322,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 burst,
                 write_latency_ms,
                 burst_retry_after_secs: burst_retry_after,
+                burst_node_kinds: lab::parse_node_kinds(&burst_node_kind)?,
                 iperf_secs,
                 out,
             };

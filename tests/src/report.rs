@@ -57,6 +57,7 @@ pub fn nodes_table(lab: &Lab) -> String {
             match lab.agent_status(&n.name) {
                 Ok(s) => vec![
                     n.name.clone(),
+                    n.kind.as_str().to_owned(),
                     n.ip.to_string(),
                     agent,
                     s.pool.total.to_string(),
@@ -71,6 +72,7 @@ pub fn nodes_table(lab: &Lab) -> String {
                 ],
                 Err(_) => vec![
                     n.name.clone(),
+                    n.kind.as_str().to_owned(),
                     n.ip.to_string(),
                     agent,
                     "?".into(),
@@ -85,6 +87,7 @@ pub fn nodes_table(lab: &Lab) -> String {
     table(
         &[
             "node",
+            "kind",
             "NIC IP",
             "agent",
             "pool total",

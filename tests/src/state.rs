@@ -68,6 +68,32 @@ pub struct NodeState {
     pub conf_dir: PathBuf,
     pub config_path: PathBuf,
     pub agent_log: PathBuf,
+    /// What the mock cloud makes this node: a plain VM or a scale-set member.
+    #[serde(default)]
+    pub kind: NodeKind,
+}
+
+/// The Azure machine a lab node is (`vnetctl lab up --node-kind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeKind {
+    /// A standalone VM with a standalone NIC.
+    #[default]
+    Vm,
+    /// An instance of a Uniform scale set (an AKS node): its NIC is written through Compute.
+    Uniform,
+    /// A member of a Flexible scale set: a VM with a standalone NIC.
+    Flexible,
+}
+
+impl NodeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::Vm => "vm",
+            NodeKind::Uniform => "uniform",
+            NodeKind::Flexible => "flexible",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -408,6 +408,76 @@ fn the_image_builds_offline_installs_the_plugins_atomically_and_runs_the_agent()
         "/etc/ssl/certs/ca-certificates.crt",
     ]);
     assert!(roots.status.success(), "no CA roots in the image");
+    // The kind fabric (deploy/kind/fabric.yaml) runs its route loop in this image.
+    let fabric_tools = docker.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "sh",
+        &tag,
+        "-c",
+        "for t in wget ip awk tr; do command -v $t >/dev/null || { echo missing $t; exit 1; }; done",
+    ]);
+    assert!(
+        fabric_tools.status.success(),
+        "the kind fabric's tools: {}",
+        text(&fabric_tools)
+    );
+
+    // --- the uninstall DaemonSet's command, with its privileges (NET_ADMIN only) --------------
+    let host = work.path().join("uninstall-host");
+    for d in ["etc/cni/net.d", "var/lib/vnet-cni", "run/vnet-cni"] {
+        fs::create_dir_all(host.join(d)).unwrap();
+    }
+    let ours =
+        "{\"cniVersion\":\"1.0.0\",\"name\":\"vnet-cni\",\"plugins\":[{\"type\":\"vnet-cni\"}]}\n";
+    fs::write(host.join("etc/cni/net.d/00-vnet-cni.conflist"), ours).unwrap();
+    fs::write(host.join("etc/cni/net.d/10-vnet-cni.conflist"), ours).unwrap();
+    fs::write(
+        host.join("etc/cni/net.d/05-other.conflist"),
+        "{\"name\":\"other\"}\n",
+    )
+    .unwrap();
+    let mounts: Vec<String> = ["etc/cni/net.d", "var/lib/vnet-cni", "run/vnet-cni"]
+        .iter()
+        .map(|d| format!("{}:/{d}", host.join(d).display()))
+        .collect();
+    let mut args = vec![
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        "NET_ADMIN",
+    ];
+    for m in &mounts {
+        args.extend(["-v", m.as_str()]);
+    }
+    args.extend([tag.as_str(), "uninstall", "--purge"]);
+    let out = docker.docker(&args);
+    assert!(
+        out.status.success(),
+        "vnet-agent uninstall in the image: {}",
+        text(&out)
+    );
+    let left: Vec<String> = listing(&host.join("etc/cni/net.d")).into_keys().collect();
+    assert_eq!(
+        left,
+        ["05-other.conflist"],
+        "only another network's conflist stays"
+    );
+    assert!(
+        !host
+            .join("var/lib/vnet-cni")
+            .read_dir()
+            .unwrap()
+            .any(|_| true),
+        "purged"
+    );
 
     docker.docker_ok(&["rmi", &tag]);
 }

@@ -150,6 +150,11 @@ impl Drop for Container {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+        // Killing the container's PID 1 ends its whole PID namespace; nspawn alone would not.
+        if self.init != 0 && self.nspawn.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill(2) on the container's init, a process this test started.
+            unsafe { libc::kill(self.init as i32, libc::SIGKILL) };
+        }
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
         let _ = fs::remove_dir(format!("/run/systemd/nspawn/propagate/{}", self.name));
@@ -287,14 +292,21 @@ fn the_node_image_installs_runs_upgrades_and_uninstalls_under_systemd() {
     for t in [&first, &second] {
         fs::copy(t, root.join("root").join(t.file_name().unwrap())).unwrap();
     }
+    // The mock admits each node's agent by its token: take node-1's from the lab's config.
+    let lab_config = fs::read_to_string(&node.config_path).unwrap();
+    let token = lab_config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("test_token = "))
+        .unwrap_or_else(|| panic!("no test_token in the lab's agent config:\n{lab_config}"))
+        .to_owned();
     // The operator's configuration, written before install (install.sh keeps an existing one).
     fs::create_dir_all(root.join("etc/vnet-cni")).unwrap();
     fs::write(
         root.join("etc/vnet-cni/agent.toml"),
         format!(
             "[cloud]\nprovider = \"mock\"\narm_endpoint = \"http://{0}\"\nimds_endpoint = \"http://{0}\"\n\
-             credential = \"none\"\n\n[pool]\nwarm = 2\nbatch = 2\n",
-            st.mock_addr
+             credential = \"test_token\"\ntest_token = {1}\n\n[pool]\nwarm = 2\nbatch = 2\n",
+            st.mock_addr, token
         ),
     )
     .unwrap();

@@ -218,6 +218,13 @@ impl Agent {
     ) -> Arc<Agent> {
         let (reaper_tx, reaper_rx) = mpsc::unbounded_channel();
         let pool = settings.pool;
+        metrics
+            .node_info
+            .get_or_create(&crate::metrics::NodeLabels {
+                kind: identity.kind.as_str(),
+                scale_set: identity.scale_set.clone(),
+            })
+            .set(1);
         Arc::new(Agent {
             settings,
             identity,

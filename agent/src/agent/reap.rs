@@ -4,6 +4,7 @@
 //! concurrent DELs share the kernel's grace periods instead of queueing behind each other.
 
 use super::*;
+use crate::netlink::REAP_SLOTS;
 
 /// Most links deleted in one request: bounds one request's work and the latency of the first.
 const REAP_BATCH_MAX: usize = 128;
@@ -50,13 +51,19 @@ impl Agent {
         }
     }
 
-    /// Deletes dying veths, in batches of whatever is queued; their address starts its cooldown
-    /// once the link is gone. A failed deletion is retried in the background.
+    /// Deletes dying veths, in batches of whatever is queued, up to [`REAP_SLOTS`] batches in
+    /// the kernel at once; their address starts its cooldown once the link is gone. A failed
+    /// deletion is retried in the background.
     pub async fn run_reaper(self: Arc<Self>, links: Arc<dyn LinkOps>) {
         let Some(mut rx) = self.reaper_rx.lock().unwrap().take() else {
             return;
         };
+        let slots = Arc::new(tokio::sync::Semaphore::new(REAP_SLOTS));
         while let Some(first) = rx.recv().await {
+            // While every slot is busy, jobs queue up and the next batch takes them all.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let mut batch = vec![first];
             while batch.len() < REAP_BATCH_MAX {
                 match rx.try_recv() {
@@ -64,53 +71,57 @@ impl Agent {
                     Err(_) => break,
                 }
             }
-            let mut names: Vec<String> = batch.iter().map(|j| j.veth.clone()).collect();
-            names.sort();
-            names.dedup();
-            let results = links.delete_links(&names).await;
-            let failed: HashSet<&str> = names
-                .iter()
-                .zip(&results)
-                .filter_map(|(name, r)| r.as_ref().err().map(|e| (name, e)))
-                .map(|(name, e)| {
-                    warn!(veth = name, error = %e, "cannot delete dying veth; retrying");
-                    name.as_str()
-                })
-                .collect();
-            tracing::debug!(
-                links = names.len(),
-                failed = failed.len(),
-                "dying veths deleted"
-            );
-            let mut records = Vec::new();
-            for job in batch {
-                let gone = !failed.contains(job.veth.as_str());
-                if let Some(done) = job.done {
-                    let _ = done.send(gone);
-                }
-                if !gone {
-                    let tx = self.reaper_tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(REAP_RETRY).await;
-                        let _ = tx.send(ReapJob::background(job.ip, job.veth));
-                    });
-                } else if let Some(ip) = job.ip {
-                    let mut st = self.state.lock().unwrap();
-                    records.extend(
-                        st.ipam
-                            .veth_gone(ip, now_secs(), self.settings.cooldown_secs),
-                    );
-                }
+            let (agent, links) = (self.clone(), links.clone());
+            tokio::spawn(async move {
+                agent.reap_batch(links.as_ref(), batch).await;
+                drop(slot);
+            });
+        }
+    }
+
+    async fn reap_batch(self: &Arc<Self>, links: &dyn LinkOps, batch: Vec<ReapJob>) {
+        let mut names: Vec<String> = batch.iter().map(|j| j.veth.clone()).collect();
+        names.sort();
+        names.dedup();
+        let results = links.delete_links(&names).await;
+        let failed: HashSet<&str> = names
+            .iter()
+            .zip(&results)
+            .filter_map(|(name, r)| r.as_ref().err().map(|e| (name, e)))
+            .map(|(name, e)| {
+                warn!(veth = name, error = %e, "cannot delete dying veth; retrying");
+                name.as_str()
+            })
+            .collect();
+        tracing::debug!(
+            links = names.len(),
+            failed = failed.len(),
+            "dying veths deleted"
+        );
+        let mut records = Vec::new();
+        for job in batch {
+            let gone = !failed.contains(job.veth.as_str());
+            if let Some(done) = job.done {
+                let _ = done.send(gone);
             }
-            if !records.is_empty() {
-                // Not waited for here: the next batch may already be queued.
-                let ticket = self.store.submit(records);
-                let agent = self.clone();
+            if !gone {
+                let tx = self.reaper_tx.clone();
                 tokio::spawn(async move {
-                    let _ = agent.submit_timed(ticket).await;
-                    agent.kick.notify_one();
+                    tokio::time::sleep(REAP_RETRY).await;
+                    let _ = tx.send(ReapJob::background(job.ip, job.veth));
                 });
+            } else if let Some(ip) = job.ip {
+                let mut st = self.state.lock().unwrap();
+                records.extend(
+                    st.ipam
+                        .veth_gone(ip, now_secs(), self.settings.cooldown_secs),
+                );
             }
+        }
+        if !records.is_empty() {
+            let ticket = self.store.submit(records);
+            let _ = self.submit_timed(ticket).await;
+            self.kick.notify_one();
         }
     }
 }

@@ -36,6 +36,14 @@ impl Agent {
         {
             info!(adopted = ?report.adopted, dropped = ?report.dropped, recovered = ?report.recovered, "pool reconciled with the cloud");
         }
+        let lost = |state: &'static str, n: usize| {
+            self.metrics
+                .addresses_lost
+                .get_or_create(&crate::metrics::StateLabels { state })
+                .inc_by(n as u64);
+        };
+        lost("free", report.dropped.len());
+        lost("allocated", report.unreconciled.len());
         if !report.unreconciled.is_empty() {
             warn!(addresses = ?report.unreconciled, "allocated addresses the cloud does not show on the NIC: kept, never handed out again");
         }

@@ -330,6 +330,51 @@ async fn shutting_down_fails_waiting_allocations_at_once() {
     assert_eq!(agent.state.lock().unwrap().waiters, 0);
 }
 
+/// A scale-set instance reimaged under running pods: its ipConfigurations are gone. The pod's
+/// address is kept (unreconciled, in the status), never handed to another pod, and counted as
+/// lost; when the cloud gives the same address back it stays the old pod's.
+#[tokio::test]
+async fn addresses_a_reimage_takes_off_the_nic_are_reported_and_never_handed_out_twice() {
+    let cloud = Arc::new(FlakyCloud::default());
+    let store = Arc::new(MemoryStore::new());
+    let agent = agent_with(cloud.clone(), store.clone());
+    let pool = pool_with_releasing(&agent, &cloud, 2, 0).await;
+    assert!(pool.is_empty());
+    let held = agent.allocate(request("a")).await.unwrap().allocation.ip;
+    let spare = *cloud
+        .fake
+        .secondary_ips()
+        .iter()
+        .find(|ip| **ip != held)
+        .unwrap();
+    assert_eq!(agent.status().pool.free, 1);
+
+    // The reimage: every secondary address leaves the NIC at once.
+    cloud.fake.remove_external(held);
+    cloud.fake.remove_external(spare);
+    agent.reconcile_with_cloud().await.unwrap();
+    let status = agent.status();
+    assert_eq!(status.unreconciled, vec![held]);
+    assert_eq!(status.pool.free, 0);
+    let metrics = agent.metrics.encode();
+    assert!(
+        metrics.contains("vnet_agent_addresses_lost_total{state=\"allocated\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vnet_agent_addresses_lost_total{state=\"free\"} 1"));
+    assert!(metrics.contains("vnet_agent_node_info{kind=\"vm\",scale_set=\"\"} 1"));
+
+    // The cloud hands the pod's old address back: recovered for the pod that holds it.
+    cloud.fake.add_external(held);
+    cloud.fake.add_external(spare);
+    agent.reconcile_with_cloud().await.unwrap();
+    assert!(agent.status().unreconciled.is_empty());
+    assert_eq!(agent.status().pool.free, 1);
+    let b = agent.allocate(request("b")).await.unwrap().allocation.ip;
+    assert_ne!(b, held);
+    agent.state.lock().unwrap().ipam.check();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_the_max_allocations_wait_for_pending_addresses() {
     // Regression: with max = 4, warm = 2, batch = 2, after two ADDs (total 2, allocated 2,

@@ -25,13 +25,17 @@ pub struct TestAgent {
     task: JoinHandle<Result<(), DaemonError>>,
 }
 
-/// A config for tests: everything under `root`, no host changes, a free loopback metrics port.
-pub fn test_config(root: &std::path::Path) -> Config {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+/// A config for tests: everything under `root`, no host changes, a free loopback metrics port.
+pub fn test_config(root: &std::path::Path) -> Config {
+    let port = free_port();
     let mut config = Config {
         socket_path: root.join("run/agent.sock"),
         state_dir: root.join("state"),
@@ -50,10 +54,31 @@ impl TestAgent {
     }
 
     pub async fn start_with_links(
-        config: Config,
+        mut config: Config,
         cloud: Arc<dyn CloudProvider>,
         links: Arc<dyn LinkOps>,
     ) -> TestAgent {
+        // The free port test_config picked can be taken by another test's connection before the
+        // agent binds it: then pick another (the port is set-up, not what these tests check).
+        for _ in 0..5 {
+            match Self::try_start(config.clone(), cloud.clone(), links.clone()).await {
+                Ok(agent) => return agent,
+                Err(DaemonError::Metrics { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    config.metrics_address = format!("127.0.0.1:{}", free_port());
+                }
+                Err(e) => panic!("agent exited during start-up: {e}"),
+            }
+        }
+        panic!("no free metrics port after 5 tries");
+    }
+
+    async fn try_start(
+        config: Config,
+        cloud: Arc<dyn CloudProvider>,
+        links: Arc<dyn LinkOps>,
+    ) -> Result<TestAgent, DaemonError> {
         let (shutdown, rx) = watch::channel(false);
         let socket = config.socket_path.clone();
         let state_dir = config.state_dir.clone();
@@ -73,11 +98,14 @@ impl TestAgent {
         // Bounded wait for readiness (not a timing assertion: a slow machine just waits longer).
         for _ in 0..1_000 {
             if task.is_finished() {
-                panic!("agent exited during start-up: {:?}", task.await);
+                return match task.await.expect("agent task") {
+                    Err(e) => Err(e),
+                    Ok(()) => panic!("agent exited during start-up without an error"),
+                };
             }
             if let Ok(agent) = ready_rx.try_recv() {
                 assert!(client.health().await.unwrap().ready);
-                return TestAgent {
+                return Ok(TestAgent {
                     agent,
                     socket,
                     state_dir,
@@ -85,7 +113,7 @@ impl TestAgent {
                     client,
                     shutdown,
                     task,
-                };
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

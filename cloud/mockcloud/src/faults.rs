@@ -1,7 +1,8 @@
 //! Fault injection: latency per operation and probabilistic (optionally counted) failures.
 //!
 //! Operation names: `imds`, `token`, `nic_get`, `nic_put`, `operation_get`, `vm_get`, `vnet_get`,
-//! `subnet_get`. A fault with an empty `operations` list applies to every ARM operation.
+//! `subnet_get`, and on the scale-set path `vmss_vm_get`, `vmss_vm_put`, `vmss_nic_get`,
+//! `compute_operation_get`. A fault with an empty `operations` list applies to every ARM operation.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -16,6 +16,7 @@ pub mod fabric;
 pub mod faults;
 pub mod model;
 pub mod rules;
+pub mod scaleset;
 mod server;
 pub mod throttle;
 pub mod topology;

@@ -238,6 +238,8 @@ pub struct Cloud {
     next_operation: u64,
     /// Bumped by every change worth persisting.
     pub version: u64,
+    /// Uniform scale-set instances (their NICs are in `nics`).
+    pub(crate) instances: crate::scaleset::Instances,
 }
 
 impl Cloud {
@@ -307,6 +309,7 @@ impl Cloud {
             );
         }
         Ok(Cloud {
+            instances: crate::scaleset::Instances::new(&topology),
             topology,
             nics,
             owners,
@@ -801,6 +804,33 @@ impl Cloud {
         routes
     }
 
+    /// Drops every ipConfiguration but the primary at once (a reimage resetting the instance to
+    /// its scale set's model), finishing a running operation first. Returns the addresses lost
+    /// and the routes to delete.
+    pub fn reset_to_primary(
+        &mut self,
+        name: &str,
+    ) -> Result<(Vec<String>, Vec<RouteChange>), ArmError> {
+        let key = self.nic_key(name).ok_or_else(|| self.nic_not_found(name))?;
+        let mut routes = Vec::new();
+        if let Some(id) = self.nics[&key].active_operation.clone() {
+            routes.extend(self.finish(&id));
+        }
+        let nic = self.nics.get_mut(&key).expect("NIC exists");
+        let (kept, lost): (Vec<IpConfig>, Vec<IpConfig>) = std::mem::take(&mut nic.configs)
+            .into_iter()
+            .partition(|c| c.primary);
+        nic.configs = kept;
+        nic.generation += 1;
+        nic.provisioning_state = "Succeeded";
+        for config in &lost {
+            self.owners.remove(&config.ip);
+            routes.push(RouteChange::Delete { ip: config.ip });
+        }
+        self.version += 1;
+        Ok((lost.iter().map(|c| c.ip.to_string()).collect(), routes))
+    }
+
     /// Every secondary address's route, for (re)programming the fabric at start.
     pub fn all_routes(&self) -> Vec<RouteChange> {
         let mut routes = Vec::new();
@@ -880,6 +910,13 @@ impl Cloud {
         let topo = &self.topology;
         let vm = topo.vm(vm_name)?;
         let nic = self.nic(&nic_name(&vm.name))?;
+        let mut doc = self.imds_doc(vm, nic)?;
+        self.patch_imds(vm, &mut doc);
+        Some(doc)
+    }
+
+    fn imds_doc(&self, vm: &crate::topology::VmSpec, nic: &Nic) -> Option<Value> {
+        let topo = &self.topology;
         let subnet = topo.subnet(&vm.subnet)?;
         let mut addresses: Vec<Value> = Vec::new();
         for c in nic.configs.iter().filter(|c| c.primary) {
@@ -930,7 +967,11 @@ impl Cloud {
             .vms
             .iter()
             .find(|v| v.name.eq_ignore_ascii_case(vm_name))?;
-        Some(json!({
+        // A Uniform instance is no `virtualMachines` resource.
+        if crate::scaleset::is_uniform_vm(topo, &vm.name) {
+            return None;
+        }
+        let mut doc = json!({
             "name": vm.name,
             "id": topo.vm_id(&vm.name),
             "type": "Microsoft.Compute/virtualMachines",
@@ -946,7 +987,9 @@ impl Cloud {
                     }]
                 }
             }
-        }))
+        });
+        self.patch_vm_json(vm, &mut doc);
+        Some(doc)
     }
 
     pub fn subnet_json(&self, name: &str) -> Option<Value> {

@@ -28,6 +28,8 @@ use crate::throttle::{Kind, Limiter};
 use crate::topology::Topology;
 use crate::{MockConfig, MockError, write_atomically};
 
+mod scaleset;
+
 const MAX_BODY: usize = 4 << 20;
 
 /// Calls by operation, answers by `"<operation> <status>"`, and faults injected by kind.
@@ -335,6 +337,23 @@ async fn route(app: &App, ctx: &Ctx, segments: &[&str]) -> (Option<&'static str>
         [
             "subscriptions",
             sub,
+            "providers",
+            "Microsoft.Compute",
+            "locations",
+            _,
+            "operations",
+            id,
+        ] => {
+            let op = "compute_operation_get";
+            let scope = format!("/{}", segments.join("/"));
+            if let Err(e) = arm_prelude(app, ctx, op, sub, None, &Method::GET, &scope).await {
+                return (Some(op), arm_error(e));
+            }
+            (Some(op), operation_status(app, ctx, id).await)
+        }
+        [
+            "subscriptions",
+            sub,
             "resourceGroups",
             rg,
             "providers",
@@ -375,6 +394,9 @@ fn admin(app: &App, ctx: &Ctx, rest: &[&str]) -> Response {
             }
         }
         (&Method::GET, ["topology"]) => json_response(StatusCode::OK, json!(app.topology())),
+        (&Method::POST, ["scalesets", set, "virtualMachines", instance, "reimage"]) => {
+            scaleset::reimage(app, set, instance)
+        }
         _ => arm_error(ArmError::new(404, "NotFound", "Unknown admin endpoint.")),
     }
 }
@@ -456,6 +478,12 @@ fn action_for(operation: &str) -> &'static str {
         "vm_get" => "Microsoft.Compute/virtualMachines/read",
         "vnet_get" => "Microsoft.Network/virtualNetworks/read",
         "subnet_get" => "Microsoft.Network/virtualNetworks/subnets/read",
+        "vmss_vm_get" => "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
+        "vmss_vm_put" => "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write",
+        "vmss_nic_get" => {
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/networkInterfaces/read"
+        }
+        "compute_operation_get" => "Microsoft.Compute/locations/operations/read",
         _ => "Microsoft.Network/locations/operations/read",
     }
 }
@@ -549,7 +577,7 @@ async fn arm_prelude(
         ));
     }
     let caller = authenticate(app, ctx)?.cloned();
-    let kind = if operation == "nic_put" {
+    let kind = if operation == "nic_put" || operation == "vmss_vm_put" {
         Kind::Write
     } else {
         Kind::Read
@@ -582,6 +610,9 @@ async fn arm_prelude(
         return Err(authorization_failed(caller.as_ref(), action, scope));
     }
     if let Some(spec) = app.roll(FaultKind::Throttle, operation) {
+        if scaleset::is_compute(operation) {
+            return Err(scaleset::compute_throttled(&spec));
+        }
         return Err(ArmError::new(
             429,
             spec.code.as_deref().unwrap_or("TooManyRequests"),
@@ -598,6 +629,7 @@ async fn arm_prelude(
     }
     // Busy only makes sense for writes unless the fault names operations explicitly.
     let busy_eligible = operation == "nic_put"
+        || operation == "vmss_vm_put"
         || lock(&app.faults)
             .busy
             .as_ref()
@@ -662,6 +694,38 @@ async fn arm(
             ("subnet_get", Method::GET)
         }
         (["Microsoft.Compute", "virtualMachines", _], _) => ("vm_get", Method::GET),
+        (
+            [
+                "Microsoft.Compute",
+                "virtualMachineScaleSets",
+                _,
+                "virtualMachines",
+                _,
+            ],
+            &Method::PUT,
+        ) => ("vmss_vm_put", Method::PUT),
+        (
+            [
+                "Microsoft.Compute",
+                "virtualMachineScaleSets",
+                _,
+                "virtualMachines",
+                _,
+            ],
+            _,
+        ) => ("vmss_vm_get", Method::GET),
+        (
+            [
+                "Microsoft.Compute",
+                "virtualMachineScaleSets",
+                _,
+                "virtualMachines",
+                _,
+                "networkInterfaces",
+                _,
+            ],
+            _,
+        ) => ("vmss_nic_get", Method::GET),
         _ => {
             return (
                 None,
@@ -689,6 +753,12 @@ async fn arm(
         ))
     };
     let response = match rest {
+        // A Uniform instance's NIC has no standalone resource.
+        ["Microsoft.Network", "networkInterfaces", nic]
+            if crate::scaleset::is_uniform_nic(&lock(&app.cloud).topology, nic) =>
+        {
+            not_found("Microsoft.Network/networkInterfaces", nic)
+        }
         ["Microsoft.Network", "networkInterfaces", nic] if operation == "nic_put" => {
             nic_put(app, ctx, nic, caller.as_ref(), &scope)
         }
@@ -724,6 +794,28 @@ async fn arm(
             Some(doc) => json_response(StatusCode::OK, doc),
             None => not_found("Microsoft.Compute/virtualMachines", vm),
         },
+        [
+            "Microsoft.Compute",
+            "virtualMachineScaleSets",
+            set,
+            "virtualMachines",
+            instance,
+        ] => {
+            if operation == "vmss_vm_put" {
+                scaleset::instance_put(app, ctx, set, instance, caller.as_ref(), &scope)
+            } else {
+                scaleset::instance_get(app, set, instance).await
+            }
+        }
+        [
+            "Microsoft.Compute",
+            "virtualMachineScaleSets",
+            set,
+            "virtualMachines",
+            instance,
+            "networkInterfaces",
+            nic,
+        ] => scaleset::instance_nic_get(app, ctx, set, instance, nic).await,
         _ => unreachable!("matched above"),
     };
     (Some(operation), response)

@@ -6,6 +6,7 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
 use crate::MockError;
+pub use crate::scaleset::{Orchestration, ScaleSetSpec};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -17,6 +18,9 @@ pub struct Topology {
     pub vnet: VnetSpec,
     pub subnets: Vec<SubnetSpec>,
     pub vms: Vec<VmSpec>,
+    /// Virtual machine scale sets; a VM names its set in `scale_set`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scale_sets: Vec<ScaleSetSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +46,9 @@ pub struct VmSpec {
     /// `00:0d:3a:..` style; derived from the name when absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// The scale set this VM is an instance of (absent: a standalone VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_set: Option<String>,
     /// What else the VM's NIC carries (NSG, ASGs, load balancer pools, tags, DNS, ...).
     #[serde(default, skip_serializing_if = "NicSpec::is_empty")]
     pub nic: NicSpec,
@@ -89,6 +96,7 @@ impl Topology {
                 subnet: "nodes".to_string(),
                 primary_ip: Ipv4Addr::from(u32::from(prefix.network()) + 4 + i as u32),
                 mac: None,
+                scale_set: None,
                 nic: NicSpec::default(),
             })
             .collect();
@@ -105,6 +113,7 @@ impl Topology {
                 prefix,
             }],
             vms,
+            scale_sets: Vec::new(),
         }
     }
 
@@ -163,6 +172,7 @@ impl Topology {
                 }
             }
         }
+        crate::scaleset::validate(self)?;
         Ok(())
     }
 

@@ -16,10 +16,13 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::{ArmBudget, CloudError, CloudProvider, IP_CONFIG_PREFIX, NodeIdentity, SecondaryIp};
+use crate::{
+    ArmBudget, CloudError, CloudProvider, IP_CONFIG_PREFIX, NodeIdentity, NodeKind, SecondaryIp,
+};
 
 mod client;
 mod config;
+mod vmss;
 
 use client::{Client, Reply, Target, error_from_reply, error_parts, map_error};
 pub use client::{REMAINING_READS, REMAINING_WRITES};
@@ -29,6 +32,7 @@ pub use config::{
     DEFAULT_IMDS_ENDPOINT, IMDS_API_VERSION, NETWORK_API_VERSION, Pacing, RetryPolicy,
     arm_endpoint_for_environment, arm_scope,
 };
+pub use vmss::VMSS_NIC_API_VERSION;
 
 #[derive(Clone)]
 pub struct AzureProvider {
@@ -125,11 +129,17 @@ impl Inner {
 
     /// The NIC once no operation runs on it, and its etag.
     async fn settled_nic(&self, nic_id: &str) -> Result<(Value, String), CloudError> {
+        let url = self.arm_url(nic_id, vmss::nic_api_version(nic_id));
+        self.settled(&url, nic_id).await
+    }
+
+    /// The resource at `url` once it is no longer `Updating`, and its etag.
+    async fn settled(&self, url: &str, what: &str) -> Result<(Value, String), CloudError> {
+        let nic_id = what;
         let policy = &self.client.config.retry;
-        let url = self.arm_url(nic_id, NETWORK_API_VERSION);
         let mut waited = Duration::ZERO;
         loop {
-            let reply = self.client.get(Target::Arm, &url).await?;
+            let reply = self.client.get(Target::Arm, url).await?;
             let state = reply.body["properties"]["provisioningState"]
                 .as_str()
                 .unwrap_or("Succeeded");
@@ -143,7 +153,7 @@ impl Inner {
             }
             if waited >= policy.operation_timeout {
                 return Err(CloudError::Transient(format!(
-                    "NIC {nic_id} still Updating after {waited:?}"
+                    "{nic_id} still Updating after {waited:?}"
                 )));
             }
             let delay = reply.retry_after().unwrap_or(policy.default_poll_interval);
@@ -213,7 +223,7 @@ impl Inner {
         nic_id: &str,
         job: Job,
     ) -> Result<Vec<SecondaryIp>, CloudError> {
-        let writer = self.writer(nic_id);
+        let writer = self.writer(&vmss::write_key(nic_id));
         let (reply, answer) = oneshot::channel();
         writer
             .pending
@@ -301,6 +311,16 @@ impl Inner {
                     nic.clone()
                 }
                 None => return Ok(nic),
+            };
+            // A Uniform instance's NIC is written through the instance.
+            let (url, body, etag) = match vmss::instance_of_nic(nic_id) {
+                None => (url.clone(), body, etag),
+                Some((instance, name)) => {
+                    let write = self
+                        .instance_write(instance, name, &nic, adds, releases)
+                        .await?;
+                    (write.url, write.body, write.etag)
+                }
             };
             attempt += 1;
             if attempt > policy.max_write_attempts {
@@ -564,20 +584,22 @@ impl CloudProvider for AzureProvider {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        // Flexible scale-set members are ordinary VMs with ordinary NICs; Uniform instances
-        // (`.../virtualMachineScaleSets/{ss}/virtualMachines/{n}`) are changed through the scale set.
-        if vm_id
-            .to_ascii_lowercase()
-            .contains("/virtualmachinescalesets/")
-        {
-            let vmss = compute["vmScaleSetName"].as_str().unwrap_or_default();
-            return Err(CloudError::Fatal(format!(
-                "this VM is an instance of Uniform scale set {vmss}; its NIC cannot be written directly and scale-set support is missing (see docs/cloud.md)"
-            )));
-        }
+        // What Azure reports picks the path: a Uniform instance's resourceId is
+        // `.../virtualMachineScaleSets/{ss}/virtualMachines/{n}` and its NIC lives under it; a
+        // Flexible member (vmScaleSetName set, a plain VM resourceId) has a standalone NIC.
+        let uniform = vmss::is_uniform_instance(&vm_id);
         let vm_name = compute["name"].as_str().unwrap_or_default().to_string();
+        let scale_set = compute["vmScaleSetName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let kind = match (uniform, scale_set.is_empty()) {
+            (true, _) => NodeKind::Uniform,
+            (false, false) => NodeKind::Flexible,
+            (false, true) => NodeKind::Vm,
+        };
 
-        // The NIC's resource ID is not in IMDS: the VM's network profile names it.
+        // The NIC's resource ID is not in IMDS: the VM's (or instance's) network profile names it.
         let vm = inner.arm_get(&vm_id, COMPUTE_API_VERSION).await?;
         let nics = field(
             &vm,
@@ -593,6 +615,11 @@ impl CloudProvider for AzureProvider {
             .or_else(|| nics.first())
             .ok_or_else(|| CloudError::Fatal(format!("VM {vm_id} has no network interface")))?;
         let nic_id = nic_ref["id"].as_str().unwrap_or_default().to_string();
+        if uniform && vmss::instance_of_nic(&nic_id).is_none() {
+            return Err(CloudError::Fatal(format!(
+                "instance {vm_id} names NIC {nic_id:?}, not one of its scale-set NICs"
+            )));
+        }
 
         let (nic, _) = inner.settled_nic(&nic_id).await?;
         let configs = nic["properties"]["ipConfigurations"]
@@ -654,6 +681,8 @@ impl CloudProvider for AzureProvider {
             subnet_id,
             subnet_prefix,
             vnet_address_space,
+            kind,
+            scale_set,
         };
         tracing::info!(?identity, "discovered node");
         Ok(identity)

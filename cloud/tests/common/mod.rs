@@ -220,3 +220,53 @@ impl Lab {
         ips
     }
 }
+
+/// node-1 a standalone VM, node-2 and node-3 instances 0 and 1 of Uniform scale set `pool1`,
+/// node-4 a member of Flexible scale set `flex`, all in one subnet `prefix`.
+pub fn mixed_topology(prefix: &str) -> Topology {
+    use vnet_mockcloud::topology::{Orchestration, ScaleSetSpec};
+    let mut topology = Topology::single_subnet(prefix.parse().unwrap(), 4);
+    topology.scale_sets = vec![
+        ScaleSetSpec {
+            name: "pool1".into(),
+            orchestration: Orchestration::Uniform,
+        },
+        ScaleSetSpec {
+            name: "flex".into(),
+            orchestration: Orchestration::Flexible,
+        },
+    ];
+    topology.vms[1].scale_set = Some("pool1".into());
+    topology.vms[2].scale_set = Some("pool1".into());
+    topology.vms[3].scale_set = Some("flex".into());
+    topology
+}
+
+impl Lab {
+    /// Instance `n` of Uniform scale set `set` (resource ID).
+    pub fn instance_id(&self, set: &str, n: u32) -> String {
+        format!(
+            "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/{set}/virtualMachines/{n}"
+        )
+    }
+
+    /// The NIC of instance `n` of Uniform scale set `set`, as Network's scale-set view names it.
+    pub fn instance_nic_id(&self, set: &str, n: u32) -> String {
+        format!("{}/networkInterfaces/{set}", self.instance_id(set, n))
+    }
+
+    /// GET of an ARM path on the mock (no token), as JSON.
+    pub async fn arm_get(&self, path: &str, api_version: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!(
+                "{}{path}?api-version={api_version}",
+                self.mock.base_url()
+            ))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}

@@ -14,7 +14,21 @@ pub mod node_image;
 /// before a check reports what is left. Not a timing assertion: only an upper bound on waiting.
 pub const SETTLE: Duration = Duration::from_secs(60);
 
+/// A lab of plain VMs, or of the node kinds `VNET_E2E_NODE_KIND` names (`vnetctl lab up
+/// --node-kind`: `uniform`, `mixed`, ...), so every e2e test also runs on scale-set nodes.
 pub fn lab(test: &str, nodes: usize, pool: PoolConfig, faults: Option<String>) -> LabGuard {
+    let kinds = std::env::var("VNET_E2E_NODE_KIND").unwrap_or_else(|_| "vm".into());
+    lab_of(test, nodes, &kinds, pool, faults)
+}
+
+/// A lab whose nodes are `kinds` (a `--node-kind` spec), cycled over the nodes.
+pub fn lab_of(
+    test: &str,
+    nodes: usize,
+    kinds: &str,
+    pool: PoolConfig,
+    faults: Option<String>,
+) -> LabGuard {
     assert!(
         is_root(),
         "needs root: the e2e tests build network namespaces (run `cargo test` as root)"
@@ -23,6 +37,7 @@ pub fn lab(test: &str, nodes: usize, pool: PoolConfig, faults: Option<String>) -
     cfg.nodes = nodes;
     cfg.pool = pool;
     cfg.faults = faults;
+    cfg.node_kinds = vnet_lab::lab::parse_node_kinds(kinds).expect("node kinds");
     for bin in ["vnet-mockcloud", "vnet-agent", "vnet-cni"] {
         assert!(
             cfg.bin_dir.join(bin).is_file(),
