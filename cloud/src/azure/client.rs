@@ -656,8 +656,10 @@ pub fn map_error(
                 .unwrap_or(Duration::from_secs(1)),
         };
     }
-    // A refusal at any status (even 429 or 403): retrying or re-authenticating changes nothing.
-    if code.eq_ignore_ascii_case("OperationNotAllowed") {
+    // A refusal (even with 401/403): retrying or re-authenticating changes nothing. With 429 it
+    // is Compute's throttling ("The server rejected the request because too many requests have
+    // been received for this subscription.", Microsoft's troubleshooting-throttling-errors page).
+    if code.eq_ignore_ascii_case("OperationNotAllowed") && status != 429 {
         return CloudError::Fatal(detail);
     }
     // NRP's linked access check fails with 400 (Azure/mpf#44): a missing permission all the same.
@@ -809,7 +811,17 @@ mod tests {
             matches!(&access_check, CloudError::Unauthorized { message } if message.starts_with("missing permission Microsoft.Network/publicIPAddresses/join/action:")),
             "{access_check:?}"
         );
-        for status in [429, 403, 400] {
+        assert_eq!(
+            m(
+                429,
+                "OperationNotAllowed",
+                "The server rejected the request because too many requests have been received for this subscription."
+            ),
+            CloudError::Throttled {
+                retry_after: Duration::from_secs(7)
+            }
+        );
+        for status in [403, 401, 400] {
             let refused = m(
                 status,
                 "OperationNotAllowed",
