@@ -543,3 +543,19 @@ fn every_credential_kind_builds_without_network() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every test here runs against the shipped role: the lab's mock knows each agent as a principal
+/// and refuses a caller it does not know.
+#[tokio::test]
+async fn the_lab_mock_authorizes_every_call_against_the_shipped_role() {
+    let lab = Lab::with_subnet("10.240.0.0/24", 1).await;
+    let url = format!(
+        "{}{}?api-version=2024-05-01",
+        lab.mock.base_url(),
+        lab.nic_id("node-1")
+    );
+    let anonymous = reqwest::Client::new().get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let agent = lab.http.get(&url).send().await.unwrap();
+    assert_eq!(agent.status(), 200);
+}

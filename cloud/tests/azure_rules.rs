@@ -399,10 +399,42 @@ async fn a_write_to_a_busy_nic_waits_the_retry_after_of_azures_429() {
     assert_eq!(again.status(), 429);
     assert_eq!(again.headers()["retry-after"], "3");
     let again: Value = again.json().await.unwrap();
+    // NRP's shape (cloudfoundry/bosh-azure-cpi-release#179): generic code, reason in details.
+    assert_eq!(again["error"]["code"], "RetryableError");
     assert_eq!(
-        again["error"]["code"],
+        again["error"]["details"][0]["code"],
         "RetryableErrorDueToAnotherOperation"
     );
+    assert!(
+        again["error"]["details"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("The call can be retried in 3 seconds."),
+        "{again}"
+    );
+
+    // Our client waits for an Updating NIC before writing, so it meets this answer only when
+    // another writer slips in between: injected here, in the same shape. It waits the 3 s, then
+    // succeeds, and the busy 429 is not counted as ARM throttling.
+    let lab = Lab::with_subnet("10.240.0.0/24", 1).await;
+    lab.set_faults(
+        json!({"busy": {"count": 1, "retry_after_secs": 3}, "operation_retry_after_secs": 0}),
+    )
+    .await;
+    let (provider, sleeper) = lab.provider("node-1");
+    let assigned = provider
+        .assign_ips(&lab.nic_id("node-1"), &lab.subnet_id(), 1)
+        .await
+        .unwrap();
+    assert_eq!(assigned.len(), 1);
+    let counters = lab.counters().await;
+    assert_eq!(counters.responses("nic_put", 429), 1, "{counters:?}");
+    assert!(
+        sleeper.delays().contains(&Duration::from_secs(3)),
+        "{:?}",
+        sleeper.delays()
+    );
+    assert_eq!(provider.arm_budget().unwrap().throttled, 0);
 }
 
 #[tokio::test]
@@ -491,10 +523,14 @@ async fn plain_http_and_the_test_token_are_for_the_mock_only() {
     );
 }
 
-/// A credential whose token endpoint is down for the first `failures` calls.
+/// Makes the error a credential returns.
+type TokenFailure = fn() -> azure_core::Error;
+
+/// A credential whose token endpoint fails the first `failures` calls with `failure()`.
 #[derive(Debug)]
 struct FlakyCredential {
     failures: std::sync::atomic::AtomicU32,
+    failure: TokenFailure,
     token: String,
 }
 
@@ -511,10 +547,7 @@ impl azure_core::credentials::TokenCredential for FlakyCredential {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
         {
-            return Err(azure_core::Error::with_message(
-                azure_core::error::ErrorKind::Connection,
-                "connection refused (token endpoint)",
-            ));
+            return Err((self.failure)());
         }
         Ok(azure_core::credentials::AccessToken::new(
             self.token.clone(),
@@ -523,23 +556,104 @@ impl azure_core::credentials::TokenCredential for FlakyCredential {
     }
 }
 
-#[tokio::test]
-async fn an_unreachable_token_endpoint_is_transient_and_retried() {
-    let lab = strict_lab(topology_with(NicSpec::default()), &role()).await;
+fn token_endpoint_answer(status: u16) -> azure_core::Error {
+    azure_core::Error::with_message(
+        azure_core::error::ErrorKind::HttpResponse {
+            status: azure_core::http::StatusCode::from(status),
+            error_code: None,
+            raw_response: None,
+        },
+        format!("The request failed: HTTP {status}"),
+    )
+}
+
+/// How azure_identity reports a credential's failure: a `Credential` error wrapping the cause
+/// (`authentication_error` in azure_identity 1.0).
+fn wrapped_by_azure_identity(cause: azure_core::Error) -> azure_core::Error {
+    let message = format!("ManagedIdentityCredential authentication failed. {cause}");
+    azure_core::Error::with_error(azure_core::error::ErrorKind::Credential, cause, message)
+}
+
+async fn provider_with_token_failures(
+    lab: &Lab,
+    failures: u32,
+    failure: TokenFailure,
+) -> (AzureProvider, Arc<RecordingSleeper>) {
     let credential = Arc::new(FlakyCredential {
-        failures: 2.into(),
+        failures: failures.into(),
+        failure,
         token: token_of("node-1"),
     });
     let mut config = lab.config("node-1");
     config.credential = CredentialConfig::ManagedIdentity { client_id: None };
     let sleeper = Arc::new(RecordingSleeper::default());
     let provider = AzureProvider::with_parts(config, sleeper.clone(), Some(credential)).unwrap();
-    let listed = provider
-        .list_secondary_ips(&lab.nic_id("node-1"))
-        .await
-        .unwrap();
-    assert!(listed.is_empty());
-    assert_eq!(sleeper.delays().len(), 2, "{:?}", sleeper.delays());
+    (provider, sleeper)
+}
+
+#[tokio::test]
+async fn an_unreachable_or_failing_token_endpoint_is_transient_and_retried() {
+    let lab = strict_lab(topology_with(NicSpec::default()), &role()).await;
+    let cases: [(&str, TokenFailure); 4] = [
+        ("connection refused", || {
+            azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Connection,
+                "connection refused (token endpoint)",
+            )
+        }),
+        ("HTTP 503", || token_endpoint_answer(503)),
+        ("Credential(HTTP 503)", || {
+            wrapped_by_azure_identity(token_endpoint_answer(503))
+        }),
+        ("Credential(HTTP 429)", || {
+            wrapped_by_azure_identity(token_endpoint_answer(429))
+        }),
+    ];
+    for (case, failure) in cases {
+        let (provider, sleeper) = provider_with_token_failures(&lab, 2, failure).await;
+        let listed = provider
+            .list_secondary_ips(&lab.nic_id("node-1"))
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e:?}"));
+        assert!(listed.is_empty(), "{case}");
+        assert_eq!(sleeper.delays().len(), 2, "{case}: {:?}", sleeper.delays());
+    }
+}
+
+/// A refusal from the token endpoint, or a credential that cannot even be built from what is on
+/// disk (a missing federated token file), is `Unauthorized` at once: retrying changes nothing.
+#[tokio::test]
+async fn a_refused_or_misconfigured_credential_is_unauthorized_without_retries() {
+    let lab = strict_lab(topology_with(NicSpec::default()), &role()).await;
+    let cases: [(&str, TokenFailure); 3] = [
+        ("HTTP 400", || token_endpoint_answer(400)),
+        ("Credential(HTTP 401)", || {
+            wrapped_by_azure_identity(token_endpoint_answer(401))
+        }),
+        ("missing token file", || {
+            azure_core::Error::with_error(
+                azure_core::error::ErrorKind::Credential,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+                "failed to read federated token from file /var/run/secrets/azure/tokens/azure-identity-token",
+            )
+        }),
+    ];
+    for (case, failure) in cases {
+        let (provider, sleeper) = provider_with_token_failures(&lab, 1, failure).await;
+        let err = provider
+            .list_secondary_ips(&lab.nic_id("node-1"))
+            .await
+            .expect_err(case);
+        assert!(
+            matches!(&err, CloudError::Unauthorized { message } if message.contains("cannot get a token")),
+            "{case}: {err:?}"
+        );
+        assert!(
+            sleeper.delays().is_empty(),
+            "{case}: {:?}",
+            sleeper.delays()
+        );
+    }
 }
 
 async fn throttled_lab(writes: Bucket) -> Lab {
@@ -598,9 +712,11 @@ async fn the_client_slows_down_before_arm_throttles_it() {
     })
     .await;
     let mut config = lab.config("node-1");
+    // Paced at half the refill rate: every paced write finds at least one token back, however
+    // slow or fast the machine (a slow one only refills more between writes).
     config.pacing = Pacing {
         writes_floor: 2,
-        writes_per_sec: 4.0,
+        writes_per_sec: 2.0,
         ..Pacing::default()
     };
     let sleeper = Arc::new(RecordingSleeper::real());

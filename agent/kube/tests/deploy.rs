@@ -153,9 +153,9 @@ fn agent_runs_with_least_privilege_and_api_independent_probes() {
 // tests/integration.rs (`cluster_role_grants_exactly_what_the_scenarios_call`).
 
 /// The agent configs in deploy/: the AKS one and kind's (each becomes the vnet-cni-config
-/// ConfigMap through kustomize).
+/// ConfigMap through kustomize), and the node image's /etc/vnet-cni/agent.toml. Kind's is last.
 fn agent_configs() -> Vec<(PathBuf, toml::Table)> {
-    ["manifests/agent.toml", "kind/agent.toml"]
+    [NODE_IMAGE_CONFIG, "manifests/agent.toml", "kind/agent.toml"]
         .into_iter()
         .map(|file| {
             let path = deploy_dir().join(file);
@@ -167,6 +167,9 @@ fn agent_configs() -> Vec<(PathBuf, toml::Table)> {
         })
         .collect()
 }
+
+/// Installed on the VM by the node image, not mounted by a DaemonSet.
+const NODE_IMAGE_CONFIG: &str = "node-image/agent.toml";
 
 fn kind_agent_config() -> toml::Table {
     agent_configs().pop().unwrap().1
@@ -215,8 +218,8 @@ fn agent_configs_use_only_keys_the_agent_knows() {
     let configs = agent_configs();
     assert_eq!(
         configs.len(),
-        2,
-        "expected the AKS and the kind agent configs"
+        3,
+        "expected the node image's, the AKS and the kind agent configs"
     );
     for (path, config) in &configs {
         for (key, value) in config {
@@ -238,7 +241,10 @@ fn agent_configs_use_only_keys_the_agent_knows() {
                 );
             }
         }
-        // The probes use this port.
+        if path.ends_with(NODE_IMAGE_CONFIG) {
+            continue;
+        }
+        // The DaemonSet's probes use this port.
         assert!(
             config["metrics_address"]
                 .as_str()
@@ -400,19 +406,19 @@ cp "$WORK/state$n.json" "$out""#,
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    // The shape of the mock's GET /admin/state.
+    // The shape of the mock's GET /admin/state: one subnet, pods' addresses in the nodes' subnet.
     let address = |ip: &str, vm: &str, primary: bool| {
         serde_json::json!({"ip": ip, "nic": format!("{vm}-nic"), "vm": vm, "ip_configuration": "c",
-                           "subnet": if primary { "nodes" } else { "pods" }, "primary": primary, "pending": false})
+                           "subnet": "nodes", "primary": primary, "pending": false})
     };
     let nics = serde_json::json!([{"name": "worker-nic", "vm": "worker", "etag": "1", "provisioning_state": "Succeeded", "ip_configurations": 2}]);
     let first = serde_json::json!({"addresses": [
         address("172.18.0.2", "worker", true), address("172.18.0.3", "worker2", true),
-        address("10.250.0.5", "worker2", false), address("10.250.0.6", "worker", false),
-        address("10.250.0.7", "worker2", false)], "nics": nics});
+        address("172.18.0.5", "worker2", false), address("172.18.0.6", "worker", false),
+        address("172.18.0.7", "worker2", false)], "nics": nics});
     let second = serde_json::json!({"addresses": [
         address("172.18.0.2", "worker", true), address("172.18.0.3", "worker2", true),
-        address("10.250.0.6", "worker", false), address("10.250.0.7", "worker2", false)], "nics": nics});
+        address("172.18.0.6", "worker", false), address("172.18.0.7", "worker2", false)], "nics": nics});
     std::fs::write(work.path().join("state1.json"), first.to_string()).unwrap();
     std::fs::write(work.path().join("state2.json"), second.to_string()).unwrap();
 
@@ -437,10 +443,10 @@ cp "$WORK/state$n.json" "$out""#,
     assert_eq!(
         calls,
         [
-            "route replace 10.250.0.5/32 via 172.18.0.3",
-            "route replace 10.250.0.7/32 via 172.18.0.3",
-            "route replace 10.250.0.7/32 via 172.18.0.3",
-            "route del 10.250.0.5/32",
+            "route replace 172.18.0.5/32 via 172.18.0.3",
+            "route replace 172.18.0.7/32 via 172.18.0.3",
+            "route replace 172.18.0.7/32 via 172.18.0.3",
+            "route del 172.18.0.5/32",
         ],
         "the fabric's ip calls"
     );

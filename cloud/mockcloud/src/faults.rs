@@ -18,7 +18,8 @@ pub struct Faults {
     pub throttle: Option<FaultSpec>,
     /// 500 `InternalServerError` (or `status`), nothing changed.
     pub server_error: Option<FaultSpec>,
-    /// 429 `RetryableErrorDueToAnotherOperation` (or `code`), as when the NIC is busy.
+    /// 429 `RetryableError` with `details[0].code` `RetryableErrorDueToAnotherOperation` (or
+    /// `code`), as when the NIC is busy.
     pub busy: Option<FaultSpec>,
     /// 403 `AuthorizationFailed` naming the action the caller lacks.
     pub forbidden: Option<FaultSpec>,

@@ -28,6 +28,8 @@ pub struct ArmError {
     pub code: String,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// `error.details[]` as `(code, message)`.
+    pub details: Vec<(String, String)>,
 }
 
 impl ArmError {
@@ -37,7 +39,19 @@ impl ArmError {
             code: code.to_string(),
             message: message.into(),
             retry_after: None,
+            details: Vec::new(),
         }
+    }
+
+    /// What NRP answers for a write to a resource another operation holds: 429 `RetryableError`
+    /// with the specific code in `details[0]` (as in cloudfoundry/bosh-azure-cpi-release#179).
+    pub fn busy(detail_code: &str, message: impl Into<String>, retry_after_secs: u64) -> ArmError {
+        let mut error = ArmError::new(429, BUSY_CODE, "A retryable error occured.")
+            .with_retry_after(retry_after_secs);
+        error
+            .details
+            .push((detail_code.to_string(), message.into()));
+        error
     }
 
     pub fn bad_request(code: &str, message: impl Into<String>) -> ArmError {
@@ -50,7 +64,12 @@ impl ArmError {
     }
 
     pub fn body(&self) -> Value {
-        json!({"error": {"code": self.code, "message": self.message, "details": []}})
+        let details: Vec<Value> = self
+            .details
+            .iter()
+            .map(|(code, message)| json!({"code": code, "message": message}))
+            .collect();
+        json!({"error": {"code": self.code, "message": self.message, "details": details}})
     }
 }
 
@@ -423,15 +442,14 @@ impl Cloud {
         let nic = &self.nics[&key];
         if let Some(running) = &nic.active_operation {
             // What NRP answers for a write to a NIC whose previous operation still runs.
-            return Err(ArmError::new(
-                429,
-                BUSY_CODE,
+            return Err(ArmError::busy(
+                BUSY_DETAIL_CODE,
                 format!(
                     "Operation 'PutNetworkInterfaceOperation' on resource '{}' could not be completed because operation '{running}' is still updating it. The call can be retried in {retry_after_secs} seconds.",
                     self.topology.nic_id(&key)
                 ),
-            )
-            .with_retry_after(retry_after_secs));
+                retry_after_secs,
+            ));
         }
         if let Some(expected) = if_match
             && expected != "*"
@@ -1014,8 +1032,10 @@ impl Cloud {
     }
 }
 
-/// Code of a PUT to a NIC whose previous operation still runs (429, with `Retry-After`).
-pub const BUSY_CODE: &str = "RetryableErrorDueToAnotherOperation";
+/// Top-level code of a PUT to a NIC whose previous operation still runs (429, with `Retry-After`).
+pub const BUSY_CODE: &str = "RetryableError";
+/// Its `details[0].code`, naming why.
+pub const BUSY_DETAIL_CODE: &str = "RetryableErrorDueToAnotherOperation";
 /// Code of a PUT whose `If-Match` is stale (412).
 pub const ETAG_MISMATCH_CODE: &str = "PreconditionFailedEtagMismatch";
 

@@ -635,12 +635,16 @@ async fn arm_prelude(
             .as_ref()
             .is_some_and(|b| !b.operations.is_empty());
     if busy_eligible && let Some(spec) = app.roll(FaultKind::Busy, operation) {
-        return Err(ArmError::new(
-            429,
-            spec.code.as_deref().unwrap_or("RetryableErrorDueToAnotherOperation"),
-            "Operation could not be completed because another operation on the resource is in progress. Retry after the time in the Retry-After header.",
-        )
-        .with_retry_after(spec.retry_after_secs));
+        return Err(ArmError::busy(
+            spec.code
+                .as_deref()
+                .unwrap_or(crate::model::BUSY_DETAIL_CODE),
+            format!(
+                "Operation could not be completed because another operation on the resource is in progress. The call can be retried in {} seconds.",
+                spec.retry_after_secs
+            ),
+            spec.retry_after_secs,
+        ));
     }
     Ok(caller)
 }

@@ -4,8 +4,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use azure_core::credentials::TokenCredential;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
@@ -102,6 +102,9 @@ impl ArmBase {
 struct Budget {
     reads: AtomicU64,
     writes: AtomicU64,
+    /// When `reads`/`writes` were last reported: ARM refills the bucket since.
+    reads_seen: Mutex<Option<Instant>>,
+    writes_seen: Mutex<Option<Instant>>,
     throttled: AtomicU64,
 }
 
@@ -148,6 +151,8 @@ impl Client {
             budget: Budget {
                 reads: AtomicU64::new(UNKNOWN),
                 writes: AtomicU64::new(UNKNOWN),
+                reads_seen: Mutex::new(None),
+                writes_seen: Mutex::new(None),
                 throttled: AtomicU64::new(0),
             },
         })
@@ -197,10 +202,14 @@ impl Client {
         }
     }
 
-    fn note_budget(&self, reply_headers: &HeaderMap, status: StatusCode) {
-        for (name, gauge) in [
-            (REMAINING_READS, &self.budget.reads),
-            (REMAINING_WRITES, &self.budget.writes),
+    fn note_budget(&self, reply_headers: &HeaderMap, status: StatusCode, body: &Value) {
+        for (name, gauge, seen) in [
+            (REMAINING_READS, &self.budget.reads, &self.budget.reads_seen),
+            (
+                REMAINING_WRITES,
+                &self.budget.writes,
+                &self.budget.writes_seen,
+            ),
         ] {
             if let Some(v) = reply_headers
                 .get(name)
@@ -208,10 +217,12 @@ impl Client {
                 .and_then(|v| v.trim().parse::<u64>().ok())
             {
                 gauge.store(v, Ordering::Relaxed);
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 tracing::debug!(header = name, remaining = v, "ARM budget");
             }
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        // A busy resource's 429 is not throttling (Microsoft: "view the error details").
+        if status == StatusCode::TOO_MANY_REQUESTS && !is_busy_answer(body) {
             self.budget.throttled.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 retry_after = ?retry_after(reply_headers),
@@ -223,23 +234,36 @@ impl Client {
     /// Before an ARM request: wait if the budget of its kind is low (see [`super::Pacing`]).
     async fn pace(&self, method: &Method) {
         let pacing = &self.config.pacing;
-        let (remaining, floor, rate) = if method == Method::GET {
+        let (remaining, seen, floor, rate) = if method == Method::GET {
             (
                 self.budget.reads.load(Ordering::Relaxed),
+                &self.budget.reads_seen,
                 pacing.reads_floor,
                 pacing.reads_per_sec,
             )
         } else {
             (
                 self.budget.writes.load(Ordering::Relaxed),
+                &self.budget.writes_seen,
                 pacing.writes_floor,
                 pacing.writes_per_sec,
             )
         };
-        if remaining == UNKNOWN || remaining >= floor || rate <= 0.0 {
+        if remaining == UNKNOWN {
             return;
         }
-        let wait = Duration::from_secs_f64((floor - remaining) as f64 / rate).min(pacing.max_wait);
+        let since = seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|at| at.elapsed())
+            .unwrap_or_default();
+        let Some(wait) = pace_wait(remaining, since, floor, rate) else {
+            return;
+        };
+        // Callers that saw the same low budget would wake together: spread them over +50%.
+        let wait = wait
+            .mul_f64(rand::random_range(1.0..1.5))
+            .min(pacing.max_wait);
         tracing::info!(remaining, floor, ?wait, "ARM budget low; slowing down");
         self.sleep(wait).await;
     }
@@ -326,9 +350,6 @@ impl Client {
             .map_err(|e| transport_error(&method, url, &e))?;
         let status = response.status();
         let headers = response.headers().clone();
-        if target == Target::Arm {
-            self.note_budget(&headers, status);
-        }
         let bytes = response
             .bytes()
             .await
@@ -340,6 +361,9 @@ impl Client {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
+        if target == Target::Arm {
+            self.note_budget(&headers, status, &body);
+        }
         Ok(Reply {
             status,
             headers,
@@ -437,8 +461,9 @@ fn credential(config: &CredentialConfig) -> Result<Option<Arc<dyn TokenCredentia
     })
 }
 
-/// A token failure: transient when the token endpoint was unreachable or answered 5xx/429
-/// (retried like any transient failure), else `Unauthorized`.
+/// A token failure: transient when the token endpoint was unreachable, timed out or answered
+/// 5xx/429/408 (retried like any transient failure), else `Unauthorized` (a refusal, or a
+/// credential that cannot be built, e.g. a missing federated token file).
 fn token_error(scope: &str, error: &azure_core::Error) -> CloudError {
     let message = format!("cannot get a token for {scope}: {error}");
     if token_error_is_transient(error) {
@@ -451,7 +476,9 @@ fn token_error(scope: &str, error: &azure_core::Error) -> CloudError {
 fn token_error_is_transient(error: &azure_core::Error) -> bool {
     use azure_core::error::ErrorKind;
     let kind_transient = |kind: &ErrorKind| match kind {
-        ErrorKind::Connection | ErrorKind::Io => true,
+        // Not `Io` as such: a missing federated token file is an I/O error too, and no retry
+        // brings it back. I/O causes count only for the network kinds below.
+        ErrorKind::Connection => true,
         ErrorKind::HttpResponse { status, .. } => {
             let code = u16::from(*status);
             code >= 500 || code == 429 || code == 408
@@ -474,12 +501,32 @@ fn token_error_is_transient(error: &azure_core::Error) -> bool {
         {
             return true;
         }
-        if cause.downcast_ref::<std::io::Error>().is_some() {
+        if let Some(inner) = cause.downcast_ref::<std::io::Error>()
+            && io_error_is_network(inner)
+        {
             return true;
         }
         source = cause.source();
     }
     false
+}
+
+/// An I/O failure of the connection to the token endpoint (not of a local file).
+fn io_error_is_network(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::NotConnected
+            | ErrorKind::BrokenPipe
+            | ErrorKind::TimedOut
+            | ErrorKind::UnexpectedEof
+            | ErrorKind::HostUnreachable
+            | ErrorKind::NetworkUnreachable
+            | ErrorKind::NetworkDown
+    )
 }
 
 fn transport_error(method: &Method, url: &str, error: &reqwest::Error) -> CloudError {
@@ -497,19 +544,70 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// `(code, message)` of an Azure error body `{"error":{"code","message"}}` (IMDS: `{"error":"..."}`).
+/// NRP answers a busy resource with the generic `RetryableError` and the reason in
+/// `details[].code` (cloudfoundry/bosh-azure-cpi-release#179): a busy code found there is returned
+/// as the code, with the detail's message (which says when to retry).
 pub fn error_parts(body: &Value) -> (String, String) {
     let error = &body["error"];
     match error {
-        Value::Object(_) => (
-            error["code"].as_str().unwrap_or_default().to_string(),
-            error["message"].as_str().unwrap_or_default().to_string(),
-        ),
+        Value::Object(_) => {
+            let code = error["code"].as_str().unwrap_or_default();
+            let message = error["message"].as_str().unwrap_or_default();
+            let busy_detail = error["details"].as_array().and_then(|details| {
+                details.iter().find(|d| {
+                    d["code"]
+                        .as_str()
+                        .is_some_and(|c| BUSY_CODES.iter().any(|b| b.eq_ignore_ascii_case(c)))
+                })
+            });
+            match busy_detail {
+                Some(detail) => (
+                    detail["code"].as_str().unwrap_or_default().to_string(),
+                    format!(
+                        "{code}: {message} {}",
+                        detail["message"].as_str().unwrap_or_default()
+                    )
+                    .trim()
+                    .to_string(),
+                ),
+                None => (code.to_string(), message.to_string()),
+            }
+        }
         Value::String(text) => (String::new(), text.clone()),
         _ => (
             String::new(),
             body.as_str().map(str::to_string).unwrap_or_default(),
         ),
     }
+}
+
+/// How long to wait before a request when ARM reported `remaining` tokens `since` ago: the bucket
+/// refills at `rate`/s meanwhile, and the wait brings it back to `floor`. `None`: no wait.
+fn pace_wait(remaining: u64, since: Duration, floor: u64, rate: f64) -> Option<Duration> {
+    if rate <= 0.0 {
+        return None;
+    }
+    let now = remaining as f64 + since.as_secs_f64() * rate;
+    let missing = floor as f64 - now;
+    (missing > 0.0).then(|| Duration::from_secs_f64(missing / rate))
+}
+
+/// A 429 that says the resource is busy, not that the caller is throttled.
+fn is_busy_answer(body: &Value) -> bool {
+    let (code, _) = error_parts(body);
+    BUSY_CODES.iter().any(|b| b.eq_ignore_ascii_case(&code))
+}
+
+/// The wait NRP names in a busy answer's text ("The call can be retried in 14 seconds."), used
+/// when the answer has no `Retry-After` header.
+fn retry_in_message(message: &str) -> Option<Duration> {
+    let at = message.find("retried in ")? + "retried in ".len();
+    let rest = &message[at..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    if !rest[digits.len()..].trim_start().starts_with("second") {
+        return None;
+    }
+    digits.parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// The NIC is busy with another operation: retry after `Retry-After`. (`OperationNotAllowed`
@@ -553,11 +651,22 @@ pub fn map_error(
     {
         return CloudError::Busy {
             code: code.to_string(),
-            retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+            retry_after: retry_after
+                .or_else(|| retry_in_message(message))
+                .unwrap_or(Duration::from_secs(1)),
         };
     }
+    // A refusal (even with 401/403): retrying or re-authenticating changes nothing. With 429 it
+    // is Compute's throttling ("The server rejected the request because too many requests have
+    // been received for this subscription.", Microsoft's troubleshooting-throttling-errors page).
+    if code.eq_ignore_ascii_case("OperationNotAllowed") && status != 429 {
+        return CloudError::Fatal(detail);
+    }
+    // NRP's linked access check fails with 400 (Azure/mpf#44): a missing permission all the same.
+    let denied =
+        matches!(status, 401 | 403) || code.eq_ignore_ascii_case("LinkedAccessCheckFailed");
     match status {
-        401 | 403 => CloudError::Unauthorized {
+        _ if denied => CloudError::Unauthorized {
             message: match missing_permissions(code, message) {
                 Some(actions) if code.eq_ignore_ascii_case("LinkedAuthorizationFailed") => {
                     format!(
@@ -692,6 +801,37 @@ mod tests {
             matches!(&refused, CloudError::Fatal(m) if m.contains("Operation is not allowed because x.")),
             "{refused:?}"
         );
+        // Azure/mpf#44: NRP's linked access check answers 400, naming the action.
+        let access_check = m(
+            400,
+            "LinkedAccessCheckFailed",
+            "The client 'c' with object id 'o' does not have authorization to perform action 'Microsoft.Network/publicIPAddresses/join/action' over scope '/p' or the scope is invalid.",
+        );
+        assert!(
+            matches!(&access_check, CloudError::Unauthorized { message } if message.starts_with("missing permission Microsoft.Network/publicIPAddresses/join/action:")),
+            "{access_check:?}"
+        );
+        assert_eq!(
+            m(
+                429,
+                "OperationNotAllowed",
+                "The server rejected the request because too many requests have been received for this subscription."
+            ),
+            CloudError::Throttled {
+                retry_after: Duration::from_secs(7)
+            }
+        );
+        for status in [403, 401, 400] {
+            let refused = m(
+                status,
+                "OperationNotAllowed",
+                "Operation is not allowed because y.",
+            );
+            assert!(
+                matches!(&refused, CloudError::Fatal(m) if m.contains("Operation is not allowed because y.")),
+                "{status}: {refused:?}"
+            );
+        }
         let linked = m(
             403,
             "LinkedAuthorizationFailed",
@@ -701,6 +841,65 @@ mod tests {
             matches!(&linked, CloudError::Unauthorized { message } if message.starts_with("missing permission Microsoft.Network/networkSecurityGroups/join/action, Microsoft.Network/applicationSecurityGroups/joinIpConfiguration/action ")),
             "{linked:?}"
         );
+    }
+
+    #[test]
+    fn pacing_counts_the_refill_since_the_budget_was_reported() {
+        let at_once = Duration::ZERO;
+        assert_eq!(
+            pace_wait(0, at_once, 10, 10.0),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            pace_wait(5, at_once, 10, 10.0),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(pace_wait(10, at_once, 10, 10.0), None);
+        // Reported empty 0.3 s ago: 3 tokens are back, 0.7 s to the floor.
+        let wait = pace_wait(0, Duration::from_millis(300), 10, 10.0).unwrap();
+        assert!((wait.as_secs_f64() - 0.7).abs() < 1e-9, "{wait:?}");
+        // Reported empty a while ago: the bucket is full again.
+        assert_eq!(pace_wait(0, Duration::from_secs(2), 10, 10.0), None);
+        assert_eq!(pace_wait(0, at_once, 10, 0.0), None);
+    }
+
+    /// The answer NRP gave cloudfoundry/bosh-azure-cpi-release#179 for a busy resource: generic
+    /// top-level code, the reason in `details`, the wait in the text, no `Retry-After` header.
+    #[test]
+    fn a_busy_answer_is_recognised_by_its_detail_code() {
+        let body = serde_json::json!({"error": {
+            "code": "RetryableError",
+            "message": "A retryable error occured.",
+            "details": [{
+                "code": "RetryableErrorDueToAnotherOperation",
+                "message": "Operation PutNetworkInterfaceOperation (xyz) is updating resource /subscriptions/s/resourceGroups/g/providers/Microsoft.Network/networkInterfaces/n. The call can be retried in 14 seconds."
+            }]
+        }});
+        let (code, message) = error_parts(&body);
+        assert_eq!(code, "RetryableErrorDueToAnotherOperation");
+        assert_eq!(
+            map_error(429, &code, &message, None, None),
+            CloudError::Busy {
+                code: "RetryableErrorDueToAnotherOperation".into(),
+                retry_after: Duration::from_secs(14),
+            }
+        );
+        // A Retry-After header wins over the text.
+        assert_eq!(
+            map_error(429, &code, &message, Some(Duration::from_secs(3)), None),
+            CloudError::Busy {
+                code: "RetryableErrorDueToAnotherOperation".into(),
+                retry_after: Duration::from_secs(3),
+            }
+        );
+        // Without a busy detail, a generic RetryableError 429 is throttling.
+        let (code, message) = error_parts(&serde_json::json!({"error": {
+            "code": "RetryableError", "message": "A retryable error occured.", "details": []
+        }}));
+        assert!(matches!(
+            map_error(429, &code, &message, None, None),
+            CloudError::Throttled { .. }
+        ));
     }
 
     #[test]

@@ -87,14 +87,26 @@ impl Lab {
         Lab::start_with(MockConfig::new(topology)).await
     }
 
-    pub async fn start_with(config: MockConfig) -> Lab {
+    /// Unless the test gives its own, every VM's agent is a principal with the shipped role
+    /// (deploy/azure/vnet-cni-role.json), so every test runs against the real permissions.
+    /// `http` sends node-1's token, for tests that speak the wire API themselves.
+    pub async fn start_with(mut config: MockConfig) -> Lab {
+        if config.principals.is_none() {
+            config.principals = Some(principals(&config.topology, &role()));
+        }
         let mock = MockServer::start(config, "127.0.0.1:0".parse().unwrap())
             .await
             .expect("mock starts");
-        Lab {
-            mock,
-            http: reqwest::Client::new(),
-        }
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", token_of("node-1")).parse().unwrap(),
+        );
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap();
+        Lab { mock, http }
     }
 
     /// `vm_count` VMs node-1.. in one subnet `prefix`.
