@@ -80,7 +80,9 @@ pub struct Repaired {
 /// Checks forwarding and the table and restores whatever is missing (a firewall reload, an
 /// `nft flush ruleset`, a sysctl reset). Blocking: call from a blocking thread.
 pub fn ensure(rules: &HostRules) -> Result<Repaired, HostError> {
-    let forwarding = enable_forwarding()?;
+    // The table first: where /proc/sys is read-only (the agent's unprivileged container, whose
+    // init container sets forwarding) a failed sysctl write must not keep the pods' SNAT and
+    // IMDS drop from coming back.
     let mut table = false;
     if !rules.is_empty() {
         let listing = Command::new("nft")
@@ -94,6 +96,7 @@ pub fn ensure(rules: &HostRules) -> Result<Repaired, HostError> {
             table = true;
         }
     }
+    let forwarding = enable_forwarding()?;
     Ok(Repaired { forwarding, table })
 }
 pub const NFT_TIMEOUT: Duration = Duration::from_secs(10);
