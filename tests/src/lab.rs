@@ -837,6 +837,25 @@ impl Lab {
         Ok(())
     }
 
+    /// A cloud outage: the mock (ARM and IMDS alike) is killed with SIGKILL. Pods keep their
+    /// data path (the fabric routes stay); [`Lab::restart_mock`] brings the same cloud back from
+    /// its state file.
+    pub fn kill_mock(&self) -> Result<(), LabError> {
+        let st = self.state();
+        let p = st
+            .process("mock")
+            .cloned()
+            .ok_or_else(|| LabError::Failed("no mock cloud recorded".into()))?;
+        self.stop_process(&p, 9, Duration::from_secs(10));
+        Ok(())
+    }
+
+    /// Starts the mock cloud again after [`Lab::kill_mock`], with the lab's operation timing.
+    pub fn restart_mock(&self) -> Result<(), LabError> {
+        let faults = pinned_faults(None, LAB_OPERATION_RETRY_AFTER_SECS)?;
+        self.start_mock(Some(&faults))
+    }
+
     pub fn agent_pid(&self, node: &str) -> Option<i32> {
         self.state()
             .process(&format!("agent:{node}"))
