@@ -69,6 +69,8 @@ async fn a_uniform_instance_has_no_standalone_resources() {
     let (status, body) = lab.arm_get(&nic, "2024-05-01").await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "NoRegisteredProviderFound");
+    // cloud-provider-azure reads it at 2017-03-30.
+    assert_eq!(lab.arm_get(&nic, "2017-03-30").await.0, 200);
     let (status, body) = lab.arm_get(&nic, VMSS_NIC_API_VERSION).await;
     assert_eq!(status, 200);
     assert_eq!(body["id"], nic.as_str());
