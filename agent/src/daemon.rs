@@ -116,6 +116,10 @@ pub enum DaemonError {
     Cloud(#[from] CloudError),
     #[error("shut down before start-up finished")]
     Interrupted,
+    #[error(
+        "node name {name:?} (from {from}) is not a valid Kubernetes node name (a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', each label starting and ending with a letter or digit, at most 253 characters); set node_name to the name kubelet registers"
+    )]
+    NodeName { name: String, from: &'static str },
 }
 
 pub struct Options {
@@ -327,10 +331,9 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     // Azure keeps every ipConfiguration of a NIC in one subnet: pods use the NIC's.
     let subnet_id = identity.subnet_id.clone();
     let settings = AgentSettings {
-        node_name: config
-            .node_name
-            .clone()
-            .unwrap_or_else(|| identity.vm_name.clone()),
+        node_name: node_name(config.node_name.as_deref(), &identity.computer_name, || {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").ok()
+        })?,
         pool: pool::Settings {
             warm: config.pool.warm,
             batch: config.pool.batch,
@@ -501,4 +504,85 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     let _ = (&mut metrics_task.0).await;
     info!("stopped");
     Ok(())
+}
+
+/// The Kubernetes node name: the configured one, else the name kubelet registers by default, the
+/// host name: Azure's computer name (lowercased, as kubelet does), else the kernel's. Never the
+/// VM name: on a Uniform instance IMDS `compute.name` is `{ss}_{id}`, not a valid node name.
+fn node_name(
+    configured: Option<&str>,
+    computer_name: &str,
+    hostname: impl FnOnce() -> Option<String>,
+) -> Result<String, DaemonError> {
+    let (name, from) = match configured {
+        Some(name) => (name.to_string(), "node_name"),
+        None if !computer_name.is_empty() => (
+            computer_name.to_ascii_lowercase(),
+            "IMDS compute.osProfile.computerName",
+        ),
+        None => (
+            hostname().unwrap_or_default().trim().to_ascii_lowercase(),
+            "the host name",
+        ),
+    };
+    if is_dns1123_subdomain(&name) {
+        Ok(name)
+    } else {
+        Err(DaemonError::NodeName { name, from })
+    }
+}
+
+fn is_dns1123_subdomain(name: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            label.starts_with(alnum)
+                && label.ends_with(alnum)
+                && label.chars().all(|c| alnum(c) || c == '-')
+        })
+}
+
+#[cfg(test)]
+mod node_name_tests {
+    use super::*;
+
+    fn no_hostname() -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn a_uniform_instance_is_named_by_its_computer_name_not_its_vm_name() {
+        let name = node_name(None, "aks-nodepool1-12345678-VMSS000000", no_hostname).unwrap();
+        assert_eq!(name, "aks-nodepool1-12345678-vmss000000");
+    }
+
+    #[test]
+    fn without_a_computer_name_the_host_name_is_used() {
+        let name = node_name(None, "", || Some("Node-7.example\n".into())).unwrap();
+        assert_eq!(name, "node-7.example");
+    }
+
+    #[test]
+    fn the_configured_name_wins_and_is_checked() {
+        assert_eq!(node_name(Some("n1"), "other", no_hostname).unwrap(), "n1");
+        let err = node_name(Some("pool1_0"), "other", no_hostname).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("\"pool1_0\" (from node_name)"),
+            "{message}"
+        );
+        assert!(message.contains("DNS-1123"), "{message}");
+    }
+
+    #[test]
+    fn names_that_are_not_dns1123_subdomains_are_refused() {
+        for bad in ["", "pool1_0", "-a", "a-", "a..b", &"a".repeat(254)] {
+            assert!(
+                node_name(None, "", || Some(bad.to_string())).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(node_name(None, "", no_hostname).is_err());
+    }
 }

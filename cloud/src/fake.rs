@@ -50,6 +50,7 @@ impl FakeCloud {
                 vnet_address_space: vec![subnet],
                 kind: crate::NodeKind::Vm,
                 scale_set: String::new(),
+                computer_name: "node-1".into(),
             },
             state: Mutex::new(FakeState {
                 secondary: Vec::new(),

@@ -41,6 +41,10 @@ pub struct NodeIdentity {
     /// The scale set the node belongs to (empty for a standalone VM).
     #[serde(default)]
     pub scale_set: String,
+    /// The guest's host name as Azure set it (IMDS `compute.osProfile.computerName`): the name
+    /// kubelet registers the node under. Empty when IMDS does not report it.
+    #[serde(default)]
+    pub computer_name: String,
 }
 
 /// A standalone VM, or a member of a virtual machine scale set in one of its two orchestration

@@ -24,6 +24,8 @@ async fn discovery_takes_the_path_azure_reports() {
     assert_eq!(identity.kind, NodeKind::Uniform);
     assert_eq!(identity.scale_set, "pool1");
     assert_eq!(identity.vm_name, "pool1_0");
+    // kubelet registers the host name, not `{ss}_{id}`.
+    assert_eq!(identity.computer_name, "pool1000000");
     assert_eq!(identity.vm_id, lab.instance_id("pool1", 0));
     assert_eq!(identity.nic_id, lab.instance_nic_id("pool1", 0));
     assert_eq!(identity.primary_ip, Ipv4Addr::new(10, 240, 0, 5));
@@ -39,11 +41,13 @@ async fn discovery_takes_the_path_azure_reports() {
     assert_eq!(identity.kind, NodeKind::Flexible);
     assert_eq!(identity.scale_set, "flex");
     assert_eq!(identity.nic_id, lab.nic_id("node-4"));
+    assert_eq!(identity.computer_name, "node-4");
 
     let (provider, _) = lab.provider("node-1");
     let identity = provider.discover().await.unwrap();
     assert_eq!(identity.kind, NodeKind::Vm);
     assert_eq!(identity.scale_set, "");
+    assert_eq!(identity.computer_name, "node-1");
 }
 
 #[tokio::test]
@@ -69,6 +73,8 @@ async fn a_uniform_instance_has_no_standalone_resources() {
     let (status, body) = lab.arm_get(&nic, "2024-05-01").await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "NoRegisteredProviderFound");
+    // cloud-provider-azure reads it at 2017-03-30.
+    assert_eq!(lab.arm_get(&nic, "2017-03-30").await.0, 200);
     let (status, body) = lab.arm_get(&nic, VMSS_NIC_API_VERSION).await;
     assert_eq!(status, 200);
     assert_eq!(body["id"], nic.as_str());

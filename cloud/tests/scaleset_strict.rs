@@ -201,6 +201,48 @@ async fn a_missing_join_on_the_instance_nic_is_linked_authorization_failed() {
     assert!(lab.secondary_on(UNIFORM).await.is_empty());
 }
 
+/// A Uniform instance behind an inbound NAT pool (scale sets only: NICs of single VMs cannot
+/// reference one): the instance update re-sends the pool, so the role needs its `join`.
+#[tokio::test]
+async fn a_missing_join_on_the_instance_nat_pool_is_linked_authorization_failed() {
+    let nat_pool_join = "Microsoft.Network/loadBalancers/inboundNatPools/join/action";
+    let pool = "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Network/loadBalancers/kubernetes/inboundNatPools/ssh";
+    for (granted, role) in [(true, role()), (false, without(&role(), nat_pool_join))] {
+        let mut topology = mixed_topology("10.240.0.0/24");
+        for vm in &mut topology.vms {
+            vm.nic = cluster_nic();
+            if vm.name == UNIFORM {
+                vm.nic
+                    .primary_ip_configuration_properties
+                    .insert("loadBalancerInboundNatPools".into(), json!([{"id": pool}]));
+            }
+        }
+        let mut config = MockConfig::new(topology.clone());
+        config.principals = Some(principals(&topology, &role));
+        let lab = Lab::start_with(config).await;
+        lab.set_faults(json!({"operation_retry_after_secs": 1}))
+            .await;
+        let (provider, _) = lab.provider(UNIFORM);
+        let identity = provider.discover().await.unwrap();
+        let result = provider
+            .assign_ips(&identity.nic_id, &identity.subnet_id, 1)
+            .await;
+        if granted {
+            result.unwrap();
+            assert_eq!(lab.secondary_on(UNIFORM).await.len(), 1);
+            continue;
+        }
+        let err = result.unwrap_err();
+        let CloudError::Unauthorized { message } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(message.contains("LinkedAuthorizationFailed"), "{message}");
+        assert!(message.contains(nat_pool_join), "{message}");
+        assert!(message.contains(pool), "{message}");
+        assert!(lab.secondary_on(UNIFORM).await.is_empty());
+    }
+}
+
 /// The NIC rules hold on the instance update: an entry without the primary's ASGs is refused,
 /// naming the NIC by its scale-set ID.
 #[tokio::test]

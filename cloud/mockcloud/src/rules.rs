@@ -23,6 +23,9 @@ pub const JOIN_NSG: &str = "Microsoft.Network/networkSecurityGroups/join/action"
 pub const JOIN_ASG: &str = "Microsoft.Network/applicationSecurityGroups/joinIpConfiguration/action";
 pub const JOIN_LB_POOL: &str = "Microsoft.Network/loadBalancers/backendAddressPools/join/action";
 pub const JOIN_LB_NAT_RULE: &str = "Microsoft.Network/loadBalancers/inboundNatRules/join/action";
+/// NAT pools are referenced by scale-set ipConfigurations only (Microsoft: "NICs that are
+/// associated with individual virtual machines cannot reference an inbound NAT pool").
+pub const JOIN_LB_NAT_POOL: &str = "Microsoft.Network/loadBalancers/inboundNatPools/join/action";
 pub const JOIN_PUBLIC_IP: &str = "Microsoft.Network/publicIPAddresses/join/action";
 pub const JOIN_APPGW_POOL: &str =
     "Microsoft.Network/applicationGateways/backendAddressPools/join/action";
@@ -124,6 +127,9 @@ pub fn ip_config_linked_references(config: &Value, refs: &mut Vec<LinkedRef>) {
     for id in ids_of(&p["loadBalancerInboundNatRules"]) {
         push(refs, JOIN_LB_NAT_RULE, id);
     }
+    for id in ids_of(&p["loadBalancerInboundNatPools"]) {
+        push(refs, JOIN_LB_NAT_POOL, id);
+    }
     for id in ids_of(&p["applicationGatewayBackendAddressPools"]) {
         push(refs, JOIN_APPGW_POOL, id);
     }
@@ -180,7 +186,8 @@ mod tests {
         "networkSecurityGroup": {"id": "/nsg"},
         "ipConfigurations": [
             {"properties": {"subnet": {"id": "/sn"}, "applicationSecurityGroups": [{"id": "/asg"}],
-             "loadBalancerBackendAddressPools": [{"id": "/pool"}], "publicIPAddress": {"id": "/pip"}}},
+             "loadBalancerBackendAddressPools": [{"id": "/pool"}], "publicIPAddress": {"id": "/pip"},
+             "loadBalancerInboundNatPools": [{"id": "/natpool"}]}},
             {"properties": {"subnet": {"id": "/SN"}, "applicationSecurityGroups": [{"id": "/asg"}]}},
         ]}});
         let actions: Vec<&str> = nic_linked_references(&nic)
@@ -194,6 +201,7 @@ mod tests {
                 JOIN_SUBNET,
                 JOIN_ASG,
                 JOIN_LB_POOL,
+                JOIN_LB_NAT_POOL,
                 JOIN_PUBLIC_IP
             ]
         );

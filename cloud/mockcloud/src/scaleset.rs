@@ -226,7 +226,7 @@ fn initial_doc(t: &Topology, set: &str, instance: u32) -> Value {
                 "dataDisks": [],
             },
             "osProfile": {
-                "computerName": format!("{set}{instance:06}"),
+                "computerName": computer_name(set, instance),
                 "adminUsername": "azureuser",
                 "linuxConfiguration": {"disablePasswordAuthentication": true, "provisionVMAgent": true},
                 "secrets": [],
@@ -473,9 +473,12 @@ impl Cloud {
         Ok((lost, routes))
     }
 
-    /// IMDS `compute` of a scale-set member: `vmScaleSetName`, and for a Uniform instance the
-    /// instance's name and resource ID.
+    /// IMDS `compute` of a machine: its `osProfile.computerName` (the host name kubelet
+    /// registers), and of a scale-set member `vmScaleSetName`, for a Uniform instance the
+    /// instance's name (`{ss}_{id}`, not a node name) and resource ID.
     pub fn patch_imds(&self, vm: &VmSpec, doc: &mut Value) {
+        doc["compute"]["osProfile"] =
+            json!({"adminUsername": "azureuser", "computerName": vm.name});
         match membership(&self.topology, vm) {
             Membership::Standalone => {}
             Membership::Flexible { set } => {
@@ -485,6 +488,7 @@ impl Cloud {
                 doc["compute"]["vmScaleSetName"] = json!(set);
                 doc["compute"]["name"] = json!(format!("{set}_{instance}"));
                 doc["compute"]["resourceId"] = json!(instance_id(&self.topology, set, instance));
+                doc["compute"]["osProfile"]["computerName"] = json!(computer_name(set, instance));
             }
         }
     }
@@ -683,6 +687,12 @@ fn kept_fields(body: &Value, old: &Value) -> Value {
         doc["properties"]["storageProfile"] = old["properties"]["storageProfile"].clone();
     }
     doc
+}
+
+/// A Uniform instance's host name: the scale set's prefix and the instance ID, six digits (AKS:
+/// `aks-nodepool1-12345678-vmss000000`).
+fn computer_name(set: &str, instance: u32) -> String {
+    format!("{set}{instance:06}")
 }
 
 fn subscription_of(id: &str) -> Option<&str> {

@@ -542,7 +542,14 @@ async fn arm_prelude(
     scope: &str,
 ) -> Result<Option<Principal>, ArmError> {
     app.count(|c| &mut c.calls, operation.to_string());
-    check_api_version(ctx.query.get("api-version").map(String::as_str))?;
+    let version = ctx.query.get("api-version").map(String::as_str);
+    // Network's scale-set NIC view is served at its old versions only, below ARM's floor here
+    // (cloud-provider-azure reads it at 2017-03-30); its handler refuses any other.
+    let old_nic_view = operation == "vmss_nic_get"
+        && version.is_some_and(|v| crate::scaleset::VMSS_NIC_API_VERSIONS.contains(&v));
+    if !old_nic_view {
+        check_api_version(version)?;
+    }
     if ctx.method != *allowed {
         return Err(ArmError::new(
             405,

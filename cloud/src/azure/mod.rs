@@ -589,6 +589,10 @@ impl CloudProvider for AzureProvider {
         // Flexible member (vmScaleSetName set, a plain VM resourceId) has a standalone NIC.
         let uniform = vmss::is_uniform_instance(&vm_id);
         let vm_name = compute["name"].as_str().unwrap_or_default().to_string();
+        let computer_name = compute["osProfile"]["computerName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let scale_set = compute["vmScaleSetName"]
             .as_str()
             .unwrap_or_default()
@@ -683,6 +687,7 @@ impl CloudProvider for AzureProvider {
             vnet_address_space,
             kind,
             scale_set,
+            computer_name,
         };
         tracing::info!(?identity, "discovered node");
         Ok(identity)

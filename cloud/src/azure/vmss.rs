@@ -17,8 +17,10 @@ use serde_json::{Value, json};
 use super::{Inner, NETWORK_API_VERSION};
 use crate::{CloudError, IP_CONFIG_PREFIX};
 
-/// Network's scale-set NIC operations are served at this api-version (the SDKs' default for
-/// `GetVirtualMachineScaleSetNetworkInterface`); newer Network versions do not serve them.
+/// Network's scale-set NIC operations are read at this api-version: the SDKs' default for
+/// `GetVirtualMachineScaleSetNetworkInterface`, and the one Azure's own sample pins even in the
+/// 2022-05-01 spec (stable/2022-05-01/examples/VmssNetworkInterfaceGet.json). Whether newer
+/// Network versions serve them is unverified.
 pub const VMSS_NIC_API_VERSION: &str = "2018-10-01";
 
 /// `(instance resource ID, NIC name)` when `nic_id` is a Uniform instance's NIC.
