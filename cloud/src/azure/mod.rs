@@ -373,7 +373,7 @@ impl Inner {
             }
             let delay = match error.retry_after() {
                 Some(after) if after > policy.max_retry_after => return Err(error),
-                Some(after) => after,
+                Some(after) => client::past_retry_after(after),
                 None => policy.backoff(attempt),
             };
             tracing::info!(nic_id, attempt, ?delay, %error, "NIC write failed; retrying");
