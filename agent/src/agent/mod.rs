@@ -20,6 +20,9 @@
 //! its cap it fails at once with "exhausted".
 
 use std::collections::HashSet;
+// The test modules take it from here (`use super::*`); the agent itself no longer needs it.
+#[cfg(test)]
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
