@@ -118,3 +118,19 @@ async fn reconcile_adopts_a_block_and_drops_one_the_cloud_no_longer_shows() {
     assert_eq!(report.unreconciled, vec![pod.ip]);
     assert_eq!(agent.status().pool.total, 0);
 }
+
+#[test]
+fn in_prefix_mode_max_rounds_up_to_whole_blocks_and_the_nic_holds_255_blocks() {
+    let settings = |max, prefix_len| pool::Settings {
+        warm: 0,
+        batch: 1,
+        max,
+        release_delay: Duration::ZERO,
+        prefix_len,
+    };
+    assert_eq!(settings(250, 28).cap(), 256);
+    assert_eq!(settings(4080, 28).cap(), 4080);
+    assert_eq!(settings(5000, 28).cap(), 4080);
+    assert_eq!(settings(250, 32).cap(), 250);
+    assert_eq!(settings(300, 32).cap(), 255);
+}
