@@ -21,7 +21,8 @@
 //! "cooldown":[...],"releasing":[...],"blocks":[...]}`). The state is the snapshot with the journal's records replayed on top.
 //!
 //! Plain JSON because a person debugging a node at 3 a.m. can read it with `jq`, and because the
-//! state is small (at most 255 addresses): an embedded database would buy nothing.
+//! state is small (at most 255 addresses, or 255 blocks of 16 in prefix mode): an embedded
+//! database would buy nothing.
 //!
 //! # Writing
 //!
