@@ -337,6 +337,16 @@ fn cold_burst(
     };
     let run = run_phase(&lab, &v, "add", &pods, opts.burst);
     let counters = lab.mock_json("/admin/counters")?;
+    // The agent's log of the burst (when the write left, what it gathered), kept with the report.
+    let log = opts.out.join(format!(
+        "cold-burst-{}-retry-after-{retry_after}-agent.log",
+        kind.as_str()
+    ));
+    if let Err(e) =
+        fs::create_dir_all(&opts.out).and_then(|()| fs::copy(&st.nodes[0].agent_log, &log))
+    {
+        eprintln!("    cannot keep the agent log as {}: {e}", log.display());
+    }
     let pool_after = lab.agent_status("node-1")?.pool;
     let s = stats(&run.ms);
     Ok(json!({
