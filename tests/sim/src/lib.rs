@@ -107,7 +107,10 @@ pub struct Bound {
     pub reads: u64,
     pub writes_s: f64,
     pub reads_s: f64,
-    /// The slower bucket plus one write's own duration (PUT and the operation's polls).
+    /// One write's own duration: the PUT and the operation's two polls.
+    #[serde(default)]
+    pub one_write_s: f64,
+    /// See [`Bound::all_wired`].
     pub all_wired_s: f64,
 }
 
@@ -142,8 +145,15 @@ impl Bound {
             reads,
             writes_s,
             reads_s,
-            all_wired_s: writes_s.max(reads_s) + one_write,
+            one_write_s: one_write,
+            all_wired_s: Bound::all_wired(writes_s, reads_s, one_write),
         }
+    }
+
+    /// The last read cannot be allowed before `reads_s`, the last write not before `writes_s`
+    /// (and it still takes its own time to finish), and no pod is served before one write.
+    pub fn all_wired(writes_s: f64, reads_s: f64, one_write_s: f64) -> f64 {
+        reads_s.max(writes_s + one_write_s).max(one_write_s)
     }
 }
 

@@ -108,10 +108,10 @@ fn main() -> anyhow::Result<()> {
                 let path = entry?.path();
                 if path.extension().is_some_and(|e| e == "json") {
                     let text = std::fs::read_to_string(&path)?;
-                    results.push(
-                        serde_json::from_str(&text)
-                            .with_context(|| format!("{}", path.display()))?,
-                    );
+                    let mut result: SimResult = serde_json::from_str(&text)
+                        .with_context(|| format!("{}", path.display()))?;
+                    report::normalize(&mut result);
+                    results.push(result);
                 }
             }
             std::fs::write(out.join("report.md"), report::tables(&results))?;

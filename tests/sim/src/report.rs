@@ -2,7 +2,24 @@
 
 use std::fmt::Write as _;
 
-use crate::SimResult;
+use crate::{Bound, SimResult};
+
+/// Recomputes a stored result's time bound with [`Bound::all_wired`] (results written by an
+/// earlier build summed the bucket time and one write's time instead).
+pub fn normalize(r: &mut SimResult) {
+    if r.scenario == "churn" {
+        return;
+    }
+    let b = &mut r.bound;
+    if b.one_write_s == 0.0 && b.writes > 0 {
+        let put = r.settings["put_latency_ms"].as_f64().unwrap_or(1000.0) / 1000.0;
+        let polls = r.settings["operation_retry_after_secs"]
+            .as_f64()
+            .unwrap_or(1.0);
+        b.one_write_s = put + 2.0 * polls;
+    }
+    b.all_wired_s = Bound::all_wired(b.writes_s, b.reads_s, b.one_write_s);
+}
 
 fn md_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = format!("| {} |\n|", headers.join(" | "));
