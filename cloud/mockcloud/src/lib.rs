@@ -15,6 +15,8 @@ mod document;
 pub mod fabric;
 pub mod faults;
 pub mod model;
+#[cfg(test)]
+mod prefix_tests;
 pub mod rules;
 pub mod scaleset;
 mod server;
