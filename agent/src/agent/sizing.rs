@@ -187,9 +187,13 @@ impl Agent {
         let mut arrivals = self.state.lock().unwrap().arrivals;
         let mut last = Duration::ZERO;
         let mut extended = 0u32;
-        while let Some(until) =
-            pool::gather_until(&pool::GATHER, Duration::ZERO, last, started.elapsed())
-        {
+        while let Some(until) = pool::gather_until(
+            &pool::GATHER,
+            Duration::ZERO,
+            last,
+            extended,
+            started.elapsed(),
+        ) {
             let _ = tokio::time::timeout_at(started + until, self.kick.notified()).await;
             let seen = self.state.lock().unwrap().arrivals;
             if seen != arrivals {
@@ -198,7 +202,8 @@ impl Agent {
                 extended += 1;
             }
         }
-        tracing::debug!(waited = ?started.elapsed(), extended, "demand gathered before the write");
+        let waiters = self.state.lock().unwrap().waiters;
+        info!(waited = ?started.elapsed(), arrivals = extended, waiters, "demand gathered before the write");
     }
 
     async fn grow(&self, n: u32) {

@@ -126,7 +126,7 @@ async fn a_burst_arriving_in_waves_is_served_by_one_write() {
 }
 
 /// Demand that keeps arriving cannot hold the write back for longer than the cap: a trickle
-/// every 20 ms for a second is served by more than one write, and every ADD is served.
+/// every 20 ms for two seconds is served by more than one write, and every ADD is served.
 #[tokio::test(start_paused = true)]
 async fn a_steady_trickle_does_not_hold_the_write_back_past_the_cap() {
     let cloud = Arc::new(BudgetCloud::default());
@@ -134,7 +134,7 @@ async fn a_steady_trickle_does_not_hold_the_write_back_past_the_cap() {
     let (stop, shutdown) = watch::channel(false);
     let pool_task = tokio::spawn(agent.clone().run_pool(shutdown));
     let mut tasks = Vec::new();
-    for i in 0..50 {
+    for i in 0..100 {
         tasks.extend(spawn_allocations(&agent, i..i + 1));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
