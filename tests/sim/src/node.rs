@@ -158,6 +158,8 @@ impl Node {
                         batch: p.batch,
                         max: p.max,
                         release_delay: Duration::from_secs(p.release_delay_secs),
+                        // Address mode; 28 runs the agent's pool in prefix mode (/28 blocks).
+                        prefix_len: 32,
                     },
                     cooldown_secs: p.cooldown_secs,
                     allocate_timeout: Duration::from_secs(p.allocate_timeout_secs),
