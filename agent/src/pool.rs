@@ -181,11 +181,15 @@ pub struct Settings {
     pub batch: u32,
     pub max: u32,
     pub release_delay: Duration,
+    /// What one ipConfiguration holds: 32 (an address), or a block's length (prefix mode).
+    pub prefix_len: u8,
 }
 
 impl Settings {
+    /// In prefix mode `max` is rounded up to whole blocks, and the NIC holds 255 blocks.
     pub fn cap(&self) -> u32 {
-        self.max.min(NIC_SECONDARY_LIMIT)
+        let entry = crate::config::addresses_per_entry(self.prefix_len);
+        (self.max.div_ceil(entry) * entry).min(NIC_SECONDARY_LIMIT * entry)
     }
 }
 
@@ -304,6 +308,7 @@ mod tests {
         batch: 8,
         max: 250,
         release_delay: Duration::from_secs(300),
+        prefix_len: 32,
     };
 
     fn counts(total: u32, free: u32, cooldown: u32, pending: u32, waiters: u32) -> Counts {

@@ -19,7 +19,10 @@
 //! `allocate_timeout` passes (then "try again later"); when the subnet is full or the pool is at
 //! its cap it fails at once with "exhausted".
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
+// The test modules take it from here (`use super::*`); the agent itself no longer needs it.
+#[cfg(test)]
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +45,8 @@ use crate::store::{Store, StoreError, StoreState, Ticket};
 
 mod allocate;
 mod gc;
+#[cfg(test)]
+mod prefix_tests;
 mod reap;
 mod reconcile;
 mod release;

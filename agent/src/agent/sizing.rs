@@ -30,7 +30,7 @@ impl Agent {
             max: max.unwrap_or(base.max),
             ..base
         };
-        crate::config::check_pool_sizes(wanted.warm, wanted.batch, wanted.max)
+        crate::config::check_pool_sizes_in(wanted.warm, wanted.batch, wanted.max, base.prefix_len)
             .map_err(|(key, message)| format!("{key}: {message}"))?;
         let mut st = self.state.lock().unwrap();
         if st.pool != wanted {
@@ -207,11 +207,20 @@ impl Agent {
     }
 
     async fn grow(&self, n: u32) {
-        info!(count = n, "asking the cloud for addresses");
-        let result = self
-            .cloud
-            .assign_ips(&self.identity.nic_id, &self.settings.subnet_id, n as usize)
-            .await;
+        let prefix_len = self.settings.pool.prefix_len;
+        let result = if prefix_len < vnet_cloud::SINGLE_ADDRESS {
+            let blocks = n.div_ceil(crate::config::addresses_per_entry(prefix_len));
+            info!(count = n, blocks, "asking the cloud for blocks");
+            let nic = &self.identity.nic_id;
+            self.cloud
+                .assign_blocks(nic, &self.settings.subnet_id, blocks as usize, prefix_len)
+                .await
+        } else {
+            info!(count = n, "asking the cloud for addresses");
+            self.cloud
+                .assign_ips(&self.identity.nic_id, &self.settings.subnet_id, n as usize)
+                .await
+        };
         let mut reconcile = false;
         let ticket = {
             let mut st = self.state.lock().unwrap();
@@ -221,11 +230,9 @@ impl Agent {
                     st.subnet_full = false;
                     st.failures = 0;
                     st.memory.backoff_until = None;
-                    let ips: Vec<Ipv4Addr> = assigned.iter().map(|s| s.ip).collect();
-                    info!(count = ips.len(), "pool grew");
-                    st.ipam
-                        .add_to_pool(&ips)
-                        .map(|r| self.store.submit(vec![r]))
+                    let records = st.ipam.add_entries(&assigned);
+                    info!(count = assigned.len(), "pool grew");
+                    (!records.is_empty()).then(|| self.store.submit(records))
                 }
                 Err(e) => {
                     warn!(error = %e, code = e.code(), "cloud refused new addresses");
@@ -324,17 +331,19 @@ impl Agent {
                     )),
             );
             st.release_retry_at = Some(Instant::now() + backoff);
-            if listed
-                .as_ref()
-                .is_ok_and(|l| !l.iter().any(|s| ips.contains(&s.ip)))
-            {
+            if listed.as_ref().is_ok_and(|l| {
+                !l.iter()
+                    .flat_map(|s| s.addresses())
+                    .any(|a| ips.contains(&a))
+            }) {
                 // The write happened after all: nothing to retry.
                 st.release_failures = 0;
                 st.release_retry_at = None;
             }
             match listed {
                 Ok(listed) => {
-                    let on_nic: HashSet<Ipv4Addr> = listed.iter().map(|s| s.ip).collect();
+                    let on_nic: HashSet<Ipv4Addr> =
+                        listed.iter().flat_map(|s| s.addresses()).collect();
                     let (still, gone): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
                         ips.iter().partition(|ip| on_nic.contains(ip));
                     if !still.is_empty() {

@@ -57,6 +57,7 @@ fn agent(cloud: &Arc<BudgetCloud>, warm: u32, batch: u32) -> Arc<Agent> {
             batch,
             max: 250,
             release_delay: Duration::from_secs(3600),
+            prefix_len: 32,
         },
         cooldown_secs: 30,
         allocate_timeout: Duration::from_secs(30),

@@ -134,6 +134,12 @@ impl MockServer {
         self.app.counters()
     }
 
+    /// Replaces the throttling buckets; every principal's buckets start full again (the
+    /// cluster simulation warms a cluster up unthrottled, then measures under ARM's limits).
+    pub fn set_rate_limits(&self, limits: RateLimits) {
+        self.app.set_rate_limits(limits);
+    }
+
     pub fn state(&self) -> StateView {
         self.app.state()
     }

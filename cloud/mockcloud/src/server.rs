@@ -121,6 +121,10 @@ impl App {
         lock(&self.counters).clone()
     }
 
+    pub(crate) fn set_rate_limits(&self, limits: crate::throttle::RateLimits) {
+        *lock(&self.limiter) = Limiter::new(limits);
+    }
+
     pub(crate) fn state(&self) -> StateView {
         lock(&self.cloud).state_view()
     }
