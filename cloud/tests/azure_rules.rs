@@ -414,8 +414,8 @@ async fn a_write_to_a_busy_nic_waits_the_retry_after_of_azures_429() {
     );
 
     // Our client waits for an Updating NIC before writing, so it meets this answer only when
-    // another writer slips in between: injected here, in the same shape. It waits the 3 s, then
-    // succeeds, and the busy 429 is not counted as ARM throttling.
+    // another writer slips in between: injected here, in the same shape. It waits the 3 s (and a
+    // jitter), then succeeds, and the busy 429 is not counted as ARM throttling.
     let lab = Lab::with_subnet("10.240.0.0/24", 1).await;
     lab.set_faults(
         json!({"busy": {"count": 1, "retry_after_secs": 3}, "operation_retry_after_secs": 0}),
@@ -429,8 +429,12 @@ async fn a_write_to_a_busy_nic_waits_the_retry_after_of_azures_429() {
     assert_eq!(assigned.len(), 1);
     let counters = lab.counters().await;
     assert_eq!(counters.responses("nic_put", 429), 1, "{counters:?}");
+    // At least the 3 s, later by a jitter of at most half of it.
     assert!(
-        sleeper.delays().contains(&Duration::from_secs(3)),
+        sleeper
+            .delays()
+            .iter()
+            .any(|d| *d >= Duration::from_secs(3) && *d <= Duration::from_millis(4_500)),
         "{:?}",
         sleeper.delays()
     );
