@@ -29,12 +29,36 @@ pub const PLUGIN_ALLOCATE_WAIT_SECS: u64 = vnet_api::ALLOCATE_WAIT_SECS;
 /// The range rules of `pool.warm`, `pool.batch` and `pool.max`, shared by the configuration and
 /// the per-node overrides. On failure: the offending key and why.
 pub fn check_pool_sizes(warm: u32, batch: u32, max: u32) -> Result<(), (&'static str, String)> {
-    if max == 0 || max > NIC_SECONDARY_LIMIT {
+    check_pool_sizes_in(warm, batch, max, vnet_cloud::SINGLE_ADDRESS)
+}
+
+/// Addresses one ipConfiguration holds with entries of `prefix_len` (1, or 16 for a /28).
+pub fn addresses_per_entry(prefix_len: u8) -> u32 {
+    1 << (32 - u32::from(prefix_len.clamp(1, 32)))
+}
+
+/// [`check_pool_sizes`] for a pool whose entries have `prefix_len` (32: address mode). All
+/// three count addresses in both modes; in prefix mode the NIC's 255 secondary
+/// ipConfigurations hold 255 blocks.
+pub fn check_pool_sizes_in(
+    warm: u32,
+    batch: u32,
+    max: u32,
+    prefix_len: u8,
+) -> Result<(), (&'static str, String)> {
+    let limit = NIC_SECONDARY_LIMIT * addresses_per_entry(prefix_len);
+    if max == 0 || max > limit {
+        let why = if prefix_len < vnet_cloud::SINGLE_ADDRESS {
+            format!(
+                "a NIC holds 256 IP configurations including the primary, so 255 blocks of {} addresses",
+                addresses_per_entry(prefix_len)
+            )
+        } else {
+            "a NIC holds 256 addresses including the primary".to_string()
+        };
         return Err((
             "pool.max",
-            format!(
-                "{max} is out of range; use 1 to {NIC_SECONDARY_LIMIT} (a NIC holds 256 addresses including the primary)"
-            ),
+            format!("{max} is out of range; use 1 to {limit} ({why})"),
         ));
     }
     if batch == 0 || batch > max {
@@ -189,6 +213,9 @@ pub struct CloudConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
+    /// `address`: one address per ipConfiguration; `prefix`: a /28 block per ipConfiguration
+    /// (16 addresses; docs/configuration.md).
+    pub mode: PoolMode,
     pub warm: u32,
     pub batch: u32,
     pub max: u32,
@@ -236,9 +263,29 @@ impl Default for CloudConfig {
     }
 }
 
+/// What one ipConfiguration of the pool holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    #[default]
+    Address,
+    Prefix,
+}
+
+impl PoolMode {
+    /// The prefix length of the pool's entries.
+    pub fn prefix_len(self) -> u8 {
+        match self {
+            PoolMode::Address => vnet_cloud::SINGLE_ADDRESS,
+            PoolMode::Prefix => vnet_cloud::AZURE_PREFIX_LENGTH,
+        }
+    }
+}
+
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
+            mode: PoolMode::Address,
             warm: 8,
             batch: 8,
             max: 250,
@@ -427,7 +474,7 @@ impl Config {
         })?;
         self.validate_cloud()?;
         let pool = &self.pool;
-        check_pool_sizes(pool.warm, pool.batch, pool.max)
+        check_pool_sizes_in(pool.warm, pool.batch, pool.max, pool.mode.prefix_len())
             .map_err(|(key, message)| invalid(key, message))?;
         if pool.allocate_timeout_secs == 0 || pool.allocate_timeout_secs > MAX_ALLOCATE_TIMEOUT_SECS
         {
@@ -609,6 +656,7 @@ client_secret_file = ""
 test_token = ""
 pod_subnet_id = ""
 [pool]
+mode = "address"
 warm = 8
 batch = 8
 max = 250
@@ -646,6 +694,36 @@ allocate_timeout_secs = 30
         assert!(err.contains("azure") && err.contains("mock"), "{err}");
         let err = Config::from_toml("log_format = \"xml\"\n").unwrap_err();
         assert!(err.contains("json"), "{err}");
+    }
+
+    #[test]
+    fn prefix_mode_counts_addresses_up_to_255_blocks() {
+        let ok =
+            Config::from_toml("[pool]\nmode = \"prefix\"\nmax = 4080\nwarm = 16\nbatch = 16\n")
+                .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.pool.mode, PoolMode::Prefix);
+        assert_eq!(ok.pool.mode.prefix_len(), 28);
+        // 256 addresses are too many for address mode and fine for prefix mode.
+        let address = Config::from_toml("[pool]\nmax = 256\n").unwrap();
+        assert!(
+            address
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("pool.max")
+        );
+        let err = Config::from_toml("[pool]\nmode = \"prefix\"\nmax = 4081\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pool.max") && err.contains("4080") && err.contains("255 blocks of 16"),
+            "{err}"
+        );
+        let err = Config::from_toml("[pool]\nmode = \"block\"\n").unwrap_err();
+        assert!(err.contains("address") && err.contains("prefix"), "{err}");
     }
 
     #[test]

@@ -314,6 +314,17 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
         warn!(error = %e, "cannot store the node identity; a restart during a cloud outage will wait for the cloud");
     }
 
+    // Compute's instance update cannot carry a prefix length (docs/cloud.md): refuse at once
+    // rather than fail every grow.
+    if config.pool.mode == crate::config::PoolMode::Prefix
+        && identity.kind == vnet_cloud::NodeKind::Uniform
+    {
+        return Err(DaemonError::Cloud(CloudError::Fatal(format!(
+            "pool.mode = \"prefix\" is not available on a Uniform scale-set instance ({}): Compute's instance update has no privateIPAddressPrefixLength; use pool.mode = \"address\"",
+            identity.vm_name
+        ))));
+    }
+
     probes.set_phase("opening the allocation store");
     let state_dir = config.state_dir.clone();
     let (store, loaded) =
@@ -339,6 +350,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
             batch: config.pool.batch,
             max: config.pool.max,
             release_delay: Duration::from_secs(config.pool.release_delay_secs),
+            prefix_len: config.pool.mode.prefix_len(),
         },
         cooldown_secs: config.pool.cooldown_secs,
         allocate_timeout: Duration::from_secs(config.pool.allocate_timeout_secs),

@@ -9,11 +9,16 @@
 //! - free and cooldown addresses are in the pool (on the NIC as far as we know);
 //! - an allocated address not in the pool is *unreconciled*: the cloud did not show it. It stays
 //!   allocated (the pod may well be using it) but is never handed out again; its release drops it.
+//! - prefix mode: an address inside a known block leaves the pool for the cloud only with its
+//!   whole block, when all the block's addresses are free (not allocated, not cooling down); a
+//!   block is forgotten once none of its addresses is in the pool or being released.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
+use ipnetwork::Ipv4Network;
 use vnet_api::{AllocateRequest, Allocation, AttachmentKey};
+use vnet_cloud::SecondaryIp;
 
 use crate::store::{Cooldown, Record, StoreState};
 
@@ -27,6 +32,8 @@ pub struct Ipam {
     unreconciled: BTreeSet<Ipv4Addr>,
     /// Out of the pool, being removed from the NIC (survives restarts; see `PoolReleasing`).
     releasing: BTreeSet<Ipv4Addr>,
+    /// Prefix mode: the NIC's blocks whose addresses are in the pool (or being released).
+    blocks: BTreeSet<Ipv4Network>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +74,7 @@ impl Ipam {
     pub fn from_state(state: StoreState) -> Ipam {
         let mut ipam = Ipam {
             releasing: state.releasing.difference(&state.pool).copied().collect(),
+            blocks: state.blocks,
             pool: state.pool,
             ..Ipam::default()
         };
@@ -205,20 +213,86 @@ impl Ipam {
         (!added.is_empty()).then_some(Record::PoolAdd { ips: added })
     }
 
+    /// New entries from the cloud (addresses or blocks) join the pool; blocks are recorded.
+    pub fn add_entries(&mut self, entries: &[SecondaryIp]) -> Vec<Record> {
+        let ips: Vec<Ipv4Addr> = entries.iter().flat_map(|e| e.addresses()).collect();
+        let new_blocks: Vec<Ipv4Network> = entries
+            .iter()
+            .filter(|e| e.is_block())
+            .map(|e| e.network())
+            .filter(|b| !self.blocks.contains(b))
+            .collect();
+        let mut records: Vec<Record> = self.add_to_pool(&ips).into_iter().collect();
+        if !new_blocks.is_empty() {
+            self.blocks.extend(new_blocks.iter().copied());
+            records.push(Record::BlockAdd { blocks: new_blocks });
+        }
+        records
+    }
+
+    fn block_of(&self, ip: &Ipv4Addr) -> Option<Ipv4Network> {
+        self.blocks.iter().find(|b| b.contains(*ip)).copied()
+    }
+
+    /// Forgets blocks none of whose addresses is in the pool or being released (the rule
+    /// [`StoreState::apply`] follows for a `pool_remove`).
+    fn prune_blocks(&mut self) {
+        let (pool, releasing) = (&self.pool, &self.releasing);
+        self.blocks.retain(|b| {
+            b.iter()
+                .any(|a| pool.contains(&a) || releasing.contains(&a))
+        });
+    }
+
     /// Takes up to `n` free addresses out of the pool, highest first (low addresses stay, which
-    /// keeps a node's pod addresses compact and easy to read), into the releasing set.
+    /// keeps a node's pod addresses compact and easy to read), into the releasing set. A block
+    /// goes only whole, and only when every one of its addresses is free and cooled down;
+    /// addresses outside blocks go one by one.
     pub fn take_for_release(&mut self, n: u32) -> (Vec<Ipv4Addr>, Option<Record>) {
+        let n = n as usize;
         let mut ips = Vec::new();
-        while ips.len() < n as usize {
-            let Some(ip) = self.free.pop_last() else {
-                break;
-            };
-            self.pool.remove(&ip);
-            self.releasing.insert(ip);
-            ips.push(ip);
+        let whole: Vec<Ipv4Network> = self
+            .blocks
+            .iter()
+            .rev()
+            .filter(|b| b.iter().all(|a| self.free.contains(&a)))
+            .copied()
+            .collect();
+        for block in whole {
+            let size = block.size() as usize;
+            if ips.len() + size > n {
+                continue;
+            }
+            ips.extend(block.iter());
+        }
+        let loose: Vec<Ipv4Addr> = self
+            .free
+            .iter()
+            .rev()
+            .filter(|ip| self.block_of(ip).is_none())
+            .take(n.saturating_sub(ips.len()))
+            .copied()
+            .collect();
+        ips.extend(loose);
+        for ip in &ips {
+            self.free.remove(ip);
+            self.pool.remove(ip);
+            self.releasing.insert(*ip);
         }
         let record = (!ips.is_empty()).then(|| Record::PoolReleasing { ips: ips.clone() });
         (ips, record)
+    }
+
+    /// Prefix mode's unit of release: how many whole blocks are free (for status).
+    pub fn free_blocks(&self) -> usize {
+        self.blocks
+            .iter()
+            .filter(|b| b.iter().all(|a| self.free.contains(&a)))
+            .count()
+    }
+
+    pub fn blocks(&self) -> &BTreeSet<Ipv4Network> {
+        &self.blocks
     }
 
     /// The cloud confirmed the removal of these releasing addresses.
@@ -228,6 +302,7 @@ impl Ipam {
             .filter(|ip| self.releasing.remove(ip))
             .copied()
             .collect();
+        self.prune_blocks();
         (!done.is_empty()).then_some(Record::PoolRemove { ips: done })
     }
 
@@ -283,6 +358,26 @@ impl Ipam {
         }
         if !gone.is_empty() {
             records.push(Record::PoolRemove { ips: gone });
+        }
+        self.prune_blocks();
+        (report, records)
+    }
+
+    /// [`Ipam::reconcile`] with the cloud's complete list of the NIC's entries: a block counts
+    /// with all its addresses, and a block the store did not know is recorded.
+    pub fn reconcile_entries(&mut self, listed: &[SecondaryIp]) -> (ReconcileReport, Vec<Record>) {
+        let on_nic: BTreeSet<Ipv4Addr> = listed.iter().flat_map(|e| e.addresses()).collect();
+        let (report, mut records) = self.reconcile(&on_nic);
+        let new_blocks: Vec<Ipv4Network> = listed
+            .iter()
+            .filter(|e| e.is_block())
+            .map(|e| e.network())
+            .filter(|b| !self.blocks.contains(b))
+            .collect();
+        if !new_blocks.is_empty() {
+            self.blocks.extend(new_blocks.iter().copied());
+            // Last in the batch: a `pool_remove` before it must not prune it on replay.
+            records.push(Record::BlockAdd { blocks: new_blocks });
         }
         (report, records)
     }
@@ -524,3 +619,7 @@ mod tests {
         rebuilt.check();
     }
 }
+
+#[cfg(test)]
+#[path = "ipam_blocks.rs"]
+mod block_tests;

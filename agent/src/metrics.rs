@@ -293,6 +293,23 @@ impl CloudProvider for MeteredCloud {
         r
     }
 
+    async fn assign_blocks(
+        &self,
+        nic_id: &str,
+        subnet_id: &str,
+        count: usize,
+        prefix_len: u8,
+    ) -> Result<Vec<SecondaryIp>, CloudError> {
+        let started = Instant::now();
+        let r = self
+            .inner
+            .assign_blocks(nic_id, subnet_id, count, prefix_len)
+            .await;
+        self.metrics
+            .observe(self.inner.as_ref(), "assign_blocks", started, &r);
+        r
+    }
+
     async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
         let started = Instant::now();
         let r = self.inner.release_ips(nic_id, ips).await;

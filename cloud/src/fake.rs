@@ -86,7 +86,27 @@ impl FakeCloud {
             name,
             ip,
             subnet_id,
+            prefix_len: crate::SINGLE_ADDRESS,
         });
+    }
+
+    /// Puts a block on the NIC behind the agent's back.
+    pub fn add_external_block(&self, base: Ipv4Addr, prefix_len: u8) {
+        let mut state = self.state.lock().unwrap();
+        state.serial += 1;
+        let name = format!("{IP_CONFIG_PREFIX}ext{}", state.serial);
+        let subnet_id = self.identity.subnet_id.clone();
+        state.secondary.push(SecondaryIp {
+            name,
+            ip: base,
+            subnet_id,
+            prefix_len,
+        });
+    }
+
+    /// The NIC's entries (addresses and blocks) as the cloud holds them.
+    pub fn entries(&self) -> Vec<SecondaryIp> {
+        self.state.lock().unwrap().secondary.clone()
     }
 
     /// Removes an address behind the agent's back.
@@ -166,8 +186,58 @@ impl CloudProvider for FakeCloud {
                 name: format!("{IP_CONFIG_PREFIX}{}", state.serial),
                 ip: Ipv4Addr::from(host),
                 subnet_id: subnet_id.to_owned(),
+                prefix_len: crate::SINGLE_ADDRESS,
             });
         }
+        state.secondary.extend(added.iter().cloned());
+        Ok(added)
+    }
+
+    /// Aligned blocks drawn from the same counter as addresses (so they never overlap), each
+    /// one ipConfiguration toward [`NIC_IP_LIMIT`].
+    async fn assign_blocks(
+        &self,
+        nic_id: &str,
+        subnet_id: &str,
+        count: usize,
+        prefix_len: u8,
+    ) -> Result<Vec<SecondaryIp>, CloudError> {
+        self.assign_calls.fetch_add(1, Ordering::SeqCst);
+        if nic_id != self.identity.nic_id {
+            return Err(CloudError::NotFound(nic_id.to_owned()));
+        }
+        let mut state = self.state.lock().unwrap();
+        if let Some(error) = state.scripted_failures.pop_front() {
+            return Err(error);
+        }
+        if state.secondary.len() + 1 + count > NIC_IP_LIMIT {
+            return Err(CloudError::NicLimitReached {
+                message: format!("a NIC holds at most {NIC_IP_LIMIT} IP configurations"),
+            });
+        }
+        let size = 1u32 << (32 - u32::from(prefix_len));
+        let network = u32::from(self.identity.subnet_prefix.network());
+        let broadcast = u32::from(self.identity.subnet_prefix.broadcast());
+        let mut added = Vec::with_capacity(count);
+        let mut next = state.next_host;
+        for _ in 0..count {
+            let base = (network + next).div_ceil(size) * size;
+            if base + size > broadcast {
+                return Err(CloudError::SubnetFull {
+                    subnet_id: subnet_id.to_owned(),
+                    message: format!("no free aligned /{prefix_len} for {count} blocks"),
+                });
+            }
+            next = base + size - network;
+            state.serial += 1;
+            added.push(SecondaryIp {
+                name: format!("{IP_CONFIG_PREFIX}{}", state.serial),
+                ip: Ipv4Addr::from(base),
+                subnet_id: subnet_id.to_owned(),
+                prefix_len,
+            });
+        }
+        state.next_host = next;
         state.secondary.extend(added.iter().cloned());
         Ok(added)
     }

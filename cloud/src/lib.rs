@@ -68,13 +68,42 @@ impl NodeKind {
     }
 }
 
-/// One secondary address on the NIC that this product owns.
+/// The prefix length of a pool entry that is one address.
+pub const SINGLE_ADDRESS: u8 = 32;
+/// The only block size Azure hands out (`privateIPAddressPrefixLength`; see docs/cloud.md).
+pub const AZURE_PREFIX_LENGTH: u8 = 28;
+
+/// One secondary ipConfiguration on the NIC that this product owns: one address, or (prefix
+/// mode) an aligned block `ip/prefix_len` of which `ip` is the first address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecondaryIp {
     /// The ipConfiguration's name (always starts with [`IP_CONFIG_PREFIX`]).
     pub name: String,
     pub ip: Ipv4Addr,
     pub subnet_id: String,
+    /// 32 for one address; the block's length otherwise.
+    #[serde(default = "single_address")]
+    pub prefix_len: u8,
+}
+
+fn single_address() -> u8 {
+    SINGLE_ADDRESS
+}
+
+impl SecondaryIp {
+    pub fn is_block(&self) -> bool {
+        self.prefix_len < SINGLE_ADDRESS
+    }
+
+    /// What the entry holds, as a network (`/32` for one address).
+    pub fn network(&self) -> Ipv4Network {
+        Ipv4Network::new(self.ip, self.prefix_len).expect("a prefix length of at most 32")
+    }
+
+    /// Every address the entry holds.
+    pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + use<> {
+        self.network().iter()
+    }
 }
 
 /// What ARM last reported about the caller's request budget (its
@@ -161,7 +190,24 @@ pub trait CloudProvider: Send + Sync + 'static {
         count: usize,
     ) -> Result<Vec<SecondaryIp>, CloudError>;
 
-    /// Removes the given addresses from the NIC. Addresses already absent are not an error.
+    /// Prefix mode: adds `count` dynamic blocks of `prefix_len` from `subnet_id` (one
+    /// ipConfiguration each) and returns exactly the new ones. Concurrent calls for one NIC may
+    /// be coalesced into one cloud write, with address requests too.
+    async fn assign_blocks(
+        &self,
+        nic_id: &str,
+        subnet_id: &str,
+        count: usize,
+        prefix_len: u8,
+    ) -> Result<Vec<SecondaryIp>, CloudError> {
+        let _ = (nic_id, subnet_id, count, prefix_len);
+        Err(CloudError::Fatal(
+            "this cloud provider has no prefix mode".into(),
+        ))
+    }
+
+    /// Removes the given entries from the NIC, each named by its address (a block by its first
+    /// address; the whole block goes). Entries already absent are not an error.
     async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
 
     /// The cloud API's last reported request budget, for metrics (`None`: not reported).

@@ -413,8 +413,22 @@ fn cold_burst(
         conf_dir: st.nodes[0].conf_dir.clone(),
         pod_prefix: String::new(),
     };
+    let launched = seconds_of_day(std::time::SystemTime::now());
     let run = run_phase(&lab, &v, "add", &pods, opts.burst);
     let counters = lab.mock_json("/admin/counters")?;
+    // The agent's log of the burst (when the write left, what it gathered), kept with the report.
+    let log = opts.out.join(format!(
+        "cold-burst-{}-retry-after-{retry_after}-agent.log",
+        kind.as_str()
+    ));
+    if let Err(e) =
+        fs::create_dir_all(&opts.out).and_then(|()| fs::copy(&st.nodes[0].agent_log, &log))
+    {
+        eprintln!("    cannot keep the agent log as {}: {e}", log.display());
+    }
+    let timeline = fs::read_to_string(&st.nodes[0].agent_log)
+        .map(|text| burst_timeline(&text, launched, run.wall_s))
+        .unwrap_or(Value::Null);
     let pool_after = lab.agent_status("node-1")?.pool;
     let s = stats(&run.ms);
     Ok(json!({
@@ -433,7 +447,63 @@ fn cold_burst(
         "nic_writes": counters["calls"]["nic_put"].as_u64().unwrap_or(0)
             + counters["calls"]["vmss_vm_put"].as_u64().unwrap_or(0),
         "cloud_calls": counters["calls"],
+        "timeline_s": timeline,
     }))
+}
+
+/// Seconds since midnight UTC (the agent logs UTC times of day; the bench runs on the same clock).
+fn seconds_of_day(t: std::time::SystemTime) -> f64 {
+    let unix = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    unix % 86_400.0
+}
+
+/// `2026-12-01T12:22:30.579126Z  INFO ...`: the time of day of a log line, in seconds.
+fn log_time(line: &str) -> Option<f64> {
+    let clock = line.split_whitespace().next()?.split('T').nth(1)?;
+    let clock = clock.strip_suffix('Z')?;
+    let mut parts = clock.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// Where the burst's time went, from the agent's log (seconds after the bench launched the
+/// ADDs): the first waiter, the write leaving (after the gather window) and landing, the
+/// allocations, and the end of the phase (the plugins wiring the pods). The first write only.
+fn burst_timeline(log: &str, launched: f64, wall_s: f64) -> Value {
+    let at = |line: &str| log_time(line).map(|t| (t - launched).rem_euclid(86_400.0));
+    let find = |needle: &str| log.lines().find(|l| l.contains(needle));
+    let gathered = find("demand gathered before the write");
+    let waited_s = gathered
+        .and_then(|l| l.split("waited=").nth(1))
+        .and_then(|w| w.split_whitespace().next())
+        .and_then(|w| {
+            w.strip_suffix("ms")
+                .and_then(|ms| ms.parse::<f64>().ok().map(|ms| ms / 1e3))
+                .or_else(|| w.strip_suffix('s').and_then(|s| s.parse().ok()))
+        });
+    let write_start = find("asking the cloud for addresses").and_then(at);
+    let write_end = find("pool grew").and_then(at);
+    let allocated: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains(": allocated "))
+        .filter_map(at)
+        .collect();
+    let first_waiter = gathered.and_then(at).zip(waited_s).map(|(g, w)| g - w);
+    json!({
+        "first_waiter": first_waiter,
+        "gather": waited_s,
+        "write_leaves": write_start,
+        "write_lands": write_end,
+        "write": write_start.zip(write_end).map(|(a, b)| b - a),
+        "first_allocated": allocated.first(),
+        "last_allocated": allocated.last(),
+        "all_wired": wall_s,
+    })
 }
 
 /// Agent VmRSS idle and with 250 allocations (made through the API: no veths needed).
@@ -906,6 +976,21 @@ fn markdown(r: &Value, summary: &[(String, String, Stats, f64, usize)]) -> Strin
             f2(&b["add_ms"]["p50"]),
             f2(&b["add_ms"]["p99"])
         );
+        let t = &b["timeline_s"];
+        if t.is_object() {
+            let _ = writeln!(
+                md,
+                "Timeline (s after launch, from the agent's log): first ADD waiting {}, write leaves {} (gathered {}), lands {} (write {}), allocations {}-{}, all wired {}.\n",
+                f2(&t["first_waiter"]),
+                f2(&t["write_leaves"]),
+                f2(&t["gather"]),
+                f2(&t["write_lands"]),
+                f2(&t["write"]),
+                f2(&t["first_allocated"]),
+                f2(&t["last_allocated"]),
+                f2(&t["all_wired"])
+            );
+        }
     }
     let _ = writeln!(
         md,
@@ -1081,6 +1166,25 @@ fn svg_chart(lat: &LatencyRuns) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_burst_timeline_is_read_from_the_agent_log() {
+        let log = "\
+2026-12-01T12:22:30.579126Z  INFO vnet_agent::agent::sizing: demand gathered before the write waited=615.28211ms arrivals=98 waiters=100
+2026-12-01T12:22:30.579312Z  INFO vnet_agent::agent::sizing: asking the cloud for addresses count=104
+2026-12-01T12:22:33.889704Z  INFO vnet_agent::agent::sizing: pool grew count=104
+2026-12-01T12:22:33.897305Z  INFO request{method=POST}: vnet_agent::agent::allocate: allocated container_id=a
+2026-12-01T12:22:33.931469Z  INFO request{method=POST}: vnet_agent::agent::allocate: allocated container_id=b
+";
+        let launched = 12.0 * 3600.0 + 22.0 * 60.0 + 29.8;
+        let t = burst_timeline(log, launched, 4.31);
+        let near = |v: &Value, x: f64| (v.as_f64().unwrap() - x).abs() < 1e-3;
+        assert!(near(&t["gather"], 0.615), "{t}");
+        assert!(near(&t["first_waiter"], 0.164), "{t}");
+        assert!(near(&t["write"], 3.310), "{t}");
+        assert!(near(&t["last_allocated"], 4.131), "{t}");
+        assert!(near(&t["all_wired"], 4.31), "{t}");
+    }
 
     #[test]
     fn nearest_rank_percentiles_match_the_shell_harness() {

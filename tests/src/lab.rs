@@ -140,6 +140,39 @@ pub struct LabConfig {
     pub plugin_log_level: String,
     /// Kinds of the nodes, cycled over them (node-1 takes the first); empty: all plain VMs.
     pub node_kinds: Vec<NodeKind>,
+    /// The agents' `pool.mode`: `address` (one address per ipConfiguration) or `prefix` (a /28
+    /// block per ipConfiguration; the mock's fabric routes the whole block to the node).
+    pub pool_mode: PoolMode,
+}
+
+/// The agents' `pool.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PoolMode {
+    #[default]
+    Address,
+    Prefix,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Address => "address",
+            PoolMode::Prefix => "prefix",
+        }
+    }
+}
+
+impl std::str::FromStr for PoolMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PoolMode, String> {
+        match s {
+            "address" => Ok(PoolMode::Address),
+            "prefix" => Ok(PoolMode::Prefix),
+            other => Err(format!(
+                "unknown pool mode {other:?}; use address or prefix"
+            )),
+        }
+    }
 }
 
 /// The scale sets the lab's scale-set nodes belong to.
@@ -196,6 +229,7 @@ impl LabConfig {
             agent_log_level: "info".to_owned(),
             plugin_log_level: "warn".to_owned(),
             node_kinds: Vec::new(),
+            pool_mode: PoolMode::Address,
         }
     }
 }
@@ -1286,6 +1320,7 @@ credential = "test_token"
 test_token = "{token}"
 
 [pool]
+mode = "{mode}"
 warm = {warm}
 batch = {batch}
 max = {max}
@@ -1299,6 +1334,7 @@ allocate_timeout_secs = {alloc}
         socket = node.socket.display(),
         state_dir = node.state_dir.display(),
         log_level = cfg.agent_log_level,
+        mode = cfg.pool_mode.as_str(),
         warm = p.warm,
         batch = p.batch,
         max = p.max,

@@ -74,6 +74,10 @@ struct Build {
     /// flexible, mixed (vm,uniform,flexible), or a comma-separated list, cycled over the nodes.
     #[arg(long, default_value = "vm")]
     node_kind: String,
+    /// The agents' pool mode: address (one address per ipConfiguration) or prefix (a /28 block
+    /// per ipConfiguration, 16 addresses; not on Uniform scale-set nodes).
+    #[arg(long, default_value = "address")]
+    pool_mode: lab::PoolMode,
 }
 
 impl Build {
@@ -89,6 +93,7 @@ impl Build {
             release_delay_secs: self.release_delay_secs,
             ..PoolConfig::default()
         };
+        cfg.pool_mode = self.pool_mode;
         cfg.faults = merge_latency(self.faults.as_deref(), self.cloud_latency_ms)?;
         cfg.base_dir = at.state_dir.clone();
         if let Some(b) = &self.bin_dir {

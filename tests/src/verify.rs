@@ -22,9 +22,15 @@ pub fn ip_accounting(lab: &Lab) -> Result<Vec<String>, LabError> {
             continue;
         };
         let vm = a["vm"].as_str().unwrap_or("?").to_owned();
-        owners.entry(ip).or_default().push(vm.clone());
-        if !a["primary"].as_bool().unwrap_or(false) && !a["pending"].as_bool().unwrap_or(false) {
-            secondaries.entry(vm).or_default().insert(ip);
+        // A block (prefix mode) holds all its addresses.
+        let len = a["prefix_len"].as_u64().unwrap_or(32).min(32) as u32;
+        let held = (0..1u64 << (32 - len)).map(|i| Ipv4Addr::from(u32::from(ip) + i as u32));
+        for ip in held {
+            owners.entry(ip).or_default().push(vm.clone());
+            if !a["primary"].as_bool().unwrap_or(false) && !a["pending"].as_bool().unwrap_or(false)
+            {
+                secondaries.entry(vm.clone()).or_default().insert(ip);
+            }
         }
     }
     for (ip, vms) in &owners {

@@ -25,9 +25,10 @@ impl Agent {
             && c.releasing == 0
         {
             return Some(format!(
-                "all {cap} addresses this node may hold are allocated (pool.max = {}, NIC limit {})",
+                "all {cap} addresses this node may hold are allocated (pool.max = {}, NIC limit {} addresses)",
                 st.pool.max,
                 crate::config::NIC_SECONDARY_LIMIT
+                    * crate::config::addresses_per_entry(st.pool.prefix_len)
             ));
         }
         None

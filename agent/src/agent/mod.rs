@@ -13,12 +13,16 @@
 //! concurrent requests share fsyncs (group commit) and never wait on each other's I/O.
 //!
 //! The pool task is the only writer to the cloud. An allocation that finds no free address
-//! registers as a waiter and kicks the pool task; the task sees all waiters at once and asks the
-//! cloud for all of them in one write (coalescing). The waiter sleeps until the pool changes or
+//! registers as a waiter and kicks the pool task; the task lets the burst gather (until no new
+//! waiter has come for a short quiet gap, bounded, see [`pool::GATHER`]) and asks the cloud for
+//! all of them, plus the warm target, in one write. The waiter sleeps until the pool changes or
 //! `allocate_timeout` passes (then "try again later"); when the subnet is full or the pool is at
 //! its cap it fails at once with "exhausted".
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
+// The test modules take it from here (`use super::*`); the agent itself no longer needs it.
+#[cfg(test)]
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,12 +45,16 @@ use crate::store::{Store, StoreError, StoreState, Ticket};
 
 mod allocate;
 mod gc;
+#[cfg(test)]
+mod prefix_tests;
 mod reap;
 mod reconcile;
 mod release;
 mod sizing;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_burst;
 
 /// How often the pool is compared with the cloud's view of the NIC in steady state.
 /// (ARM reads are rate-limited per subscription: at 5 minutes, 1,000 nodes make ~3 reads/s.)
@@ -119,6 +127,8 @@ struct Inner {
     memory: pool::Memory,
     pending: u32,
     waiters: u32,
+    /// Allocations that started waiting, ever: the pool task's gather window watches it.
+    arrivals: u64,
     demand: u32,
     subnet_full: bool,
     failures: u32,
@@ -178,7 +188,10 @@ impl WaiterGuard<'_> {
     /// Counts or uncounts the allocation (under the caller's lock).
     fn set(&mut self, st: &mut Inner, waiting: bool) {
         match (self.counted, waiting) {
-            (false, true) => st.waiters += 1,
+            (false, true) => {
+                st.waiters += 1;
+                st.arrivals += 1;
+            }
             (true, false) => st.waiters -= 1,
             _ => {}
         }
@@ -237,6 +250,7 @@ impl Agent {
                 memory: pool::Memory::default(),
                 pending: 0,
                 waiters: 0,
+                arrivals: 0,
                 demand: 0,
                 subnet_full: false,
                 failures: 0,

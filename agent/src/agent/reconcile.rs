@@ -16,10 +16,10 @@ impl Agent {
                 return Err(e);
             }
         };
-        let on_nic: BTreeSet<Ipv4Addr> = listed.iter().map(|s| s.ip).collect();
         let (report, ticket) = {
             let mut st = self.state.lock().unwrap();
-            let (report, records) = st.ipam.reconcile(&on_nic);
+            // A block counts with all its addresses (prefix mode).
+            let (report, records) = st.ipam.reconcile_entries(&listed);
             // The first reconcile (start-up) is repeated soon: a cloud write the previous run
             // started just before dying may land after it.
             st.reconciles += 1;

@@ -30,7 +30,7 @@ impl Agent {
             max: max.unwrap_or(base.max),
             ..base
         };
-        crate::config::check_pool_sizes(wanted.warm, wanted.batch, wanted.max)
+        crate::config::check_pool_sizes_in(wanted.warm, wanted.batch, wanted.max, base.prefix_len)
             .map_err(|(key, message)| format!("{key}: {message}"))?;
         let mut st = self.state.lock().unwrap();
         if st.pool != wanted {
@@ -119,20 +119,30 @@ impl Agent {
         if !leftover.is_empty() {
             self.finish_release(leftover).await;
         }
-        let decision = {
+        let mut decision = self.decide();
+        if matches!(decision, Decision::Grow(_)) && self.waiters_unserved() {
+            // A burst may still be arriving: let it gather, then size the write to all of it.
+            self.gather().await;
+            decision = self.decide();
+        }
+        if let Decision::Grow(n) = decision {
+            let remaining = self.cloud.arm_budget().and_then(|b| b.remaining_writes);
             let mut st = self.state.lock().unwrap();
-            if st.ipam.promote_cooldowns(now_secs()) > 0 {
-                self.changed.notify_waiters();
-            }
             let counts = Self::pool_counts(&st);
             let now = self.epoch.elapsed();
-            let settings = st.pool;
-            let d = pool::decide(&counts, &settings, &mut st.memory, now);
-            if let Decision::Grow(n) = d {
-                st.pending = n;
+            let jitter = rand::random::<f64>();
+            if let Some(until) = pool::top_up_gate(&counts, &mut st.memory, remaining, jitter, now)
+            {
+                info!(
+                    count = n,
+                    remaining_writes = remaining,
+                    retry_in = ?until.saturating_sub(now),
+                    "ARM write budget low: the warm-pool top-up yields to nodes with pods waiting"
+                );
+                return;
             }
-            d
-        };
+            st.pending = n;
+        }
         match decision {
             Decision::Grow(n) => self.grow(n).await,
             Decision::Shrink(n) => {
@@ -152,12 +162,65 @@ impl Agent {
         }
     }
 
+    /// The pool decision for the current counts (cooldowns that ended are promoted first).
+    fn decide(&self) -> Decision {
+        let mut st = self.state.lock().unwrap();
+        if st.ipam.promote_cooldowns(now_secs()) > 0 {
+            self.changed.notify_waiters();
+        }
+        let counts = Self::pool_counts(&st);
+        let now = self.epoch.elapsed();
+        let settings = st.pool;
+        pool::decide(&counts, &settings, &mut st.memory, now)
+    }
+
+    /// Allocations are waiting that the free addresses cannot serve.
+    fn waiters_unserved(&self) -> bool {
+        let st = self.state.lock().unwrap();
+        st.waiters > st.ipam.counts().free
+    }
+
+    /// Waits while allocations keep arriving (see [`pool::gather_until`]): every new waiter
+    /// kicks the pool task, which notes the arrival and extends the window.
+    async fn gather(&self) {
+        let started = tokio::time::Instant::now();
+        let mut arrivals = self.state.lock().unwrap().arrivals;
+        let mut last = Duration::ZERO;
+        let mut extended = 0u32;
+        while let Some(until) = pool::gather_until(
+            &pool::GATHER,
+            Duration::ZERO,
+            last,
+            extended,
+            started.elapsed(),
+        ) {
+            let _ = tokio::time::timeout_at(started + until, self.kick.notified()).await;
+            let seen = self.state.lock().unwrap().arrivals;
+            if seen != arrivals {
+                arrivals = seen;
+                last = started.elapsed();
+                extended += 1;
+            }
+        }
+        let waiters = self.state.lock().unwrap().waiters;
+        info!(waited = ?started.elapsed(), arrivals = extended, waiters, "demand gathered before the write");
+    }
+
     async fn grow(&self, n: u32) {
-        info!(count = n, "asking the cloud for addresses");
-        let result = self
-            .cloud
-            .assign_ips(&self.identity.nic_id, &self.settings.subnet_id, n as usize)
-            .await;
+        let prefix_len = self.settings.pool.prefix_len;
+        let result = if prefix_len < vnet_cloud::SINGLE_ADDRESS {
+            let blocks = n.div_ceil(crate::config::addresses_per_entry(prefix_len));
+            info!(count = n, blocks, "asking the cloud for blocks");
+            let nic = &self.identity.nic_id;
+            self.cloud
+                .assign_blocks(nic, &self.settings.subnet_id, blocks as usize, prefix_len)
+                .await
+        } else {
+            info!(count = n, "asking the cloud for addresses");
+            self.cloud
+                .assign_ips(&self.identity.nic_id, &self.settings.subnet_id, n as usize)
+                .await
+        };
         let mut reconcile = false;
         let ticket = {
             let mut st = self.state.lock().unwrap();
@@ -167,11 +230,9 @@ impl Agent {
                     st.subnet_full = false;
                     st.failures = 0;
                     st.memory.backoff_until = None;
-                    let ips: Vec<Ipv4Addr> = assigned.iter().map(|s| s.ip).collect();
-                    info!(count = ips.len(), "pool grew");
-                    st.ipam
-                        .add_to_pool(&ips)
-                        .map(|r| self.store.submit(vec![r]))
+                    let records = st.ipam.add_entries(&assigned);
+                    info!(count = assigned.len(), "pool grew");
+                    (!records.is_empty()).then(|| self.store.submit(records))
                 }
                 Err(e) => {
                     warn!(error = %e, code = e.code(), "cloud refused new addresses");
@@ -192,6 +253,9 @@ impl Agent {
                         _ => Some(Duration::from_secs((1u64 << exp).min(30))),
                     };
                     if let Some(b) = backoff {
+                        // Never sooner than the cloud asked; spread so nodes that failed
+                        // together do not all come back together.
+                        let b = spread(b.max(e.retry_after().unwrap_or_default()));
                         st.memory.backoff_until = Some(self.epoch.elapsed() + b);
                     }
                     // The write may have happened even though we got an error: look.
@@ -258,24 +322,28 @@ impl Agent {
             st.last_cloud_error = Some(error.to_string());
             st.release_failures = st.release_failures.saturating_add(1);
             let exp = st.release_failures.saturating_sub(1).min(8);
-            let backoff = error
-                .retry_after()
-                .unwrap_or_default()
-                .max(Duration::from_secs(
-                    (1u64 << exp).min(MAX_RELEASE_BACKOFF_SECS),
-                ));
+            let backoff = spread(
+                error
+                    .retry_after()
+                    .unwrap_or_default()
+                    .max(Duration::from_secs(
+                        (1u64 << exp).min(MAX_RELEASE_BACKOFF_SECS),
+                    )),
+            );
             st.release_retry_at = Some(Instant::now() + backoff);
-            if listed
-                .as_ref()
-                .is_ok_and(|l| !l.iter().any(|s| ips.contains(&s.ip)))
-            {
+            if listed.as_ref().is_ok_and(|l| {
+                !l.iter()
+                    .flat_map(|s| s.addresses())
+                    .any(|a| ips.contains(&a))
+            }) {
                 // The write happened after all: nothing to retry.
                 st.release_failures = 0;
                 st.release_retry_at = None;
             }
             match listed {
                 Ok(listed) => {
-                    let on_nic: HashSet<Ipv4Addr> = listed.iter().map(|s| s.ip).collect();
+                    let on_nic: HashSet<Ipv4Addr> =
+                        listed.iter().flat_map(|s| s.addresses()).collect();
                     let (still, gone): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
                         ips.iter().partition(|ip| on_nic.contains(ip));
                     if !still.is_empty() {
@@ -303,4 +371,10 @@ impl Agent {
             self.changed.notify_waiters();
         }
     }
+}
+
+/// A back-off stretched by a random 0-50%: never shorter than `d` (which already honours any
+/// `Retry-After`), and different on every node.
+fn spread(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(1.0..1.5))
 }

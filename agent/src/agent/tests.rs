@@ -73,6 +73,7 @@ fn settings(cloud: &FakeCloud) -> AgentSettings {
             batch: 1,
             max: 10,
             release_delay: Duration::from_secs(3600),
+            prefix_len: 32,
         },
         cooldown_secs: 30,
         allocate_timeout: Duration::from_secs(30),

@@ -13,14 +13,16 @@
 //! {"op":"cooldown","ip":"10.240.0.10","until":1764550042}
 //! {"op":"pool_releasing","ips":["10.240.0.11"]}
 //! {"op":"pool_remove","ips":["10.240.0.11"]}
+//! {"op":"block_add","blocks":["10.240.0.16/28"]}
 //! ```
 //!
 //! `<state_dir>/allocations.snapshot.json`: the whole state at one point, as one JSON document
 //! (`{"format":"vnet-agent-snapshot","version":1,"generation":3,"pool":[...],"allocations":[...],
-//! "cooldown":[...],"releasing":[...]}`). The state is the snapshot with the journal's records replayed on top.
+//! "cooldown":[...],"releasing":[...],"blocks":[...]}`). The state is the snapshot with the journal's records replayed on top.
 //!
 //! Plain JSON because a person debugging a node at 3 a.m. can read it with `jq`, and because the
-//! state is small (at most 255 addresses): an embedded database would buy nothing.
+//! state is small (at most 255 addresses, or 255 blocks of 16 in prefix mode): an embedded
+//! database would buy nothing.
 //!
 //! # Writing
 //!
@@ -76,8 +78,9 @@ const SNAPSHOT_FORMAT: &str = "vnet-agent-snapshot";
 /// The format version of both files. Bump it whenever a record type or a field is added (the
 /// `record_forms_are_pinned_to_the_version` test fails until you do): an older agent refuses a
 /// newer version, while a record with a field it does not know would be read with that field
-/// silently dropped. History: 1: first format; 2: `network` on allocations (CNI GC per network).
-pub const VERSION: u32 = 2;
+/// silently dropped. History: 1: first format; 2: `network` on allocations (CNI GC per network);
+/// 3: prefix mode's `block_add` and the snapshot's `blocks`.
+pub const VERSION: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct JournalOptions {
@@ -112,6 +115,8 @@ struct Snapshot {
     cooldown: Vec<Cooldown>,
     #[serde(default)]
     releasing: Vec<std::net::Ipv4Addr>,
+    #[serde(default)]
+    blocks: Vec<ipnetwork::Ipv4Network>,
 }
 
 struct Batch {
@@ -235,6 +240,7 @@ fn load_up_to(dir: &Path, readable: u32) -> Result<Loaded, StoreError> {
                 .collect();
             state.cooldown = snap.cooldown.into_iter().map(|c| (c.ip, c)).collect();
             state.releasing = snap.releasing.into_iter().collect();
+            state.blocks = snap.blocks.into_iter().collect();
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(&snap_path, e)),
@@ -621,6 +627,7 @@ impl Writer {
             allocations: self.state.allocations.values().cloned().collect(),
             cooldown: self.state.cooldown.values().cloned().collect(),
             releasing: self.state.releasing.iter().copied().collect(),
+            blocks: self.state.blocks.iter().copied().collect(),
         };
         let bytes = serde_json::to_vec(&snapshot).expect("snapshot serializes");
         let snapshot_tmp = write_temp(&self.dir, SNAPSHOT_FILE, &bytes)?;
@@ -888,6 +895,53 @@ mod tests {
     }
 
     #[test]
+    fn blocks_upgrade_a_version_2_directory_and_a_version_2_agent_then_refuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text =
+            String::from("{\"format\":\"vnet-agent-journal\",\"version\":2,\"generation\":0}\n");
+        text.push_str("{\"op\":\"pool_add\",\"ips\":[\"10.240.0.10\"]}\n");
+        std::fs::write(dir.path().join(JOURNAL_FILE), text).unwrap();
+        assert_eq!(load_up_to(dir.path(), 2).unwrap().state.pool.len(), 1);
+        let (store, state) = JournalStore::open(dir.path(), JournalOptions::default()).unwrap();
+        assert!(state.blocks.is_empty());
+        let block: ipnetwork::Ipv4Network = "10.240.0.16/28".parse().unwrap();
+        let addresses: Vec<Ipv4Addr> = block.iter().collect();
+        rt().block_on(
+            store
+                .submit(vec![
+                    Record::PoolAdd { ips: addresses },
+                    Record::BlockAdd {
+                        blocks: vec![block],
+                    },
+                ])
+                .wait(),
+        )
+        .unwrap();
+        store.close();
+        drop(store);
+        let state = JournalStore::read_state(dir.path()).unwrap();
+        assert_eq!(
+            state.blocks.iter().copied().collect::<Vec<_>>(),
+            vec![block]
+        );
+        assert_eq!(state.pool.len(), 17);
+        // Rolled back, a version-2 agent refuses rather than read the block's addresses as
+        // loose ones it would release one by one.
+        let err = load_up_to(dir.path(), 2).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                StoreError::NewerVersion {
+                    version: VERSION,
+                    readable: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn record_forms_are_pinned_to_the_version() {
         // Adding a record type or a field changes these forms: bump VERSION (so an older agent
         // refuses the files instead of dropping the field) and update this list.
@@ -920,6 +974,9 @@ mod tests {
                 ip: ip(0),
                 until: 3,
             },
+            Record::BlockAdd {
+                blocks: vec!["10.240.0.16/28".parse().unwrap()],
+            },
         ];
         let forms: Vec<String> = records
             .iter()
@@ -937,9 +994,10 @@ mod tests {
                 dying_veth: Some("vdel0".into()),
             }],
             releasing: vec![ip(1)],
+            blocks: vec!["10.240.0.16/28".parse().unwrap()],
         };
         let pinned = (
-            2,
+            3,
             vec![
                 r#"{"op":"pool_add","ips":["10.240.0.10"]}"#,
                 r#"{"op":"pool_releasing","ips":["10.240.0.10"]}"#,
@@ -947,8 +1005,9 @@ mod tests {
                 r#"{"op":"allocate","allocation":{"ip":"10.240.0.10","container_id":"c0","ifname":"eth0","pod":{"namespace":"ns","name":"p","uid":"u"},"network":"n","host_veth":"vnet0","allocated_at":1}}"#,
                 r#"{"op":"release","key":{"container_id":"c0","ifname":"eth0"},"ip":"10.240.0.10","cooldown_until":2,"dying_veth":"vdel0"}"#,
                 r#"{"op":"cooldown","ip":"10.240.0.10","until":3}"#,
+                r#"{"op":"block_add","blocks":["10.240.0.16/28"]}"#,
             ],
-            r#"{"format":"vnet-agent-snapshot","version":2,"generation":0,"pool":["10.240.0.10"],"allocations":[{"ip":"10.240.0.10","container_id":"c0","ifname":"eth0","pod":{"namespace":"ns","name":"p","uid":"u"},"network":"n","host_veth":"vnet0","allocated_at":1}],"cooldown":[{"ip":"10.240.0.10","until":1,"dying_veth":"vdel0"}],"releasing":["10.240.0.11"]}"#,
+            r#"{"format":"vnet-agent-snapshot","version":3,"generation":0,"pool":["10.240.0.10"],"allocations":[{"ip":"10.240.0.10","container_id":"c0","ifname":"eth0","pod":{"namespace":"ns","name":"p","uid":"u"},"network":"n","host_veth":"vnet0","allocated_at":1}],"cooldown":[{"ip":"10.240.0.10","until":1,"dying_veth":"vdel0"}],"releasing":["10.240.0.11"],"blocks":["10.240.0.16/28"]}"#,
         );
         assert_eq!(
             (VERSION, forms, serde_json::to_string(&snapshot).unwrap()),

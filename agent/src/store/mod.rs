@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
+use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use vnet_api::{Allocation, AttachmentKey};
@@ -46,6 +47,11 @@ pub enum Record {
     },
     /// The cooldown of `ip` (re)starts now and ends at `until`: written once a dying veth is gone.
     Cooldown { ip: Ipv4Addr, until: u64 },
+    /// Prefix mode: these blocks are on the NIC (their addresses join the pool with a
+    /// `pool_add` in the same batch). An address of a block goes back to the cloud only with
+    /// its whole block. A block is gone once none of its addresses is in the pool or being
+    /// released (after a `pool_remove`): no record of its own.
+    BlockAdd { blocks: Vec<Ipv4Network> },
 }
 
 /// A released address waiting before reuse.
@@ -67,6 +73,8 @@ pub struct StoreState {
     pub cooldown: BTreeMap<Ipv4Addr, Cooldown>,
     /// Out of the pool, being removed from the NIC.
     pub releasing: BTreeSet<Ipv4Addr>,
+    /// Prefix mode: the NIC's blocks that hold pool (or releasing) addresses.
+    pub blocks: BTreeSet<Ipv4Network>,
 }
 
 impl StoreState {
@@ -91,6 +99,11 @@ impl StoreState {
                     self.cooldown.remove(ip);
                     self.releasing.remove(ip);
                 }
+                let (pool, releasing) = (&self.pool, &self.releasing);
+                self.blocks.retain(|b| {
+                    b.iter()
+                        .any(|a| pool.contains(&a) || releasing.contains(&a))
+                });
             }
             Record::Allocate { allocation } => {
                 self.cooldown.remove(&allocation.ip);
@@ -125,6 +138,7 @@ impl StoreState {
                     },
                 );
             }
+            Record::BlockAdd { blocks } => self.blocks.extend(blocks.iter().copied()),
         }
     }
 

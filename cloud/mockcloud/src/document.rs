@@ -18,9 +18,10 @@ pub(crate) const NIC_COMPUTED: [&str; 6] = [
     "ipConfigurations",
 ];
 /// ipConfiguration `properties` the mock models itself; everything else is kept as written.
-pub(crate) const IP_CONFIG_MODELLED: [&str; 6] = [
+pub(crate) const IP_CONFIG_MODELLED: [&str; 7] = [
     "provisioningState",
     "privateIPAddress",
+    "privateIPAddressPrefixLength",
     "privateIPAllocationMethod",
     "privateIPAddressVersion",
     "subnet",
@@ -35,6 +36,8 @@ pub(crate) struct RequestedConfig {
     pub static_allocation: Option<bool>,
     pub subnet_id: Option<String>,
     pub primary: bool,
+    /// `privateIPAddressPrefixLength`: a block instead of one address.
+    pub prefix_len: Option<u8>,
     /// `properties` the mock does not model, kept as written.
     pub extra: Map<String, Value>,
 }
@@ -70,14 +73,35 @@ pub(crate) fn parse_ip_configurations(body: &Value) -> Result<Vec<RequestedConfi
                 ));
             }
             let props = c.get("properties").cloned().unwrap_or(Value::Null);
+            // A block is shown (and may be sent back) as `address/length`.
             let ip = match props.get("privateIPAddress").and_then(Value::as_str) {
                 None | Some("") => None,
-                Some(text) => Some(text.parse().map_err(|_| {
-                    ArmError::bad_request(
-                        "InvalidPrivateIPAddress",
-                        format!("{text} is not a valid IPv4 address."),
-                    )
-                })?),
+                Some(text) => {
+                    let address = text.split_once('/').map_or(text, |(a, _)| a);
+                    Some(address.parse().map_err(|_| {
+                        ArmError::bad_request(
+                            "InvalidPrivateIPAddress",
+                            format!("{text} is not a valid IPv4 address."),
+                        )
+                    })?)
+                }
+            };
+            let prefix_len = match props.get("privateIPAddressPrefixLength") {
+                None | Some(Value::Null) => None,
+                Some(value) => Some(
+                    value
+                        .as_u64()
+                        .filter(|len| (1..=32).contains(len))
+                        .map(|len| len as u8)
+                        .ok_or_else(|| {
+                            ArmError::bad_request(
+                                crate::model::PREFIX_LENGTH_CODE,
+                                format!(
+                                    "ipConfigurations[{i}].privateIPAddressPrefixLength {value} is not a valid IPv4 prefix length."
+                                ),
+                            )
+                        })?,
+                ),
             };
             let static_allocation = match props
                 .get("privateIPAllocationMethod")
@@ -103,6 +127,7 @@ pub(crate) fn parse_ip_configurations(body: &Value) -> Result<Vec<RequestedConfi
                     .get("primary")
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
+                prefix_len,
                 extra: props
                     .as_object()
                     .map(|o| {

@@ -1,4 +1,4 @@
-//! The lab's VNet fabric: a host route `<ip>/32 via <VM primary address>` in the mock's own network
+//! The lab's VNet fabric: a host route `<ip>/32 via <VM primary address>` (`<base>/28` for a block) in the mock's own network
 //! namespace for every secondary address. Changes run in order on one task; `flush` waits for them.
 
 use std::time::Duration;
@@ -54,16 +54,18 @@ impl Fabric {
 
 async fn apply(change: &RouteChange) {
     let args: Vec<String> = match change {
-        RouteChange::Replace { ip, via } => {
+        RouteChange::Replace { ip, len, via } => {
             vec![
                 "route".into(),
                 "replace".into(),
-                format!("{ip}/32"),
+                format!("{ip}/{len}"),
                 "via".into(),
                 via.to_string(),
             ]
         }
-        RouteChange::Delete { ip } => vec!["route".into(), "del".into(), format!("{ip}/32")],
+        RouteChange::Delete { ip, len } => {
+            vec!["route".into(), "del".into(), format!("{ip}/{len}")]
+        }
     };
     let mut command = Command::new("ip");
     command.args(&args).kill_on_drop(true);

@@ -15,6 +15,8 @@ mod document;
 pub mod fabric;
 pub mod faults;
 pub mod model;
+#[cfg(test)]
+mod prefix_tests;
 pub mod rules;
 pub mod scaleset;
 mod server;
@@ -130,6 +132,12 @@ impl MockServer {
 
     pub fn counters(&self) -> Counters {
         self.app.counters()
+    }
+
+    /// Replaces the throttling buckets; every principal's buckets start full again (the
+    /// cluster simulation warms a cluster up unthrottled, then measures under ARM's limits).
+    pub fn set_rate_limits(&self, limits: RateLimits) {
+        self.app.set_rate_limits(limits);
     }
 
     pub fn state(&self) -> StateView {

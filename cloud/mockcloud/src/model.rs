@@ -91,9 +91,23 @@ pub struct IpConfig {
     /// The rest of the ipConfiguration's `properties` as last written (ASGs, pools, ...).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub extra: Map<String, Value>,
+    /// `privateIPAddressPrefixLength`: the configuration holds the aligned block `ip/len`
+    /// instead of the single address `ip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_len: Option<u8>,
 }
 
 impl IpConfig {
+    /// The prefix length of what the configuration holds (32: one address).
+    pub fn held_len(&self) -> u8 {
+        self.prefix_len.unwrap_or(32)
+    }
+
+    /// Every address the configuration holds (one, or the whole block).
+    pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + use<> {
+        block_addresses(self.ip, self.held_len())
+    }
+
     pub fn provisioning_state(&self) -> &'static str {
         if self.pending {
             "Updating"
@@ -174,12 +188,35 @@ pub struct Failure {
     pub rollback: bool,
 }
 
-/// A change the fabric must make for the VNet to deliver an address to its VM.
+/// A change the fabric must make for the VNet to deliver an address (`len` 32) or a block
+/// (`ip/len`) to its VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteChange {
-    Replace { ip: Ipv4Addr, via: Ipv4Addr },
-    Delete { ip: Ipv4Addr },
+    Replace {
+        ip: Ipv4Addr,
+        len: u8,
+        via: Ipv4Addr,
+    },
+    Delete {
+        ip: Ipv4Addr,
+        len: u8,
+    },
 }
+
+/// The addresses of `base/len` (`base` is the block's first address).
+pub fn block_addresses(base: Ipv4Addr, len: u8) -> impl Iterator<Item = Ipv4Addr> + use<> {
+    let first = u32::from(base);
+    let size = 1u64 << (32 - u32::from(len.min(32)));
+    (0..size).map(move |i| Ipv4Addr::from(first.wrapping_add(i as u32)))
+}
+
+/// The only `privateIPAddressPrefixLength` NRP accepts (Azure/azure-cli#30837: "Must be a /28
+/// prefix (Verify on the service side)").
+pub const PREFIX_LENGTH: u8 = 28;
+/// The mock's codes for the prefix rules (unverified; see docs/cloud.md).
+pub const PREFIX_LENGTH_CODE: &str = "InvalidPrivateIPAddressPrefixLength";
+pub const PREFIX_ON_PRIMARY_CODE: &str = "PrivateIPAddressPrefixNotAllowedOnPrimaryIpConfiguration";
+pub const PREFIX_WITH_PUBLIC_IP_CODE: &str = "PublicIPAddressNotAllowedWithPrivateIPAddressPrefix";
 
 /// What survives a restart of the mock (`--state FILE`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -217,6 +254,9 @@ pub struct AddressView {
     /// The ipConfiguration's `provisioningState`.
     #[serde(default)]
     pub provisioning_state: String,
+    /// Set for a block (`ip` is its first address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_len: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -269,6 +309,7 @@ impl Cloud {
                         pending: false,
                         failed: false,
                         extra: primary_extra,
+                        prefix_len: None,
                     }],
                     doc,
                     false,
@@ -281,17 +322,13 @@ impl Cloud {
                         config.subnet
                     )));
                 };
-                if !is_assignable(subnet.prefix, config.ip) {
-                    return Err(MockError::State(format!(
-                        "{name}: {} not assignable",
-                        config.ip
-                    )));
-                }
-                if let Some(other) = owners.insert(config.ip, name.clone()) {
-                    return Err(MockError::State(format!(
-                        "{} held by {other} and {name}",
-                        config.ip
-                    )));
+                for ip in config.addresses() {
+                    if !is_assignable(subnet.prefix, ip) {
+                        return Err(MockError::State(format!("{name}: {ip} not assignable")));
+                    }
+                    if let Some(other) = owners.insert(ip, name.clone()) {
+                        return Err(MockError::State(format!("{ip} held by {other} and {name}")));
+                    }
                 }
             }
             nics.insert(
@@ -367,8 +404,17 @@ impl Cloud {
                 ] {
                     properties[key] = value;
                 }
+                // A block shows as `address/length` beside its length (the form the .NET SDK
+                // documents: "a single IP address or a CIDR block in the format
+                // <address>/<prefix-length>").
                 if !c.pending || c.static_allocation {
-                    properties["privateIPAddress"] = json!(c.ip.to_string());
+                    properties["privateIPAddress"] = match c.prefix_len {
+                        Some(len) => json!(format!("{}/{len}", c.ip)),
+                        None => json!(c.ip.to_string()),
+                    };
+                }
+                if let Some(len) = c.prefix_len {
+                    properties["privateIPAddressPrefixLength"] = json!(len);
                 }
                 json!({
                     "name": c.name,
@@ -476,7 +522,9 @@ impl Cloud {
         nic.generation += 1;
         nic.provisioning_state = "Updating";
         for config in &nic.configs {
-            self.owners.insert(config.ip, key.clone());
+            for ip in config.addresses() {
+                self.owners.insert(ip, key.clone());
+            }
         }
         let id = format!(
             "{:08x}-0000-4000-8000-{:012x}",
@@ -564,12 +612,16 @@ impl Cloud {
         let mut taken: HashSet<Ipv4Addr> = self.owners.keys().copied().collect();
         let mut result = Vec::with_capacity(requested.len());
         let mut dynamic_needed: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut blocks_needed: BTreeMap<(String, u8), Vec<usize>> = BTreeMap::new();
         for r in requested {
-            if let Some(existing) = nic
+            let existing = nic
                 .configs
                 .iter()
-                .find(|c| c.name.eq_ignore_ascii_case(&r.name))
-            {
+                .find(|c| c.name.eq_ignore_ascii_case(&r.name));
+            if let Some(len) = r.prefix_len {
+                check_prefix_request(key, r, len, existing.is_some_and(|e| e.primary))?;
+            }
+            if let Some(existing) = existing {
                 // An existing configuration keeps its address and subnet; a Failed one is
                 // provisioned again by this PUT.
                 let mut kept = existing.clone();
@@ -613,8 +665,42 @@ impl Cloud {
                 pending: true,
                 failed: false,
                 extra: r.extra.clone(),
+                prefix_len: r.prefix_len,
             };
-            if config.static_allocation {
+            if config.static_allocation && r.prefix_len.is_some() {
+                let base = r.ip.ok_or_else(|| {
+                    ArmError::bad_request(
+                        "PrivateIPAddressRequired",
+                        format!(
+                            "IP configuration {} is Static but has no privateIPAddress.",
+                            r.name
+                        ),
+                    )
+                })?;
+                let len = config.held_len();
+                let block: Vec<Ipv4Addr> = block_addresses(base, len).collect();
+                let aligned = u32::from(base) & !(u32::MAX >> len) == u32::from(base);
+                if !aligned || !block.iter().all(|ip| is_assignable(subnet.prefix, *ip)) {
+                    return Err(ArmError::bad_request(
+                        "PrivateIPAddressNotInSubnet",
+                        format!(
+                            "Private static IP address prefix {base}/{len} is not an aligned block of assignable addresses of subnet prefix {}.",
+                            subnet.prefix
+                        ),
+                    ));
+                }
+                if block.iter().any(|ip| taken.contains(ip)) {
+                    return Err(ArmError::bad_request(
+                        "PrivateIPAddressInUse",
+                        format!(
+                            "IP configuration {} is using the private IP address prefix {base}/{len} which is already allocated.",
+                            r.name
+                        ),
+                    ));
+                }
+                taken.extend(block);
+                config.ip = base;
+            } else if config.static_allocation {
                 let ip = r.ip.ok_or_else(|| {
                     ArmError::bad_request(
                         "PrivateIPAddressRequired",
@@ -643,6 +729,11 @@ impl Cloud {
                     ));
                 }
                 config.ip = ip;
+            } else if let Some(len) = r.prefix_len {
+                blocks_needed
+                    .entry((subnet.name.clone(), len))
+                    .or_default()
+                    .push(result.len());
             } else {
                 dynamic_needed
                     .entry(subnet.name.clone())
@@ -650,6 +741,42 @@ impl Cloud {
                     .push(result.len());
             }
             result.push(config);
+        }
+        // Blocks before single addresses, so one PUT's addresses do not split the blocks it
+        // asks for (the order NRP uses is unverified).
+        for ((subnet_name, len), slots) in blocks_needed {
+            let subnet = self.topology.subnet(&subnet_name).expect("checked above");
+            let size = 1u32 << (32 - u32::from(len));
+            let network = u32::from(subnet.prefix.network());
+            let end = u32::from(subnet.prefix.broadcast());
+            let mut free = Vec::new();
+            let mut base = network;
+            while base <= end && free.len() < slots.len() {
+                let candidate = Ipv4Addr::from(base);
+                if block_addresses(candidate, len)
+                    .all(|ip| is_assignable(subnet.prefix, ip) && !taken.contains(&ip))
+                {
+                    free.push(candidate);
+                }
+                base = match base.checked_add(size) {
+                    Some(next) => next,
+                    None => break,
+                };
+            }
+            if free.len() < slots.len() {
+                return Err(ArmError::bad_request(
+                    "SubnetIsFull",
+                    format!(
+                        "Subnet {subnet_name} with address prefix {} does not have enough capacity for {} IP address prefixes of length {len}.",
+                        subnet.prefix,
+                        slots.len()
+                    ),
+                ));
+            }
+            for (slot, base) in slots.into_iter().zip(free) {
+                taken.extend(block_addresses(base, len));
+                result[slot].ip = base;
+            }
         }
         for (subnet_name, slots) in dynamic_needed {
             let subnet = self.topology.subnet(&subnet_name).expect("checked above");
@@ -733,40 +860,58 @@ impl Cloud {
         let op = self.operations.get_mut(id).expect("operation exists");
         let nic = self.nics.get_mut(&op.nic).expect("NIC exists");
         let vm_ip = self.topology.vm(&nic.vm).map(|v| v.primary_ip);
-        let old: HashSet<Ipv4Addr> = op.previous.iter().map(|c| c.ip).collect();
-        // Addresses the fabric delivers already (a Failed entry's address is not delivered).
-        let delivered: HashSet<Ipv4Addr> = op
+        // Entries are keyed by what they hold: an address, or a block's base and length.
+        let old: HashSet<(Ipv4Addr, u8)> =
+            op.previous.iter().map(|c| (c.ip, c.held_len())).collect();
+        // What the fabric delivers already (a Failed entry's address is not delivered).
+        let delivered: HashSet<(Ipv4Addr, u8)> = op
             .previous
             .iter()
             .filter(|c| !c.failed && !c.pending)
-            .map(|c| c.ip)
+            .map(|c| (c.ip, c.held_len()))
             .collect();
-        let new: HashSet<Ipv4Addr> = nic.configs.iter().map(|c| c.ip).collect();
+        let new: HashSet<(Ipv4Addr, u8)> =
+            nic.configs.iter().map(|c| (c.ip, c.held_len())).collect();
+        let owners = &mut self.owners;
+        let mut release = |held: &(Ipv4Addr, u8), routes: &mut Vec<RouteChange>| {
+            for ip in block_addresses(held.0, held.1) {
+                owners.remove(&ip);
+            }
+            if delivered.contains(held) {
+                routes.push(RouteChange::Delete {
+                    ip: held.0,
+                    len: held.1,
+                });
+            }
+        };
         let mut routes = Vec::new();
         match op.failure.take() {
             None => {
-                for ip in old.difference(&new) {
-                    self.owners.remove(ip);
-                    if delivered.contains(ip) {
-                        routes.push(RouteChange::Delete { ip: *ip });
-                    }
+                for held in old.difference(&new) {
+                    release(held, &mut routes);
                 }
                 for config in nic.configs.iter_mut() {
                     config.pending = false;
                     config.failed = false;
                     if !config.primary
-                        && !delivered.contains(&config.ip)
+                        && !delivered.contains(&(config.ip, config.held_len()))
                         && let Some(via) = vm_ip
                     {
-                        routes.push(RouteChange::Replace { ip: config.ip, via });
+                        routes.push(RouteChange::Replace {
+                            ip: config.ip,
+                            len: config.held_len(),
+                            via,
+                        });
                     }
                 }
                 nic.provisioning_state = "Succeeded";
                 op.status = OperationStatus::Succeeded;
             }
             Some(failure) if failure.rollback => {
-                for ip in new.difference(&old) {
-                    self.owners.remove(ip);
+                for (ip, len) in new.difference(&old) {
+                    for ip in block_addresses(*ip, *len) {
+                        self.owners.remove(&ip);
+                    }
                 }
                 nic.configs = std::mem::take(&mut op.previous);
                 nic.doc = std::mem::take(&mut op.previous_doc);
@@ -780,11 +925,8 @@ impl Cloud {
             Some(failure) => {
                 // Released addresses are gone; what the PUT added stays, Failed, holding its
                 // address, until a later PUT succeeds.
-                for ip in old.difference(&new) {
-                    self.owners.remove(ip);
-                    if delivered.contains(ip) {
-                        routes.push(RouteChange::Delete { ip: *ip });
-                    }
+                for held in old.difference(&new) {
+                    release(held, &mut routes);
                 }
                 for config in nic.configs.iter_mut() {
                     if config.pending {
@@ -824,8 +966,13 @@ impl Cloud {
         nic.generation += 1;
         nic.provisioning_state = "Succeeded";
         for config in &lost {
-            self.owners.remove(&config.ip);
-            routes.push(RouteChange::Delete { ip: config.ip });
+            for ip in config.addresses() {
+                self.owners.remove(&ip);
+            }
+            routes.push(RouteChange::Delete {
+                ip: config.ip,
+                len: config.held_len(),
+            });
         }
         self.version += 1;
         Ok((lost.iter().map(|c| c.ip.to_string()).collect(), routes))
@@ -841,6 +988,7 @@ impl Cloud {
             for config in nic.configs.iter().filter(|c| !c.primary && !c.failed) {
                 routes.push(RouteChange::Replace {
                     ip: config.ip,
+                    len: config.held_len(),
                     via: vm.primary_ip,
                 });
             }
@@ -882,6 +1030,7 @@ impl Cloud {
                     primary: c.primary,
                     pending: c.pending,
                     provisioning_state: c.provisioning_state().to_string(),
+                    prefix_len: c.prefix_len,
                 });
             }
             nics.push(NicView {
@@ -1038,6 +1187,45 @@ pub const BUSY_CODE: &str = "RetryableError";
 pub const BUSY_DETAIL_CODE: &str = "RetryableErrorDueToAnotherOperation";
 /// Code of a PUT whose `If-Match` is stale (412).
 pub const ETAG_MISMATCH_CODE: &str = "PreconditionFailedEtagMismatch";
+
+/// NRP's rules for an ipConfiguration that asks for a prefix: /28 only, never the primary
+/// configuration (Azure/azure-cli#30837), no public IP with it (Microsoft's "Assign private IP
+/// address prefixes" page). The codes are the mock's (unverified).
+fn check_prefix_request(
+    nic: &str,
+    r: &RequestedConfig,
+    len: u8,
+    existing_primary: bool,
+) -> Result<(), ArmError> {
+    if len != PREFIX_LENGTH {
+        return Err(ArmError::bad_request(
+            PREFIX_LENGTH_CODE,
+            format!(
+                "IP configuration {} on network interface {nic} has privateIPAddressPrefixLength {len}; only {PREFIX_LENGTH} is supported.",
+                r.name
+            ),
+        ));
+    }
+    if r.primary || existing_primary {
+        return Err(ArmError::bad_request(
+            PREFIX_ON_PRIMARY_CODE,
+            format!(
+                "IP configuration {} on network interface {nic} is primary and cannot have a private IP address prefix.",
+                r.name
+            ),
+        ));
+    }
+    if r.extra.get("publicIPAddress").is_some_and(|v| !v.is_null()) {
+        return Err(ArmError::bad_request(
+            PREFIX_WITH_PUBLIC_IP_CODE,
+            format!(
+                "IP configuration {} on network interface {nic} has a private IP address prefix and cannot have a public IP address.",
+                r.name
+            ),
+        ));
+    }
+    Ok(())
+}
 
 fn fnv(text: &str) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;

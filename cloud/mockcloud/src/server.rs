@@ -121,6 +121,10 @@ impl App {
         lock(&self.counters).clone()
     }
 
+    pub(crate) fn set_rate_limits(&self, limits: crate::throttle::RateLimits) {
+        *lock(&self.limiter) = Limiter::new(limits);
+    }
+
     pub(crate) fn state(&self) -> StateView {
         lock(&self.cloud).state_view()
     }
@@ -828,8 +832,12 @@ async fn arm(
     (Some(operation), response)
 }
 
+/// The first Microsoft.Network api-version whose NIC ipConfiguration carries
+/// `privateIPAddressPrefixLength` (Azure/azure-rest-api-specs#27014 adds it to 2023-09-01).
+pub const PREFIX_API_VERSION: &str = "2023-09-01";
+
 fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &str) -> Response {
-    let body: Value = match serde_json::from_slice(&ctx.body) {
+    let mut body: Value = match serde_json::from_slice(&ctx.body) {
         Ok(body) => body,
         Err(e) => {
             return arm_error(ArmError::bad_request(
@@ -838,6 +846,18 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &
             ));
         }
     };
+    // An older api-version has no such property: the request's prefix length is dropped and
+    // the configuration gets one address (what NRP does then is unverified).
+    let version = ctx.query.get("api-version").map(String::as_str);
+    if version.is_some_and(|v| v < PREFIX_API_VERSION)
+        && let Some(configs) = body["properties"]["ipConfigurations"].as_array_mut()
+    {
+        for config in configs {
+            if let Some(props) = config["properties"].as_object_mut() {
+                props.remove("privateIPAddressPrefixLength");
+            }
+        }
+    }
     let refs = rules::nic_linked_references(&body);
     if let Err(e) = check_linked_access(caller, action_for("nic_put"), scope, refs) {
         return arm_error(e);

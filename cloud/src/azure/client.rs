@@ -397,10 +397,26 @@ impl Client {
         }
         match error.retry_after() {
             Some(after) if after > policy.max_retry_after => None,
-            Some(after) => Some(after),
+            Some(after) => Some(past_retry_after(after)),
             None => Some(policy.backoff(attempt)),
         }
     }
+}
+
+/// The longest a retry is put off beyond `Retry-After` for jitter.
+const MAX_RETRY_JITTER: Duration = Duration::from_secs(10);
+
+/// When to retry after the cloud said `Retry-After: after`: never sooner, and later by a random
+/// share of up to half of it (at most [`MAX_RETRY_JITTER`]). Every node that ARM throttled in the
+/// same second gets the same `Retry-After`; retrying exactly then would bring them back in step,
+/// to be throttled together again.
+pub fn past_retry_after(after: Duration) -> Duration {
+    spread_past(after, rand::random::<f64>())
+}
+
+/// [`past_retry_after`] with the random draw `r` (0..1) given.
+fn spread_past(after: Duration, r: f64) -> Duration {
+    after + (after / 2).min(MAX_RETRY_JITTER).mul_f64(r.clamp(0.0, 1.0))
 }
 
 fn credential(config: &CredentialConfig) -> Result<Option<Arc<dyn TokenCredential>>, CloudError> {
@@ -841,6 +857,25 @@ mod tests {
             matches!(&linked, CloudError::Unauthorized { message } if message.starts_with("missing permission Microsoft.Network/networkSecurityGroups/join/action, Microsoft.Network/applicationSecurityGroups/joinIpConfiguration/action ")),
             "{linked:?}"
         );
+    }
+
+    #[test]
+    fn retries_wait_at_least_retry_after_and_spread_beyond_it() {
+        let s = Duration::from_secs;
+        assert_eq!(spread_past(s(2), 0.0), s(2));
+        assert_eq!(spread_past(s(2), 0.5), Duration::from_millis(2500));
+        assert_eq!(spread_past(s(2), 1.0), s(3));
+        // A long Retry-After is not stretched by more than the cap.
+        assert_eq!(spread_past(s(60), 1.0), s(70));
+        assert_eq!(spread_past(Duration::ZERO, 1.0), Duration::ZERO);
+        let drawn: Vec<Duration> = (0..8).map(|_| past_retry_after(s(1))).collect();
+        assert!(
+            drawn
+                .iter()
+                .all(|d| *d >= s(1) && *d <= Duration::from_millis(1500))
+        );
+        let distinct: std::collections::BTreeSet<_> = drawn.iter().collect();
+        assert!(distinct.len() > 1, "{drawn:?}");
     }
 
     #[test]

@@ -54,6 +54,8 @@ enum Job {
     Assign {
         subnet_id: String,
         names: Vec<String>,
+        /// Prefix mode: each name gets a block of this length.
+        prefix_len: Option<u8>,
     },
     Release {
         ips: Vec<Ipv4Addr>,
@@ -248,12 +250,20 @@ impl Inner {
     }
 
     async fn write_batch(&self, nic_id: &str, batch: Vec<Pending>) {
-        let mut adds: Vec<(String, String)> = Vec::new();
+        let mut adds: Vec<Add> = Vec::new();
         let mut releases: HashSet<Ipv4Addr> = HashSet::new();
         for pending in &batch {
             match &pending.job {
-                Job::Assign { subnet_id, names } => {
-                    adds.extend(names.iter().map(|n| (n.clone(), subnet_id.clone())));
+                Job::Assign {
+                    subnet_id,
+                    names,
+                    prefix_len,
+                } => {
+                    adds.extend(names.iter().map(|n| Add {
+                        name: n.clone(),
+                        subnet_id: subnet_id.clone(),
+                        prefix_len: *prefix_len,
+                    }));
                 }
                 Job::Release { ips } => releases.extend(ips.iter().copied()),
                 Job::Repair => {}
@@ -290,11 +300,11 @@ impl Inner {
     async fn update_nic(
         &self,
         nic_id: &str,
-        adds: &[(String, String)],
+        adds: &[Add],
         releases: &HashSet<Ipv4Addr>,
     ) -> Result<Value, CloudError> {
         let policy = &self.client.config.retry;
-        let subnet_id = adds.first().map(|(_, s)| s.as_str());
+        let subnet_id = adds.first().map(|a| a.subnet_id.as_str());
         let url = self.arm_url(nic_id, NETWORK_API_VERSION);
         let mut attempt = 0;
         let mut last_error: Option<CloudError> = None;
@@ -316,8 +326,14 @@ impl Inner {
             let (url, body, etag) = match vmss::instance_of_nic(nic_id) {
                 None => (url.clone(), body, etag),
                 Some((instance, name)) => {
+                    // Compute's instance model has no prefix length (docs/cloud.md): blocks
+                    // are refused before they get here.
+                    let plain: Vec<(String, String)> = adds
+                        .iter()
+                        .map(|a| (a.name.clone(), a.subnet_id.clone()))
+                        .collect();
                     let write = self
-                        .instance_write(instance, name, &nic, adds, releases)
+                        .instance_write(instance, name, &nic, &plain, releases)
                         .await?;
                     (write.url, write.body, write.etag)
                 }
@@ -357,7 +373,7 @@ impl Inner {
             }
             let delay = match error.retry_after() {
                 Some(after) if after > policy.max_retry_after => return Err(error),
-                Some(after) => after,
+                Some(after) => client::past_retry_after(after),
                 None => policy.backoff(attempt),
             };
             tracing::info!(nic_id, attempt, ?delay, %error, "NIC write failed; retrying");
@@ -365,6 +381,32 @@ impl Inner {
             self.client.sleep(delay).await;
         }
     }
+}
+
+/// One ipConfiguration to add.
+struct Add {
+    name: String,
+    subnet_id: String,
+    prefix_len: Option<u8>,
+}
+
+/// What an ipConfiguration holds: its address, and the block's length (32: one address).
+/// Azure shows a block's `privateIPAddress` as `address/len` beside
+/// `privateIPAddressPrefixLength`; a bare address with the length is read the same way, host
+/// bits masked.
+fn config_network(config: &Value) -> Option<(Ipv4Addr, u8)> {
+    let text = config["properties"]["privateIPAddress"].as_str()?;
+    let (address, suffix) = match text.split_once('/') {
+        Some((address, suffix)) => (address, Some(suffix.parse::<u8>().ok()?)),
+        None => (text, None),
+    };
+    let address: Ipv4Addr = address.parse().ok()?;
+    let len = match config["properties"]["privateIPAddressPrefixLength"].as_u64() {
+        Some(len) => u8::try_from(len).ok()?,
+        None => suffix.unwrap_or(crate::SINGLE_ADDRESS),
+    };
+    let network = Ipv4Network::new(address, len).ok()?;
+    Some((network.network(), len))
 }
 
 /// Whether the NIC or one of its ipConfigurations is `Failed` (stays so until a PUT succeeds).
@@ -386,7 +428,7 @@ fn is_succeeded(config: &Value) -> bool {
 /// The NIC body with our entries changed, or `None` when it already is as wanted. New entries
 /// carry the primary ipConfiguration's application security groups: Azure refuses a NIC whose
 /// ipConfigurations do not all belong to the same ASGs.
-fn edited(nic: &Value, adds: &[(String, String)], releases: &HashSet<Ipv4Addr>) -> Option<Value> {
+fn edited(nic: &Value, adds: &[Add], releases: &HashSet<Ipv4Addr>) -> Option<Value> {
     let configs = nic["properties"]["ipConfigurations"]
         .as_array()
         .cloned()
@@ -411,24 +453,28 @@ fn edited(nic: &Value, adds: &[(String, String)], releases: &HashSet<Ipv4Addr>) 
             let ours = c["name"]
                 .as_str()
                 .is_some_and(|n| n.starts_with(IP_CONFIG_PREFIX));
-            let address = c["properties"]["privateIPAddress"]
-                .as_str()
-                .and_then(|a| a.parse().ok());
-            !(ours && address.is_some_and(|a: Ipv4Addr| releases.contains(&a)))
+            let address = config_network(c).map(|(a, _)| a);
+            !(ours && address.is_some_and(|a| releases.contains(&a)))
         })
         .collect();
     let mut changed = configs.len() != before;
-    for (name, subnet_id) in adds {
-        if !configs.iter().any(|c| c["name"].as_str() == Some(name)) {
+    for add in adds {
+        if !configs
+            .iter()
+            .any(|c| c["name"].as_str() == Some(&add.name))
+        {
             let mut entry = json!({
-                "name": name,
+                "name": add.name,
                 "properties": {
                     "privateIPAllocationMethod": "Dynamic",
                     "privateIPAddressVersion": "IPv4",
                     "primary": false,
-                    "subnet": {"id": subnet_id},
+                    "subnet": {"id": add.subnet_id},
                 }
             });
+            if let Some(len) = add.prefix_len {
+                entry["properties"]["privateIPAddressPrefixLength"] = json!(len);
+            }
             if let Some(asgs) = &primary_asgs {
                 entry["properties"]["applicationSecurityGroups"] = asgs.clone();
             }
@@ -457,7 +503,7 @@ fn secondary_ips(nic: &Value) -> Vec<SecondaryIp> {
             if !name.starts_with(IP_CONFIG_PREFIX) || !is_succeeded(c) {
                 return None;
             }
-            let ip = c["properties"]["privateIPAddress"].as_str()?.parse().ok()?;
+            let (ip, prefix_len) = config_network(c)?;
             Some(SecondaryIp {
                 name: name.to_string(),
                 ip,
@@ -465,6 +511,7 @@ fn secondary_ips(nic: &Value) -> Vec<SecondaryIp> {
                     .as_str()
                     .unwrap_or_default()
                     .to_string(),
+                prefix_len,
             })
         })
         .collect()
@@ -497,12 +544,7 @@ fn complete_secondary_ips(nic: &Value) -> Result<Vec<SecondaryIp>, CloudError> {
                     .unwrap_or_default()
             )));
         }
-        if name.starts_with(IP_CONFIG_PREFIX)
-            && c["properties"]["privateIPAddress"]
-                .as_str()
-                .and_then(|a| a.parse::<Ipv4Addr>().ok())
-                .is_none()
-        {
+        if name.starts_with(IP_CONFIG_PREFIX) && config_network(c).is_none() {
             return Err(incomplete(&format!(
                 "ipConfiguration {name} has no IPv4 address"
             )));
@@ -722,6 +764,31 @@ impl CloudProvider for AzureProvider {
         let job = Job::Assign {
             subnet_id: subnet_id.to_string(),
             names,
+            prefix_len: None,
+        };
+        self.inner.submit(nic_id, job).await
+    }
+
+    async fn assign_blocks(
+        &self,
+        nic_id: &str,
+        subnet_id: &str,
+        count: usize,
+        prefix_len: u8,
+    ) -> Result<Vec<SecondaryIp>, CloudError> {
+        if vmss::instance_of_nic(nic_id).is_some() {
+            return Err(CloudError::Fatal(format!(
+                "prefix mode is not available on a Uniform scale-set instance ({nic_id}): Compute's instance update has no privateIPAddressPrefixLength (docs/cloud.md); use address mode"
+            )));
+        }
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let names = (0..count).map(|_| unique_name()).collect();
+        let job = Job::Assign {
+            subnet_id: subnet_id.to_string(),
+            names,
+            prefix_len: Some(prefix_len),
         };
         self.inner.submit(nic_id, job).await
     }
@@ -741,6 +808,52 @@ impl CloudProvider for AzureProvider {
 mod tests {
     use super::*;
 
+    fn add(name: &str, prefix_len: Option<u8>) -> Add {
+        Add {
+            name: name.into(),
+            subnet_id: "/s".into(),
+            prefix_len,
+        }
+    }
+
+    #[test]
+    fn a_block_is_read_from_address_slash_length_or_a_bare_address_with_its_length() {
+        let cidr = json!({"properties": {"privateIPAddress": "10.0.0.16/28", "privateIPAddressPrefixLength": 28}});
+        let bare = json!({"properties": {"privateIPAddress": "10.0.0.21", "privateIPAddressPrefixLength": 28}});
+        let single = json!({"properties": {"privateIPAddress": "10.0.0.7"}});
+        let base: Ipv4Addr = "10.0.0.16".parse().unwrap();
+        assert_eq!(config_network(&cidr), Some((base, 28)));
+        assert_eq!(config_network(&bare), Some((base, 28)), "host bits masked");
+        assert_eq!(
+            config_network(&single),
+            Some(("10.0.0.7".parse().unwrap(), 32))
+        );
+        assert_eq!(
+            config_network(&json!({"properties": {"privateIPAddress": "10.0.0.16/x"}})),
+            None
+        );
+    }
+
+    #[test]
+    fn a_new_block_entry_asks_for_its_prefix_length_and_releases_match_its_first_address() {
+        let nic = json!({"properties": {"ipConfigurations": [
+            {"name": "ipconfig1", "properties": {"primary": true, "privateIPAddress": "10.0.0.4"}},
+            {"name": "vnet-cni-a", "properties": {"privateIPAddress": "10.0.0.16/28", "privateIPAddressPrefixLength": 28}},
+        ]}});
+        let body = edited(&nic, &[add("vnet-cni-b", Some(28))], &HashSet::new()).unwrap();
+        let configs = body["properties"]["ipConfigurations"].as_array().unwrap();
+        assert_eq!(configs[2]["properties"]["privateIPAddressPrefixLength"], 28);
+        let release: HashSet<Ipv4Addr> = ["10.0.0.16".parse().unwrap()].into();
+        let body = edited(&nic, &[], &release).unwrap();
+        assert_eq!(
+            body["properties"]["ipConfigurations"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
     #[test]
     fn edit_touches_only_our_entries() {
         let nic = json!({"properties": {"ipConfigurations": [
@@ -750,7 +863,7 @@ mod tests {
         ]}});
         let release: HashSet<Ipv4Addr> =
             ["10.0.0.9".parse().unwrap(), "10.0.0.5".parse().unwrap()].into();
-        let body = edited(&nic, &[("vnet-cni-b".into(), "/s".into())], &release).unwrap();
+        let body = edited(&nic, &[add("vnet-cni-b", None)], &release).unwrap();
         let names: Vec<&str> = body["properties"]["ipConfigurations"]
             .as_array()
             .unwrap()
@@ -759,7 +872,7 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["ipconfig1", "someone-else", "vnet-cni-b"]);
         // Once applied there is nothing left to do: an unknown outcome resolves by re-reading.
-        assert!(edited(&body, &[("vnet-cni-b".into(), "/s".into())], &release).is_none());
+        assert!(edited(&body, &[add("vnet-cni-b", None)], &release).is_none());
     }
 
     #[test]

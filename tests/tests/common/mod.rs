@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use vnet_lab::lab::{Lab, LabConfig, LabGuard, PoolConfig, is_root};
+use vnet_lab::lab::{Lab, LabConfig, LabGuard, PoolConfig, PoolMode, is_root};
 use vnet_lab::verify::{ip_accounting, leftover_links, settle};
 
 pub mod node_image;
@@ -29,6 +29,18 @@ pub fn lab_of(
     pool: PoolConfig,
     faults: Option<String>,
 ) -> LabGuard {
+    lab_in_mode(test, nodes, kinds, pool, faults, PoolMode::Address)
+}
+
+/// [`lab_of`] with the agents' `pool.mode`.
+pub fn lab_in_mode(
+    test: &str,
+    nodes: usize,
+    kinds: &str,
+    pool: PoolConfig,
+    faults: Option<String>,
+    mode: PoolMode,
+) -> LabGuard {
     assert!(
         is_root(),
         "needs root: the e2e tests build network namespaces (run `cargo test` as root)"
@@ -38,6 +50,7 @@ pub fn lab_of(
     cfg.pool = pool;
     cfg.faults = faults;
     cfg.node_kinds = vnet_lab::lab::parse_node_kinds(kinds).expect("node kinds");
+    cfg.pool_mode = mode;
     for bin in ["vnet-mockcloud", "vnet-agent", "vnet-cni"] {
         assert!(
             cfg.bin_dir.join(bin).is_file(),
