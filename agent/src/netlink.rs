@@ -1,33 +1,30 @@
 //! Deleting "dying" host veths that DEL handed over (names starting with
 //! [`vnet_api::TOMBSTONE_PREFIX`]), through rtnetlink in the agent's own network namespace.
 //!
-//! Deleting a veth costs the kernel ~20 ms, mostly RCU grace periods, and DEL waits for it (the
-//! pod's end must be gone when DEL returns). Deletions that are one netlink request share those
-//! grace periods: every tombstone pending at once is put in the interface group [`REAP_GROUP`]
-//! and the group is deleted with one `RTM_DELLINK` (20 veths in ~28 ms instead of ~400 ms). The
-//! address of a dying veth stays out of the pool until the link is gone, then waits out the
-//! cooldown: a new pod never shares an address with a link that may still carry the old pod's
-//! packets.
+//! A DEL waits for its veth: the pod's end must be gone when DEL returns. Every tombstone
+//! pending at once is put in an interface group ([`REAP_GROUP`]) and the group is deleted with
+//! one `RTM_DELLINK`, and the batch is answered as soon as the kernel has unlisted its links
+//! (its `RTM_DELLINK` notifications), not when the request returns ~15-20 ms later after an RCU
+//! grace period that frees the memory ([`batch`]). The address of a dying veth stays out of the
+//! pool until the link is gone, then waits out the cooldown: a new pod never shares an address
+//! with a link that may still carry the old pod's packets.
 //!
 //! The agent never switches namespaces: it is started in the node's namespace and opens its
 //! netlink socket there. Tests hand a [`Rtnetlink`] a handle opened inside a private namespace.
 
-use std::sync::{Arc, Mutex};
+mod batch;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
-use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_packet_route::link::LinkAttribute;
 
 /// The first of [`REAP_SLOTS`] interface groups the agent moves tombstones into right before it
 /// deletes each group with one request ("vdl" + 1 in ASCII). Reserved for this: any link in
 /// them is deleted with a batch, so nothing else on the node may use them.
 pub const REAP_GROUP: u32 = 0x7664_6c31;
-/// Deletions the agent keeps in the kernel at once, each on its own netlink socket and thread.
-/// Concurrent requests overlap their grace-period waits (20 `ip link del` in parallel take ~80
-/// ms where one after the other take ~450 ms); each also deletes a whole batch.
+/// Batches being deleted at once until their links are unlisted, one interface group each
+/// (requests answered early may still wait out the kernel's grace period meanwhile, on their
+/// own sockets and threads, never a runtime worker).
 pub const REAP_SLOTS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -73,9 +70,8 @@ pub trait LinkOps: Send + Sync + 'static {
 /// The real thing: route-netlink sockets in the namespace they were opened in.
 pub struct Rtnetlink {
     handle: rtnetlink::Handle,
-    /// Blocking sockets for batch deletions, one per slot: a deletion blocks its caller in the
-    /// kernel for ~20 ms, so it runs on a blocking thread, never on a runtime worker.
-    deleters: Arc<Mutex<Vec<Deleter>>>,
+    /// Batch deletions on blocking sockets, with the listener that answers them early.
+    batches: Option<batch::Batches>,
 }
 
 impl Rtnetlink {
@@ -84,12 +80,9 @@ impl Rtnetlink {
     pub fn open() -> std::io::Result<Rtnetlink> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
-        let deleters = (0..REAP_SLOTS)
-            .map(|i| Deleter::open(REAP_GROUP + i as u32))
-            .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Rtnetlink {
             handle,
-            deleters: Arc::new(Mutex::new(deleters)),
+            batches: Some(batch::Batches::open()?),
         })
     }
 
@@ -97,117 +90,8 @@ impl Rtnetlink {
     pub fn from_handle(handle: rtnetlink::Handle) -> Rtnetlink {
         Rtnetlink {
             handle,
-            deleters: Arc::default(),
+            batches: None,
         }
-    }
-}
-
-/// A blocking route-netlink socket that deletes batches: every link joins the socket's own
-/// interface group, then the group is deleted with one `RTM_DELLINK`, so the kernel unregisters
-/// them together and they share one set of grace periods.
-struct Deleter {
-    socket: Socket,
-    group: u32,
-    seq: u32,
-}
-
-impl Deleter {
-    fn open(group: u32) -> std::io::Result<Deleter> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        Ok(Deleter {
-            socket,
-            group,
-            seq: 0,
-        })
-    }
-
-    /// Sends one request and waits for its acknowledgement.
-    fn request(&mut self, msg: RouteNetlinkMessage) -> Result<(), LinkError> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut nl = NetlinkMessage::from(msg);
-        nl.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        nl.header.sequence_number = self.seq;
-        nl.finalize();
-        let mut buf = vec![0u8; nl.buffer_len()];
-        nl.serialize(&mut buf);
-        let io = |e: std::io::Error| LinkError::Other(e.to_string());
-        self.socket.send(&buf, 0).map_err(io)?;
-        loop {
-            let (data, _) = self.socket.recv_from_full().map_err(io)?;
-            let mut offset = 0;
-            while offset < data.len() {
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
-                    .map_err(|e| LinkError::Other(e.to_string()))?;
-                let len = reply.header.length as usize;
-                if reply.header.sequence_number == self.seq
-                    && let NetlinkPayload::Error(e) = reply.payload
-                {
-                    return match e.code {
-                        None => Ok(()),
-                        Some(code) => Err(LinkError::Kernel {
-                            errno: code.get().abs(),
-                            message: e.to_io().to_string(),
-                        }),
-                    };
-                }
-                if len == 0 {
-                    break;
-                }
-                offset += len;
-            }
-        }
-    }
-
-    /// `RTM_DELLINK` by name; a link that is not there is success.
-    fn delete_by_name(&mut self, name: &str) -> Result<(), LinkError> {
-        let mut msg = LinkMessage::default();
-        msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
-        match self.request(RouteNetlinkMessage::DelLink(msg)) {
-            Err(e) if e.is_not_found() => Ok(()),
-            other => other,
-        }
-    }
-
-    fn delete_batch(&mut self, names: &[String]) -> Vec<Result<(), LinkError>> {
-        if names.len() == 1 {
-            return vec![self.delete_by_name(&names[0])];
-        }
-        let mut results: Vec<Option<Result<(), LinkError>>> = Vec::with_capacity(names.len());
-        let mut grouped = 0;
-        for name in names {
-            let mut join = LinkMessage::default();
-            join.attributes.push(LinkAttribute::IfName(name.clone()));
-            join.attributes.push(LinkAttribute::Group(self.group));
-            match self.request(RouteNetlinkMessage::SetLink(join)) {
-                Ok(()) => {
-                    grouped += 1;
-                    results.push(None);
-                }
-                // Already gone: nothing to delete.
-                Err(e) if e.is_not_found() => results.push(Some(Ok(()))),
-                Err(e) => results.push(Some(Err(e))),
-            }
-        }
-        if grouped > 0 {
-            // Index 0 and IFLA_GROUP: the kernel deletes every link of the group at once.
-            let mut del = LinkMessage::default();
-            del.attributes.push(LinkAttribute::Group(self.group));
-            match self.request(RouteNetlinkMessage::DelLink(del)) {
-                // ENODEV: none of them is left in the group (deleted meanwhile).
-                Err(e) if !e.is_not_found() => {
-                    tracing::warn!(error = %e, links = grouped, "deleting the batch failed; one by one");
-                    for (name, result) in names.iter().zip(results.iter_mut()) {
-                        if result.is_none() {
-                            *result = Some(self.delete_by_name(name));
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
     }
 }
 
@@ -239,31 +123,19 @@ impl LinkOps for Rtnetlink {
         }
     }
 
-    /// Deletes the batch on one of the blocking sockets (see [`Deleter`]); without a free one,
-    /// one request per link on the async handle.
+    /// Deletes the batch with one request on a blocking socket ([`batch`]), answered once every
+    /// link is unlisted; without batch sockets, one request per link on the async handle.
     async fn delete_links(&self, names: &[String]) -> Vec<Result<(), LinkError>> {
-        let deleter = self.deleters.lock().unwrap().pop();
-        let Some(mut deleter) = deleter else {
-            let mut results = Vec::with_capacity(names.len());
-            for name in names {
-                results.push(self.delete_link(name).await);
+        match &self.batches {
+            Some(batches) => batches.delete(names).await,
+            None => {
+                let mut results = Vec::with_capacity(names.len());
+                for name in names {
+                    results.push(self.delete_link(name).await);
+                }
+                results
             }
-            return results;
-        };
-        let n = names.len();
-        let names = names.to_vec();
-        let pool = self.deleters.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            let results = deleter.delete_batch(&names);
-            pool.lock().unwrap().push(deleter);
-            results
-        })
-        .await;
-        joined.unwrap_or_else(|e| {
-            (0..n)
-                .map(|_| Err(LinkError::Other(format!("deletion thread failed: {e}"))))
-                .collect()
-        })
+        }
     }
 
     async fn links_with_prefix(&self, prefix: &str) -> Result<Vec<String>, LinkError> {

@@ -56,6 +56,80 @@ struct PhaseRun {
     ms: Vec<f64>,
     wall_s: f64,
     failures: usize,
+    cpu: PhaseCpu,
+}
+
+/// CPU time (user + system) spent while one phase ran, in ms.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct PhaseCpu {
+    /// The phase's cnitool processes and the plugins they started (`RUSAGE_CHILDREN`), with the
+    /// kernel work done in their context (ptp's veth deletion, for example).
+    clients_ms: f64,
+    /// node-1's vnet-agent, all threads (`/proc/<pid>/task/*/schedstat`), with the kernel work
+    /// of its netlink requests.
+    agent_ms: f64,
+    /// The whole machine (`/proc/stat`, 10 ms ticks): also kernel threads, softirqs (RCU
+    /// callbacks) and anything else running, such as other builds.
+    machine_ms: f64,
+}
+
+/// A reading of the counters [`PhaseCpu`] is the difference of.
+struct CpuMark {
+    children_ms: f64,
+    agent_ms: f64,
+    machine_ms: f64,
+}
+
+impl CpuMark {
+    fn now(agent: Option<i32>) -> CpuMark {
+        // SAFETY: an all-zero rusage is a valid value (plain integers), and getrusage only
+        // writes the struct it is given.
+        let ru = unsafe {
+            let mut ru: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+            ru
+        };
+        let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+        let agent_ms = agent
+            .and_then(|pid| fs::read_dir(format!("/proc/{pid}/task")).ok())
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+                    .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+                    .sum::<f64>()
+                    / 1e6
+            })
+            .unwrap_or(f64::NAN);
+        // user nice system idle iowait irq softirq steal, in USER_HZ (100/s) ticks.
+        let machine_ms = fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let f: Vec<f64> = s
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .take(8)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                (f.len() == 8).then(|| (f.iter().sum::<f64>() - f[3] - f[4]) * 10.0)
+            })
+            .unwrap_or(f64::NAN);
+        CpuMark {
+            children_ms: tv(ru.ru_utime) + tv(ru.ru_stime),
+            agent_ms,
+            machine_ms,
+        }
+    }
+
+    fn since(&self, before: &CpuMark) -> PhaseCpu {
+        PhaseCpu {
+            clients_ms: self.children_ms - before.children_ms,
+            agent_ms: self.agent_ms - before.agent_ms,
+            machine_ms: self.machine_ms - before.machine_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -125,6 +199,8 @@ fn run_phase(lab: &Lab, v: &Variant, op: &str, pods: &[String], conc: usize) -> 
     let next = AtomicUsize::new(0);
     let samples = Mutex::new(Vec::with_capacity(pods.len()));
     let failures = AtomicUsize::new(0);
+    let agent = lab.agent_pid("node-1");
+    let cpu_before = CpuMark::now(agent);
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..conc.max(1) {
@@ -146,10 +222,12 @@ fn run_phase(lab: &Lab, v: &Variant, op: &str, pods: &[String], conc: usize) -> 
             });
         }
     });
+    let wall_s = start.elapsed().as_secs_f64();
     PhaseRun {
         ms: samples.into_inner().expect("samples"),
-        wall_s: start.elapsed().as_secs_f64(),
+        wall_s,
         failures: failures.into_inner(),
+        cpu: CpuMark::now(agent).since(&cpu_before),
     }
 }
 
@@ -743,13 +821,20 @@ pub fn run(cfg: &LabConfig, opts: &BenchOptions) -> Result<(), LabError> {
             };
             let pods_per_s = median(runs.iter().map(|r| r.ms.len() as f64 / r.wall_s).collect());
             let failures: usize = runs.iter().map(|r| r.failures).sum();
+            let n = |r: &PhaseRun| r.ms.len().max(1) as f64;
+            let cpu_per_op = json!({
+                "clients_ms": median(runs.iter().map(|r| r.cpu.clients_ms / n(r)).collect()),
+                "agent_ms": median(runs.iter().map(|r| r.cpu.agent_ms / n(r)).collect()),
+                "machine_ms": median(runs.iter().map(|r| r.cpu.machine_ms / n(r)).collect()),
+            });
             per_phase.insert(
                 PHASES[pi].to_owned(),
                 json!({
                     "median_of_reps": med,
                     "pods_per_s": pods_per_s,
                     "failures": failures,
-                    "reps": runs.iter().map(|r| json!({"stats": stats(&r.ms), "wall_s": r.wall_s, "samples_ms": r.ms})).collect::<Vec<_>>(),
+                    "cpu_ms_per_op": cpu_per_op,
+                    "reps": runs.iter().map(|r| json!({"stats": stats(&r.ms), "wall_s": r.wall_s, "cpu_ms": r.cpu, "samples_ms": r.ms})).collect::<Vec<_>>(),
                 }),
             );
             summary.push((
@@ -852,6 +937,20 @@ fn markdown(r: &Value, summary: &[(String, String, Stats, f64, usize)]) -> Strin
                 f2(&v["pods_per_s_vnet_over_ptp"])
             );
         }
+    }
+    let _ = writeln!(
+        md,
+        "\nCPU per operation (ms, median over repetitions): the cnitool processes and the plugins they ran, node-1's agent, and the whole machine (kernel threads, softirqs and other load included; 10 ms ticks).\n\n| plugin | phase | clients | agent | machine |\n|---|---|---|---|---|"
+    );
+    for (label, phase, ..) in summary {
+        let c = &r["latency"][label][phase]["cpu_ms_per_op"];
+        let _ = writeln!(
+            md,
+            "| {label} | {phase} | {} | {} | {} |",
+            f2(&c["clients_ms"]),
+            f2(&c["agent_ms"]),
+            f2(&c["machine_ms"])
+        );
     }
     let _ = writeln!(md, "\n## Cold-pool burst\n");
     let runs = match r["cold_burst_runs"].as_array() {
@@ -1102,6 +1201,7 @@ mod tests {
             ms: vec![1.0, 2.0, 3.0],
             wall_s: 1.0,
             failures: 0,
+            cpu: PhaseCpu::default(),
         };
         let lat = vec![
             ("a".to_owned(), vec![vec![run.clone()]; 4]),

@@ -10,8 +10,9 @@
 //!    (`tombstone_veth_name(host veth)`, `vdel…`): the agent deletes only tombstone names, and a
 //!    DEL that runs again after one that died finds it;
 //! 2. asks the agent to release the address and delete the tombstone, and waits for the answer:
-//!    the agent deletes it before it answers, together with every other deletion pending at that
-//!    moment, and says so (`dying_veth_deleted`);
+//!    the agent deletes it together with every other deletion pending at that moment and answers
+//!    once the kernel has unlisted both ends (its `RTM_DELLINK`), without waiting for the grace
+//!    period after which the kernel frees them, and says so (`dying_veth_deleted`);
 //! 3. deletes the link itself when the agent did not (an older agent that deletes in the
 //!    background, or a failed deletion): never returns with the link still there.
 //!
