@@ -185,6 +185,9 @@ pub struct SimResult {
     pub not_on_nic: u64,
     pub peak_rss_mib: f64,
     pub wall_s: f64,
+    /// The mock's counters over the measurement: calls by operation, answers by status.
+    #[serde(default)]
+    pub counters: vnet_mockcloud::Counters,
     /// When each pod was wired, seconds after the measurement started (sorted).
     pub wired_at_s: Vec<f64>,
     pub settings: serde_json::Value,

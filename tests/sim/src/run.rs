@@ -249,6 +249,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
         peak_rss_mib: crate::peak_rss_mib(),
         wall_s: wall.elapsed().as_secs_f64(),
         wired_at_s: wired_at,
+        counters: c.clone(),
         settings: settings_json(cfg),
     };
     drop(nodes);
