@@ -222,11 +222,15 @@ impl Ipam {
             .map(|e| e.network())
             .filter(|b| !self.blocks.contains(b))
             .collect();
-        let mut records: Vec<Record> = self.add_to_pool(&ips).into_iter().collect();
+        // The block is recorded before its addresses: the journal keeps a batch's lines in
+        // order, so whatever part of the batch survives a crash never holds a block's addresses
+        // without the block (they would replay as loose addresses, released one by one).
+        let mut records = Vec::new();
         if !new_blocks.is_empty() {
             self.blocks.extend(new_blocks.iter().copied());
             records.push(Record::BlockAdd { blocks: new_blocks });
         }
+        records.extend(self.add_to_pool(&ips));
         records
     }
 
@@ -376,8 +380,14 @@ impl Ipam {
             .collect();
         if !new_blocks.is_empty() {
             self.blocks.extend(new_blocks.iter().copied());
-            // Last in the batch: a `pool_remove` before it must not prune it on replay.
-            records.push(Record::BlockAdd { blocks: new_blocks });
+            // Right before the `pool_add` of its addresses (see `add_entries`: whatever part of
+            // the batch survives a crash never holds them without the block), and after the
+            // batch's first `pool_remove`, which would prune a block that holds nothing yet.
+            let at = records
+                .iter()
+                .position(|r| matches!(r, Record::PoolAdd { .. }))
+                .unwrap_or(records.len());
+            records.insert(at, Record::BlockAdd { blocks: new_blocks });
         }
         (report, records)
     }

@@ -104,3 +104,39 @@ fn reconcile_adopts_a_new_block_and_forgets_a_vanished_one_keeping_its_pods() {
     assert_eq!(Ipam::from_state(state).blocks(), ipam.blocks());
     ipam.check();
 }
+
+/// A crash can keep any leading part of a batch's journal lines: no part may hold a block's
+/// addresses without the block, or they would replay as loose addresses and go back to the
+/// cloud one by one while pods use the rest of the block.
+#[test]
+fn no_part_of_a_batch_holds_a_blocks_addresses_without_the_block() {
+    let holds_loose_block_addresses = |state: &StoreState| {
+        state.pool.iter().any(|ip| {
+            ip.octets()[3] >= 16
+                && ip.octets()[3] < 32
+                && !state.blocks.iter().any(|b| b.contains(*ip))
+        })
+    };
+    let mut ipam = Ipam::default();
+    let grown = ipam.add_entries(&[block("10.240.0.16")]);
+    let mut adopting = Ipam::default();
+    let (_, adopted) = adopting.reconcile_entries(&[block("10.240.0.16")]);
+    for (what, records) in [("growth", grown), ("reconcile", adopted)] {
+        for cut in 0..=records.len() {
+            let mut state = StoreState::default();
+            replay(&records[..cut], &mut state);
+            assert!(
+                !holds_loose_block_addresses(&state),
+                "{what}: the first {cut} of {records:?} hold the block's addresses without it"
+            );
+        }
+        let mut state = StoreState::default();
+        replay(&records, &mut state);
+        assert_eq!(
+            state.blocks.len(),
+            1,
+            "{what}: the whole batch keeps the block"
+        );
+        assert_eq!(state.pool.len(), 16);
+    }
+}

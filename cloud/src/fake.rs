@@ -251,7 +251,10 @@ impl CloudProvider for FakeCloud {
         if let Some(error) = state.scripted_failures.pop_front() {
             return Err(error);
         }
-        state.secondary.retain(|s| !ips.contains(&s.ip));
+        // As the Azure provider: a block goes only when all its addresses are named.
+        state
+            .secondary
+            .retain(|s| !s.addresses().all(|a| ips.contains(&a)));
         Ok(())
     }
 }

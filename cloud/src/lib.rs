@@ -206,8 +206,9 @@ pub trait CloudProvider: Send + Sync + 'static {
         ))
     }
 
-    /// Removes the given entries from the NIC, each named by its address (a block by its first
-    /// address; the whole block goes). Entries already absent are not an error.
+    /// Removes the given entries from the NIC, each named by its address; a block goes only when
+    /// every one of its addresses is named (part of a block leaves it on the NIC, since pods may
+    /// use the rest). Entries already absent are not an error.
     async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
 
     /// The cloud API's last reported request budget, for metrics (`None`: not reported).

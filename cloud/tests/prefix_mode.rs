@@ -56,11 +56,20 @@ async fn blocks_are_assigned_listed_and_released_whole() {
     assert_eq!(single[0].ip, ip("10.240.0.5"));
     assert!(!single[0].is_block());
 
-    // Releasing a block by its first address removes the whole block and nothing else.
+    // Part of a block (here its first address) does not take the block: pods may use the rest.
     provider
         .release_ips(&nic, &[ip("10.240.0.16")])
         .await
         .unwrap();
+    let still = provider.list_secondary_ips(&nic).await.unwrap();
+    assert!(
+        still
+            .iter()
+            .any(|s| s.ip == ip("10.240.0.16") && s.is_block())
+    );
+    // Releasing all its addresses removes the whole block and nothing else.
+    let whole: Vec<Ipv4Addr> = (16..32).map(|i| Ipv4Addr::new(10, 240, 0, i)).collect();
+    provider.release_ips(&nic, &whole).await.unwrap();
     let mut listed = provider.list_secondary_ips(&nic).await.unwrap();
     listed.sort_by_key(|s| s.ip);
     let left: Vec<(Ipv4Addr, u8)> = listed.iter().map(|s| (s.ip, s.prefix_len)).collect();

@@ -453,8 +453,14 @@ fn edited(nic: &Value, adds: &[Add], releases: &HashSet<Ipv4Addr>) -> Option<Val
             let ours = c["name"]
                 .as_str()
                 .is_some_and(|n| n.starts_with(IP_CONFIG_PREFIX));
-            let address = config_network(c).map(|(a, _)| a);
-            !(ours && address.is_some_and(|a| releases.contains(&a)))
+            // A block goes only when every one of its addresses is released: a release that
+            // names part of a block (an agent that lost track of it) must not take the
+            // addresses pods still use with it.
+            let released = config_network(c).is_some_and(|(base, len)| {
+                Ipv4Network::new(base, len)
+                    .is_ok_and(|net| net.iter().all(|a| releases.contains(&a)))
+            });
+            !(ours && released)
         })
         .collect();
     let mut changed = configs.len() != before;
@@ -835,7 +841,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_block_entry_asks_for_its_prefix_length_and_releases_match_its_first_address() {
+    fn a_new_block_entry_asks_for_its_prefix_length_and_goes_only_with_all_its_addresses() {
         let nic = json!({"properties": {"ipConfigurations": [
             {"name": "ipconfig1", "properties": {"primary": true, "privateIPAddress": "10.0.0.4"}},
             {"name": "vnet-cni-a", "properties": {"privateIPAddress": "10.0.0.16/28", "privateIPAddressPrefixLength": 28}},
@@ -843,7 +849,10 @@ mod tests {
         let body = edited(&nic, &[add("vnet-cni-b", Some(28))], &HashSet::new()).unwrap();
         let configs = body["properties"]["ipConfigurations"].as_array().unwrap();
         assert_eq!(configs[2]["properties"]["privateIPAddressPrefixLength"], 28);
-        let release: HashSet<Ipv4Addr> = ["10.0.0.16".parse().unwrap()].into();
+        // Part of a block is not the block: it stays, whatever the caller asked.
+        let part: HashSet<Ipv4Addr> = ["10.0.0.16".parse().unwrap()].into();
+        assert!(edited(&nic, &[], &part).is_none());
+        let release: HashSet<Ipv4Addr> = (16..32).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
         let body = edited(&nic, &[], &release).unwrap();
         assert_eq!(
             body["properties"]["ipConfigurations"]
