@@ -79,6 +79,7 @@ impl Agent {
                         Step::Done(a, self.store.submit(Vec::new()), false)
                     }
                     AllocOutcome::New(a, record) => {
+                        st.note_arrival();
                         Step::Done(a, self.store.submit(vec![record]), true)
                     }
                     AllocOutcome::Empty => match self.exhausted_reason(&st) {

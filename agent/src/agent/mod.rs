@@ -127,8 +127,11 @@ struct Inner {
     memory: pool::Memory,
     pending: u32,
     waiters: u32,
-    /// Allocations that started waiting, ever: the pool task's gather window watches it.
+    /// Allocations that took a new address or started waiting, ever: the pool task's gather
+    /// window watches it.
     arrivals: u64,
+    /// When the latest of them came: a top-up decided right after it gathers too.
+    last_arrival: Option<tokio::time::Instant>,
     demand: u32,
     subnet_full: bool,
     failures: u32,
@@ -140,6 +143,13 @@ struct Inner {
     /// Consecutive failed releases, and when the next may be tried.
     release_failures: u32,
     release_retry_at: Option<Instant>,
+}
+
+impl Inner {
+    fn note_arrival(&mut self) {
+        self.arrivals += 1;
+        self.last_arrival = Some(tokio::time::Instant::now());
+    }
 }
 
 pub struct Agent {
@@ -190,7 +200,7 @@ impl WaiterGuard<'_> {
         match (self.counted, waiting) {
             (false, true) => {
                 st.waiters += 1;
-                st.arrivals += 1;
+                st.note_arrival();
             }
             (true, false) => st.waiters -= 1,
             _ => {}
@@ -251,6 +261,7 @@ impl Agent {
                 pending: 0,
                 waiters: 0,
                 arrivals: 0,
+                last_arrival: None,
                 demand: 0,
                 subnet_full: false,
                 failures: 0,

@@ -120,8 +120,13 @@ impl Agent {
             self.finish_release(leftover).await;
         }
         let mut decision = self.decide();
-        if matches!(decision, Decision::Grow(_)) && self.waiters_unserved() {
+        if matches!(decision, Decision::Grow(_))
+            && (self.waiters_unserved() || self.arrived_within(pool::GATHER.quiet_first))
+        {
             // A burst may still be arriving: let it gather, then size the write to all of it.
+            // That holds for a top-up too: when a scale-out's first ADDs take the warm
+            // addresses, the top-up they trigger would leave with `warm` addresses while the
+            // rest of the burst, a moment behind, waits for a second write.
             self.gather().await;
             decision = self.decide();
         }
@@ -172,6 +177,12 @@ impl Agent {
         let now = self.epoch.elapsed();
         let settings = st.pool;
         pool::decide(&counts, &settings, &mut st.memory, now)
+    }
+
+    /// An allocation took a new address or started waiting less than `gap` ago.
+    fn arrived_within(&self, gap: Duration) -> bool {
+        let st = self.state.lock().unwrap();
+        st.last_arrival.is_some_and(|t| t.elapsed() < gap)
     }
 
     /// Allocations are waiting that the free addresses cannot serve.

@@ -186,3 +186,35 @@ async fn a_top_up_yields_on_a_low_write_budget_while_a_waiter_driven_grow_procee
         t.await.unwrap().expect("allocated");
     }
 }
+
+/// A scale-out on a warm node: the first pods take the warm addresses and trigger a top-up while
+/// the rest of the burst is a moment behind. The top-up gathers too, so one write serves the
+/// burst; before, it left with `warm` addresses and the rest waited for a second write.
+#[tokio::test(start_paused = true)]
+async fn a_top_up_triggered_by_a_burst_gathers_the_rest_of_it() {
+    let cloud = Arc::new(BudgetCloud::default());
+    let agent = agent(&cloud, 8, 8);
+    agent.pool_step().await;
+    assert_eq!(cloud.fake.assign_calls(), 1);
+    assert_eq!(agent.status().pool.free, 8);
+    let (stop, shutdown) = watch::channel(false);
+    let pool_task = tokio::spawn(agent.clone().run_pool(shutdown));
+    let mut tasks = spawn_allocations(&agent, 0..8);
+    for t in tasks.drain(..) {
+        t.await.unwrap().expect("served from the warm pool");
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    tasks.extend(spawn_allocations(&agent, 8..30));
+    let mut ips = BTreeSet::new();
+    for t in tasks {
+        let ip = t.await.unwrap().expect("allocated").allocation.ip;
+        assert!(ips.insert(ip), "{ip} handed out twice");
+    }
+    assert_eq!(
+        cloud.fake.assign_calls(),
+        2,
+        "the warm fill, then one write for the rest of the burst"
+    );
+    stop.send(true).unwrap();
+    pool_task.await.unwrap();
+}
