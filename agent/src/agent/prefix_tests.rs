@@ -3,12 +3,13 @@
 
 use vnet_cloud::fake::FakeCloud;
 
+use super::tests::{ready_agent, request, settings};
 use super::*;
 use crate::store::MemoryStore;
 
 fn prefix_agent(cloud: Arc<FakeCloud>, warm: u32, batch: u32, cooldown_secs: u64) -> Arc<Agent> {
+    let base = settings(&cloud);
     let settings = AgentSettings {
-        node_name: "node-1".into(),
         pool: pool::Settings {
             warm,
             batch,
@@ -17,32 +18,10 @@ fn prefix_agent(cloud: Arc<FakeCloud>, warm: u32, batch: u32, cooldown_secs: u64
             prefix_len: 28,
         },
         cooldown_secs,
-        allocate_timeout: Duration::from_secs(30),
-        host_veth_prefix: "vnet".into(),
-        mtu: 1500,
-        subnet_id: cloud.identity().subnet_id.clone(),
-        spool_dir: None,
+        ..base
     };
     let identity = cloud.identity().clone();
-    let agent = Agent::new(
-        settings,
-        identity,
-        cloud,
-        Arc::new(MemoryStore::new()),
-        StoreState::default(),
-        Arc::new(Metrics::new()),
-    );
-    agent.set_ready(true);
-    agent
-}
-
-fn request(id: &str) -> AllocateRequest {
-    AllocateRequest {
-        key: format!("{id}/eth0").parse().unwrap(),
-        network: None,
-        netns: None,
-        pod: Default::default(),
-    }
+    ready_agent(settings, identity, cloud, Arc::new(MemoryStore::new()))
 }
 
 fn blocks_on_nic(cloud: &FakeCloud) -> Vec<String> {

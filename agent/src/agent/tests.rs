@@ -65,7 +65,8 @@ impl CloudProvider for FlakyCloud {
     }
 }
 
-fn settings(cloud: &FakeCloud) -> AgentSettings {
+/// Settings for the agent's unit tests (every test module here starts from them).
+pub(super) fn settings(cloud: &FakeCloud) -> AgentSettings {
     AgentSettings {
         node_name: "node-1".into(),
         pool: pool::Settings {
@@ -94,6 +95,16 @@ fn agent_with_settings(
     settings: AgentSettings,
 ) -> Arc<Agent> {
     let identity = cloud.fake.identity().clone();
+    ready_agent(settings, identity, cloud, store)
+}
+
+/// A ready agent with an empty state (shared by the test modules).
+pub(super) fn ready_agent(
+    settings: AgentSettings,
+    identity: NodeIdentity,
+    cloud: Arc<dyn CloudProvider>,
+    store: Arc<dyn Store>,
+) -> Arc<Agent> {
     let agent = Agent::new(
         settings,
         identity,
@@ -106,7 +117,7 @@ fn agent_with_settings(
     agent
 }
 
-fn request(id: &str) -> AllocateRequest {
+pub(super) fn request(id: &str) -> AllocateRequest {
     AllocateRequest {
         key: format!("{id}/eth0").parse().unwrap(),
         network: None,

@@ -5,6 +5,7 @@
 use vnet_cloud::fake::FakeCloud;
 use vnet_cloud::{ArmBudget, SecondaryIp};
 
+use super::tests::{ready_agent, request, settings};
 use super::*;
 use crate::store::MemoryStore;
 
@@ -50,41 +51,23 @@ impl CloudProvider for BudgetCloud {
 }
 
 fn agent(cloud: &Arc<BudgetCloud>, warm: u32, batch: u32) -> Arc<Agent> {
+    let base = settings(&cloud.fake);
     let settings = AgentSettings {
-        node_name: "node-1".into(),
         pool: pool::Settings {
             warm,
             batch,
             max: 250,
-            release_delay: Duration::from_secs(3600),
-            prefix_len: 32,
+            ..base.pool
         },
-        cooldown_secs: 30,
-        allocate_timeout: Duration::from_secs(30),
-        host_veth_prefix: "vnet".into(),
-        mtu: 1500,
-        subnet_id: cloud.fake.identity().subnet_id.clone(),
-        spool_dir: None,
+        ..base
     };
-    let agent = Agent::new(
+    let identity = cloud.fake.identity().clone();
+    ready_agent(
         settings,
-        cloud.fake.identity().clone(),
+        identity,
         cloud.clone(),
         Arc::new(MemoryStore::new()),
-        StoreState::default(),
-        Arc::new(Metrics::new()),
-    );
-    agent.set_ready(true);
-    agent
-}
-
-fn request(id: &str) -> AllocateRequest {
-    AllocateRequest {
-        key: format!("{id}/eth0").parse().unwrap(),
-        network: None,
-        netns: None,
-        pod: Default::default(),
-    }
+    )
 }
 
 fn spawn_allocations(
