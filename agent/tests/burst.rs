@@ -6,36 +6,18 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use vnet_agent::config::{Config, CredentialKind, ProviderKind};
-use vnet_mockcloud::{Faults, MockConfig, MockServer, Topology};
+use vnet_mockcloud::{MockConfig, MockServer, Topology};
 
 async fn start_mock() -> MockServer {
     let topology = Topology::single_subnet("10.240.0.0/16".parse().unwrap(), 1);
-    let mut config = MockConfig::new(topology);
-    // The lab's operation timing (the mock's default is Azure's Retry-After: 10).
-    config.faults = Faults {
-        operation_retry_after_secs: Some(1),
-        ..Faults::default()
-    };
-    MockServer::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("mock starts")
-}
-
-fn mock_config(root: &std::path::Path, mock: &MockServer) -> Config {
-    let mut config = test_config(root);
-    config.cloud.provider = ProviderKind::Mock;
-    config.cloud.credential = CredentialKind::None;
-    config.cloud.arm_endpoint = mock.base_url();
-    config.cloud.imds_endpoint = mock.imds_endpoint("node-1");
-    config
+    start_mock_with_lab_timing(MockConfig::new(topology)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_adds_on_an_empty_pool_take_one_nic_write() {
     let mock = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = mock_config(dir.path(), &mock);
+    let mut config = mock_agent_config(dir.path(), &mock);
     config.pool.warm = 0;
     config.pool.batch = 8;
     let provider = vnet_agent::provider::build(&config.cloud).unwrap();

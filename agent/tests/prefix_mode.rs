@@ -6,11 +6,11 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use vnet_agent::config::{Config, CredentialKind, PoolMode, ProviderKind};
+use vnet_agent::config::{Config, PoolMode};
 use vnet_agent::daemon;
 use vnet_agent::netlink::NoLinks;
 use vnet_mockcloud::topology::{Orchestration, ScaleSetSpec};
-use vnet_mockcloud::{Faults, MockConfig, MockServer, Topology};
+use vnet_mockcloud::{MockConfig, MockServer, Topology};
 
 async fn mock(uniform: bool) -> MockServer {
     let mut topology = Topology::single_subnet("10.240.0.0/16".parse().unwrap(), 1);
@@ -21,22 +21,11 @@ async fn mock(uniform: bool) -> MockServer {
         }];
         topology.vms[0].scale_set = Some("pool".into());
     }
-    let mut config = MockConfig::new(topology);
-    config.faults = Faults {
-        operation_retry_after_secs: Some(1),
-        ..Faults::default()
-    };
-    MockServer::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("mock starts")
+    start_mock_with_lab_timing(MockConfig::new(topology)).await
 }
 
 fn prefix_config(root: &std::path::Path, mock: &MockServer) -> Config {
-    let mut config = test_config(root);
-    config.cloud.provider = ProviderKind::Mock;
-    config.cloud.credential = CredentialKind::None;
-    config.cloud.arm_endpoint = mock.base_url();
-    config.cloud.imds_endpoint = mock.imds_endpoint("node-1");
+    let mut config = mock_agent_config(root, mock);
     config.pool.mode = PoolMode::Prefix;
     config.pool.warm = 2;
     config.pool.batch = 2;

@@ -168,3 +168,24 @@ where
     }
     panic!("never happened: {what}");
 }
+
+/// A mock on loopback with the lab's operation timing (`Retry-After: 1`; the mock's default is
+/// Azure's 10), from `config` as the test shaped it.
+pub async fn start_mock_with_lab_timing(
+    mut config: vnet_mockcloud::MockConfig,
+) -> vnet_mockcloud::MockServer {
+    config.faults.operation_retry_after_secs = Some(1);
+    vnet_mockcloud::MockServer::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("mock starts")
+}
+
+/// [`test_config`] with node-1 of `mock` as the cloud (the mock provider, no credential).
+pub fn mock_agent_config(root: &std::path::Path, mock: &vnet_mockcloud::MockServer) -> Config {
+    let mut config = test_config(root);
+    config.cloud.provider = vnet_agent::config::ProviderKind::Mock;
+    config.cloud.credential = vnet_agent::config::CredentialKind::None;
+    config.cloud.arm_endpoint = mock.base_url();
+    config.cloud.imds_endpoint = mock.imds_endpoint("node-1");
+    config
+}
