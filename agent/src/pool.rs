@@ -53,6 +53,20 @@ pub const GATHER: Gather = Gather {
     max: Duration::from_secs(1),
 };
 
+impl Gather {
+    /// The window for an agent whose allocations wait at most `allocate_timeout`: gathering may
+    /// take a tenth of that at most, so a short configured wait is not spent gathering (at the
+    /// default 30 s the cap stays 1 s).
+    pub fn within(&self, allocate_timeout: Duration) -> Gather {
+        let max = self.max.min(allocate_timeout / 10);
+        Gather {
+            quiet_first: self.quiet_first.min(max),
+            quiet_burst: self.quiet_burst.min(max),
+            max,
+        }
+    }
+}
+
 /// While a write for waiters gathers (first waiter seen at `started`, `arrivals` more since, the
 /// latest at `last_arrival`): the instant to wait until, or `None` when the write leaves now.
 pub fn gather_until(
@@ -660,5 +674,14 @@ mod tests {
             target(&counts(250, 0, 0, 0, 9), &S, &Memory::default()),
             250
         );
+    }
+
+    #[test]
+    fn the_gather_window_takes_at_most_a_tenth_of_the_allocation_wait() {
+        assert_eq!(GATHER.within(Duration::from_secs(30)), GATHER);
+        let short = GATHER.within(Duration::from_secs(1));
+        assert_eq!(short.max, Duration::from_millis(100));
+        assert_eq!(short.quiet_burst, Duration::from_millis(100));
+        assert_eq!(short.quiet_first, GATHER.quiet_first);
     }
 }

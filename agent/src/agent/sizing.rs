@@ -198,13 +198,10 @@ impl Agent {
         let mut arrivals = self.state.lock().unwrap().arrivals;
         let mut last = Duration::ZERO;
         let mut extended = 0u32;
-        while let Some(until) = pool::gather_until(
-            &pool::GATHER,
-            Duration::ZERO,
-            last,
-            extended,
-            started.elapsed(),
-        ) {
+        let window = pool::GATHER.within(self.settings.allocate_timeout);
+        while let Some(until) =
+            pool::gather_until(&window, Duration::ZERO, last, extended, started.elapsed())
+        {
             let _ = tokio::time::timeout_at(started + until, self.kick.notified()).await;
             let seen = self.state.lock().unwrap().arrivals;
             if seen != arrivals {
