@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::model::{
     ArmError, Cloud, MAX_IP_CONFIGS_PER_NIC, NIC_LIMIT_CODE, OperationStatus, PREFIX_LENGTH_CODE,
-    PREFIX_ON_PRIMARY_CODE, RouteChange, Timing,
+    PREFIX_ON_PRIMARY_CODE, PREFIX_WITH_PUBLIC_IP_CODE, RouteChange, Timing,
 };
 use crate::topology::Topology;
 
@@ -121,6 +121,25 @@ fn only_28_and_never_the_primary() {
         json!(28);
     let err = put(&mut c, &body).unwrap_err();
     assert_eq!(err.code, PREFIX_ON_PRIMARY_CODE);
+}
+
+#[test]
+fn a_block_cannot_carry_a_public_ip() {
+    let mut c = cloud("10.0.0.0/24", 1);
+    let mut body = body_with_blocks(&c, &["a"], 28);
+    let pip = c
+        .topology
+        .resource_id("Microsoft.Network/publicIPAddresses", "pip-a");
+    let configs = body["properties"]["ipConfigurations"]
+        .as_array_mut()
+        .unwrap();
+    configs.last_mut().unwrap()["properties"]["publicIPAddress"] = json!({"id": pip});
+    let err = put(&mut c, &body).unwrap_err();
+    assert_eq!(
+        (err.status, err.code.as_str()),
+        (400, PREFIX_WITH_PUBLIC_IP_CODE)
+    );
+    assert_eq!(c.state_view().addresses.len(), 1, "nothing was written");
 }
 
 #[test]
