@@ -138,64 +138,11 @@ fn nth(net: Ipv4Network, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.network()) + n)
 }
 
-#[async_trait]
-impl CloudProvider for FakeCloud {
-    async fn discover(&self) -> Result<NodeIdentity, CloudError> {
-        Ok(self.identity.clone())
-    }
-
-    async fn list_secondary_ips(&self, nic_id: &str) -> Result<Vec<SecondaryIp>, CloudError> {
-        if nic_id != self.identity.nic_id {
-            return Err(CloudError::NotFound(nic_id.to_owned()));
-        }
-        Ok(self.state.lock().unwrap().secondary.clone())
-    }
-
-    async fn assign_ips(
-        &self,
-        nic_id: &str,
-        subnet_id: &str,
-        count: usize,
-    ) -> Result<Vec<SecondaryIp>, CloudError> {
-        self.assign_calls.fetch_add(1, Ordering::SeqCst);
-        if nic_id != self.identity.nic_id {
-            return Err(CloudError::NotFound(nic_id.to_owned()));
-        }
-        let mut state = self.state.lock().unwrap();
-        if let Some(error) = state.scripted_failures.pop_front() {
-            return Err(error);
-        }
-        if state.secondary.len() + 1 + count > NIC_IP_LIMIT {
-            return Err(CloudError::NicLimitReached {
-                message: format!("a NIC holds at most {NIC_IP_LIMIT} IP configurations"),
-            });
-        }
-        let broadcast = u32::from(self.identity.subnet_prefix.broadcast());
-        let mut added = Vec::with_capacity(count);
-        for _ in 0..count {
-            let host = u32::from(self.identity.subnet_prefix.network()) + state.next_host;
-            if host >= broadcast {
-                return Err(CloudError::SubnetFull {
-                    subnet_id: subnet_id.to_owned(),
-                    message: format!("no capacity for {count} addresses"),
-                });
-            }
-            state.next_host += 1;
-            state.serial += 1;
-            added.push(SecondaryIp {
-                name: format!("{IP_CONFIG_PREFIX}{}", state.serial),
-                ip: Ipv4Addr::from(host),
-                subnet_id: subnet_id.to_owned(),
-                prefix_len: crate::SINGLE_ADDRESS,
-            });
-        }
-        state.secondary.extend(added.iter().cloned());
-        Ok(added)
-    }
-
-    /// Aligned blocks drawn from the same counter as addresses (so they never overlap), each
-    /// one ipConfiguration toward [`NIC_IP_LIMIT`].
-    async fn assign_blocks(
+impl FakeCloud {
+    /// `count` entries of `prefix_len` (32: single addresses), aligned, drawn from one counter
+    /// (so addresses and blocks never overlap), each one ipConfiguration toward
+    /// [`NIC_IP_LIMIT`]. All or nothing, like one NIC PUT.
+    fn assign(
         &self,
         nic_id: &str,
         subnet_id: &str,
@@ -220,26 +167,61 @@ impl CloudProvider for FakeCloud {
         let broadcast = u32::from(self.identity.subnet_prefix.broadcast());
         let mut added = Vec::with_capacity(count);
         let mut next = state.next_host;
+        let mut serial = state.serial;
         for _ in 0..count {
             let base = (network + next).div_ceil(size) * size;
             if base + size > broadcast {
                 return Err(CloudError::SubnetFull {
                     subnet_id: subnet_id.to_owned(),
-                    message: format!("no free aligned /{prefix_len} for {count} blocks"),
+                    message: format!("no free /{prefix_len} for {count} entries"),
                 });
             }
             next = base + size - network;
-            state.serial += 1;
+            serial += 1;
             added.push(SecondaryIp {
-                name: format!("{IP_CONFIG_PREFIX}{}", state.serial),
+                name: format!("{IP_CONFIG_PREFIX}{serial}"),
                 ip: Ipv4Addr::from(base),
                 subnet_id: subnet_id.to_owned(),
                 prefix_len,
             });
         }
         state.next_host = next;
+        state.serial = serial;
         state.secondary.extend(added.iter().cloned());
         Ok(added)
+    }
+}
+
+#[async_trait]
+impl CloudProvider for FakeCloud {
+    async fn discover(&self) -> Result<NodeIdentity, CloudError> {
+        Ok(self.identity.clone())
+    }
+
+    async fn list_secondary_ips(&self, nic_id: &str) -> Result<Vec<SecondaryIp>, CloudError> {
+        if nic_id != self.identity.nic_id {
+            return Err(CloudError::NotFound(nic_id.to_owned()));
+        }
+        Ok(self.state.lock().unwrap().secondary.clone())
+    }
+
+    async fn assign_ips(
+        &self,
+        nic_id: &str,
+        subnet_id: &str,
+        count: usize,
+    ) -> Result<Vec<SecondaryIp>, CloudError> {
+        self.assign(nic_id, subnet_id, count, crate::SINGLE_ADDRESS)
+    }
+
+    async fn assign_blocks(
+        &self,
+        nic_id: &str,
+        subnet_id: &str,
+        count: usize,
+        prefix_len: u8,
+    ) -> Result<Vec<SecondaryIp>, CloudError> {
+        self.assign(nic_id, subnet_id, count, prefix_len)
     }
 
     async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
