@@ -391,8 +391,17 @@ impl Client {
 
     /// How long to wait before retrying after `error`, or `None` to give up.
     pub fn retry_delay(&self, error: &CloudError, attempt: u32) -> Option<Duration> {
+        if attempt >= self.config.retry.max_attempts {
+            return None;
+        }
+        self.delay_before_retry(error, attempt)
+    }
+
+    /// The wait before another try after `error` (`Retry-After` with jitter, or the back-off),
+    /// or `None` when it is not worth retrying at all; callers bound the attempts themselves.
+    pub fn delay_before_retry(&self, error: &CloudError, attempt: u32) -> Option<Duration> {
         let policy = &self.config.retry;
-        if !error.is_retryable() || attempt >= policy.max_attempts {
+        if !error.is_retryable() {
             return None;
         }
         match error.retry_after() {

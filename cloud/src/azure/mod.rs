@@ -368,13 +368,8 @@ impl Inner {
                 Ok(reply) => error_from_reply(&reply, subnet_id),
                 Err(error) => error,
             };
-            if !error.is_retryable() {
+            let Some(delay) = self.client.delay_before_retry(&error, attempt) else {
                 return Err(error);
-            }
-            let delay = match error.retry_after() {
-                Some(after) if after > policy.max_retry_after => return Err(error),
-                Some(after) => client::past_retry_after(after),
-                None => policy.backoff(attempt),
             };
             tracing::info!(nic_id, attempt, ?delay, %error, "NIC write failed; retrying");
             last_error = Some(error);
