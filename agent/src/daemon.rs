@@ -69,24 +69,13 @@ fn read_identity(state_dir: &std::path::Path) -> Option<vnet_cloud::NodeIdentity
 fn write_identity(
     state_dir: &std::path::Path,
     identity: &vnet_cloud::NodeIdentity,
-) -> std::io::Result<()> {
-    std::fs::create_dir_all(state_dir)?;
-    let bytes = serde_json::to_vec_pretty(identity).map_err(std::io::Error::other)?;
-    write_atomically(&state_dir.join(IDENTITY_FILE), &bytes)
-}
-
-/// Temp file, fsync, rename, fsync of the directory.
-fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+) -> Result<(), StoreError> {
+    std::fs::create_dir_all(state_dir).map_err(|e| StoreError::Io {
+        path: state_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let bytes = serde_json::to_vec_pretty(identity).expect("the identity serializes");
+    crate::store::journal::write_atomic(state_dir, IDENTITY_FILE, &bytes)
 }
 
 /// How often forwarding and the nftables table are re-checked (and restored).

@@ -168,7 +168,8 @@ fn install(dir: &Path, tmp: &Path, name: &str) -> Result<(), StoreError> {
 }
 
 /// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, fsync directory.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+/// Temp file, fsync, rename, fsync of the directory: `dir/name` is the old bytes or the new.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = write_temp(dir, name, bytes)?;
     install(dir, &tmp, name)
 }
