@@ -117,10 +117,23 @@ async fn a_steady_trickle_does_not_hold_the_write_back_past_the_cap() {
     let (stop, shutdown) = watch::channel(false);
     let pool_task = tokio::spawn(agent.clone().run_pool(shutdown));
     let mut tasks = Vec::new();
+    let first = tokio::time::Instant::now();
+    let mut first_write_by = None;
     for i in 0..100 {
         tasks.extend(spawn_allocations(&agent, i..i + 1));
         tokio::time::sleep(Duration::from_millis(20)).await;
+        if first_write_by.is_none() && cloud.fake.assign_calls() > 0 {
+            first_write_by = Some(first.elapsed());
+        }
     }
+    // The first write left within the cap of the first waiter (plus one 20 ms step of this
+    // loop's sampling), while the trickle was still coming.
+    let by = first_write_by.expect("a write left while the trickle went on");
+    assert!(
+        by <= pool::GATHER.max + Duration::from_millis(20),
+        "the first write waited {by:?}, past the {:?} cap",
+        pool::GATHER.max
+    );
     for t in tasks {
         t.await.unwrap().expect("allocated");
     }
