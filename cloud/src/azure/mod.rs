@@ -218,6 +218,25 @@ impl Inner {
             .clone()
     }
 
+    /// `count` new entries (single addresses, or blocks of `prefix_len`) in the next NIC write.
+    async fn assign(
+        self: &Arc<Self>,
+        nic_id: &str,
+        subnet_id: &str,
+        count: usize,
+        prefix_len: Option<u8>,
+    ) -> Result<Vec<SecondaryIp>, CloudError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let job = Job::Assign {
+            subnet_id: subnet_id.to_string(),
+            names: (0..count).map(|_| unique_name()).collect(),
+            prefix_len,
+        };
+        self.submit(nic_id, job).await
+    }
+
     /// Queues `job` for the NIC; whoever gets the write lock next writes every queued job in one
     /// PUT. The write runs in its own task, so a caller that gives up cannot cut it short.
     async fn submit(
@@ -758,16 +777,7 @@ impl CloudProvider for AzureProvider {
         subnet_id: &str,
         count: usize,
     ) -> Result<Vec<SecondaryIp>, CloudError> {
-        if count == 0 {
-            return Ok(Vec::new());
-        }
-        let names = (0..count).map(|_| unique_name()).collect();
-        let job = Job::Assign {
-            subnet_id: subnet_id.to_string(),
-            names,
-            prefix_len: None,
-        };
-        self.inner.submit(nic_id, job).await
+        self.inner.assign(nic_id, subnet_id, count, None).await
     }
 
     async fn assign_blocks(
@@ -782,16 +792,9 @@ impl CloudProvider for AzureProvider {
                 "prefix mode is not available on a Uniform scale-set instance ({nic_id}): Compute's instance update has no privateIPAddressPrefixLength (docs/cloud.md); use address mode"
             )));
         }
-        if count == 0 {
-            return Ok(Vec::new());
-        }
-        let names = (0..count).map(|_| unique_name()).collect();
-        let job = Job::Assign {
-            subnet_id: subnet_id.to_string(),
-            names,
-            prefix_len: Some(prefix_len),
-        };
-        self.inner.submit(nic_id, job).await
+        self.inner
+            .assign(nic_id, subnet_id, count, Some(prefix_len))
+            .await
     }
 
     async fn release_ips(&self, nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
