@@ -235,17 +235,19 @@ impl Ipam {
     }
 
     fn block_of(&self, ip: &Ipv4Addr) -> Option<Ipv4Network> {
-        self.blocks.iter().find(|b| b.contains(*ip)).copied()
+        // Blocks never overlap: the one holding `ip` is the last that starts at or below it.
+        let at = Ipv4Network::new(*ip, 32).expect("a /32 is valid");
+        self.blocks
+            .range(..=at)
+            .next_back()
+            .filter(|b| b.contains(*ip))
+            .copied()
     }
 
     /// Forgets blocks none of whose addresses is in the pool or being released (the rule
     /// [`StoreState::apply`] follows for a `pool_remove`).
     fn prune_blocks(&mut self) {
-        let (pool, releasing) = (&self.pool, &self.releasing);
-        self.blocks.retain(|b| {
-            b.iter()
-                .any(|a| pool.contains(&a) || releasing.contains(&a))
-        });
+        crate::store::retain_held_blocks(&mut self.blocks, &self.pool, &self.releasing);
     }
 
     /// Takes up to `n` free addresses out of the pool, highest first (low addresses stay, which

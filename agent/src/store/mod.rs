@@ -77,6 +77,19 @@ pub struct StoreState {
     pub blocks: BTreeSet<Ipv4Network>,
 }
 
+/// Keeps the blocks that still hold an address of the pool or one being released: the one
+/// rule by which a block is forgotten, for the live state and for a replay alike.
+pub(crate) fn retain_held_blocks(
+    blocks: &mut BTreeSet<Ipv4Network>,
+    pool: &BTreeSet<Ipv4Addr>,
+    releasing: &BTreeSet<Ipv4Addr>,
+) {
+    blocks.retain(|b| {
+        b.iter()
+            .any(|a| pool.contains(&a) || releasing.contains(&a))
+    });
+}
+
 impl StoreState {
     pub fn apply(&mut self, record: &Record) {
         match record {
@@ -99,11 +112,7 @@ impl StoreState {
                     self.cooldown.remove(ip);
                     self.releasing.remove(ip);
                 }
-                let (pool, releasing) = (&self.pool, &self.releasing);
-                self.blocks.retain(|b| {
-                    b.iter()
-                        .any(|a| pool.contains(&a) || releasing.contains(&a))
-                });
+                retain_held_blocks(&mut self.blocks, &self.pool, &self.releasing);
             }
             Record::Allocate { allocation } => {
                 self.cooldown.remove(&allocation.ip);
