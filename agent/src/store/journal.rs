@@ -909,11 +909,12 @@ mod tests {
         let addresses: Vec<Ipv4Addr> = block.iter().collect();
         rt().block_on(
             store
+                // In the order the agent writes them: the block before its addresses.
                 .submit(vec![
-                    Record::PoolAdd { ips: addresses },
                     Record::BlockAdd {
                         blocks: vec![block],
                     },
+                    Record::PoolAdd { ips: addresses },
                 ])
                 .wait(),
         )
