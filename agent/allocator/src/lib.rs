@@ -66,7 +66,7 @@ impl Default for Settings {
             renew_every: Duration::from_secs(5),
             reads: DEFAULT_READS,
             writes: DEFAULT_WRITES,
-            max_in_flight: 64,
+            max_in_flight: 128,
             request_timeout: Duration::from_secs(10),
             counters: Arc::new(Counters::default()),
         }

@@ -60,7 +60,7 @@ struct Args {
     /// The writes bucket (ARM: 200/10).
     #[arg(long, default_value = "180/9.5")]
     writes_bucket: String,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     max_in_flight: usize,
     /// text | json.
     #[arg(long, default_value = "text")]
