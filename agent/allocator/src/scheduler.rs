@@ -126,11 +126,25 @@ pub(crate) async fn run(
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut jobs: JoinSet<Finished> = JoinSet::new();
 
+    let mut was_leading = false;
     loop {
         let leading = leadership.leading();
         counters
             .leading
             .store(u64::from(leading), Ordering::Relaxed);
+        if was_leading && !leading {
+            // Another replica may answer and write from now on: what this one remembers of
+            // answers and NICs is no longer the truth (identities stay: a VM's NIC and subnet
+            // do not change under it).
+            tracing::info!("not leading: forgetting answers and NICs");
+            for memo in memos.values_mut() {
+                memo.answered = None;
+                memo.nic_known = false;
+                memo.not_before = None;
+            }
+            cloud.forget_nics();
+        }
+        was_leading = leading;
         let wake = if leading {
             start_jobs(
                 &store,
@@ -272,7 +286,13 @@ fn candidates(
     now: Instant,
 ) -> Vec<Candidate> {
     let mut out = Vec::new();
-    for pool in store.state() {
+    let pools = store.state();
+    // Nodes gone (their NodeIPPool deleted with the Node) are forgotten.
+    if memos.len() > pools.len() {
+        let present: HashSet<String> = pools.iter().map(|p| p.name_any()).collect();
+        memos.retain(|name, _| present.contains(name) || in_flight.contains(name));
+    }
+    for pool in pools {
         let name = pool.name_any();
         let Some(status) = pool.status.as_ref() else {
             continue;

@@ -229,3 +229,48 @@ async fn a_second_allocator_waits_while_the_first_leads_and_takes_over_when_it_s
     first.stop().await;
     let _ = Duration::ZERO;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_or_a_412_never_adds_twice() {
+    use vnet_mockcloud::{FaultSpec, Faults};
+    let lab = Lab::new(1, "10.6.0.0/24", roomy_limits()).await;
+    let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    lab.ask("node-1", 1, 2, &[], 1);
+    lab.answered("node-1", 1).await;
+    let once = |probability: f64| FaultSpec {
+        probability,
+        count: Some(1),
+        operations: vec!["nic_put".into()],
+        ..FaultSpec::default()
+    };
+    // The next write is applied but answered 500: the allocator cannot know it took effect.
+    lab.mock.set_faults(Faults {
+        operation_retry_after_secs: Some(1),
+        lost_response: Some(once(1.0)),
+        ..Faults::default()
+    });
+    lab.ask("node-1", 2, 5, &[], 1);
+    let answer = lab.answered("node-1", 2).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(
+        lab.nic_addresses("node-1").len(),
+        5,
+        "the lost write counted, not repeated"
+    );
+    assert_eq!(ips(&answer), lab.nic_addresses("node-1"));
+    assert_eq!(lab.mock.counters().injected("lost_response"), 1);
+    // Someone else changes the NIC after the allocator last read it: its remembered NIC is
+    // stale, the PUT gets 412, and what to add is counted again from a fresh read.
+    lab.mock.set_faults(Faults {
+        operation_retry_after_secs: Some(1),
+        etag_race: Some(once(1.0)),
+        ..Faults::default()
+    });
+    lab.ask("node-1", 3, 8, &[], 1);
+    let answer = lab.answered("node-1", 3).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(lab.mock.counters().injected("etag_race"), 1);
+    assert_eq!(lab.nic_addresses("node-1").len(), 8);
+    assert_eq!(ips(&answer), lab.nic_addresses("node-1"));
+    allocator.stop().await;
+}

@@ -82,6 +82,16 @@ impl AzureProvider {
         self.inner.forget_nic(nic_id);
     }
 
+    /// Drops every remembered NIC (an allocator that stopped leading: another may have written
+    /// them since).
+    pub fn forget_nics(&self) {
+        self.inner
+            .nics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Every ARM request this provider sent so far, by kind, and the 429s among them.
     pub fn arm_calls(&self) -> ArmCalls {
         self.inner.client.calls()
@@ -124,9 +134,6 @@ impl Inner {
         let policy = &self.client.config.retry;
         let url = self.arm_url(nic_id, NETWORK_API_VERSION);
         let mut remembered = self.remembered_nic(nic_id);
-        // The names of the entries to add are fixed on the first read, so a write whose outcome
-        // was lost is recognised on the next read instead of being made twice.
-        let mut plan: Option<Vec<Add>> = None;
         let mut attempt = 0;
         let mut last_error: Option<CloudError> = None;
         loop {
@@ -134,7 +141,10 @@ impl Inner {
                 Some(known) => known,
                 None => self.settled_nic(nic_id).await?,
             };
-            let adds = plan.get_or_insert_with(|| additions(&nic, want, release));
+            // What to add follows from the NIC as read, every round: a write whose outcome was
+            // lost (a timeout, a 5xx) and took effect shows in the next read, so it is never
+            // made twice; a write refused (412) adds nothing to count.
+            let adds = &additions(&nic, want, release);
             let failed = is_failed(&nic);
             let body = match edited(&nic, adds, release) {
                 Some(body) => body,
