@@ -70,11 +70,24 @@ async fn main() {
             lab.ask(&format!("node-{i}"), generation, want, &[], addresses);
         }
         let mut pending: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
+        let mut next_report = Duration::from_secs(10);
         while !pending.is_empty() {
             pending.retain(|node| {
                 lab.answer(node)
                     .is_none_or(|a| a.observed_generation != generation)
             });
+            if started.elapsed() >= next_report {
+                let c = allocator.counters.snapshot();
+                eprintln!(
+                    "{round} t={:>4}s answered={} nic_writes={} in_flight={} queued={}",
+                    next_report.as_secs(),
+                    nodes - pending.len(),
+                    lab.nic_puts() - before.calls("nic_put"),
+                    c.in_flight,
+                    c.queue_depth
+                );
+                next_report += Duration::from_secs(10);
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let seconds = started.elapsed().as_secs_f64();

@@ -39,6 +39,10 @@ impl Bucket {
         self.at = now;
     }
 
+    pub fn refill_per_sec(&self) -> f64 {
+        self.settings.refill_per_sec
+    }
+
     pub fn tokens(&mut self, now: Instant) -> f64 {
         self.refill(now);
         self.tokens

@@ -22,7 +22,7 @@ use kube::{Api, ResourceExt};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use vnet_cloud::azure::{ArmCalls, AzureProvider, count_calls};
-use vnet_cloud::{CloudError, CloudProvider, NodeIdentity};
+use vnet_cloud::{CloudError, NodeIdentity};
 use vnet_kube::crd::{CloudRequest, NodeIPPool};
 
 use crate::budget::{Budget, Cost};
@@ -384,13 +384,16 @@ fn finish(
         writes: f.calls.writes as f64,
     };
     budget.settle(f.reserved, spent, now);
-    if let Some(reported) = cloud.arm_budget() {
-        if let Some(reads) = reported.remaining_reads {
-            budget.reads.at_most(reads as f64, now);
-        }
-        if let Some(writes) = reported.remaining_writes {
-            budget.writes.at_most(writes as f64, now);
-        }
+    // What ARM last reported, plus the refill since it said so: a caller the allocator does
+    // not see (a person's `az`, another tool on the principal) lowers it below the local view.
+    let reported = cloud.arm_remaining();
+    if let Some(r) = reported.reads {
+        let refilled = r.age.as_secs_f64() * budget.reads.refill_per_sec();
+        budget.reads.at_most(r.remaining as f64 + refilled, now);
+    }
+    if let Some(w) = reported.writes {
+        let refilled = w.age.as_secs_f64() * budget.writes.refill_per_sec();
+        budget.writes.at_most(w.remaining as f64 + refilled, now);
     }
     counters
         .arm_reads

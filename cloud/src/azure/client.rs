@@ -113,6 +113,21 @@ struct Budget {
     throttled_until: Mutex<Option<Instant>>,
 }
 
+/// One of ARM's `x-ms-ratelimit-remaining-*` headers as last seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reported {
+    pub remaining: u64,
+    /// How long ago it was reported (the bucket has refilled since).
+    pub age: Duration,
+}
+
+/// What ARM last reported of both buckets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ArmRemaining {
+    pub reads: Option<Reported>,
+    pub writes: Option<Reported>,
+}
+
 /// ARM requests made, by the bucket ARM takes them from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ArmCalls {
@@ -251,6 +266,25 @@ impl Client {
             reads: self.budget.reads_sent.load(Ordering::Relaxed),
             writes: self.budget.writes_sent.load(Ordering::Relaxed),
             throttled: self.budget.throttled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// ARM's last reported remaining reads and writes, each with how long ago it was reported.
+    pub fn budget_age(&self) -> ArmRemaining {
+        let read = |gauge: &AtomicU64, seen: &Mutex<Option<Instant>>| {
+            let value = gauge.load(Ordering::Relaxed);
+            let at = *seen.lock().unwrap_or_else(|p| p.into_inner());
+            match (value, at) {
+                (UNKNOWN, _) | (_, None) => None,
+                (remaining, Some(at)) => Some(Reported {
+                    remaining,
+                    age: at.elapsed(),
+                }),
+            }
+        };
+        ArmRemaining {
+            reads: read(&self.budget.reads, &self.budget.reads_seen),
+            writes: read(&self.budget.writes, &self.budget.writes_seen),
         }
     }
 

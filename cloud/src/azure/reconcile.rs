@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::Value;
 
-use super::client::{ArmCalls, Reply, Target, error_from_reply};
+use super::client::{ArmCalls, ArmRemaining, Reply, Target, error_from_reply};
 use super::{Add, AzureProvider, Inner, NETWORK_API_VERSION, config_network, vmss};
 use super::{complete_secondary_ips, edited, is_failed, unique_name};
 use crate::{CloudError, IP_CONFIG_PREFIX, SINGLE_ADDRESS, SecondaryIp};
@@ -95,6 +95,12 @@ impl AzureProvider {
     /// Every ARM request this provider sent so far, by kind, and the 429s among them.
     pub fn arm_calls(&self) -> ArmCalls {
         self.inner.client.calls()
+    }
+
+    /// ARM's last reported remaining reads and writes (`x-ms-ratelimit-remaining-*`), each with
+    /// how long ago: the bucket has refilled since.
+    pub fn arm_remaining(&self) -> ArmRemaining {
+        self.inner.client.budget_age()
     }
 
     /// Until when ARM's last 429 asked the principal to wait.
