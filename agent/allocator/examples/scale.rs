@@ -71,11 +71,26 @@ async fn main() {
         }
         let mut pending: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
         let mut next_report = Duration::from_secs(10);
+        let mut next_trace = Duration::from_secs(1);
         while !pending.is_empty() {
             pending.retain(|node| {
                 lab.answer(node)
                     .is_none_or(|a| a.observed_generation != generation)
             });
+            if std::env::var_os("SCALE_TRACE").is_some() && started.elapsed() >= next_trace {
+                let c = allocator.counters.snapshot();
+                let arm = allocator.cloud.arm_remaining();
+                eprintln!(
+                    "trace {round} t={:.1} local_reads={} arm_reads={:?} local_writes={} arm_writes={:?} throttled={}",
+                    started.elapsed().as_secs_f64(),
+                    c.local_reads,
+                    arm.reads.map(|r| (r.remaining, r.age.as_millis())),
+                    c.local_writes,
+                    arm.writes.map(|r| (r.remaining, r.age.as_millis())),
+                    allocator.cloud.arm_calls().throttled
+                );
+                next_trace += Duration::from_secs(1);
+            }
             if started.elapsed() >= next_report {
                 let c = allocator.counters.snapshot();
                 eprintln!(
@@ -95,6 +110,13 @@ async fn main() {
         let writes = after.calls("nic_put") - before.calls("nic_put");
         let reads = reads_of(&after.calls) - reads_of(&before.calls);
         let throttled = allocator.cloud.arm_calls().throttled - throttled_before;
+        let throttled_by_operation: BTreeMap<String, u64> = after
+            .responses
+            .iter()
+            .filter(|(k, _)| k.ends_with(" 429"))
+            .map(|(k, n)| (k.clone(), n - before.responses.get(k).copied().unwrap_or(0)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
         let bound = |calls: u64, size: f64, rate: f64| ((calls as f64 - size).max(0.0)) / rate;
         let failed = (1..=nodes)
             .filter(|i| {
@@ -107,7 +129,8 @@ async fn main() {
             json!({
                 "round": round, "nodes": nodes, "addresses_per_node": want,
                 "nic_writes": writes, "min_writes": nodes, "arm_reads": reads,
-                "throttled_429": throttled, "failed_answers": failed,
+                "throttled_429": throttled, "throttled_by_operation": throttled_by_operation,
+                "failed_answers": failed,
                 "seconds_to_all_answered": (seconds * 10.0).round() / 10.0,
                 "write_bound_s": (bound(writes, 200.0, 10.0) * 10.0).round() / 10.0,
                 "read_bound_s": (bound(reads, 250.0, 25.0) * 10.0).round() / 10.0,

@@ -92,6 +92,9 @@ pub struct Counters {
     pub in_flight: AtomicU64,
     /// 1 while this replica leads.
     pub leading: AtomicU64,
+    /// What the allocator believes is left in ARM's buckets (whole tokens).
+    pub local_reads: AtomicU64,
+    pub local_writes: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -106,6 +109,8 @@ pub struct CountersSnapshot {
     pub queue_depth: u64,
     pub in_flight: u64,
     pub leading: bool,
+    pub local_reads: u64,
+    pub local_writes: u64,
 }
 
 impl Counters {
@@ -121,6 +126,8 @@ impl Counters {
             queue_depth: get(&self.queue_depth),
             in_flight: get(&self.in_flight),
             leading: get(&self.leading) == 1,
+            local_reads: get(&self.local_reads),
+            local_writes: get(&self.local_writes),
         }
     }
 }

@@ -45,8 +45,9 @@ struct Memo {
     answered: Option<(u64, Option<Instant>)>,
     /// Consecutive retryable failures (for the back-off).
     failures: u32,
-    /// The generation waiting and since when (this replica's clock).
-    seen: Option<(u64, Instant)>,
+    /// Since when the node has had work waiting (this replica's clock): kept while the agent
+    /// changes its request, so a node that updates often keeps its place in the queue.
+    due_since: Option<Instant>,
     /// Nothing for this node before then (its answer could not be written).
     not_before: Option<Instant>,
 }
@@ -179,6 +180,14 @@ pub(crate) async fn run(
         counters
             .in_flight
             .store(in_flight.len() as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        let tokens = |t: f64| t.max(0.0).floor() as u64;
+        counters
+            .local_reads
+            .store(tokens(budget.reads.tokens(now)), Ordering::Relaxed);
+        counters
+            .local_writes
+            .store(tokens(budget.writes.tokens(now)), Ordering::Relaxed);
     }
     // Jobs under way finish (a NIC write is not cut short); nothing new starts.
     while let Some(finished) = jobs.join_next().await {
@@ -327,13 +336,7 @@ fn candidates(
         if !due || held || in_flight.contains(&name) {
             continue;
         }
-        let since = match memo.seen {
-            Some((generation, at)) if generation == request.generation => at,
-            _ => {
-                memo.seen = Some((request.generation, now));
-                now
-            }
-        };
+        let since = *memo.due_since.get_or_insert(now);
         out.push(Candidate {
             name,
             waiting_pods: request.waiting_pods,
@@ -427,6 +430,7 @@ fn finish(
                         0.8 * estimates.write_reads + 0.2 * f.calls.reads as f64;
                 }
             }
+            memo.due_since = None;
             match error {
                 None => {
                     memo.failures = 0;
