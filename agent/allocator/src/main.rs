@@ -55,10 +55,10 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:9465")]
     listen: SocketAddr,
     /// The principal's ARM reads bucket as SIZE/REFILL_PER_SEC (ARM: 250/25; a margin below).
-    #[arg(long, default_value = "225/24")]
+    #[arg(long, default_value = "240/24.5")]
     reads_bucket: String,
     /// The writes bucket (ARM: 200/10).
-    #[arg(long, default_value = "180/9.5")]
+    #[arg(long, default_value = "190/9.8")]
     writes_bucket: String,
     #[arg(long, default_value_t = 128)]
     max_in_flight: usize,
@@ -70,7 +70,7 @@ struct Args {
 fn bucket(text: &str, flag: &str) -> anyhow::Result<BucketSettings> {
     let (size, rate) = text
         .split_once('/')
-        .with_context(|| format!("{flag} {text:?}: want SIZE/REFILL_PER_SEC, e.g. 225/24"))?;
+        .with_context(|| format!("{flag} {text:?}: want SIZE/REFILL_PER_SEC, e.g. 240/24.5"))?;
     Ok(BucketSettings {
         size: size
             .trim()

@@ -21,7 +21,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
-use vnet_cloud::azure::{ArmCalls, AzureProvider, count_calls};
+use vnet_cloud::azure::{ArmCalls, AzureProvider, CallCounter, count_calls_into};
 use vnet_cloud::{CloudError, NodeIdentity};
 use vnet_kube::crd::{CloudRequest, NodeIPPool};
 
@@ -62,9 +62,39 @@ struct Candidate {
 
 struct Finished {
     name: String,
-    reserved: Cost,
     done: Done,
     calls: ArmCalls,
+}
+
+/// The jobs under way: what each reserved, and what it has sent so far.
+struct InFlight {
+    jobs: HashMap<String, (Cost, Arc<CallCounter>)>,
+}
+
+impl InFlight {
+    fn new() -> InFlight {
+        InFlight {
+            jobs: HashMap::new(),
+        }
+    }
+
+    fn names(&self) -> HashSet<String> {
+        self.jobs.keys().cloned().collect()
+    }
+
+    /// What the jobs under way reserved and have not sent yet (a job that sent more than it
+    /// reserved owes nothing here: the level already took it).
+    fn outstanding(&self) -> Cost {
+        let mut owed = Cost::default();
+        for (reserved, counter) in self.jobs.values() {
+            let sent = counter.calls();
+            owed.add(Cost {
+                reads: (reserved.reads - sent.reads as f64).max(0.0),
+                writes: (reserved.writes - sent.writes as f64).max(0.0),
+            });
+        }
+        owed
+    }
 }
 
 /// Reads per job beyond what is known, learned from what jobs really cost.
@@ -118,13 +148,22 @@ pub(crate) async fn run(
         })
     };
 
-    let mut budget = Budget::new(settings.reads, settings.writes, Instant::now());
+    let sent = cloud.arm_calls();
+    let mut budget = Budget::new(
+        settings.reads,
+        settings.writes,
+        Instant::now(),
+        Cost {
+            reads: sent.reads as f64,
+            writes: sent.writes as f64,
+        },
+    );
     let mut estimates = Estimates {
         write_reads: 2.0,
         resolved_any: false,
     };
     let mut memos: HashMap<String, Memo> = HashMap::new();
-    let mut in_flight: HashSet<String> = HashSet::new();
+    let mut in_flight = InFlight::new();
     let mut jobs: JoinSet<Finished> = JoinSet::new();
 
     let mut was_leading = false;
@@ -170,7 +209,7 @@ pub(crate) async fn run(
                     Err(error) => {
                         // A panicked job: its node stays in flight no longer than this.
                         tracing::error!(%error, "allocator job failed");
-                        in_flight.clear();
+                        in_flight.jobs.clear();
                     }
                 }
             }
@@ -179,15 +218,19 @@ pub(crate) async fn run(
         }
         counters
             .in_flight
-            .store(in_flight.len() as u64, Ordering::Relaxed);
-        let now = Instant::now();
-        let tokens = |t: f64| t.max(0.0).floor() as u64;
-        counters
-            .local_reads
-            .store(tokens(budget.reads.tokens(now)), Ordering::Relaxed);
-        counters
-            .local_writes
-            .store(tokens(budget.writes.tokens(now)), Ordering::Relaxed);
+            .store(in_flight.jobs.len() as u64, Ordering::Relaxed);
+        let sent = cloud.arm_calls();
+        budget.advance(Instant::now(), sent.reads, sent.writes);
+        let outstanding = in_flight.outstanding();
+        let free = |level: f64, owed: f64| (level - owed).max(0.0).floor() as u64;
+        counters.local_reads.store(
+            free(budget.reads.level(), outstanding.reads),
+            Ordering::Relaxed,
+        );
+        counters.local_writes.store(
+            free(budget.writes.level(), outstanding.writes),
+            Ordering::Relaxed,
+        );
     }
     // Jobs under way finish (a NIC write is not cut short); nothing new starts.
     while let Some(finished) = jobs.join_next().await {
@@ -219,11 +262,11 @@ fn start_jobs(
     budget: &mut Budget,
     estimates: &Estimates,
     memos: &mut HashMap<String, Memo>,
-    in_flight: &mut HashSet<String>,
+    in_flight: &mut InFlight,
     jobs: &mut JoinSet<Finished>,
 ) -> Option<Duration> {
     let now = Instant::now();
-    let mut candidates = candidates(store, memos, in_flight, now);
+    let mut candidates = candidates(store, memos, &in_flight.names(), now);
     let queued = candidates.len() as u64;
     let depth = |started: u64| {
         settings
@@ -244,21 +287,27 @@ fn start_jobs(
     if let Some(until) = cloud.throttled_until() {
         return Some(until.saturating_duration_since(now));
     }
+    let sent = cloud.arm_calls();
+    budget.advance(now, sent.reads, sent.writes);
+    let mut outstanding = in_flight.outstanding();
     let mut started = 0;
     for candidate in candidates {
-        if in_flight.len() >= settings.max_in_flight {
+        if in_flight.jobs.len() >= settings.max_in_flight {
             break;
         }
         let memo = memos.entry(candidate.name.clone()).or_default();
         let cost = expected_cost(memo, estimates);
-        let wait = budget.wait_for(cost, now);
+        let wait = budget.wait_for(cost, outstanding);
         if !wait.is_zero() {
             // Strict priority: the first node waits for the budget, nobody overtakes it.
             depth(started);
             return Some(wait);
         }
-        budget.take(cost, now);
-        in_flight.insert(candidate.name.clone());
+        outstanding.add(cost);
+        let counter = Arc::new(CallCounter::default());
+        in_flight
+            .jobs
+            .insert(candidate.name.clone(), (cost, counter.clone()));
         started += 1;
         let pools = pools.clone();
         let cloud = cloud.clone();
@@ -267,20 +316,19 @@ fn start_jobs(
         let name = candidate.name;
         tracing::debug!(node = %name, generation = candidate.request.generation, waiting = candidate.waiting_pods, ?cost, "starting job");
         jobs.spawn(async move {
-            let (done, calls) = count_calls(work::run(
+            let work = work::run(
                 pools,
                 cloud,
                 name.clone(),
                 candidate.request,
                 known,
                 timeout,
-            ))
-            .await;
+            );
+            let done = count_calls_into(counter.clone(), work).await;
             Finished {
                 name,
-                reserved: cost,
                 done,
-                calls,
+                calls: counter.calls(),
             }
         });
     }
@@ -378,25 +426,26 @@ fn finish(
     budget: &mut Budget,
     estimates: &mut Estimates,
     memos: &mut HashMap<String, Memo>,
-    in_flight: &mut HashSet<String>,
+    in_flight: &mut InFlight,
 ) {
     let now = Instant::now();
-    in_flight.remove(&f.name);
-    let spent = Cost {
-        reads: f.calls.reads as f64,
-        writes: f.calls.writes as f64,
-    };
-    budget.settle(f.reserved, spent, now);
-    // What ARM last reported, plus the refill since it said so: a caller the allocator does
-    // not see (a person's `az`, another tool on the principal) lowers it below the local view.
+    in_flight.jobs.remove(&f.name);
+    let sent = cloud.arm_calls();
+    budget.advance(now, sent.reads, sent.writes);
+    // What ARM last reported, plus the refill since, minus what was sent since: a caller the
+    // allocator does not see (a person's `az`, another tool on the principal) lowers it.
     let reported = cloud.arm_remaining();
     if let Some(r) = reported.reads {
         let refilled = r.age.as_secs_f64() * budget.reads.refill_per_sec();
-        budget.reads.at_most(r.remaining as f64 + refilled, now);
+        budget
+            .reads
+            .at_most(r.remaining as f64 + refilled - r.sent_since as f64);
     }
     if let Some(w) = reported.writes {
         let refilled = w.age.as_secs_f64() * budget.writes.refill_per_sec();
-        budget.writes.at_most(w.remaining as f64 + refilled, now);
+        budget
+            .writes
+            .at_most(w.remaining as f64 + refilled - w.sent_since as f64);
     }
     counters
         .arm_reads

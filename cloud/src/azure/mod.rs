@@ -26,7 +26,7 @@ mod config;
 mod reconcile;
 mod vmss;
 
-pub use client::{ArmCalls, ArmRemaining, Reported, count_calls};
+pub use client::{ArmCalls, ArmRemaining, CallCounter, Reported, count_calls, count_calls_into};
 use client::{Client, Reply, Target, error_from_reply, error_parts, map_error};
 pub use client::{REMAINING_READS, REMAINING_WRITES};
 pub use client::{Sleeper, TokioSleeper};
