@@ -139,6 +139,15 @@ pub enum Error {
     Settings(String),
 }
 
+/// The allocator's Azure client configuration from a plain one: the agents' per-request pacing
+/// (`Pacing` floors) off, since the allocator budgets every call itself and that pacing would
+/// only delay what it already planned. Build the `AzureProvider` given to [`run`] from this.
+pub fn cloud_config(mut config: vnet_cloud::azure::AzureConfig) -> vnet_cloud::azure::AzureConfig {
+    config.pacing.reads_floor = 0;
+    config.pacing.writes_floor = 0;
+    config
+}
+
 /// Runs the allocator until `shutdown` turns true: the Lease election, the watch of every
 /// `NodeIPPool`, and (while leading) the work.
 pub async fn run(

@@ -114,16 +114,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &args.client_secret_file,
         )?,
     };
-    let mut config = if args.mock_token.is_some() {
+    let config = if args.mock_token.is_some() {
         AzureConfig::mock(&args.arm_endpoint, &args.imds_endpoint, credential)
     } else {
         AzureConfig::new(&args.arm_endpoint, &args.imds_endpoint, credential)
     };
-    // The allocator paces the principal itself: the per-request pacing of an agent would only
-    // delay what the allocator already budgeted.
-    config.pacing.reads_floor = 0;
-    config.pacing.writes_floor = 0;
-    let cloud = Arc::new(AzureProvider::new(config)?);
+    let cloud = Arc::new(AzureProvider::new(vnet_allocator::cloud_config(config))?);
     let settings = Settings {
         namespace: args.namespace,
         holder: args.pod_name,

@@ -61,11 +61,8 @@ impl Lab {
             &self.mock.imds_endpoint("node-1"),
             CredentialConfig::None,
         );
-        // The allocator paces; the agents' per-request pacing stays out of the way.
-        config.pacing.reads_floor = 0;
-        config.pacing.writes_floor = 0;
         config.retry.initial_backoff = Duration::from_millis(50);
-        Arc::new(AzureProvider::new(config).unwrap())
+        Arc::new(AzureProvider::new(vnet_allocator::cloud_config(config)).unwrap())
     }
 
     /// Settings for a test: short lease timing, the given buckets.
