@@ -31,6 +31,7 @@ use crate::{MockConfig, MockError, write_atomically};
 mod network;
 mod prelude;
 mod scaleset;
+mod write;
 
 use network::{arm, operation_status};
 use prelude::{action_for, arm_prelude};

@@ -1,5 +1,6 @@
 //! ARM's routes: resources by type, the NIC PUT and its long-running operation.
 
+use super::write::{LongRunningPut, OperationPath};
 use super::*;
 
 pub(super) async fn arm(
@@ -174,42 +175,15 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &
     if let Err(e) = check_linked_access(caller, action_for("nic_put"), scope, refs) {
         return arm_error(e);
     }
-    let if_match = ctx
-        .headers
-        .get(header::IF_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    if if_match.is_some() && app.roll(FaultKind::EtagRace, "nic_put").is_some() {
-        app.with_cloud(|c| {
-            c.bump_etag(nic);
-            ((), Vec::new())
-        });
-    }
-    let failure = app
-        .roll(FaultKind::AsyncFailure, "nic_put")
-        .map(|spec| Failure {
-            code: spec.code.unwrap_or_else(|| "InternalServerError".into()),
-            message: spec
-                .message
-                .unwrap_or_else(|| "The operation failed with an internal error.".to_string()),
-            rollback: spec.rollback,
-        });
-    let (polls, retry_after, base_url) = {
-        let faults = lock(&app.faults);
-        (
-            faults.operation_polls(),
-            faults.operation_retry_after_secs(),
-            faults.operation_base_url.clone(),
-        )
-    };
+    let put = LongRunningPut::new(app, ctx, "nic_put", |c| c.bump_etag(nic));
     let (result, _) = app.with_cloud(|c| {
         let result = c
             .put_nic(
                 nic,
-                if_match.as_deref(),
+                put.if_match.as_deref(),
                 &body,
-                failure,
-                Timing::new(polls, retry_after.max(1)),
+                put.failure.clone(),
+                put.timing,
                 Instant::now(),
             )
             .map(|op| {
@@ -227,25 +201,13 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &
         Ok(ok) => ok,
         Err(e) => return arm_error(e),
     };
-    if app.roll(FaultKind::LostResponse, "nic_put").is_some() {
-        return arm_error(ArmError::new(
-            500,
-            "InternalServerError",
-            "An error occurred.",
-        ));
-    }
-    let mut response = nic_response(StatusCode::OK, doc.unwrap_or(Value::Null));
-    let base = base_url.unwrap_or_else(|| format!("http://{}", ctx.host()));
-    let url = format!(
-        "{}/subscriptions/{sub}/providers/Microsoft.Network/locations/{location}/operations/{op}?api-version=2024-05-01",
-        base.trim_end_matches('/')
-    );
-    let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&url) {
-        headers.insert("azure-asyncoperation", value);
-    }
-    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-    response
+    let path = OperationPath {
+        subscription: &sub,
+        provider: "Microsoft.Network",
+        location: &location,
+        default_api_version: "2024-05-01",
+    };
+    put.started(app, ctx, doc, path, &op)
 }
 
 pub(super) async fn operation_status(app: &App, _ctx: &Ctx, id: &str) -> Response {
