@@ -95,7 +95,7 @@ pub(super) async fn arm(
                 app.flush_fabric().await;
             }
             match doc {
-                Some(doc) => nic_response(StatusCode::OK, doc),
+                Some(doc) => nic_response(StatusCode::OK, as_of_api_version(doc, ctx)),
                 None => not_found("Microsoft.Network/networkInterfaces", nic),
             }
         }
@@ -148,6 +148,22 @@ pub(super) async fn arm(
 /// The first Microsoft.Network api-version whose NIC ipConfiguration carries
 /// `privateIPAddressPrefixLength` (Azure/azure-rest-api-specs#27014 adds it to 2023-09-01).
 pub const PREFIX_API_VERSION: &str = "2023-09-01";
+
+/// A NIC as an api-version shows it: one older than [`PREFIX_API_VERSION`] has no
+/// `privateIPAddressPrefixLength` (what else NRP shows of a block then is unverified).
+fn as_of_api_version(mut doc: Value, ctx: &Ctx) -> Value {
+    let version = ctx.query.get("api-version").map(String::as_str);
+    if version.is_some_and(|v| v < PREFIX_API_VERSION)
+        && let Some(configs) = doc["properties"]["ipConfigurations"].as_array_mut()
+    {
+        for config in configs {
+            if let Some(props) = config["properties"].as_object_mut() {
+                props.remove("privateIPAddressPrefixLength");
+            }
+        }
+    }
+    doc
+}
 
 fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &str) -> Response {
     let mut body: Value = match serde_json::from_slice(&ctx.body) {
