@@ -274,3 +274,44 @@ async fn a_lost_answer_or_a_412_never_adds_twice() {
     assert_eq!(ips(&answer), lab.nic_addresses("node-1"));
     allocator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_mode_blocks_come_in_the_same_single_write_and_go_only_whole() {
+    use vnet_kube::crd::CloudRequest;
+    let lab = Lab::new(1, "10.7.0.0/22", roomy_limits()).await;
+    let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    let ask = |generation: u64, blocks: u32, release: Vec<String>| CloudRequest {
+        generation,
+        instance: lab.instance("node-1"),
+        blocks,
+        block_prefix_length: Some(28),
+        release,
+        waiting_pods: 1,
+        ..CloudRequest::default()
+    };
+    lab.request("node-1", ask(1, 2, vec![]));
+    let answer = lab.answered("node-1", 1).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(answer.secondary_ips.len(), 2);
+    assert!(answer.secondary_ips.iter().all(|s| s.prefix_length == 28));
+    assert_eq!(lab.nic_puts(), 1);
+    let first: Ipv4Addr = answer.secondary_ips[0].ip.parse().unwrap();
+    let second: Ipv4Addr = answer.secondary_ips[1].ip.parse().unwrap();
+    // Part of the first block named: it stays (pods may use the rest).
+    lab.request("node-1", ask(2, 1, vec![first.to_string()]));
+    let answer = lab.answered("node-1", 2).await;
+    assert_eq!(answer.secondary_ips.len(), 2, "{answer:?}");
+    // All of its sixteen addresses: it goes, the other stays, nothing is added.
+    let whole: Vec<String> = (0..16)
+        .map(|i| Ipv4Addr::from(u32::from(first) + i).to_string())
+        .collect();
+    lab.request("node-1", ask(3, 1, whole));
+    let answer = lab.answered("node-1", 3).await;
+    let left: Vec<Ipv4Addr> = answer
+        .secondary_ips
+        .iter()
+        .map(|s| s.ip.parse().unwrap())
+        .collect();
+    assert_eq!(left, vec![second]);
+    allocator.stop().await;
+}
