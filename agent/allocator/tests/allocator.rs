@@ -153,6 +153,17 @@ async fn pacing_keeps_429s_at_zero_when_the_buckets_are_small() {
     assert_eq!(calls.throttled, 0, "no 429 in {calls:?}");
     assert_eq!(allocator.counters.snapshot().throttled, 0);
     assert_eq!(lab.nic_puts(), 8, "one write per node");
+    // Eight nodes of one subnet: the subnet and the VNet are read once (resolves that miss the
+    // cache together wait for one read), the VM once per node, and the NIC read by the resolve
+    // is where the write starts from.
+    let mock = lab.mock.counters();
+    assert_eq!((mock.calls("subnet_get"), mock.calls("vnet_get")), (1, 1));
+    assert_eq!(mock.calls("vm_get"), 8);
+    assert_eq!(
+        mock.calls("nic_get"),
+        8 * 3,
+        "resolve + two settle reads per node"
+    );
     // Without pacing the same work runs into the mock's buckets (the test can fail).
     assert!(
         calls.reads > 12 && calls.writes > 3,
