@@ -326,3 +326,60 @@ async fn prefix_mode_blocks_come_in_the_same_single_write_and_go_only_whole() {
     assert_eq!(left, vec![second]);
     allocator.stop().await;
 }
+
+/// Every AKS node is a Uniform scale-set instance: its NIC is written through the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uniform_scale_set_instance_gets_its_addresses_in_one_instance_write() {
+    use vnet_kube::crd::CloudRequest;
+    use vnet_mockcloud::Topology;
+    use vnet_mockcloud::topology::{Orchestration, ScaleSetSpec};
+    let mut topology = Topology::single_subnet("10.8.0.0/24".parse().unwrap(), 2);
+    topology.scale_sets = vec![ScaleSetSpec {
+        name: "pool1".into(),
+        orchestration: Orchestration::Uniform,
+    }];
+    topology.vms[1].scale_set = Some("pool1".into());
+    let lab = Lab::with_topology(topology, roomy_limits()).await;
+    let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    let instance = lab.imds_instance("node-2").await;
+    assert!(
+        instance
+            .vm_id
+            .contains("/virtualMachineScaleSets/pool1/virtualMachines/")
+    );
+    lab.request(
+        "node-2",
+        CloudRequest {
+            generation: 1,
+            instance: instance.clone(),
+            addresses: 3,
+            waiting_pods: 1,
+            ..CloudRequest::default()
+        },
+    );
+    let answer = lab.answered("node-2", 1).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(answer.secondary_ips.len(), 3);
+    assert_eq!(answer.identity.as_ref().unwrap().kind, "uniform");
+    let mock = lab.mock.counters();
+    assert_eq!(mock.calls("vmss_vm_put"), 1);
+    assert_eq!(mock.calls("nic_put"), 0);
+    // And a release with an addition, again one instance write.
+    let all = ips(&answer);
+    lab.request(
+        "node-2",
+        CloudRequest {
+            generation: 2,
+            instance,
+            addresses: 3,
+            release: vec![all[0].to_string()],
+            ..CloudRequest::default()
+        },
+    );
+    let answer = lab.answered("node-2", 2).await;
+    let now = ips(&answer);
+    assert_eq!(now.len(), 3);
+    assert!(!now.contains(&all[0]) && now.contains(&all[1]) && now.contains(&all[2]));
+    assert_eq!(lab.mock.counters().calls("vmss_vm_put"), 2);
+    allocator.stop().await;
+}
