@@ -18,6 +18,7 @@ use vnet_cloud::azure::AzureProvider;
 
 pub mod budget;
 pub mod lease;
+mod queue;
 mod scheduler;
 mod work;
 

@@ -1,13 +1,10 @@
-//! The allocator's loop: which node's request to work on next, and when ARM's budget lets it.
+//! The allocator's loop: the Lease, the watch, and starting jobs in the queue's order when ARM's
+//! budget lets them ([`crate::queue`] says which nodes and in which order).
 //!
-//! - A node needs work when its `cloudRequest.generation` differs from the generation last
-//!   answered (or the answer was a retryable error whose retry is due).
-//! - Nodes with pods waiting go first (most waiting first), then by how long their request has
-//!   waited. The order is strict: when the budget cannot pay for the first node's job yet, no
-//!   later node's job starts in its place.
-//! - A job reserves its expected ARM calls from the local buckets before it starts and is
-//!   charged what it really sent when it ends; after a 429 nothing starts until its
-//!   `Retry-After` has passed.
+//! - The order is strict: when the budget cannot pay for the first node's job yet, no later
+//!   node's job starts in its place.
+//! - A job reserves its expected ARM calls before it starts; its calls are counted as it sends
+//!   them ([`crate::budget`]); after a 429 nothing starts until its `Retry-After` has passed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,49 +13,23 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
+use vnet_cloud::CloudError;
 use vnet_cloud::azure::{ArmCalls, AzureProvider, CallCounter, count_calls_into};
-use vnet_cloud::{CloudError, NodeIdentity};
-use vnet_kube::crd::{CloudRequest, NodeIPPool};
+use vnet_kube::crd::NodeIPPool;
 
 use crate::budget::{Budget, Cost};
 use crate::lease::{self, Leadership, LeaseSettings};
+use crate::queue::{Estimates, Memo, candidates, expected_cost, next_retry, order, retry_delay};
 use crate::work::{self, Done, Outcome};
 use crate::{Counters, Settings};
 
 /// The longest the loop sleeps without looking again (leadership may have changed).
 const IDLE_TICK: Duration = Duration::from_millis(500);
-/// Retry of a node whose job failed retryably, without `Retry-After`: doubling up to this.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
-
-/// What the allocator remembers of one node.
-#[derive(Debug, Default)]
-struct Memo {
-    identity: Option<NodeIdentity>,
-    /// The provider holds the NIC as read after our last write (the next job needs no read).
-    nic_known: bool,
-    /// The generation last answered and, if its answer was a retryable error, when to retry.
-    answered: Option<(u64, Option<Instant>)>,
-    /// Consecutive retryable failures (for the back-off).
-    failures: u32,
-    /// Since when the node has had work waiting (this replica's clock): kept while the agent
-    /// changes its request, so a node that updates often keeps its place in the queue.
-    due_since: Option<Instant>,
-    /// Nothing for this node before then (its answer could not be written).
-    not_before: Option<Instant>,
-}
-
-/// A node's request, ready to be ordered.
-struct Candidate {
-    name: String,
-    request: CloudRequest,
-    waiting_pods: u32,
-    since: Instant,
-}
 
 struct Finished {
     name: String,
@@ -95,13 +66,6 @@ impl InFlight {
         }
         owed
     }
-}
-
-/// Reads per job beyond what is known, learned from what jobs really cost.
-struct Estimates {
-    /// Reads of a NIC write once the NIC is known (the settle reads).
-    write_reads: f64,
-    resolved_any: bool,
 }
 
 pub(crate) async fn run(
@@ -278,12 +242,7 @@ fn start_jobs(
     if candidates.is_empty() {
         return next_retry(memos, now);
     }
-    candidates.sort_by(|a, b| {
-        b.waiting_pods
-            .cmp(&a.waiting_pods)
-            .then(a.since.cmp(&b.since))
-            .then(a.name.cmp(&b.name))
-    });
+    order(&mut candidates);
     if let Some(until) = cloud.throttled_until() {
         return Some(until.saturating_duration_since(now));
     }
@@ -334,89 +293,6 @@ fn start_jobs(
     }
     depth(started);
     None
-}
-
-fn candidates(
-    store: &Store<NodeIPPool>,
-    memos: &mut HashMap<String, Memo>,
-    in_flight: &HashSet<String>,
-    now: Instant,
-) -> Vec<Candidate> {
-    let mut out = Vec::new();
-    let pools = store.state();
-    // Nodes gone (their NodeIPPool deleted with the Node) are forgotten.
-    if memos.len() > pools.len() {
-        let present: HashSet<String> = pools.iter().map(|p| p.name_any()).collect();
-        memos.retain(|name, _| present.contains(name) || in_flight.contains(name));
-    }
-    for pool in pools {
-        let name = pool.name_any();
-        let Some(status) = pool.status.as_ref() else {
-            continue;
-        };
-        let Some(request) = status.cloud_request.clone() else {
-            continue;
-        };
-        let memo = memos.entry(name.clone()).or_default();
-        // After a restart the resource says what was answered; afterwards this replica's own
-        // memory does (the watch may not have shown its last patch yet).
-        let answered = memo.answered.or_else(|| {
-            status.cloud.as_ref().map(|a| {
-                let retry = a
-                    .error
-                    .as_ref()
-                    .is_some_and(|e| e.to_cloud_error("").is_retryable())
-                    .then_some(now);
-                (a.observed_generation, retry)
-            })
-        });
-        if memo.identity.is_none()
-            && let Some(known) = status.cloud.as_ref().and_then(|a| a.identity.as_ref())
-        {
-            memo.identity = NodeIdentity::try_from(known).ok();
-        }
-        let due = match answered {
-            None => true,
-            Some((generation, _)) if generation != request.generation => true,
-            Some((_, retry)) => retry.is_some_and(|at| at <= now),
-        };
-        let held = memo.not_before.is_some_and(|at| at > now);
-        if !due || held || in_flight.contains(&name) {
-            continue;
-        }
-        let since = *memo.due_since.get_or_insert(now);
-        out.push(Candidate {
-            name,
-            waiting_pods: request.waiting_pods,
-            request,
-            since,
-        });
-    }
-    out
-}
-
-/// When the earliest retry of a failed node is due.
-fn next_retry(memos: &HashMap<String, Memo>, now: Instant) -> Option<Duration> {
-    memos
-        .values()
-        .flat_map(|m| [m.answered.and_then(|(_, retry)| retry), m.not_before])
-        .flatten()
-        .filter(|at| *at > now)
-        .min()
-        .map(|at| at.saturating_duration_since(now))
-}
-
-/// What a job for this node is expected to send: a resolve when its identity is unknown (VM,
-/// NIC, and the subnet and VNet the first time), the NIC read when the provider does not hold
-/// it, and the write with its settle reads.
-fn expected_cost(memo: &Memo, estimates: &Estimates) -> Cost {
-    let mut reads = estimates.write_reads;
-    if memo.identity.is_none() {
-        reads += 2.0 + if estimates.resolved_any { 0.0 } else { 2.0 };
-    } else if !memo.nic_known {
-        reads += 1.0;
-    }
-    Cost { reads, writes: 1.0 }
 }
 
 fn finish(
@@ -515,12 +391,4 @@ fn finish(
                 Some(now + retry_delay(&CloudError::Transient(reason), memo.failures));
         }
     }
-}
-
-fn retry_delay(error: &CloudError, failures: u32) -> Duration {
-    if let Some(after) = error.retry_after() {
-        return after;
-    }
-    let exp = Duration::from_secs(1).saturating_mul(1 << failures.saturating_sub(1).min(6));
-    exp.min(MAX_RETRY_DELAY)
 }
