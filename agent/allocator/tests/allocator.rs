@@ -381,5 +381,21 @@ async fn a_uniform_scale_set_instance_gets_its_addresses_in_one_instance_write()
     assert_eq!(now.len(), 3);
     assert!(!now.contains(&all[0]) && now.contains(&all[1]) && now.contains(&all[2]));
     assert_eq!(lab.mock.counters().calls("vmss_vm_put"), 2);
+    // Blocks cannot be written through an instance: a fatal answer, nothing written.
+    lab.request(
+        "node-2",
+        CloudRequest {
+            generation: 3,
+            instance: lab.imds_instance("node-2").await,
+            addresses: 3,
+            blocks: 1,
+            block_prefix_length: Some(28),
+            ..CloudRequest::default()
+        },
+    );
+    let answer = lab.answered("node-2", 3).await;
+    assert_eq!(answer.error.map(|e| e.code), Some("fatal".to_string()));
+    assert_eq!(lab.mock.counters().calls("vmss_vm_put"), 2);
+    assert_eq!(lab.nic_addresses("node-2"), now);
     allocator.stop().await;
 }

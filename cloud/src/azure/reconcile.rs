@@ -54,6 +54,11 @@ impl AzureProvider {
         nic_id: &str,
         want: &NicDesired,
     ) -> Result<NicReconciled, CloudError> {
+        if want.blocks > 0 && vmss::instance_of_nic(nic_id).is_some() {
+            return Err(CloudError::Fatal(format!(
+                "prefix mode is not available on a Uniform scale-set instance ({nic_id}): Compute's instance update has no privateIPAddressPrefixLength (docs/cloud.md); use address mode"
+            )));
+        }
         let inner = &self.inner;
         let writer = inner.writer(&vmss::write_key(nic_id));
         let _guard = writer.write_lock.clone().lock_owned().await;
