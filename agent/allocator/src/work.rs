@@ -1,6 +1,5 @@
 //! One job: bring one node's NIC to its `cloudRequest` and answer in `status.cloud`.
 
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
@@ -95,17 +94,13 @@ async fn reconcile(
     identity: &NodeIdentity,
     request: &CloudRequest,
 ) -> Result<Reconciled, CloudError> {
-    let release = request
-        .release
-        .iter()
-        .map(|a| {
-            a.parse::<Ipv4Addr>().map_err(|_| {
-                CloudError::Fatal(format!(
-                    "cloudRequest.release: {a:?} is not an IPv4 address"
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // Names of ipConfigurations, not addresses (Azure reuses a released address under a new
+    // name; the NIC document the write edits says which entry a name is, if any still is).
+    if let Some(bad) = request.release.iter().find(|n| n.trim().is_empty()) {
+        return Err(CloudError::Fatal(format!(
+            "cloudRequest.release: {bad:?} is not an ipConfiguration name"
+        )));
+    }
     let prefix_len = request.block_prefix_length.unwrap_or(AZURE_PREFIX_LENGTH);
     if request.blocks > 0 && !(1..32).contains(&prefix_len) {
         return Err(CloudError::Fatal(format!(
@@ -117,7 +112,7 @@ async fn reconcile(
         addresses: request.addresses,
         blocks: request.blocks,
         prefix_len,
-        release,
+        release: request.release.clone(),
     };
     let done = cloud.reconcile_nic(&identity.nic_id, &want).await?;
     Ok(Reconciled {

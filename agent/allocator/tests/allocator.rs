@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::{Lab, ROOMY, ips, roomy_limits, until};
+use support::{Lab, ROOMY, ips, names_of, nic_entries, roomy_limits, until};
 use vnet_allocator::BucketSettings;
 use vnet_mockcloud::{Bucket, RateLimits};
 
@@ -30,7 +30,7 @@ async fn a_request_gets_its_addresses_in_one_nic_write_and_release_removes_exact
     // Give two back and keep three: exactly those two go, in one more write, nothing added.
     let all = ips(&answer);
     let release = [all[1], all[3]];
-    lab.ask("node-1", 2, 3, &release, 0);
+    lab.ask("node-1", 2, 3, &names_of(&answer, &release), 0);
     let answer = lab.answered("node-1", 2).await;
     assert_eq!(answer.error, None);
     let kept: Vec<Ipv4Addr> = all
@@ -43,7 +43,7 @@ async fn a_request_gets_its_addresses_in_one_nic_write_and_release_removes_exact
     assert_eq!(lab.nic_puts(), 2);
 
     // Release one and grow by two: both in the same single write.
-    lab.ask("node-1", 3, 4, &[kept[0]], 0);
+    lab.ask("node-1", 3, 4, &names_of(&answer, &[kept[0]]), 0);
     let answer = lab.answered("node-1", 3).await;
     let now = ips(&answer);
     assert_eq!(now.len(), 4);
@@ -63,6 +63,44 @@ async fn a_request_gets_its_addresses_in_one_nic_write_and_release_removes_exact
     let counters = allocator.counters.snapshot();
     assert_eq!(counters.jobs_done, 4);
     assert_eq!(counters.nic_writes, 3);
+    allocator.stop().await;
+}
+
+/// Review MUST-FIX 1: Azure hands a released address out again (the mock: the lowest free one).
+/// An agent's request that still lists an entry already removed must not take the address
+/// that a new entry holds now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_naming_an_entry_already_gone_leaves_its_address_under_a_new_name() {
+    let lab = Lab::new(1, "10.9.0.0/24", roomy_limits()).await;
+    let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    lab.ask("node-1", 1, 2, &[], 1);
+    let answer = lab.answered("node-1", 1).await;
+    let all = ips(&answer);
+    let gone = names_of(&answer, &all[..1]);
+    lab.ask("node-1", 2, 1, &gone, 0);
+    let answer = lab.answered("node-1", 2).await;
+    assert_eq!(ips(&answer), all[1..].to_vec());
+    // An assign whose request still lists the old release (written before answer 2 arrived).
+    lab.ask("node-1", 3, 2, &gone, 1);
+    let answer = lab.answered("node-1", 3).await;
+    assert_eq!(answer.error, None);
+    let entries = nic_entries(&lab, "node-1");
+    assert_eq!(entries.len(), 2);
+    let (reused_name, reused) = entries[0].clone();
+    assert_eq!(
+        reused, all[0],
+        "the mock gave the released address out again"
+    );
+    assert_ne!(vec![reused_name], gone, "under a new name");
+    let puts = lab.nic_puts();
+    // The next request still lists the old name (the agent keeps a release until its answer
+    // shows it done): the new entry holding the same address stays, nothing is written.
+    lab.ask("node-1", 4, 2, &gone, 0);
+    let answer = lab.answered("node-1", 4).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(nic_entries(&lab, "node-1"), entries, "nothing removed");
+    assert_eq!(ips(&answer), vec![all[0], all[1]]);
+    assert_eq!(lab.nic_puts(), puts, "nothing to write");
     allocator.stop().await;
 }
 
@@ -306,24 +344,18 @@ async fn prefix_mode_blocks_come_in_the_same_single_write_and_go_only_whole() {
     assert_eq!(answer.secondary_ips.len(), 2);
     assert!(answer.secondary_ips.iter().all(|s| s.prefix_length == 28));
     assert_eq!(lab.nic_puts(), 1);
-    let first: Ipv4Addr = answer.secondary_ips[0].ip.parse().unwrap();
+    let first = answer.secondary_ips[0].name.clone();
     let second: Ipv4Addr = answer.secondary_ips[1].ip.parse().unwrap();
-    // Part of the first block named: it stays (pods may use the rest).
-    lab.request("node-1", ask(2, 1, vec![first.to_string()]));
+    // A block is one entry: named, it goes whole; the other stays, nothing is added.
+    lab.request("node-1", ask(2, 1, vec![first]));
     let answer = lab.answered("node-1", 2).await;
-    assert_eq!(answer.secondary_ips.len(), 2, "{answer:?}");
-    // All of its sixteen addresses: it goes, the other stays, nothing is added.
-    let whole: Vec<String> = (0..16)
-        .map(|i| Ipv4Addr::from(u32::from(first) + i).to_string())
-        .collect();
-    lab.request("node-1", ask(3, 1, whole));
-    let answer = lab.answered("node-1", 3).await;
     let left: Vec<Ipv4Addr> = answer
         .secondary_ips
         .iter()
         .map(|s| s.ip.parse().unwrap())
         .collect();
     assert_eq!(left, vec![second]);
+    assert_eq!(lab.nic_puts(), 2);
     allocator.stop().await;
 }
 
@@ -372,7 +404,7 @@ async fn a_uniform_scale_set_instance_gets_its_addresses_in_one_instance_write()
             generation: 2,
             instance,
             addresses: 3,
-            release: vec![all[0].to_string()],
+            release: names_of(&answer, &all[..1]),
             ..CloudRequest::default()
         },
     );

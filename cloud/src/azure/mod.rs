@@ -370,6 +370,7 @@ impl Inner {
             release = releases.len(),
             "updating NIC"
         );
+        let releases = Releases::Addresses(releases);
         let result = self.update_nic(nic_id, &adds, &releases).await;
         // A full subnet or NIC must not hold back the releases that came in the same batch.
         let release_result = match &result {
@@ -395,7 +396,7 @@ impl Inner {
         &self,
         nic_id: &str,
         adds: &[Add],
-        releases: &HashSet<Ipv4Addr>,
+        releases: &Releases,
     ) -> Result<Value, CloudError> {
         let policy = &self.client.config.retry;
         let subnet_id = adds.first().map(|a| a.subnet_id.as_str());
@@ -406,6 +407,8 @@ impl Inner {
             // Reading first also settles a write whose outcome we did not learn (timeout, 5xx):
             // if it took effect there is nothing left to change.
             let (nic, etag) = self.settled_nic(nic_id).await?;
+            // Released names are matched in this very read (the one the write edits).
+            let releases = &releases.in_nic(&nic);
             // A Failed NIC (or entry) is not settled: write the same intent again, even when
             // our entries are all there, until Azure reports Succeeded.
             let body = match edited(&nic, adds, releases) {
@@ -468,6 +471,49 @@ impl Inner {
             tracing::info!(nic_id, attempt, ?delay, %error, "NIC write failed; retrying");
             last_error = Some(error);
             self.client.sleep(delay).await;
+        }
+    }
+}
+
+/// What a write gives back. The agent's own path names addresses (its NIC writes are its
+/// node's only ones, serialized). The allocator's requests name ipConfigurations: Azure hands
+/// a released address out again, so an address in a request written before its answer may
+/// by now belong to a new entry holding a pod's address; a name is never reused.
+#[derive(Debug, Clone)]
+pub(super) enum Releases {
+    Addresses(HashSet<Ipv4Addr>),
+    /// Lower-cased (ARM's names are case-insensitive).
+    Names(HashSet<String>),
+}
+
+impl Releases {
+    /// The addresses to give back from `nic` as read: for names, every address of each entry
+    /// of ours so named in this document (a block's all, so the block goes whole).
+    pub(super) fn in_nic(&self, nic: &Value) -> HashSet<Ipv4Addr> {
+        let names = match self {
+            Releases::Addresses(addresses) => return addresses.clone(),
+            Releases::Names(names) => names,
+        };
+        nic["properties"]["ipConfigurations"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| {
+                c["name"].as_str().is_some_and(|n| {
+                    n.starts_with(IP_CONFIG_PREFIX) && names.contains(&n.to_ascii_lowercase())
+                })
+            })
+            .filter_map(config_network)
+            .filter_map(|(base, len)| Ipv4Network::new(base, len).ok())
+            .flat_map(|net| net.iter())
+            .collect()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        match self {
+            Releases::Addresses(a) => a.is_empty(),
+            Releases::Names(n) => n.is_empty(),
         }
     }
 }

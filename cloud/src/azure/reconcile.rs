@@ -16,12 +16,13 @@ use reqwest::Method;
 use serde_json::Value;
 
 use super::client::{ArmCalls, ArmRemaining, Reply, Target, error_from_reply};
-use super::{Add, AzureProvider, Inner, NETWORK_API_VERSION, config_network, vmss};
+use super::{Add, AzureProvider, Inner, NETWORK_API_VERSION, Releases, config_network, vmss};
 use super::{complete_secondary_ips, edited, is_failed, unique_name};
 use crate::{CloudError, IP_CONFIG_PREFIX, SINGLE_ADDRESS, SecondaryIp};
 
 /// The NIC one node's agent asked for: how many single-address and block entries of ours it
-/// should hold once done, and which addresses to give back (already excluded from the counts).
+/// should hold once done, and which of its entries to give back (already excluded from the
+/// counts).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NicDesired {
     pub subnet_id: String,
@@ -29,7 +30,10 @@ pub struct NicDesired {
     pub blocks: u32,
     /// Length of new blocks (Azure: 28).
     pub prefix_len: u8,
-    pub release: Vec<Ipv4Addr>,
+    /// The names of the ipConfigurations of ours to remove (ARM's names, case-insensitive). A
+    /// name, not an address: Azure hands a released address out again, so an address may by
+    /// now be a new entry's; a name absent from the NIC removes nothing.
+    pub release: Vec<String>,
 }
 
 /// What the NIC holds after [`AzureProvider::reconcile_nic`].
@@ -45,9 +49,10 @@ pub struct NicReconciled {
 }
 
 impl AzureProvider {
-    /// Brings the NIC's entries of ours to `want` in one write: removes the released ones (a
-    /// block only with all its addresses) and adds what is missing to reach the counts. Nothing
-    /// not listed in `release` is removed, nothing without [`IP_CONFIG_PREFIX`] is touched.
+    /// Brings the NIC's entries of ours to `want` in one write: removes the entries named in
+    /// `release` (matched in the NIC document the write edits) and adds what is missing to
+    /// reach the counts. Nothing not named in `release` is removed, nothing without
+    /// [`IP_CONFIG_PREFIX`] is touched.
     /// Throttling (429) is returned at once, not waited out: the caller paces the cluster.
     pub async fn reconcile_nic(
         &self,
@@ -62,7 +67,12 @@ impl AzureProvider {
         let inner = &self.inner;
         let writer = inner.writer(&vmss::write_key(nic_id));
         let _guard = writer.write_lock.clone().lock_owned().await;
-        let release: HashSet<Ipv4Addr> = want.release.iter().copied().collect();
+        let release = Releases::Names(
+            want.release
+                .iter()
+                .map(|n| n.to_ascii_lowercase())
+                .collect(),
+        );
         match inner.reconcile_locked(nic_id, want, &release).await {
             Err(error) if !error.is_retryable() && !release.is_empty() => {
                 // A full subnet or NIC must not hold back the releases.
@@ -140,7 +150,7 @@ impl Inner {
         &self,
         nic_id: &str,
         want: &NicDesired,
-        release: &HashSet<Ipv4Addr>,
+        release: &Releases,
     ) -> Result<NicReconciled, CloudError> {
         let policy = &self.client.config.retry;
         let url = self.arm_url(nic_id, NETWORK_API_VERSION);
@@ -154,10 +164,12 @@ impl Inner {
             };
             // What to add follows from the NIC as read, every round: a write whose outcome was
             // lost (a timeout, a 5xx) and took effect shows in the next read, so it is never
-            // made twice; a write refused (412) adds nothing to count.
-            let adds = &additions(&nic, want, release);
+            // made twice; a write refused (412) adds nothing to count. The released names are
+            // matched in the same read, which the write edits under `If-Match`.
+            let addresses = &release.in_nic(&nic);
+            let adds = &additions(&nic, want, addresses);
             let failed = is_failed(&nic);
-            let body = match edited(&nic, adds, release) {
+            let body = match edited(&nic, adds, addresses) {
                 Some(body) => body,
                 None if failed => nic.clone(),
                 None => {
@@ -196,7 +208,7 @@ impl Inner {
             {
                 Ok(reply) if reply.status.is_success() => {
                     let (after, etag) = self.settled_after(&url, nic_id, &reply).await?;
-                    if !is_failed(&after) && edited(&after, adds, release).is_none() {
+                    if !is_failed(&after) && edited(&after, adds, addresses).is_none() {
                         let ours = complete_secondary_ips(&after)?;
                         self.remember_nic(nic_id, after, etag);
                         return Ok(NicReconciled {

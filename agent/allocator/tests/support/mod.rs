@@ -145,14 +145,14 @@ impl Lab {
         node: &str,
         generation: u64,
         addresses: u32,
-        release: &[Ipv4Addr],
+        release: &[String],
         waiting: u32,
     ) {
         let request = CloudRequest {
             generation,
             instance: self.instance(node),
             addresses,
-            release: release.iter().map(|a| a.to_string()).collect(),
+            release: release.to_vec(),
             waiting_pods: waiting,
             ..CloudRequest::default()
         };
@@ -198,6 +198,36 @@ impl Lab {
     pub fn nic_puts(&self) -> u64 {
         self.mock.counters().calls("nic_put")
     }
+}
+
+/// The names of the answer's entries holding `addresses` (what an agent lists in `release`).
+pub fn names_of(answer: &CloudAnswer, addresses: &[Ipv4Addr]) -> Vec<String> {
+    addresses
+        .iter()
+        .map(|a| {
+            answer
+                .secondary_ips
+                .iter()
+                .find(|s| s.ip == a.to_string())
+                .unwrap_or_else(|| panic!("{a} is not in the answer {answer:?}"))
+                .name
+                .clone()
+        })
+        .collect()
+}
+
+/// The NIC's entries of ours in the mock: (name, address), sorted by address.
+pub fn nic_entries(lab: &Lab, node: &str) -> Vec<(String, Ipv4Addr)> {
+    let mut entries: Vec<(String, Ipv4Addr)> = lab
+        .mock
+        .state()
+        .addresses
+        .into_iter()
+        .filter(|a| a.vm == node && !a.primary)
+        .map(|a| (a.ip_configuration.clone(), a.ip))
+        .collect();
+    entries.sort_by_key(|e| e.1);
+    entries
 }
 
 pub fn ips(answer: &CloudAnswer) -> Vec<Ipv4Addr> {
