@@ -5,8 +5,12 @@
 //! candidates cannot both win (the API server answers the loser 409).
 //!
 //! The leader may start cloud work only while its last successful renewal is younger than
-//! `lease_duration - job_margin`: a leader cut off from the API server stops starting jobs well
-//! before another replica may take over.
+//! `lease_duration - job_margin`, and its jobs may run only while it is younger than
+//! `lease_duration - abort_margin` (the scheduler aborts them then): a leader cut off from the
+//! API server has stopped every cloud call before another replica may take over, which is
+//! `lease_duration` after that replica saw the last renewal (later than the renewal was sent).
+//! On shutdown the scheduler drains its jobs first and only then asks this loop to give the
+//! Lease up.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,25 +33,46 @@ pub struct LeaseSettings {
     pub renew_every: Duration,
     /// How long before the lease could expire the leader stops starting jobs.
     pub job_margin: Duration,
+    /// How long before the lease could expire the leader's jobs are aborted (smaller than
+    /// `job_margin`).
+    pub abort_margin: Duration,
 }
 
-/// Whether this replica may start cloud work now.
+/// Whether this replica may start cloud work now, and until when its jobs may run.
 #[derive(Debug, Default)]
 pub struct Leadership {
-    /// Until when (local clock) this replica may start jobs.
-    until: Mutex<Option<Instant>>,
+    /// (start jobs until, abort jobs at), local clock; `None` when not leading.
+    until: Mutex<Option<(Instant, Instant)>>,
+    /// Told on every change (the scheduler wakes at once when leadership ends).
+    changed: tokio::sync::Notify,
 }
 
 impl Leadership {
+    /// Whether jobs may start now.
     pub fn leading(&self) -> bool {
-        self.until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|until| Instant::now() < until)
+        self.get()
+            .is_some_and(|(start_until, _)| Instant::now() < start_until)
     }
 
-    fn set(&self, until: Option<Instant>) {
+    /// Until when the jobs under way may run, when they still may.
+    pub fn jobs_until(&self) -> Option<Instant> {
+        self.get()
+            .map(|(_, abort_at)| abort_at)
+            .filter(|abort_at| Instant::now() < *abort_at)
+    }
+
+    /// Resolves when leadership changed (renewed, lost) since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    fn get(&self) -> Option<(Instant, Instant)> {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, until: Option<(Instant, Instant)>) {
         *self.until.lock().unwrap_or_else(|p| p.into_inner()) = until;
+        self.changed.notify_one();
     }
 }
 
@@ -59,8 +84,8 @@ struct Observed {
     at: Instant,
 }
 
-/// Runs the election until `shutdown`; then, if leading, gives the Lease up so a standby
-/// takes over at once.
+/// Runs the election until `shutdown` (the scheduler sends it once its jobs have finished);
+/// then, if leading, gives the Lease up so a standby takes over at once.
 pub async fn run(
     api: Api<Lease>,
     settings: LeaseSettings,
@@ -77,8 +102,11 @@ pub async fn run(
                     tracing::info!(holder = %settings.holder, lease = %settings.name, "became the leader");
                 }
                 was_leading = true;
-                let until = started + settings.lease_duration.saturating_sub(settings.job_margin);
-                leadership.set(Some(until));
+                let until = |margin| started + settings.lease_duration.saturating_sub(margin);
+                leadership.set(Some((
+                    until(settings.job_margin),
+                    until(settings.abort_margin),
+                )));
             }
             Ok(false) => {
                 if was_leading {

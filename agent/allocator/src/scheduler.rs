@@ -5,6 +5,9 @@
 //!   node's job starts in its place.
 //! - A job reserves its expected ARM calls before it starts; its calls are counted as it sends
 //!   them ([`crate::budget`]); after a 429 nothing starts until its `Retry-After` has passed.
+//! - Only the leader calls ARM: when leadership ends (a renewal failed long enough, or the Lease
+//!   went to another replica) the jobs under way are aborted, before another replica may take
+//!   over; on shutdown they are drained first and the Lease is given up after.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -40,13 +43,48 @@ struct Finished {
 /// The jobs under way: what each reserved, and what it has sent so far.
 struct InFlight {
     jobs: HashMap<String, (Cost, Arc<CallCounter>)>,
+    /// The node of each job's task, so a task that panicked frees its node alone.
+    tasks: HashMap<tokio::task::Id, String>,
 }
 
 impl InFlight {
     fn new() -> InFlight {
         InFlight {
             jobs: HashMap::new(),
+            tasks: HashMap::new(),
         }
+    }
+
+    fn insert(
+        &mut self,
+        task: tokio::task::Id,
+        name: String,
+        cost: Cost,
+        counter: Arc<CallCounter>,
+    ) {
+        self.tasks.insert(task, name.clone());
+        self.jobs.insert(name, (cost, counter));
+    }
+
+    /// Removes the job of `task`; its node and what it sent.
+    fn remove(&mut self, task: tokio::task::Id) -> Option<(String, ArmCalls)> {
+        let name = self.tasks.remove(&task)?;
+        let (_, counter) = self.jobs.remove(&name)?;
+        Some((name, counter.calls()))
+    }
+
+    /// Every job's calls so far, and none in flight any more (the jobs were aborted).
+    fn clear(&mut self) -> ArmCalls {
+        let mut sent = ArmCalls::default();
+        for (_, counter) in self.jobs.values() {
+            let calls = counter.calls();
+            sent.reads += calls.reads;
+            sent.writes += calls.writes;
+            sent.throttled += calls.throttled;
+        }
+        self.jobs.clear();
+        self.tasks.clear();
+        sent
     }
 
     fn names(&self) -> HashSet<String> {
@@ -78,6 +116,8 @@ pub(crate) async fn run(
     let pools: Api<NodeIPPool> = Api::all(client.clone());
     let leases: Api<Lease> = Api::namespaced(client, &settings.namespace);
     let leadership = Arc::new(Leadership::default());
+    // The election stops (and gives the Lease up) only once the jobs have finished.
+    let (stop_election, election_stop) = watch::channel(false);
     let election = tokio::spawn(lease::run(
         leases,
         LeaseSettings {
@@ -88,9 +128,11 @@ pub(crate) async fn run(
             renew_every: settings.renew_every,
             // Room for a job that starts just before: a NIC write and its settle.
             job_margin: settings.lease_duration / 3,
+            // Before a standby may take over (lease_duration after it saw the last renewal).
+            abort_margin: settings.lease_duration / 6,
         },
         leadership.clone(),
-        shutdown.clone(),
+        election_stop,
     ));
 
     let (store, writer) = reflector::store();
@@ -130,13 +172,18 @@ pub(crate) async fn run(
     let mut in_flight = InFlight::new();
     let mut jobs: JoinSet<Finished> = JoinSet::new();
 
-    let mut was_leading = false;
+    let mut was_holding = false;
     loop {
         let leading = leadership.leading();
+        let jobs_until = leadership.jobs_until();
         counters
             .leading
             .store(u64::from(leading), Ordering::Relaxed);
-        if was_leading && !leading {
+        if jobs_until.is_none() && !jobs.is_empty() {
+            // Another replica may take over soon: no call of this one's may land after.
+            abort_jobs(&mut jobs, &mut in_flight, &counters).await;
+        }
+        if was_holding && jobs_until.is_none() {
             // Another replica may answer and write from now on: what this one remembers of
             // answers and NICs is no longer the truth (identities stay: a VM's NIC and subnet
             // do not change under it).
@@ -148,7 +195,7 @@ pub(crate) async fn run(
             }
             cloud.forget_nics();
         }
-        was_leading = leading;
+        was_holding = jobs_until.is_some();
         let wake = if leading {
             start_jobs(
                 &store,
@@ -164,18 +211,15 @@ pub(crate) async fn run(
         } else {
             None
         };
-        let wake = wake.unwrap_or(IDLE_TICK).min(IDLE_TICK);
+        let mut wake = wake.unwrap_or(IDLE_TICK).min(IDLE_TICK);
+        if let Some(until) = jobs_until.filter(|_| !jobs.is_empty()) {
+            wake = wake.min(until.saturating_duration_since(Instant::now()));
+        }
         tokio::select! {
             _ = changed.notified() => {}
-            Some(finished) = jobs.join_next(), if !jobs.is_empty() => {
-                match finished {
-                    Ok(f) => finish(f, &cloud, &counters, &mut budget, &mut estimates, &mut memos, &mut in_flight),
-                    Err(error) => {
-                        // A panicked job: its node stays in flight no longer than this.
-                        tracing::error!(%error, "allocator job failed");
-                        in_flight.jobs.clear();
-                    }
-                }
+            _ = leadership.changed() => {}
+            Some(finished) = jobs.join_next_with_id(), if !jobs.is_empty() => {
+                joined(finished, &cloud, &counters, &mut budget, &mut estimates, &mut memos, &mut in_flight);
             }
             _ = tokio::time::sleep(wake) => {}
             _ = shutdown.wait_for(|stop| *stop) => break,
@@ -196,23 +240,85 @@ pub(crate) async fn run(
             Ordering::Relaxed,
         );
     }
-    // Jobs under way finish (a NIC write is not cut short); nothing new starts.
-    while let Some(finished) = jobs.join_next().await {
-        if let Ok(f) = finished {
-            finish(
-                f,
-                &cloud,
-                &counters,
-                &mut budget,
-                &mut estimates,
-                &mut memos,
-                &mut in_flight,
-            );
+    // Nothing new starts; the jobs under way finish (a NIC write is not cut short) while this
+    // replica still holds the Lease, and are aborted if it stops holding it meanwhile.
+    counters.leading.store(0, Ordering::Relaxed);
+    while !jobs.is_empty() {
+        let Some(until) = leadership.jobs_until() else {
+            abort_jobs(&mut jobs, &mut in_flight, &counters).await;
+            break;
+        };
+        tokio::select! {
+            Some(finished) = jobs.join_next_with_id() => {
+                joined(finished, &cloud, &counters, &mut budget, &mut estimates, &mut memos, &mut in_flight);
+            }
+            _ = tokio::time::sleep_until(until.into()) => {}
+            _ = leadership.changed() => {}
         }
     }
+    counters.in_flight.store(0, Ordering::Relaxed);
+    // Only now may a standby take over at once.
+    let _ = stop_election.send(true);
     watch_task.abort();
     let _ = election.await;
     counters.leading.store(0, Ordering::Relaxed);
+}
+
+/// Aborts every job under way and waits until none runs any more. A NIC write cut short is
+/// safe: the next leader reads the NIC, and `If-Match` refuses a write from a stale read.
+async fn abort_jobs(jobs: &mut JoinSet<Finished>, in_flight: &mut InFlight, counters: &Counters) {
+    tracing::warn!(
+        jobs = jobs.len(),
+        "leadership ended: aborting the jobs under way"
+    );
+    jobs.shutdown().await;
+    let sent = in_flight.clear();
+    counters.arm_reads.fetch_add(sent.reads, Ordering::Relaxed);
+    counters
+        .arm_writes
+        .fetch_add(sent.writes, Ordering::Relaxed);
+    counters
+        .throttled
+        .fetch_add(sent.throttled, Ordering::Relaxed);
+    counters.in_flight.store(0, Ordering::Relaxed);
+}
+
+/// A job's task ended: finished, or panicked (its node alone is freed, and tried again later).
+fn joined(
+    result: Result<(tokio::task::Id, Finished), tokio::task::JoinError>,
+    cloud: &AzureProvider,
+    counters: &Counters,
+    budget: &mut Budget,
+    estimates: &mut Estimates,
+    memos: &mut HashMap<String, Memo>,
+    in_flight: &mut InFlight,
+) {
+    match result {
+        Ok((task, f)) => {
+            in_flight.tasks.remove(&task);
+            finish(f, cloud, counters, budget, estimates, memos, in_flight);
+        }
+        Err(error) => {
+            let Some((name, sent)) = in_flight.remove(error.id()) else {
+                return;
+            };
+            tracing::error!(node = %name, %error, "allocator job failed");
+            counters.arm_reads.fetch_add(sent.reads, Ordering::Relaxed);
+            counters
+                .arm_writes
+                .fetch_add(sent.writes, Ordering::Relaxed);
+            counters
+                .throttled
+                .fetch_add(sent.throttled, Ordering::Relaxed);
+            let memo = memos.entry(name).or_default();
+            memo.nic_known = false;
+            memo.failures += 1;
+            memo.not_before = Some(
+                Instant::now()
+                    + retry_delay(&CloudError::Transient(error.to_string()), memo.failures),
+            );
+        }
+    }
 }
 
 /// Starts what the budget and the in-flight cap allow, in priority order. Returns how long
@@ -264,9 +370,6 @@ fn start_jobs(
         }
         outstanding.add(cost);
         let counter = Arc::new(CallCounter::default());
-        in_flight
-            .jobs
-            .insert(candidate.name.clone(), (cost, counter.clone()));
         started += 1;
         let pools = pools.clone();
         let cloud = cloud.clone();
@@ -274,7 +377,11 @@ fn start_jobs(
         let timeout = settings.request_timeout;
         let name = candidate.name;
         tracing::debug!(node = %name, generation = candidate.request.generation, waiting = candidate.waiting_pods, ?cost, "starting job");
-        jobs.spawn(async move {
+        let job_counter = counter.clone();
+        let job_name = name.clone();
+        let task = jobs.spawn(async move {
+            let counter = job_counter;
+            let name = job_name;
             let work = work::run(
                 pools,
                 cloud,
@@ -290,6 +397,7 @@ fn start_jobs(
                 calls: counter.calls(),
             }
         });
+        in_flight.insert(task.id(), name, cost, counter);
     }
     depth(started);
     None
@@ -390,5 +498,66 @@ fn finish(
             memo.not_before =
                 Some(now + retry_delay(&CloudError::Transient(reason), memo.failures));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vnet_cloud::azure::{AzureConfig, CredentialConfig};
+
+    /// A job that panics frees its own node only: the others stay in flight (and are not
+    /// started twice).
+    #[tokio::test]
+    async fn a_panicked_job_frees_only_its_node() {
+        let cloud = AzureProvider::new(AzureConfig::mock(
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:9",
+            CredentialConfig::None,
+        ))
+        .unwrap();
+        let counters = Counters::default();
+        let mut budget = Budget::new(
+            crate::DEFAULT_READS,
+            crate::DEFAULT_WRITES,
+            Instant::now(),
+            Cost::default(),
+        );
+        let mut estimates = Estimates {
+            write_reads: 2.0,
+            resolved_any: false,
+        };
+        let mut memos = HashMap::new();
+        let mut in_flight = InFlight::new();
+        let mut jobs: JoinSet<Finished> = JoinSet::new();
+        let (_hold, held) = watch::channel(());
+        for name in ["node-a", "node-b"] {
+            let mut held = held.clone();
+            let task = jobs.spawn(async move {
+                if name == "node-a" {
+                    panic!("a bug in node-a's job");
+                }
+                let _ = held.changed().await;
+                unreachable!("node-b's job runs until the test ends");
+            });
+            let counter = Arc::new(CallCounter::default());
+            in_flight.insert(task.id(), name.into(), Cost::default(), counter);
+        }
+        let result = jobs.join_next_with_id().await.unwrap();
+        assert!(result.as_ref().is_err_and(|e| e.is_panic()));
+        joined(
+            result,
+            &cloud,
+            &counters,
+            &mut budget,
+            &mut estimates,
+            &mut memos,
+            &mut in_flight,
+        );
+        assert_eq!(in_flight.names(), HashSet::from(["node-b".to_string()]));
+        let memo = &memos["node-a"];
+        assert!(memo.not_before.is_some(), "node-a is tried again later");
+        assert!(!memos.contains_key("node-b"));
+        jobs.abort_all();
     }
 }

@@ -279,6 +279,101 @@ async fn a_second_allocator_waits_while_the_first_leads_and_takes_over_when_it_s
     let _ = Duration::ZERO;
 }
 
+/// A NIC that stays `Updating` for `polls` reads (1 s apart): a job that lasts that long.
+fn slow_operations(lab: &Lab, polls: u32) {
+    lab.mock.set_faults(vnet_mockcloud::Faults {
+        operation_retry_after_secs: Some(1),
+        operation_polls: Some(polls),
+        ..vnet_mockcloud::Faults::default()
+    });
+}
+
+/// Review MUST-FIX 2: a leader cut off from the API server cannot renew; its job under way is
+/// aborted before the standby may take over, so no call of the old leader's reaches ARM after
+/// the new leader's first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_stops_its_job_before_the_standby_calls_arm() {
+    let lab = Lab::new(1, "10.10.0.0/24", roomy_limits()).await;
+    slow_operations(&lab, 10);
+    let (first_client, cut_off) = lab.api.client_with_switch();
+    let first = lab.start_with(first_client, Lab::settings("first", ROOMY, ROOMY));
+    until("the first leads", || {
+        first.counters.leading.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let second = lab.start(Lab::settings("second", ROOMY, ROOMY));
+    lab.ask("node-1", 1, 2, &[], 1);
+    until("the first's job has written", || lab.nic_puts() == 1).await;
+    until("the first counts its job in flight", || {
+        first.counters.in_flight.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    cut_off.store(true, Ordering::SeqCst);
+    until("the standby calls ARM", || {
+        let calls = second.cloud.arm_calls();
+        calls.reads + calls.writes > 0
+    })
+    .await;
+    // Whatever the old leader had sent by now is all it ever sends.
+    let old = first.cloud.arm_calls();
+    assert_eq!(
+        first.counters.in_flight.load(Ordering::Relaxed),
+        0,
+        "the old leader's job was aborted"
+    );
+    // The new leader finishes the request (the NIC settles under its reads); the old one's
+    // job, without the abort, would still be reading the NIC all that time.
+    let answer = lab.answered("node-1", 1).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(ips(&answer), lab.nic_addresses("node-1"));
+    assert_eq!(lab.nic_puts(), 1, "the write was counted, not repeated");
+    assert_eq!(
+        first.cloud.arm_calls(),
+        old,
+        "no ARM call of the old leader after the new leader's first"
+    );
+    assert_eq!(second.counters.snapshot().jobs_done, 1);
+    second.stop().await;
+    cut_off.store(false, Ordering::SeqCst);
+    first.stop().await;
+}
+
+/// Review MUST-FIX 2: on shutdown the leader lets its jobs finish and answer, and only then
+/// gives the Lease up (a standby that took over at once would work beside the old jobs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_drains_its_jobs_before_it_gives_the_lease_up() {
+    let lab = Lab::new(1, "10.11.0.0/24", roomy_limits()).await;
+    slow_operations(&lab, 3);
+    let first = lab.start(Lab::settings("first", ROOMY, ROOMY));
+    until("the first leads", || {
+        first.counters.leading.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    lab.ask("node-1", 1, 2, &[], 1);
+    until("the job has written", || lab.nic_puts() == 1).await;
+    first.stop().await;
+    let answer = lab.answer("node-1").expect("the drained job answered");
+    assert_eq!((answer.observed_generation, &answer.error), (1, &None));
+    assert_eq!(ips(&answer), lab.nic_addresses("node-1"));
+    let events = lab.api.events();
+    let answered = events
+        .iter()
+        .find(|(_, c, e)| *c == vnet_fakeapi::POOLS && !e["object"]["status"]["cloud"].is_null())
+        .map(|(rv, _, _)| *rv)
+        .expect("the answer's write");
+    let released = events
+        .iter()
+        .find(|(_, c, e)| {
+            *c == vnet_fakeapi::LEASES && e["object"]["spec"]["holderIdentity"].is_null()
+        })
+        .map(|(rv, _, _)| *rv)
+        .expect("the Lease given up");
+    assert!(
+        answered < released,
+        "answered at resourceVersion {answered}, Lease given up at {released}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_answer_or_a_412_never_adds_twice() {
     use vnet_mockcloud::{FaultSpec, Faults};

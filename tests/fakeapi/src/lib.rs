@@ -191,6 +191,11 @@ impl FakeApi {
         self.state.lock().unwrap().authorizations.clone()
     }
 
+    /// Every write so far, in order: (resourceVersion, collection, the watch event).
+    pub fn events(&self) -> Vec<(u64, &'static str, Value)> {
+        self.state.lock().unwrap().history.clone()
+    }
+
     pub fn get(&self, collection: &'static str, key: &str) -> Option<Value> {
         self.state
             .lock()
