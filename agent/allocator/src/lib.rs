@@ -140,6 +140,14 @@ pub enum Error {
     Settings(String),
 }
 
+/// The `spec.providerID` the cloud provider gives the Node of the VM (or scale-set instance)
+/// whose ARM resource ID is `vm_id` (AKS: `azure:///subscriptions/.../virtualMachineScaleSets/
+/// <ss>/virtualMachines/<n>`). The allocator serves a NodeIPPool only when the Node of the same
+/// name carries this ID (compared ASCII case-insensitively) for the request's `instance.vmId`.
+pub fn provider_id(vm_id: &str) -> String {
+    format!("azure://{vm_id}")
+}
+
 /// The allocator's Azure client configuration from a plain one: the agents' per-request pacing
 /// (`Pacing` floors) off, since the allocator budgets every call itself and that pacing would
 /// only delay what it already planned. Build the `AzureProvider` given to [`run`] from this.

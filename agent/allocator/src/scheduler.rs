@@ -11,11 +11,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -33,6 +34,10 @@ use crate::{Counters, Settings};
 
 /// The longest the loop sleeps without looking again (leadership may have changed).
 const IDLE_TICK: Duration = Duration::from_millis(500);
+
+/// How long a request waits for its Node to show in the watch before it is answered that
+/// there is none.
+const NODE_GRACE: Duration = Duration::from_secs(30);
 
 struct Finished {
     name: String,
@@ -114,6 +119,7 @@ pub(crate) async fn run(
 ) {
     let counters = settings.counters.clone();
     let pools: Api<NodeIPPool> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
     let leases: Api<Lease> = Api::namespaced(client, &settings.namespace);
     let leadership = Arc::new(Leadership::default());
     // The election stops (and gives the Lease up) only once the jobs have finished.
@@ -152,6 +158,41 @@ pub(crate) async fn run(
                 changed.notify_one();
             }
         })
+    };
+
+    // The Nodes, for their providerIDs only (the rest is dropped: 5,000 Nodes' status would
+    // cost the allocator hundreds of MB).
+    let (node_store, node_writer) = reflector::store();
+    let nodes_ready = Arc::new(AtomicBool::new(false));
+    let node_task = {
+        let changed = changed.clone();
+        let ready = nodes_ready.clone();
+        let events = reflector::reflector(
+            node_writer,
+            watcher(nodes, watcher::Config::default())
+                .modify(|node: &mut Node| {
+                    node.status = None;
+                    node.metadata.managed_fields = None;
+                    node.metadata.annotations = None;
+                    node.metadata.labels = None;
+                })
+                .default_backoff(),
+        );
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => ready.store(true, Ordering::Relaxed),
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "Node watch failed; retrying"),
+                }
+                changed.notify_one();
+            }
+        })
+    };
+    let nodes = NodeView {
+        store: node_store,
+        ready: nodes_ready,
     };
 
     let sent = cloud.arm_calls();
@@ -199,6 +240,7 @@ pub(crate) async fn run(
         let wake = if leading {
             start_jobs(
                 &store,
+                &nodes,
                 &pools,
                 &cloud,
                 &settings,
@@ -260,6 +302,7 @@ pub(crate) async fn run(
     // Only now may a standby take over at once.
     let _ = stop_election.send(true);
     watch_task.abort();
+    node_task.abort();
     let _ = election.await;
     counters.leading.store(0, Ordering::Relaxed);
 }
@@ -321,11 +364,32 @@ fn joined(
     }
 }
 
+/// The Nodes as the watch last showed them (names and providerIDs).
+struct NodeView {
+    store: Store<Node>,
+    ready: Arc<AtomicBool>,
+}
+
+impl NodeView {
+    /// Node `name`'s `spec.providerID` (`""` when unset), `None` when there is no such Node.
+    fn provider_id(&self, name: &str) -> Option<String> {
+        self.store
+            .get(&reflector::ObjectRef::new(name))
+            .map(|node| {
+                node.spec
+                    .as_ref()
+                    .and_then(|s| s.provider_id.clone())
+                    .unwrap_or_default()
+            })
+    }
+}
+
 /// Starts what the budget and the in-flight cap allow, in priority order. Returns how long
 /// until the next job could start, when something waits.
 #[allow(clippy::too_many_arguments)]
 fn start_jobs(
     store: &Store<NodeIPPool>,
+    nodes: &NodeView,
     pools: &Api<NodeIPPool>,
     cloud: &Arc<AzureProvider>,
     settings: &Settings,
@@ -336,6 +400,10 @@ fn start_jobs(
     jobs: &mut JoinSet<Finished>,
 ) -> Option<Duration> {
     let now = Instant::now();
+    if !nodes.ready.load(Ordering::Relaxed) {
+        // Until the Nodes are listed, no request can be checked against its Node.
+        return Some(IDLE_TICK);
+    }
     let mut candidates = candidates(store, memos, &in_flight.names(), now);
     let queued = candidates.len() as u64;
     let depth = |started: u64| {
@@ -361,6 +429,33 @@ fn start_jobs(
             break;
         }
         let memo = memos.entry(candidate.name.clone()).or_default();
+        let provider_id = nodes.provider_id(&candidate.name);
+        if provider_id.is_none() && now.saturating_duration_since(candidate.since) < NODE_GRACE {
+            // The Node's watch event may trail its NodeIPPool's: wait for it a little (the
+            // Node watch wakes the loop), without holding up the nodes behind.
+            continue;
+        }
+        if let Some(error) =
+            work::refusal(&candidate.name, &candidate.request, provider_id.as_deref())
+        {
+            // Answered without a cloud call, so without a reservation.
+            tracing::warn!(node = %candidate.name, %error, "request refused");
+            let counter = Arc::new(CallCounter::default());
+            let (pools, name, timeout) = (pools.clone(), candidate.name, settings.request_timeout);
+            let generation = candidate.request.generation;
+            let job_name = name.clone();
+            let task = jobs.spawn(async move {
+                let done = work::refuse(pools, job_name.clone(), generation, error, timeout).await;
+                Finished {
+                    name: job_name,
+                    done,
+                    calls: ArmCalls::default(),
+                }
+            });
+            in_flight.insert(task.id(), name, Cost::default(), counter);
+            started += 1;
+            continue;
+        }
         let cost = expected_cost(memo, estimates);
         let wait = budget.wait_for(cost, outstanding);
         if !wait.is_zero() {

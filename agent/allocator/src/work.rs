@@ -61,6 +61,42 @@ pub(crate) async fn run(
     .await
 }
 
+/// Answers `error` for `generation` without any cloud call (the request was refused).
+pub(crate) async fn refuse(
+    pools: Api<NodeIPPool>,
+    name: String,
+    generation: u64,
+    error: CloudError,
+    request_timeout: Duration,
+) -> Done {
+    answer(&pools, &name, generation, None, Err(error), request_timeout).await
+}
+
+/// Why the request of the NodeIPPool `name` must not be served, if it must not: a NodeIPPool
+/// is served only for the VM of the Node of the same name (its `spec.providerID`), so a node
+/// that writes another node's VM into a request (every agent may patch every NodeIPPool's
+/// status) cannot steer the allocator to that VM's NIC. `node_provider_id`: `None` when no Node
+/// of that name is known, `Some("")` when it has no providerID.
+pub(crate) fn refusal(
+    name: &str,
+    request: &CloudRequest,
+    node_provider_id: Option<&str>,
+) -> Option<CloudError> {
+    let vm_id = &request.instance.vm_id;
+    let expected = crate::provider_id(vm_id);
+    match node_provider_id {
+        None => Some(CloudError::Transient(format!(
+            "no Node named {name} (waited 30 s): the allocator serves a NodeIPPool only for the Node of the same name; nothing done, retried"
+        ))),
+        Some(found) if vm_id.is_empty() || !found.eq_ignore_ascii_case(&expected) => {
+            Some(CloudError::Fatal(format!(
+                "refused: cloudRequest.instance.vmId {vm_id:?} is not the VM of Node {name} (spec.providerID {found:?}, expected {expected:?}); nothing done"
+            )))
+        }
+        Some(_) => None,
+    }
+}
+
 /// The node as ARM knows it: from the previous job, else resolved from the request's IMDS facts.
 /// A known identity of another VM (the node was replaced under the same name) is not used.
 async fn identity(
@@ -193,4 +229,33 @@ async fn answer(
         },
     };
     Done { outcome, identity }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_served_only_for_the_vm_of_its_node() {
+        let vm = "/subscriptions/s/resourceGroups/MC_rg/providers/Microsoft.Compute/virtualMachineScaleSets/ss/virtualMachines/3";
+        let request = CloudRequest {
+            instance: vnet_kube::crd::InstanceRef {
+                vm_id: vm.into(),
+                ..Default::default()
+            },
+            ..CloudRequest::default()
+        };
+        let aks = format!("azure://{}", vm.to_ascii_lowercase());
+        assert!(refusal("n", &request, Some(&aks)).is_none());
+        let other = aks.replace("/3", "/4");
+        let refused = refusal("n", &request, Some(&other)).unwrap();
+        assert!(!refused.is_retryable(), "{refused}");
+        assert!(refused.to_string().contains(&other), "{refused}");
+        // A Node without a providerID, or none at all.
+        assert!(refusal("n", &request, Some("")).is_some_and(|e| !e.is_retryable()));
+        assert!(refusal("n", &request, None).is_some_and(|e| e.is_retryable()));
+        // An empty vmId never matches.
+        let empty = CloudRequest::default();
+        assert!(refusal("n", &empty, Some("azure://")).is_some());
+    }
 }

@@ -104,6 +104,67 @@ async fn a_release_naming_an_entry_already_gone_leaves_its_address_under_a_new_n
     allocator.stop().await;
 }
 
+/// Review MUST-FIX 3: every agent may patch every NodeIPPool's status, so a node could write a
+/// request naming another node's VM (and release its entries). The allocator serves a
+/// NodeIPPool only for the VM of the Node of the same name (its spec.providerID).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_naming_another_nodes_vm_is_refused_and_touches_nothing() {
+    let lab = Lab::new(2, "10.12.0.0/24", roomy_limits()).await;
+    let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    lab.ask("node-2", 1, 3, &[], 1);
+    let answer = lab.answered("node-2", 1).await;
+    let victims = names_of(&answer, &ips(&answer));
+    let puts = lab.nic_puts();
+    let calls = allocator.cloud.arm_calls();
+
+    // node-1 (its Node says it is VM node-1) asks for VM node-2's NIC, releasing its entries.
+    lab.node(
+        "node-1",
+        &vnet_allocator::provider_id(&lab.instance("node-1").vm_id),
+    );
+    let mut request = vnet_kube::crd::CloudRequest {
+        generation: 1,
+        instance: lab.instance("node-2"),
+        addresses: 0,
+        release: victims,
+        waiting_pods: 1,
+        ..vnet_kube::crd::CloudRequest::default()
+    };
+    lab.request("node-1", request.clone());
+    let answer = lab.answered("node-1", 1).await;
+    let error = answer.error.expect("refused");
+    assert_eq!(error.code, "fatal", "{error:?}");
+    assert!(
+        error.message.contains("node-2") && error.message.contains("Node node-1"),
+        "names the mismatch: {}",
+        error.message
+    );
+    assert!(answer.identity.is_none() && answer.secondary_ips.is_empty());
+    assert_eq!(
+        lab.nic_addresses("node-2").len(),
+        3,
+        "node-2's NIC untouched"
+    );
+    assert!(lab.nic_addresses("node-1").is_empty());
+    assert_eq!(lab.nic_puts(), puts);
+    assert_eq!(allocator.cloud.arm_calls(), calls, "no ARM call at all");
+
+    // The providerID is compared case-insensitively (AKS lower-cases the resource group).
+    request.generation = 2;
+    request.instance = lab.instance("node-1");
+    request.release.clear();
+    request.addresses = 2;
+    lab.node(
+        "node-1",
+        &vnet_allocator::provider_id(&lab.instance("node-1").vm_id).to_ascii_uppercase(),
+    );
+    lab.request("node-1", request);
+    let answer = lab.answered("node-1", 2).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(ips(&answer), lab.nic_addresses("node-1"));
+    allocator.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_answers_the_error_for_that_generation() {
     // A /27: 32 addresses, 5 reserved by Azure, one primary: 26 free.

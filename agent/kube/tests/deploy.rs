@@ -262,6 +262,8 @@ fn the_allocator_runs_unprivileged_with_its_own_roles() {
             "vnet-cni.io/nodeippools:list".to_string(),
             "vnet-cni.io/nodeippools:watch".to_string(),
             "vnet-cni.io/nodeippools/status:patch".to_string(),
+            "/nodes:list".to_string(),
+            "/nodes:watch".to_string(),
         ])
     );
     let role: Role = typed(&find("Role", "vnet-cni-allocator")).unwrap();

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use vnet_allocator::{BucketSettings, Counters, Settings};
 use vnet_cloud::azure::{AzureConfig, AzureProvider, CredentialConfig};
-use vnet_fakeapi::{FakeApi, POOLS};
+use vnet_fakeapi::{FakeApi, NODES, POOLS};
 use vnet_kube::crd::{CloudAnswer, CloudRequest, InstanceRef};
 use vnet_mockcloud::{Faults, MockConfig, MockServer, RateLimits, Topology};
 
@@ -107,8 +107,21 @@ impl Lab {
         }
     }
 
-    /// Writes node `node`'s NodeIPPool with this cloudRequest (as its agent would).
+    /// The Node `node` as the kubelet registers it on Azure: `spec.providerID` names its VM.
+    pub fn node(&self, node: &str, provider_id: &str) {
+        self.api.put(
+            NODES,
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+                   "spec": {"providerID": provider_id}}),
+        );
+    }
+
+    /// Writes node `node`'s NodeIPPool with this cloudRequest (as its agent would), and its Node
+    /// (the VM the request names) if there is none yet.
     pub fn request(&self, node: &str, request: CloudRequest) {
+        if self.api.get(NODES, node).is_none() {
+            self.node(node, &vnet_allocator::provider_id(&request.instance.vm_id));
+        }
         let mut pool = self.api.get(POOLS, node).unwrap_or_else(|| {
             json!({"apiVersion": "vnet-cni.io/v1alpha1", "kind": "NodeIPPool",
                    "metadata": {"name": node}, "spec": {},
