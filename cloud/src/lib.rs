@@ -47,6 +47,28 @@ pub struct NodeIdentity {
     pub computer_name: String,
 }
 
+/// What the instance metadata service tells a node about itself (no ARM call needed): enough for
+/// anyone with ARM access (the node itself, or the cluster allocator for it) to find its NIC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceMetadata {
+    /// ARM resource ID of the VM (or scale-set instance).
+    pub vm_id: String,
+    pub vm_name: String,
+    /// The guest's host name as Azure set it (`osProfile.computerName`); may be empty.
+    #[serde(default)]
+    pub computer_name: String,
+    /// Empty for a standalone VM.
+    #[serde(default)]
+    pub scale_set: String,
+    /// The first interface's MAC as IMDS reports it (normalized), used when the NIC reports none.
+    #[serde(default)]
+    pub mac: String,
+    /// `AzurePublicCloud`, `AzureUSGovernmentCloud`, ...; may be empty.
+    #[serde(default)]
+    pub az_environment: String,
+}
+
 /// A standalone VM, or a member of a virtual machine scale set in one of its two orchestration
 /// modes. Uniform instances have no standalone NIC: their NIC is written through the instance.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

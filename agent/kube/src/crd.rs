@@ -1,6 +1,9 @@
 //! The `NodeIPPool` custom resource: one per node, named after the node, owned by the Node object
-//! (so it is garbage-collected with it). The spec is written by people (per-node pool overrides),
-//! the status only by that node's agent.
+//! (so it is garbage-collected with it). The spec is written by people (per-node pool overrides).
+//! The status is written by that node's agent, except `status.cloud`: in cluster mode the agent
+//! makes no cloud call, it asks in `status.cloudRequest` and the cluster allocator (the only one
+//! calling Azure for the cluster) answers in `status.cloud`. Every writer merge-patches only its
+//! own fields.
 
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -82,6 +85,122 @@ pub struct NodeIPPoolStatus {
     pub last_cloud_error: Option<String>,
     #[serde(default)]
     pub conditions: Vec<PoolCondition>,
+    /// Cluster mode: what the agent asks of the allocator (written by the agent only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_request: Option<CloudRequest>,
+    /// Cluster mode: the allocator's answer (written by the allocator only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<CloudAnswer>,
+}
+
+/// Cluster mode: the NIC the agent wants. A desired state, not a queue of operations, so a
+/// repeated or lost write is harmless: the allocator brings the NIC to it and says so.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudRequest {
+    /// Bumped by the agent on every change of the request; the allocator echoes the generation
+    /// it last acted on in [`CloudAnswer::observed_generation`].
+    pub generation: u64,
+    /// From IMDS: how the allocator finds the node's VM and NIC.
+    pub instance: InstanceRef,
+    /// Single-address ipConfigurations of ours the NIC should hold once this is done.
+    #[serde(default)]
+    pub addresses: u32,
+    /// Prefix mode: block ipConfigurations of ours the NIC should hold once this is done.
+    #[serde(default)]
+    pub blocks: u32,
+    /// Prefix length of new blocks (Azure: 28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_prefix_length: Option<u8>,
+    /// Addresses the agent gave up (free and cooled down; a block only with every one of its
+    /// addresses): the allocator removes their ipConfigurations. The counts above already
+    /// exclude them.
+    #[serde(default)]
+    pub release: Vec<String>,
+    /// Pods waiting on this node for an address now: nodes with waiting pods are served before
+    /// nodes that only top up their warm pool.
+    #[serde(default)]
+    pub waiting_pods: u32,
+}
+
+/// The IMDS facts of [`vnet_cloud::InstanceMetadata`], as the resource carries them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceRef {
+    /// ARM resource ID of the VM or scale-set instance.
+    pub vm_id: String,
+    #[serde(default)]
+    pub vm_name: String,
+    #[serde(default)]
+    pub computer_name: String,
+    #[serde(default)]
+    pub scale_set: String,
+    #[serde(default)]
+    pub mac: String,
+    #[serde(default)]
+    pub az_environment: String,
+}
+
+/// Cluster mode: what the allocator last did for the node and what the NIC holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudAnswer {
+    /// The request generation this answer is for: done (`error` unset) or failed (`error` set).
+    pub observed_generation: u64,
+    /// The node as ARM knows it (resolved once per node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityRef>,
+    /// Every ipConfiguration of ours on the NIC after the allocator's last read or write.
+    #[serde(default)]
+    pub secondary_ips: Vec<SecondaryIpRef>,
+    /// Why the request of `observedGeneration` could not be done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<CloudErrorRef>,
+    /// RFC 3339 time of this answer.
+    #[serde(default)]
+    pub updated: String,
+}
+
+/// [`vnet_cloud::NodeIdentity`] as the resource carries it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityRef {
+    pub vm_name: String,
+    pub vm_id: String,
+    pub nic_id: String,
+    pub mac: String,
+    pub primary_ip: String,
+    pub subnet_id: String,
+    pub subnet_prefix: String,
+    pub vnet_address_space: Vec<String>,
+    /// `vm`, `uniform` or `flexible`.
+    pub kind: String,
+    #[serde(default)]
+    pub scale_set: String,
+    #[serde(default)]
+    pub computer_name: String,
+}
+
+/// [`vnet_cloud::SecondaryIp`] as the resource carries it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecondaryIpRef {
+    pub name: String,
+    pub ip: String,
+    /// 32 for one address, the block's length otherwise.
+    pub prefix_length: u8,
+}
+
+/// [`vnet_cloud::CloudError`] as the resource carries it: the agent maps it back to the same
+/// variant, so it reacts as it would to its own call.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudErrorRef {
+    /// [`vnet_cloud::CloudError::code`].
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
 }
 
 /// A condition in the usual Kubernetes shape.

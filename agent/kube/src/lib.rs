@@ -26,6 +26,7 @@
 //! }
 //! ```
 
+pub mod cloud_ref;
 pub mod conflist;
 pub mod crd;
 mod sync;
@@ -41,7 +42,10 @@ pub use conflist::{
     ConflistOptions, conflist, effective_conflist, remove_conflist, shadowing_conflist,
     write_conflist,
 };
-pub use crd::{NodeIPPool, NodeIPPoolSpec, NodeIPPoolStatus, PoolCondition};
+pub use crd::{
+    CloudAnswer, CloudErrorRef, CloudRequest, IdentityRef, InstanceRef, NodeIPPool, NodeIPPoolSpec,
+    NodeIPPoolStatus, PoolCondition, SecondaryIpRef,
+};
 pub use sync::run;
 
 /// Errors the agent returns to this crate; shown in logs only.

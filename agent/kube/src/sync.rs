@@ -530,6 +530,9 @@ fn build_status(
         pending_pods,
         last_cloud_error: agent.last_cloud_error.clone(),
         conditions,
+        // Cluster mode's request and answer have their own writers (merge patches leave them).
+        cloud_request: None,
+        cloud: None,
     }
 }
 

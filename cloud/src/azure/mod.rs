@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::{
-    ArmBudget, CloudError, CloudProvider, IP_CONFIG_PREFIX, NodeIdentity, NodeKind, SecondaryIp,
+    ArmBudget, CloudError, CloudProvider, IP_CONFIG_PREFIX, InstanceMetadata, NodeIdentity,
+    NodeKind, SecondaryIp,
 };
 
 mod client;
@@ -628,43 +629,53 @@ fn parse_net(text: &str, what: &str) -> Result<Ipv4Network, CloudError> {
         .map_err(|e| CloudError::Fatal(format!("{what}: bad prefix {text:?}: {e}")))
 }
 
-#[async_trait]
-impl CloudProvider for AzureProvider {
-    async fn discover(&self) -> Result<NodeIdentity, CloudError> {
-        let inner = &self.inner;
+impl AzureProvider {
+    /// What IMDS says about the machine this process runs on (no ARM call). Adopts the VM's
+    /// cloud (sovereign clouds: ARM endpoint and token scope follow it).
+    pub async fn instance_metadata(&self) -> Result<InstanceMetadata, CloudError> {
+        let client = &self.inner.client;
         let imds_url = format!(
             "{}/metadata/instance?api-version={IMDS_API_VERSION}",
-            inner.client.config.imds_endpoint
+            client.config.imds_endpoint
         );
-        let imds = inner.client.get(Target::Imds, &imds_url).await?.body;
+        let imds = client.get(Target::Imds, &imds_url).await?.body;
         let compute = field(&imds, &["compute"], "IMDS")?;
-        // Sovereign clouds: the ARM endpoint and token scope follow the VM's cloud.
-        inner
-            .client
-            .adopt_environment(compute["azEnvironment"].as_str().unwrap_or_default())?;
-        let vm_id = field(compute, &["resourceId"], "IMDS compute")?
+        let az_environment = compute["azEnvironment"]
             .as_str()
             .unwrap_or_default()
             .to_string();
+        client.adopt_environment(&az_environment)?;
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        Ok(InstanceMetadata {
+            vm_id: text(field(compute, &["resourceId"], "IMDS compute")?),
+            vm_name: text(&compute["name"]),
+            computer_name: text(&compute["osProfile"]["computerName"]),
+            scale_set: text(&compute["vmScaleSetName"]),
+            mac: imds["network"]["interface"][0]["macAddress"]
+                .as_str()
+                .and_then(normalize_mac)
+                .unwrap_or_default(),
+            az_environment,
+        })
+    }
+
+    /// The node `instance` describes, from ARM: its VM (or scale-set instance), primary NIC,
+    /// subnet and VNet. Works for any node the principal may read, not only this one.
+    pub async fn resolve(&self, instance: &InstanceMetadata) -> Result<NodeIdentity, CloudError> {
+        let inner = &self.inner;
+        let vm_id = instance.vm_id.clone();
         // What Azure reports picks the path: a Uniform instance's resourceId is
         // `.../virtualMachineScaleSets/{ss}/virtualMachines/{n}` and its NIC lives under it; a
         // Flexible member (vmScaleSetName set, a plain VM resourceId) has a standalone NIC.
         let uniform = vmss::is_uniform_instance(&vm_id);
-        let vm_name = compute["name"].as_str().unwrap_or_default().to_string();
-        let computer_name = compute["osProfile"]["computerName"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let scale_set = compute["vmScaleSetName"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let vm_name = instance.vm_name.clone();
+        let computer_name = instance.computer_name.clone();
+        let scale_set = instance.scale_set.clone();
         let kind = match (uniform, scale_set.is_empty()) {
             (true, _) => NodeKind::Uniform,
             (false, false) => NodeKind::Flexible,
             (false, true) => NodeKind::Vm,
         };
-
         // The NIC's resource ID is not in IMDS: the VM's (or instance's) network profile names it.
         let vm = inner.arm_get(&vm_id, COMPUTE_API_VERSION).await?;
         let nics = field(
@@ -709,11 +720,7 @@ impl CloudProvider for AzureProvider {
         let mac = nic["properties"]["macAddress"]
             .as_str()
             .and_then(normalize_mac)
-            .or_else(|| {
-                imds["network"]["interface"][0]["macAddress"]
-                    .as_str()
-                    .and_then(normalize_mac)
-            })
+            .or_else(|| Some(instance.mac.clone()).filter(|m| !m.is_empty()))
             .ok_or_else(|| CloudError::Fatal(format!("NIC {nic_id}: no MAC address")))?;
 
         let subnet = inner.arm_get(&subnet_id, NETWORK_API_VERSION).await?;
@@ -753,6 +760,14 @@ impl CloudProvider for AzureProvider {
         };
         tracing::info!(?identity, "discovered node");
         Ok(identity)
+    }
+}
+
+#[async_trait]
+impl CloudProvider for AzureProvider {
+    async fn discover(&self) -> Result<NodeIdentity, CloudError> {
+        let instance = self.instance_metadata().await?;
+        self.resolve(&instance).await
     }
 
     async fn list_secondary_ips(&self, nic_id: &str) -> Result<Vec<SecondaryIp>, CloudError> {

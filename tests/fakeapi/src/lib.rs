@@ -1,0 +1,487 @@
+//! An in-process fake API server for `kube::Client`: just the routes the integration uses, with
+//! list/watch (history replayed from the requested resourceVersion), merge-patched status, field
+//! selectors on `spec.nodeName` / `metadata.name`, and injectable 403s. It runs as a tower service,
+//! so tests work under paused tokio time without sockets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+pub const PODS: &str = "/api/v1/pods";
+pub const NODES: &str = "/api/v1/nodes";
+pub const POOLS: &str = "/apis/vnet-cni.io/v1alpha1/nodeippools";
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+struct Watch {
+    collection: &'static str,
+    selector: Option<(String, String)>,
+    events: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Default)]
+struct State {
+    /// collection -> "namespace/name" or "name" -> object
+    objects: BTreeMap<&'static str, BTreeMap<String, Value>>,
+    resource_version: u64,
+    history: Vec<(u64, &'static str, Value)>,
+    watches: Vec<Watch>,
+    /// (method, path prefix) answered with 403.
+    forbidden: Vec<(Method, String)>,
+    pub requests: Vec<String>,
+    /// Every request as the RBAC authorizer sees it: "group/resource:verb".
+    authorizations: BTreeSet<String>,
+}
+
+/// Like the real API server, the fake authorizes every request against the agent's ClusterRole
+/// (deploy/manifests/rbac.yaml): what it does not grant is answered 403, so the scenarios run
+/// with exactly the permissions an installed agent has.
+#[derive(Clone)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+    granted: Arc<BTreeSet<String>>,
+    /// The ServiceAccount (named like its ClusterRole) the requests are made as.
+    account: Arc<str>,
+}
+
+impl Default for FakeApi {
+    /// Requests authorized as the agent's ServiceAccount.
+    fn default() -> Self {
+        FakeApi::with_role(AGENT_ROLE)
+    }
+}
+
+/// The agent's ClusterRole in deploy/manifests/rbac.yaml.
+pub const AGENT_ROLE: &str = "vnet-cni-agent";
+
+impl FakeApi {
+    /// Requests authorized as a ServiceAccount bound to `cluster_role` of deploy/manifests/rbac.yaml.
+    pub fn with_role(cluster_role: &str) -> Self {
+        FakeApi {
+            state: Arc::default(),
+            granted: Arc::new(granted_by(cluster_role)),
+            account: Arc::from(format!("system:serviceaccount:kube-system:{cluster_role}")),
+        }
+    }
+}
+
+fn collection_of(path: &str) -> Option<&'static str> {
+    [PODS, NODES, POOLS]
+        .into_iter()
+        .find(|c| path == *c || path.starts_with(&format!("{c}/")))
+}
+
+fn key_of(object: &Value) -> String {
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+fn matches(object: &Value, selector: &Option<(String, String)>) -> bool {
+    let Some((field, value)) = selector else {
+        return true;
+    };
+    let pointer = format!("/{}", field.replace('.', "/"));
+    object.pointer(&pointer).and_then(Value::as_str) == Some(value.as_str())
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(value.to_string())).boxed_unsync())
+        .unwrap()
+}
+
+fn status_error(code: u16, reason: &str, message: &str) -> Response<Body> {
+    json_response(
+        StatusCode::from_u16(code).unwrap(),
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "code": code}),
+    )
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            for (key, value) in fields {
+                if value.is_null() {
+                    target.as_object_mut().unwrap().remove(key);
+                } else {
+                    merge(&mut target[key.as_str()], value);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+impl FakeApi {
+    pub fn client(&self) -> kube::Client {
+        let fake = self.clone();
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            let fake = fake.clone();
+            async move { Ok::<_, Infallible>(fake.handle(request).await) }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    pub fn forbid(&self, method: Method, path_prefix: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .forbidden
+            .push((method, path_prefix.to_string()));
+    }
+
+    pub fn allow_everything(&self) {
+        self.state.lock().unwrap().forbidden.clear();
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// What the requests so far needed from RBAC, as "group/resource:verb" (core group empty).
+    pub fn authorizations(&self) -> BTreeSet<String> {
+        self.state.lock().unwrap().authorizations.clone()
+    }
+
+    pub fn get(&self, collection: &'static str, key: &str) -> Option<Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .get(collection)
+            .and_then(|objects| objects.get(key))
+            .cloned()
+    }
+
+    pub fn put(&self, collection: &'static str, object: Value) -> Value {
+        let mut state = self.state.lock().unwrap();
+        state.put(collection, object)
+    }
+
+    pub fn delete(&self, collection: &'static str, key: &str) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(mut object) = state
+            .objects
+            .get_mut(collection)
+            .and_then(|o| o.remove(key))
+        {
+            state.resource_version += 1;
+            object["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+            state.emit(collection, "DELETED", object);
+        }
+    }
+
+    async fn handle(&self, request: Request<kube::client::Body>) -> Response<Body> {
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let query: BTreeMap<String, String> = request
+            .uri()
+            .query()
+            .map(|q| {
+                q.split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let body = request
+            .into_body()
+            .collect_bytes()
+            .await
+            .unwrap_or_default();
+        let mut state = self.state.lock().unwrap();
+        state.requests.push(format!("{method} {path}"));
+        let watch = query.get("watch").map(String::as_str) == Some("true");
+        let Some(authorization) = authorization(&method, &path, watch) else {
+            return status_error(404, "NotFound", "no such route");
+        };
+        state.authorizations.insert(authorization.clone());
+        if !self.granted.contains(&authorization) {
+            let message = format!(
+                "{authorization} is forbidden: not granted to {} by deploy/manifests/rbac.yaml",
+                self.account
+            );
+            return status_error(403, "Forbidden", &message);
+        }
+        if let Some((_, prefix)) = state
+            .forbidden
+            .iter()
+            .find(|(m, prefix)| *m == method && path.starts_with(prefix.as_str()))
+        {
+            let message = format!(
+                "{prefix} is forbidden: User \"{}\" cannot {method} it",
+                self.account
+            );
+            return status_error(403, "Forbidden", &message);
+        }
+        let Some(collection) = collection_of(&path) else {
+            return status_error(404, "NotFound", "no such route");
+        };
+        let rest: Vec<&str> = path[collection.len()..]
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
+        match (method, rest.as_slice()) {
+            (Method::GET, []) => {
+                let selector = query
+                    .get("fieldSelector")
+                    .and_then(|s| s.split_once('='))
+                    .map(|(f, v)| (f.to_string(), v.to_string()));
+                if query.get("watch").map(String::as_str) == Some("true") {
+                    let since: u64 = query
+                        .get("resourceVersion")
+                        .and_then(|rv| rv.parse().ok())
+                        .unwrap_or(0);
+                    state.watch(collection, selector, since)
+                } else {
+                    state.list(collection, &selector)
+                }
+            }
+            (Method::GET, [name]) => match state.objects.get(collection).and_then(|o| o.get(*name))
+            {
+                Some(object) => json_response(StatusCode::OK, object),
+                None => status_error(404, "NotFound", &format!("{name} not found")),
+            },
+            (Method::POST, []) => {
+                let mut object: Value = serde_json::from_slice(&body).unwrap();
+                let key = key_of(&object);
+                if state
+                    .objects
+                    .get(collection)
+                    .is_some_and(|o| o.contains_key(&key))
+                {
+                    return status_error(409, "AlreadyExists", &format!("{key} already exists"));
+                }
+                // The status subresource: a create ignores the status.
+                object.as_object_mut().unwrap().remove("status");
+                let object = state.put(collection, object);
+                json_response(StatusCode::CREATED, &object)
+            }
+            (Method::PATCH, [name, "status"]) => {
+                let Some(mut object) = state
+                    .objects
+                    .get(collection)
+                    .and_then(|o| o.get(*name))
+                    .cloned()
+                else {
+                    return status_error(404, "NotFound", &format!("{name} not found"));
+                };
+                let patch: Value = serde_json::from_slice(&body).unwrap();
+                merge(&mut object["status"], &patch["status"]);
+                let object = state.put(collection, object);
+                json_response(StatusCode::OK, &object)
+            }
+            _ => status_error(405, "MethodNotAllowed", "not supported by the fake"),
+        }
+    }
+}
+
+impl State {
+    fn put(&mut self, collection: &'static str, mut object: Value) -> Value {
+        self.resource_version += 1;
+        object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
+        if object["metadata"]["uid"].is_null() {
+            object["metadata"]["uid"] = json!(format!("uid-{}", self.resource_version));
+        }
+        let key = key_of(&object);
+        let existed = self
+            .objects
+            .entry(collection)
+            .or_default()
+            .insert(key, object.clone())
+            .is_some();
+        self.emit(
+            collection,
+            if existed { "MODIFIED" } else { "ADDED" },
+            object.clone(),
+        );
+        object
+    }
+
+    fn emit(&mut self, collection: &'static str, kind: &str, object: Value) {
+        let event = json!({"type": kind, "object": object});
+        self.history
+            .push((self.resource_version, collection, event.clone()));
+        let line = Bytes::from(format!("{event}\n"));
+        self.watches.retain(|w| {
+            w.collection != collection
+                || !matches(&event["object"], &w.selector)
+                || w.events.send(line.clone()).is_ok()
+        });
+    }
+
+    fn list(
+        &self,
+        collection: &'static str,
+        selector: &Option<(String, String)>,
+    ) -> Response<Body> {
+        let items: Vec<Value> = self
+            .objects
+            .get(collection)
+            .map(|o| {
+                o.values()
+                    .filter(|v| matches(v, selector))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (api_version, kind) = match collection {
+            PODS => ("v1", "PodList"),
+            NODES => ("v1", "NodeList"),
+            _ => ("vnet-cni.io/v1alpha1", "NodeIPPoolList"),
+        };
+        json_response(
+            StatusCode::OK,
+            &json!({"apiVersion": api_version, "kind": kind,
+                    "metadata": {"resourceVersion": self.resource_version.to_string()},
+                    "items": items}),
+        )
+    }
+
+    fn watch(
+        &mut self,
+        collection: &'static str,
+        selector: Option<(String, String)>,
+        since: u64,
+    ) -> Response<Body> {
+        let (events, receiver) = mpsc::unbounded_channel();
+        for (rv, c, event) in &self.history {
+            if *rv > since && *c == collection && matches(&event["object"], &selector) {
+                let _ = events.send(Bytes::from(format!("{event}\n")));
+            }
+        }
+        self.watches.push(Watch {
+            collection,
+            selector,
+            events,
+        });
+        let stream = tokio_stream_from(receiver).map(|line| Ok::<_, Infallible>(Frame::data(line)));
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(StreamBody::new(stream).boxed_unsync())
+            .unwrap()
+    }
+}
+
+fn tokio_stream_from(
+    mut receiver: mpsc::UnboundedReceiver<Bytes>,
+) -> impl futures::Stream<Item = Bytes> + Send + 'static {
+    futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+/// The RBAC attributes of a request, as the API server's authorizer derives them:
+/// `/api/v1/[namespaces/<ns>/]<resource>[/<name>[/<subresource>]]` or
+/// `/apis/<group>/<version>/...`, and the verb from the method (a GET of a collection is `list`, or
+/// `watch` with `watch=true`).
+pub fn authorization(method: &Method, path: &str, watch: bool) -> Option<String> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let rest = match rest {
+        ["namespaces", _namespace, rest @ ..] if !rest.is_empty() => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, subresource] => (format!("{resource}/{subresource}"), true),
+        _ => return None,
+    };
+    let verb = match (method.clone(), named) {
+        (Method::GET, false) if watch => "watch",
+        (Method::GET, false) => "list",
+        (Method::GET, true) => "get",
+        (Method::POST, _) => "create",
+        (Method::PUT, _) => "update",
+        (Method::PATCH, _) => "patch",
+        (Method::DELETE, false) => "deletecollection",
+        (Method::DELETE, true) => "delete",
+        _ => return None,
+    };
+    Some(format!("{group}/{resource}:{verb}"))
+}
+
+/// The agent's ClusterRole in deploy/manifests/rbac.yaml, as "group/resource:verb".
+pub fn granted_by_the_cluster_role() -> BTreeSet<String> {
+    granted_by(AGENT_ROLE)
+}
+
+/// A ClusterRole of deploy/manifests/rbac.yaml, as "group/resource:verb".
+pub fn granted_by(cluster_role: &str) -> BTreeSet<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/manifests/rbac.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let role = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "ClusterRole" && doc["metadata"]["name"] == cluster_role)
+        .unwrap_or_else(|| panic!("ClusterRole {cluster_role} in rbac.yaml"));
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        let list = |key: &str| -> Vec<String> {
+            rule[key]
+                .as_sequence()
+                .unwrap_or_else(|| panic!("rule without {key}: {rule:?}"))
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert!(
+            rule.get("resourceNames").is_none(),
+            "resourceNames cannot express the agent's own node"
+        );
+        for group in list("apiGroups") {
+            for resource in list("resources") {
+                for verb in list("verbs") {
+                    assert_ne!(verb, "*", "no wildcard verbs");
+                    granted.insert(format!("{group}/{resource}:{verb}"));
+                }
+            }
+        }
+    }
+    granted
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
