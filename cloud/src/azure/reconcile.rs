@@ -337,6 +337,33 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn released_names_are_matched_in_the_nic_as_read_and_only_ours() {
+        let nic = json!({"properties": {"ipConfigurations": [
+            {"name": "ipconfig1", "properties": {"primary": true, "privateIPAddress": "10.0.0.4"}},
+            {"name": "someone-else", "properties": {"privateIPAddress": "10.0.0.9"}},
+            {"name": "vnet-cni-a", "properties": {"privateIPAddress": "10.0.0.5"}},
+            {"name": "vnet-cni-c", "properties": {"privateIPAddress": "10.0.0.16/28", "privateIPAddressPrefixLength": 28}},
+        ]}});
+        let names =
+            |list: &[&str]| Releases::Names(list.iter().map(|n| n.to_ascii_lowercase()).collect());
+        // A block's name gives all its addresses (it goes whole); the primary and entries not
+        // ours are never released, named or not; a name not on the NIC releases nothing.
+        let addresses =
+            names(&["VNET-CNI-C", "ipconfig1", "someone-else", "vnet-cni-gone"]).in_nic(&nic);
+        let block: HashSet<Ipv4Addr> = (16..32).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
+        assert_eq!(addresses, block);
+        let body = edited(&nic, &[], &addresses).unwrap();
+        let left: Vec<&str> = body["properties"]["ipConfigurations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(left, ["ipconfig1", "someone-else", "vnet-cni-a"]);
+        assert!(names(&["vnet-cni-gone"]).in_nic(&nic).is_empty());
+    }
+
+    #[test]
     fn additions_count_what_stays_and_never_part_of_a_block() {
         let nic = json!({"properties": {"ipConfigurations": [
             {"name": "ipconfig1", "properties": {"primary": true, "privateIPAddress": "10.0.0.4"}},
