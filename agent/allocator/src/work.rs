@@ -130,13 +130,7 @@ async fn reconcile(
     identity: &NodeIdentity,
     request: &CloudRequest,
 ) -> Result<Reconciled, CloudError> {
-    // Names of ipConfigurations, not addresses (Azure reuses a released address under a new
-    // name; the NIC document the write edits says which entry a name is, if any still is).
-    if let Some(bad) = request.release.iter().find(|n| n.trim().is_empty()) {
-        return Err(CloudError::Fatal(format!(
-            "cloudRequest.release: {bad:?} is not an ipConfiguration name"
-        )));
-    }
+    check_release(request)?;
     let prefix_len = request.block_prefix_length.unwrap_or(AZURE_PREFIX_LENGTH);
     if request.blocks > 0 && !(1..32).contains(&prefix_len) {
         return Err(CloudError::Fatal(format!(
@@ -156,6 +150,23 @@ async fn reconcile(
         wrote: done.wrote,
         add_error: done.add_error,
     })
+}
+
+/// `cloudRequest.release` names ipConfigurations, not addresses (Azure reuses a released
+/// address under a new name; the NIC document the write edits says which entry a name is, if
+/// any still is). An address there (an agent of the earlier protocol) would match nothing and
+/// release nothing, silently: it is refused instead.
+fn check_release(request: &CloudRequest) -> Result<(), CloudError> {
+    let bad = request
+        .release
+        .iter()
+        .find(|n| n.trim().is_empty() || n.parse::<std::net::IpAddr>().is_ok());
+    match bad {
+        Some(bad) => Err(CloudError::Fatal(format!(
+            "cloudRequest.release: {bad:?} is not an ipConfiguration name (release lists the names of the entries in status.cloud.secondaryIps, not addresses)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Writes `status.cloud` (a merge patch of that field only) for `generation`.
@@ -234,6 +245,21 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_lists_names_and_an_address_there_is_refused() {
+        let with = |release: &[&str]| CloudRequest {
+            release: release.iter().map(|s| s.to_string()).collect(),
+            ..CloudRequest::default()
+        };
+        assert!(check_release(&with(&["vnet-cni-0a1b", "vnet-cni-2c3d"])).is_ok());
+        for bad in ["10.0.0.5", "", " "] {
+            let error = check_release(&with(&["vnet-cni-0a1b", bad])).unwrap_err();
+            assert!(
+                !error.is_retryable() && error.to_string().contains("not an ipConfiguration name")
+            );
+        }
+    }
 
     #[test]
     fn a_request_is_served_only_for_the_vm_of_its_node() {
