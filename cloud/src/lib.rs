@@ -237,4 +237,11 @@ pub trait CloudProvider: Send + Sync + 'static {
     fn arm_budget(&self) -> Option<ArmBudget> {
         None
     }
+
+    /// Pods on this node waiting for an address now; the agent says so before the assign that
+    /// is for them. A provider that shares the cloud with other nodes (the cluster allocator)
+    /// serves nodes with waiting pods first; one that calls the cloud itself ignores it.
+    fn set_waiting_pods(&self, pods: u32) {
+        let _ = pods;
+    }
 }

@@ -29,6 +29,7 @@
 pub mod cloud_ref;
 pub mod conflist;
 pub mod crd;
+pub mod delegate;
 mod sync;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +47,7 @@ pub use crd::{
     CloudAnswer, CloudErrorRef, CloudRequest, IdentityRef, InstanceRef, NodeIPPool, NodeIPPoolSpec,
     NodeIPPoolStatus, PoolCondition, SecondaryIpRef,
 };
+pub use delegate::{ClusterProvider, ClusterSettings, InstanceSource, NodeNamer};
 pub use sync::run;
 
 /// Errors the agent returns to this crate; shown in logs only.
