@@ -559,19 +559,25 @@ impl CloudProvider for ClusterProvider {
                 r.blocks = r.blocks.min(held_b).saturating_sub(blocks);
             })
             .await?;
+        let still_listed = |a: &CloudAnswer| {
+            a.secondary_ips
+                .iter()
+                .any(|e| going.iter().any(|g| g.name == e.name))
+        };
         let gone = |s: &Seen| {
             s.answer.as_ref().is_some_and(|a| {
-                a.observed_generation >= generation
-                    && (a.error.is_some()
-                        || !a
-                            .secondary_ips
-                            .iter()
-                            .any(|e| going.iter().any(|g| g.name == e.name)))
+                a.observed_generation >= generation && (a.error.is_some() || !still_listed(a))
             })
         };
         let result = self.wait(ctx, gone, "the release").await;
         let failed = match result {
-            Ok(seen) => seen.answer.as_ref().and_then(Self::error_of),
+            // An error about additions may come with the releases done (the allocator writes
+            // them alone then): gone from the NIC is released.
+            Ok(seen) => seen
+                .answer
+                .as_ref()
+                .filter(|a| still_listed(a))
+                .and_then(Self::error_of),
             Err(e) => Some(e),
         };
         match failed {
