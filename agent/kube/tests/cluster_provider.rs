@@ -62,6 +62,8 @@ enum Mode {
     Silent,
     /// Waits for `Script::gate` before answering a release.
     GateReleases,
+    /// Answers a release with `busy`, the NIC unchanged.
+    RefuseReleases,
 }
 
 #[derive(Default)]
@@ -85,6 +87,19 @@ impl Script {
         let mut nic = self.nic.lock().unwrap();
         let mode = self.mode.lock().unwrap().clone();
         let release: BTreeSet<&str> = request.release.iter().map(String::as_str).collect();
+        if mode == Mode::RefuseReleases && !release.is_empty() {
+            return Some(CloudAnswer {
+                observed_generation: request.generation,
+                identity: Some(identity()),
+                secondary_ips: nic.entries.clone(),
+                error: Some(CloudErrorRef {
+                    code: "busy".into(),
+                    message: "AnotherOperationInProgress".into(),
+                    retry_after_seconds: Some(3),
+                }),
+                updated: "2026-12-01T00:00:00Z".into(),
+            });
+        }
         nic.entries.retain(|e| !release.contains(e.ip.as_str()));
         let singles = nic.entries.iter().filter(|e| e.prefix_length == 32).count() as u32;
         let blocks = nic.entries.len() as u32 - singles;
@@ -100,7 +115,7 @@ impl Script {
                         retry_after_seconds: None,
                     })
                 }
-                Mode::Serve | Mode::GateReleases => {
+                Mode::Serve | Mode::GateReleases | Mode::RefuseReleases => {
                     for _ in singles..request.addresses {
                         nic.next += 1;
                         let n = nic.next;
@@ -394,4 +409,23 @@ async fn a_restarted_provider_continues_the_stored_generation() {
     assert_eq!(after.generation, before.generation + 1);
     assert_eq!(after.addresses, 5);
     assert!(script.seen.lock().unwrap().contains(&after.generation));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_release_maps_back_and_asks_for_the_addresses_again() {
+    let fake = fake_with_node();
+    let script = allocator(&fake, Mode::Serve);
+    let p = provider(&fake, LONG);
+    let id = p.discover().await.unwrap();
+    let got = p.assign_ips(&id.nic_id, SUBNET, 3).await.unwrap();
+    *script.mode.lock().unwrap() = Mode::RefuseReleases;
+    let err = p.release_ips(&id.nic_id, &[got[0].ip]).await.unwrap_err();
+    assert!(
+        matches!(&err, CloudError::Busy { retry_after, .. } if retry_after.as_secs() == 3),
+        "{err:?}"
+    );
+    let request = stored_request(&fake);
+    assert!(request.release.is_empty(), "the release is withdrawn");
+    assert_eq!(request.addresses, 3, "and the address is wanted again");
+    assert_eq!(p.list_secondary_ips(&id.nic_id).await.unwrap().len(), 3);
 }
