@@ -5,6 +5,8 @@
 //!   the node, releases allocations whose pod is gone, and tells the pool how many pods are on
 //!   their way. It talks to the agent only through [`NodeAgent`].
 //! - [`conflist`]: the CNI config writer, free of Kubernetes types (standalone agents use it).
+//! - [`delegate`]: cluster mode's [`ClusterProvider`], the agent's cloud provider that asks the
+//!   cluster allocator through the NodeIPPool instead of calling Azure.
 //! - [`client`]: in-cluster, `--kubeconfig`, or standalone (`None`).
 //!
 //! Every API-server failure (including an RBAC 403) is logged, shown as the
