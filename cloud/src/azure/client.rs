@@ -106,6 +106,46 @@ struct Budget {
     reads_seen: Mutex<Option<Instant>>,
     writes_seen: Mutex<Option<Instant>>,
     throttled: AtomicU64,
+    /// ARM requests sent, by kind (GET: reads; anything else: writes).
+    reads_sent: AtomicU64,
+    writes_sent: AtomicU64,
+    /// After a 429 (not a busy answer): no request should go before this.
+    throttled_until: Mutex<Option<Instant>>,
+}
+
+/// ARM requests made, by the bucket ARM takes them from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ArmCalls {
+    pub reads: u64,
+    pub writes: u64,
+    /// Of those, answered 429 by ARM's throttling (not busy answers).
+    pub throttled: u64,
+}
+
+/// Per-task counting of ARM calls (see [`count_calls`]).
+#[derive(Debug, Default)]
+struct CallCounter {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    throttled: AtomicU64,
+}
+
+tokio::task_local! {
+    static CALLS: Arc<CallCounter>;
+}
+
+/// Runs `work` and counts the ARM requests it sends from its own task (work the provider
+/// spawns, such as a coalesced NIC write of [`super::AzureProvider::assign_ips`], is not
+/// counted): the cluster allocator charges each job exactly what it cost.
+pub async fn count_calls<F: Future>(work: F) -> (F::Output, ArmCalls) {
+    let counter = Arc::new(CallCounter::default());
+    let output = CALLS.scope(counter.clone(), work).await;
+    let calls = ArmCalls {
+        reads: counter.reads.load(Ordering::Relaxed),
+        writes: counter.writes.load(Ordering::Relaxed),
+        throttled: counter.throttled.load(Ordering::Relaxed),
+    };
+    (output, calls)
 }
 
 pub struct Client {
@@ -154,6 +194,9 @@ impl Client {
                 reads_seen: Mutex::new(None),
                 writes_seen: Mutex::new(None),
                 throttled: AtomicU64::new(0),
+                reads_sent: AtomicU64::new(0),
+                writes_sent: AtomicU64::new(0),
+                throttled_until: Mutex::new(None),
             },
         })
     }
@@ -202,6 +245,38 @@ impl Client {
         }
     }
 
+    /// Every ARM request sent so far, by kind, and the 429s among them.
+    pub fn calls(&self) -> ArmCalls {
+        ArmCalls {
+            reads: self.budget.reads_sent.load(Ordering::Relaxed),
+            writes: self.budget.writes_sent.load(Ordering::Relaxed),
+            throttled: self.budget.throttled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Until when ARM's last 429 asked the caller to wait (`None`: no such wait pending).
+    pub fn throttled_until(&self) -> Option<Instant> {
+        let until = *self
+            .budget
+            .throttled_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        until.filter(|at| *at > Instant::now())
+    }
+
+    fn count_sent(&self, method: &Method) {
+        let write = method != Method::GET;
+        let global = if write {
+            &self.budget.writes_sent
+        } else {
+            &self.budget.reads_sent
+        };
+        global.fetch_add(1, Ordering::Relaxed);
+        let _ = CALLS.try_with(|c| {
+            if write { &c.writes } else { &c.reads }.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+
     fn note_budget(&self, reply_headers: &HeaderMap, status: StatusCode, body: &Value) {
         for (name, gauge, seen) in [
             (REMAINING_READS, &self.budget.reads, &self.budget.reads_seen),
@@ -224,6 +299,18 @@ impl Client {
         // A busy resource's 429 is not throttling (Microsoft: "view the error details").
         if status == StatusCode::TOO_MANY_REQUESTS && !is_busy_answer(body) {
             self.budget.throttled.fetch_add(1, Ordering::Relaxed);
+            let _ = CALLS.try_with(|c| c.throttled.fetch_add(1, Ordering::Relaxed));
+            let wait = retry_after(reply_headers).unwrap_or(Duration::from_secs(1));
+            let until = Instant::now() + wait;
+            let mut slot = self
+                .budget
+                .throttled_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if slot.is_none_or(|at| at < until) {
+                *slot = Some(until);
+            }
+            drop(slot);
             tracing::warn!(
                 retry_after = ?retry_after(reply_headers),
                 "ARM throttled the request (429)"
@@ -343,6 +430,9 @@ impl Client {
         }
         if let Some(etag) = if_match {
             request = request.header("If-Match", etag);
+        }
+        if target == Target::Arm {
+            self.count_sent(&method);
         }
         let response = request
             .send()

@@ -23,8 +23,10 @@ use crate::{
 
 mod client;
 mod config;
+mod reconcile;
 mod vmss;
 
+pub use client::{ArmCalls, count_calls};
 use client::{Client, Reply, Target, error_from_reply, error_parts, map_error};
 pub use client::{REMAINING_READS, REMAINING_WRITES};
 pub use client::{Sleeper, TokioSleeper};
@@ -33,6 +35,7 @@ pub use config::{
     DEFAULT_IMDS_ENDPOINT, IMDS_API_VERSION, NETWORK_API_VERSION, Pacing, RetryPolicy,
     arm_endpoint_for_environment, arm_scope,
 };
+pub use reconcile::{NicDesired, NicReconciled};
 pub use vmss::VMSS_NIC_API_VERSION;
 
 #[derive(Clone)]
@@ -40,9 +43,22 @@ pub struct AzureProvider {
     inner: Arc<Inner>,
 }
 
+/// A subnet's prefix and its VNet's address space, and when they were read.
+type SubnetFacts = ((Ipv4Network, Vec<Ipv4Network>), std::time::Instant);
+
+/// How long a subnet's facts are reused (a VNet's address space can grow).
+const SUBNET_FACTS_TTL: Duration = Duration::from_secs(600);
+
 struct Inner {
     client: Client,
     writers: Mutex<HashMap<String, Arc<NicWriter>>>,
+    /// Subnet ID (lowercase) -> its prefix and its VNet's address space: a cluster allocator
+    /// resolving a thousand nodes of one subnet reads the subnet and the VNet once.
+    subnets: Mutex<HashMap<String, SubnetFacts>>,
+    /// NIC ID (lowercase) -> the NIC as last read after our own write, and its etag
+    /// ([`AzureProvider::reconcile_nic`] only): the next write starts from it, with `If-Match`
+    /// catching any change since.
+    nics: Mutex<HashMap<String, (Value, String)>>,
 }
 
 /// Serializes the writes to one NIC and collects the requests waiting for the next one.
@@ -77,6 +93,8 @@ impl AzureProvider {
             inner: Arc::new(Inner {
                 client: Client::new(config)?,
                 writers: Mutex::new(HashMap::new()),
+                subnets: Mutex::new(HashMap::new()),
+                nics: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -105,6 +123,8 @@ impl AzureProvider {
             inner: Arc::new(Inner {
                 client,
                 writers: Mutex::new(HashMap::new()),
+                subnets: Mutex::new(HashMap::new()),
+                nics: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -115,6 +135,50 @@ impl AzureProvider {
 }
 
 impl Inner {
+    /// The subnet's prefix and its VNet's address space, read once per subnet.
+    async fn subnet_facts(
+        &self,
+        subnet_id: &str,
+    ) -> Result<(Ipv4Network, Vec<Ipv4Network>), CloudError> {
+        let key = subnet_id.to_ascii_lowercase();
+        if let Some((facts, at)) = self
+            .subnets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            && at.elapsed() < SUBNET_FACTS_TTL
+        {
+            return Ok(facts.clone());
+        }
+        let subnet = self.arm_get(subnet_id, NETWORK_API_VERSION).await?;
+        let prefix_text = subnet["properties"]["addressPrefix"]
+            .as_str()
+            .or_else(|| subnet["properties"]["addressPrefixes"][0].as_str())
+            .ok_or_else(|| CloudError::Fatal(format!("subnet {subnet_id} has no IPv4 prefix")))?;
+        let subnet_prefix = parse_net(prefix_text, "subnet")?;
+
+        let vnet_id = subnet_id
+            .rsplit_once("/subnets/")
+            .map(|(vnet, _)| vnet.to_string())
+            .ok_or_else(|| CloudError::Fatal(format!("not a subnet ID: {subnet_id}")))?;
+        let vnet = self.arm_get(&vnet_id, NETWORK_API_VERSION).await?;
+        let vnet_address_space = vnet["properties"]["addressSpace"]["addressPrefixes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|p| !p.contains(':'))
+            .map(|p| parse_net(p, "VNet"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let facts = (subnet_prefix, vnet_address_space);
+        self.subnets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (facts.clone(), std::time::Instant::now()));
+        Ok(facts)
+    }
+
     fn arm_url(&self, resource_id: &str, api_version: &str) -> String {
         format!(
             "{}{resource_id}?api-version={api_version}",
@@ -698,7 +762,9 @@ impl AzureProvider {
             )));
         }
 
-        let (nic, _) = inner.settled_nic(&nic_id).await?;
+        let (nic, etag) = inner.settled_nic(&nic_id).await?;
+        // A cluster allocator's first write to this NIC starts from this read.
+        inner.remember_nic(&nic_id, nic.clone(), etag);
         let configs = nic["properties"]["ipConfigurations"]
             .as_array()
             .cloned()
@@ -723,27 +789,7 @@ impl AzureProvider {
             .or_else(|| Some(instance.mac.clone()).filter(|m| !m.is_empty()))
             .ok_or_else(|| CloudError::Fatal(format!("NIC {nic_id}: no MAC address")))?;
 
-        let subnet = inner.arm_get(&subnet_id, NETWORK_API_VERSION).await?;
-        let prefix_text = subnet["properties"]["addressPrefix"]
-            .as_str()
-            .or_else(|| subnet["properties"]["addressPrefixes"][0].as_str())
-            .ok_or_else(|| CloudError::Fatal(format!("subnet {subnet_id} has no IPv4 prefix")))?;
-        let subnet_prefix = parse_net(prefix_text, "subnet")?;
-
-        let vnet_id = subnet_id
-            .rsplit_once("/subnets/")
-            .map(|(vnet, _)| vnet.to_string())
-            .ok_or_else(|| CloudError::Fatal(format!("not a subnet ID: {subnet_id}")))?;
-        let vnet = inner.arm_get(&vnet_id, NETWORK_API_VERSION).await?;
-        let vnet_address_space = vnet["properties"]["addressSpace"]["addressPrefixes"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(Value::as_str)
-            .filter(|p| !p.contains(':'))
-            .map(|p| parse_net(p, "VNet"))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (subnet_prefix, vnet_address_space) = inner.subnet_facts(&subnet_id).await?;
 
         let identity = NodeIdentity {
             vm_name,

@@ -20,6 +20,10 @@ use tokio::sync::mpsc;
 pub const PODS: &str = "/api/v1/pods";
 pub const NODES: &str = "/api/v1/nodes";
 pub const POOLS: &str = "/apis/vnet-cni.io/v1alpha1/nodeippools";
+/// Leases are namespaced: `/apis/coordination.k8s.io/v1/namespaces/<ns>/leases[/<name>]`. The
+/// fake keeps them under this collection, keyed `<ns>/<name>`.
+pub const LEASES: &str = "/apis/coordination.k8s.io/v1/leases";
+const LEASE_GROUP: &str = "/apis/coordination.k8s.io/v1/namespaces/";
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -142,6 +146,30 @@ impl FakeApi {
         kube::Client::new(service, "default")
     }
 
+    /// A client of its own and the switch that cuts it off: while the switch is on, every
+    /// request of this client (and only of it) is answered 503, as when its replica loses the
+    /// API server (a leader that can no longer renew its Lease).
+    pub fn client_with_switch(&self) -> (kube::Client, Arc<std::sync::atomic::AtomicBool>) {
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fake = self.clone();
+        let off = cut.clone();
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            let fake = fake.clone();
+            let off = off.load(std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if off {
+                    return Ok::<_, Infallible>(status_error(
+                        503,
+                        "ServiceUnavailable",
+                        "cut off from the API server",
+                    ));
+                }
+                Ok(fake.handle(request).await)
+            }
+        });
+        (kube::Client::new(service, "default"), cut)
+    }
+
     pub fn forbid(&self, method: Method, path_prefix: &str) {
         self.state
             .lock()
@@ -234,6 +262,9 @@ impl FakeApi {
             );
             return status_error(403, "Forbidden", &message);
         }
+        if let Some(rest) = path.strip_prefix(LEASE_GROUP) {
+            return state.lease_route(&method, rest, &body);
+        }
         let Some(collection) = collection_of(&path) else {
             return status_error(404, "NotFound", "no such route");
         };
@@ -297,6 +328,61 @@ impl FakeApi {
 }
 
 impl State {
+    /// GET/POST/PUT of namespaced Leases; a PUT whose `resourceVersion` is not the stored one
+    /// is answered 409 Conflict, as the API server's optimistic concurrency does.
+    fn lease_route(&mut self, method: &Method, rest: &str, body: &[u8]) -> Response<Body> {
+        let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let stored =
+            |state: &State, key: &str| state.objects.get(LEASES).and_then(|o| o.get(key)).cloned();
+        match (method.clone(), parts.as_slice()) {
+            (Method::GET, [ns, "leases", name]) => match stored(self, &format!("{ns}/{name}")) {
+                Some(lease) => json_response(StatusCode::OK, &lease),
+                None => status_error(404, "NotFound", &format!("leases \"{name}\" not found")),
+            },
+            (Method::POST, [ns, "leases"]) => {
+                let mut lease: Value = match serde_json::from_slice(body) {
+                    Ok(v) => v,
+                    Err(e) => return status_error(400, "BadRequest", &e.to_string()),
+                };
+                lease["metadata"]["namespace"] = json!(ns);
+                let key = key_of(&lease);
+                if stored(self, &key).is_some() {
+                    return status_error(409, "AlreadyExists", &format!("{key} already exists"));
+                }
+                let lease = self.put(LEASES, lease);
+                json_response(StatusCode::CREATED, &lease)
+            }
+            (Method::PUT, [ns, "leases", name]) => {
+                let mut lease: Value = match serde_json::from_slice(body) {
+                    Ok(v) => v,
+                    Err(e) => return status_error(400, "BadRequest", &e.to_string()),
+                };
+                let key = format!("{ns}/{name}");
+                let Some(current) = stored(self, &key) else {
+                    return status_error(404, "NotFound", &format!("leases \"{name}\" not found"));
+                };
+                let given = lease["metadata"]["resourceVersion"].as_str();
+                if given
+                    .is_some_and(|rv| Some(rv) != current["metadata"]["resourceVersion"].as_str())
+                {
+                    return status_error(
+                        409,
+                        "Conflict",
+                        &format!(
+                            "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                        ),
+                    );
+                }
+                lease["metadata"]["namespace"] = json!(ns);
+                lease["metadata"]["name"] = json!(name);
+                lease["metadata"]["uid"] = current["metadata"]["uid"].clone();
+                let lease = self.put(LEASES, lease);
+                json_response(StatusCode::OK, &lease)
+            }
+            _ => status_error(405, "MethodNotAllowed", "not supported by the fake"),
+        }
+    }
+
     fn put(&mut self, collection: &'static str, mut object: Value) -> Value {
         self.resource_version += 1;
         object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
@@ -430,19 +516,37 @@ pub fn granted_by_the_cluster_role() -> BTreeSet<String> {
     granted_by(AGENT_ROLE)
 }
 
-/// A ClusterRole of deploy/manifests/rbac.yaml, as "group/resource:verb".
+/// The RBAC files the fake reads: the agent's, and cluster mode's (the allocator's).
+const RBAC_FILES: [&str; 2] = [
+    "deploy/manifests/rbac.yaml",
+    "deploy/cluster-mode/rbac.yaml",
+];
+
+/// A ClusterRole of deploy/manifests/rbac.yaml or deploy/cluster-mode/rbac.yaml, with the Role
+/// of the same name if there is one (the allocator's Leases in its namespace), as
+/// "group/resource:verb". The fake does not check the namespace of a Role's grants.
 pub fn granted_by(cluster_role: &str) -> BTreeSet<String> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../deploy/manifests/rbac.yaml"
+    let mut roles = Vec::new();
+    for file in RBAC_FILES {
+        let path = format!("{}/../../{file}", env!("CARGO_MANIFEST_DIR"));
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        roles.extend(
+            serde_yaml::Deserializer::from_str(&text)
+                .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+                .filter(|doc| {
+                    (doc["kind"] == "ClusterRole" || doc["kind"] == "Role")
+                        && doc["metadata"]["name"] == cluster_role
+                }),
+        );
+    }
+    assert!(
+        roles.iter().any(|r| r["kind"] == "ClusterRole"),
+        "ClusterRole {cluster_role} in {RBAC_FILES:?}"
     );
-    let text = std::fs::read_to_string(path).unwrap();
-    let role = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
-        .find(|doc| doc["kind"] == "ClusterRole" && doc["metadata"]["name"] == cluster_role)
-        .unwrap_or_else(|| panic!("ClusterRole {cluster_role} in rbac.yaml"));
     let mut granted = BTreeSet::new();
-    for rule in role["rules"].as_sequence().unwrap() {
+    for rule in roles.iter().flat_map(|r| r["rules"].as_sequence().unwrap()) {
         let list = |key: &str| -> Vec<String> {
             rule[key]
                 .as_sequence()

@@ -1,0 +1,225 @@
+//! Shared set-up: a real vnet-mockcloud over HTTP on loopback, the fake API server authorizing
+//! as the allocator's roles, and allocators run in-process against both.
+
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use vnet_allocator::{BucketSettings, Counters, Settings};
+use vnet_cloud::azure::{AzureConfig, AzureProvider, CredentialConfig};
+use vnet_fakeapi::{FakeApi, POOLS};
+use vnet_kube::crd::{CloudAnswer, CloudRequest, InstanceRef};
+use vnet_mockcloud::{Faults, MockConfig, MockServer, RateLimits, Topology};
+
+pub const ROLE: &str = "vnet-cni-allocator";
+
+pub struct Lab {
+    pub mock: MockServer,
+    pub api: FakeApi,
+}
+
+pub struct Running {
+    pub counters: Arc<Counters>,
+    pub cloud: Arc<AzureProvider>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), vnet_allocator::Error>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+impl Lab {
+    /// `nodes` VMs in one subnet of `prefix`; the lab's operation timing (Retry-After 1 s).
+    pub async fn new(nodes: usize, prefix: &str, limits: RateLimits) -> Lab {
+        let mut config = MockConfig::new(Topology::single_subnet(prefix.parse().unwrap(), nodes));
+        config.rate_limits = limits;
+        config.faults = Faults {
+            operation_retry_after_secs: Some(1),
+            ..Faults::default()
+        };
+        let mock = MockServer::start(config, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        Lab {
+            mock,
+            api: FakeApi::with_role(ROLE),
+        }
+    }
+
+    pub fn provider(&self) -> Arc<AzureProvider> {
+        let mut config = AzureConfig::mock(
+            &self.mock.base_url(),
+            &self.mock.imds_endpoint("node-1"),
+            CredentialConfig::None,
+        );
+        // The allocator paces; the agents' per-request pacing stays out of the way.
+        config.pacing.reads_floor = 0;
+        config.pacing.writes_floor = 0;
+        config.retry.initial_backoff = Duration::from_millis(50);
+        Arc::new(AzureProvider::new(config).unwrap())
+    }
+
+    /// Settings for a test: short lease timing, the given buckets.
+    pub fn settings(holder: &str, reads: BucketSettings, writes: BucketSettings) -> Settings {
+        Settings {
+            holder: holder.into(),
+            lease_duration: Duration::from_secs(3),
+            renew_every: Duration::from_secs(1),
+            reads,
+            writes,
+            ..Settings::default()
+        }
+    }
+
+    pub fn start(&self, settings: Settings) -> Running {
+        self.start_with(self.api.client(), settings)
+    }
+
+    pub fn start_with(&self, client: kube::Client, settings: Settings) -> Running {
+        let counters = settings.counters.clone();
+        let cloud = self.provider();
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(vnet_allocator::run(
+            client,
+            cloud.clone(),
+            settings,
+            shutdown,
+        ));
+        Running {
+            counters,
+            cloud,
+            stop,
+            task,
+        }
+    }
+
+    /// Writes node `node`'s NodeIPPool with this cloudRequest (as its agent would).
+    pub fn request(&self, node: &str, request: CloudRequest) {
+        let mut pool = self.api.get(POOLS, node).unwrap_or_else(|| {
+            json!({"apiVersion": "vnet-cni.io/v1alpha1", "kind": "NodeIPPool",
+                   "metadata": {"name": node}, "spec": {},
+                   "status": {"total": 0, "allocated": 0, "free": 0, "cooldown": 0,
+                              "target": 0, "pending": 0, "max": 250, "pendingPods": 0}})
+        });
+        pool["status"]["cloudRequest"] = serde_json::to_value(&request).unwrap();
+        self.api.put(POOLS, pool);
+    }
+
+    pub fn instance(&self, node: &str) -> InstanceRef {
+        let topology = self.mock.topology();
+        InstanceRef {
+            vm_id: topology.vm_id(node),
+            vm_name: node.into(),
+            computer_name: node.into(),
+            ..InstanceRef::default()
+        }
+    }
+
+    pub fn ask(
+        &self,
+        node: &str,
+        generation: u64,
+        addresses: u32,
+        release: &[Ipv4Addr],
+        waiting: u32,
+    ) {
+        let request = CloudRequest {
+            generation,
+            instance: self.instance(node),
+            addresses,
+            release: release.iter().map(|a| a.to_string()).collect(),
+            waiting_pods: waiting,
+            ..CloudRequest::default()
+        };
+        self.request(node, request);
+    }
+
+    pub fn answer(&self, node: &str) -> Option<CloudAnswer> {
+        let pool = self.api.get(POOLS, node)?;
+        let cloud = pool["status"].get("cloud")?.clone();
+        Some(serde_json::from_value(cloud).unwrap())
+    }
+
+    /// The answer for `generation`, once there (the test fails with what there is otherwise).
+    pub async fn answered(&self, node: &str, generation: u64) -> CloudAnswer {
+        for _ in 0..600 {
+            if let Some(answer) = self.answer(node)
+                && answer.observed_generation == generation
+            {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "{node}: no answer for generation {generation}; have {:?}",
+            self.answer(node)
+        );
+    }
+
+    /// The node's addresses of ours in the mock (the cloud's truth), sorted.
+    pub fn nic_addresses(&self, node: &str) -> Vec<Ipv4Addr> {
+        let mut ips: Vec<Ipv4Addr> = self
+            .mock
+            .state()
+            .addresses
+            .into_iter()
+            .filter(|a| a.vm == node && !a.primary)
+            .map(|a| a.ip)
+            .collect();
+        ips.sort();
+        ips
+    }
+
+    pub fn nic_puts(&self) -> u64 {
+        self.mock.counters().calls("nic_put")
+    }
+}
+
+pub fn ips(answer: &CloudAnswer) -> Vec<Ipv4Addr> {
+    let mut ips: Vec<Ipv4Addr> = answer
+        .secondary_ips
+        .iter()
+        .map(|s| s.ip.parse().unwrap())
+        .collect();
+    ips.sort();
+    ips
+}
+
+/// Plenty: a test that is not about the budget.
+pub const ROOMY: BucketSettings = BucketSettings {
+    size: 1000.0,
+    refill_per_sec: 100.0,
+};
+
+pub fn roomy_limits() -> RateLimits {
+    RateLimits {
+        reads: vnet_mockcloud::Bucket {
+            size: 1000,
+            refill_per_sec: 100.0,
+        },
+        writes: vnet_mockcloud::Bucket {
+            size: 1000,
+            refill_per_sec: 100.0,
+        },
+    }
+}
+
+/// Waits (bounded) until `ready` holds.
+pub async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if ready() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never happened: {what}");
+}
