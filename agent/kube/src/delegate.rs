@@ -106,6 +106,34 @@ struct Desired {
     releasing: BTreeMap<Ipv4Addr, u64>,
     /// From the agent's hint; sent with the next change.
     waiting_pods: u32,
+    /// The assign waiting for the allocator, which pods that start waiting meanwhile join.
+    outstanding: Option<Ask>,
+}
+
+/// An assign in flight: what it will bring, and the generation that carries it now.
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    generation: u64,
+    block: bool,
+    /// Addresses per entry (1, or a block's 16).
+    per_entry: u32,
+    /// Entries asked (the caller's count, raised for pods that started waiting since).
+    entries: u32,
+    /// Waiting pods the ask already covers (the agent sized it with them).
+    covered: u32,
+    /// Addresses the raises brought beyond the pods they were for (a block's rest).
+    room: u32,
+}
+
+/// The request to change under the next generation (a change made before the last snapshot
+/// was taken joins that snapshot's generation instead).
+fn next_request(d: &mut Desired) -> &mut CloudRequest {
+    let sent = d.sent;
+    let request = d.request.get_or_insert_with(CloudRequest::default);
+    if request.generation <= sent {
+        request.generation = sent + 1;
+    }
+    request
 }
 
 /// [`CloudProvider`] through the node's NodeIPPool and the cluster allocator.
@@ -118,6 +146,8 @@ pub struct ClusterProvider {
     desired: Mutex<Desired>,
     /// Serializes request writes; callers that wait here find their change already written.
     writer: tokio::sync::Mutex<()>,
+    /// The outstanding ask was raised (its waiter writes the new generation).
+    raised: tokio::sync::Notify,
 }
 
 fn transient(message: impl Into<String>) -> CloudError {
@@ -139,6 +169,7 @@ impl ClusterProvider {
             node: OnceCell::new(),
             desired: Mutex::new(Desired::default()),
             writer: tokio::sync::Mutex::new(()),
+            raised: tokio::sync::Notify::new(),
         }
     }
 
@@ -262,10 +293,8 @@ impl ClusterProvider {
             if let Some(answer) = &ctx.seen.borrow().answer {
                 prune_released(d, answer);
             }
-            let mut request = d.request.take().unwrap_or_default();
-            if request.generation <= d.sent {
-                request.generation = d.sent + 1;
-            }
+            next_request(d);
+            let mut request = d.request.take().expect("just made");
             change(&mut request, d);
             request.waiting_pods = d.waiting_pods;
             let g = request.generation;
@@ -377,6 +406,12 @@ impl ClusterProvider {
         let of_kind = |e: &SecondaryIp| e.is_block() == block;
         let before = Self::on_nic(ctx);
         let baseline: HashSet<String> = before.iter().map(|e| e.name.clone()).collect();
+        let per_entry = if block {
+            1u32 << (vnet_cloud::SINGLE_ADDRESS - prefix_len)
+        } else {
+            1
+        };
+        let mut owner = false;
         let generation = self
             .change(ctx, |r, d| {
                 // What the NIC holds may exceed the desired count (addresses that arrived after
@@ -388,18 +423,42 @@ impl ClusterProvider {
                 } else {
                     r.addresses = r.addresses.max(held) + count as u32;
                 }
+                if d.outstanding.is_none() {
+                    owner = true;
+                    d.outstanding = Some(Ask {
+                        generation: r.generation,
+                        block,
+                        per_entry,
+                        entries: count as u32,
+                        covered: d.waiting_pods,
+                        room: 0,
+                    });
+                }
             })
-            .await?;
-        let answered = self.answer(ctx, generation).await;
-        let answer = match answered {
+            .await;
+        let generation = match generation {
+            Ok(g) => g,
+            Err(e) => {
+                if owner {
+                    self.desired.lock().unwrap().outstanding = None;
+                }
+                return Err(e);
+            }
+        };
+        // What this caller asked in the end: its own count, or the raised ask it owned.
+        let (answer, asked) = match self.answer_for_ask(ctx, generation, owner).await {
+            (answer, Some(ask)) => (answer, ask.entries as usize),
+            (answer, None) => (answer, count),
+        };
+        let answer = match answer {
             Ok(a) => a,
             Err(e) => {
-                self.withdraw(ctx, count, block).await;
+                self.withdraw(ctx, asked, block).await;
                 return Err(e);
             }
         };
         if let Some(e) = Self::error_of(&answer) {
-            self.withdraw(ctx, count, block).await;
+            self.withdraw(ctx, asked, block).await;
             return Err(e);
         }
         let entries = Self::entries(&answer)?;
@@ -407,17 +466,85 @@ impl ClusterProvider {
         let new: Vec<SecondaryIp> = entries
             .iter()
             .filter(|e| of_kind(e) && !baseline.contains(&e.name) && !d.handed.contains(&e.name))
-            .take(count)
+            .take(asked)
             .cloned()
             .collect();
         d.handed.extend(new.iter().map(|e| e.name.clone()));
         // Names of entries gone from the NIC can never be new again.
         let present: HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
         d.handed.retain(|n| present.contains(n.as_str()));
-        if new.len() < count {
-            warn!(node = %ctx.name, asked = count, got = new.len(), "the cluster allocator answered with fewer new entries than asked");
+        if new.len() < asked {
+            warn!(node = %ctx.name, asked, got = new.len(), "the cluster allocator answered with fewer new entries than asked");
         }
         Ok(new)
+    }
+
+    /// Waits for the answer to an ask. Its owner also writes the generations that raise it
+    /// (pods that started waiting meanwhile) and waits for the latest.
+    /// The owner gets the ask back, taken when the answer was accepted (or the wait ended), so
+    /// no raise can slip in between.
+    async fn answer_for_ask(
+        &self,
+        ctx: &NodeCtx,
+        generation: u64,
+        owner: bool,
+    ) -> (Result<CloudAnswer, CloudError>, Option<Ask>) {
+        if !owner {
+            return (self.answer(ctx, generation).await, None);
+        }
+        let result = self.owner_wait(ctx, generation).await;
+        let ask = self.desired.lock().unwrap().outstanding.take();
+        match result {
+            Ok((answer, ask)) => (Ok(answer), Some(ask)),
+            Err(e) => (Err(e), ask),
+        }
+    }
+
+    async fn owner_wait(
+        &self,
+        ctx: &NodeCtx,
+        generation: u64,
+    ) -> Result<(CloudAnswer, Ask), CloudError> {
+        let limit = self.settings.answer_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut rx = ctx.seen.clone();
+        loop {
+            let raised = self.raised.notified();
+            let target = {
+                let d = self.desired.lock().unwrap();
+                d.outstanding.map_or(generation, |a| a.generation)
+            };
+            if target > self.desired.lock().unwrap().written {
+                self.flush(ctx, target).await?;
+            }
+            let answered = rx.wait_for(|s| {
+                s.answer
+                    .as_ref()
+                    .is_some_and(|a| a.observed_generation >= target)
+            });
+            tokio::select! {
+                r = answered => {
+                    let seen = r.map_err(|_| transient("the NodeIPPool watch stopped"))?.clone();
+                    let answer = seen.answer.expect("waited for it");
+                    // Raised after this answer's generation: wait for the raise's answer too.
+                    let mut d = self.desired.lock().unwrap();
+                    match d.outstanding {
+                        Some(a) if a.generation > answer.observed_generation => {}
+                        Some(a) => {
+                            d.outstanding = None;
+                            return Ok((answer, a));
+                        }
+                        None => return Err(transient("the ask was dropped")),
+                    }
+                }
+                _ = raised => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(transient(format!(
+                        "no answer from the cluster allocator within {limit:?} (waiting for its answer); is the vnet-cni allocator running?"
+                    )));
+                }
+            }
+        }
     }
 
     /// After a failed or unanswered ask: the desired count goes back to what the NIC holds, so
@@ -602,6 +729,39 @@ impl CloudProvider for ClusterProvider {
     }
 
     fn set_waiting_pods(&self, pods: u32) {
-        self.desired.lock().unwrap().waiting_pods = pods;
+        let mut guard = self.desired.lock().unwrap();
+        let d = &mut *guard;
+        d.waiting_pods = pods;
+        // Pods that start waiting while an ask is still unanswered join it: one NIC write for
+        // them instead of a second one after it (a cold start's first top-up leaves before its
+        // pods arrive).
+        let Some(mut ask) = d.outstanding else {
+            return;
+        };
+        if pods <= ask.covered {
+            return;
+        }
+        let new = pods - ask.covered;
+        ask.covered = pods;
+        if new <= ask.room {
+            ask.room -= new;
+            d.outstanding = Some(ask);
+            return;
+        }
+        let need = new - ask.room;
+        let extra = need.div_ceil(ask.per_entry);
+        ask.room = extra * ask.per_entry - need;
+        let request = next_request(d);
+        if ask.block {
+            request.blocks += extra;
+        } else {
+            request.addresses += extra;
+        }
+        request.waiting_pods = pods;
+        ask.entries += extra;
+        ask.generation = request.generation;
+        d.outstanding = Some(ask);
+        drop(guard);
+        self.raised.notify_one();
     }
 }

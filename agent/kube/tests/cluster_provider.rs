@@ -64,6 +64,9 @@ enum Mode {
     GateReleases,
     /// Answers a release with `busy`, the NIC unchanged.
     RefuseReleases,
+    /// Waits for `Script::gate` before answering an ask, then acts on the latest request (as
+    /// the allocator does when a node's turn comes).
+    HoldAsks,
 }
 
 #[derive(Default)]
@@ -115,7 +118,7 @@ impl Script {
                         retry_after_seconds: None,
                     })
                 }
-                Mode::Serve | Mode::GateReleases | Mode::RefuseReleases => {
+                Mode::Serve | Mode::GateReleases | Mode::RefuseReleases | Mode::HoldAsks => {
                     for _ in singles..request.addresses {
                         nic.next += 1;
                         let n = nic.next;
@@ -175,10 +178,17 @@ fn allocator(fake: &FakeApi, mode: Mode) -> Arc<Script> {
                 continue;
             }
             s.seen.lock().unwrap().insert(request.generation);
-            let gated =
-                *s.mode.lock().unwrap() == Mode::GateReleases && !request.release.is_empty();
-            if gated {
+            let mode = s.mode.lock().unwrap().clone();
+            let gated = (mode == Mode::GateReleases && !request.release.is_empty())
+                || (mode == Mode::HoldAsks && request.addresses > 0);
+            let request = if gated {
                 s.gate.notified().await;
+                stored_request(&fake)
+            } else {
+                request
+            };
+            if request.generation <= answered {
+                continue;
             }
             if let Some(answer) = s.answer(&request) {
                 answered = request.generation;
@@ -222,6 +232,17 @@ fn request_writes(fake: &FakeApi) -> usize {
 }
 
 const LONG: Duration = Duration::from_secs(60);
+
+/// Lets the other tasks run until `done` (bounded: a change that never comes fails the test).
+async fn until(done: impl Fn() -> bool, what: &str) {
+    for _ in 0..10_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never happened: {what}");
+}
 
 #[tokio::test(start_paused = true)]
 async fn discovery_creates_the_pool_asks_with_imds_facts_and_returns_the_allocators_identity() {
@@ -315,9 +336,11 @@ async fn release_waits_for_the_answer_then_forgets_the_addresses() {
         async move { p.release_ips(&nic, &[ip]).await }
     });
     // Let the request be written and seen; the allocator holds its answer.
-    while !stored_request(&fake).release.contains(&ip.to_string()) {
-        tokio::task::yield_now().await;
-    }
+    until(
+        || stored_request(&fake).release.contains(&ip.to_string()),
+        "the release is written",
+    )
+    .await;
     for _ in 0..50 {
         tokio::task::yield_now().await;
     }
@@ -428,4 +451,41 @@ async fn a_refused_release_maps_back_and_asks_for_the_addresses_again() {
     assert!(request.release.is_empty(), "the release is withdrawn");
     assert_eq!(request.addresses, 3, "and the address is wanted again");
     assert_eq!(p.list_secondary_ips(&id.nic_id).await.unwrap().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pods_that_start_waiting_join_the_unanswered_ask() {
+    let fake = fake_with_node();
+    let script = allocator(&fake, Mode::HoldAsks);
+    let p = Arc::new(provider(&fake, LONG));
+    let id = p.discover().await.unwrap();
+    // The first top-up (no pod waiting yet) leaves for 8 addresses...
+    let ask = tokio::spawn({
+        let (p, nic) = (p.clone(), id.nic_id.clone());
+        async move { p.assign_ips(&nic, SUBNET, 8).await }
+    });
+    until(
+        || stored_request(&fake).addresses == 8,
+        "the ask is written",
+    )
+    .await;
+    // ...and 30 pods start waiting before the allocator's turn for the node comes.
+    p.set_waiting_pods(30);
+    until(
+        || stored_request(&fake).addresses == 38,
+        "the ask is raised",
+    )
+    .await;
+    assert_eq!(stored_request(&fake).waiting_pods, 30);
+    script.gate.notify_one();
+    let got = ask.await.unwrap().unwrap();
+    assert_eq!(
+        got.len(),
+        38,
+        "one answer brings the pods' addresses with the top-up"
+    );
+    assert_eq!(p.list_secondary_ips(&id.nic_id).await.unwrap().len(), 38);
+    // A hint with no ask outstanding raises nothing.
+    p.set_waiting_pods(50);
+    assert_eq!(stored_request(&fake).addresses, 38);
 }
