@@ -10,6 +10,20 @@ pub fn normalize(r: &mut SimResult) {
     if r.scenario == "churn" {
         return;
     }
+    if r.policy.starts_with("cluster") {
+        // Results written before the allocator's reads per write were counted as two.
+        let scenario = if r.scenario == "cold" {
+            crate::Scenario::Cold
+        } else {
+            crate::Scenario::ScaleOut
+        };
+        let (_, reads) = Bound::needs(scenario, crate::Policy::Cluster, r.nodes as u64);
+        let bucket = &r.settings["limits"]["reads"];
+        let size = bucket["size"].as_f64().unwrap_or(250.0);
+        let refill = bucket["refill_per_sec"].as_f64().unwrap_or(25.0);
+        r.bound.reads = reads;
+        r.bound.reads_s = (reads as f64 - size).max(0.0) / refill;
+    }
     let b = &mut r.bound;
     if b.one_write_s == 0.0 && b.writes > 0 {
         let put = r.settings["put_latency_ms"].as_f64().unwrap_or(1000.0) / 1000.0;
