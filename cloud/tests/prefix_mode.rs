@@ -183,6 +183,38 @@ async fn below_the_api_version_that_carries_it_the_prefix_length_is_dropped() {
 }
 
 #[tokio::test]
+async fn a_nic_read_below_that_api_version_does_not_show_the_prefix_length() {
+    let lab = Lab::with_subnet("10.240.0.0/24", 1).await;
+    let (provider, _) = lab.provider("node-1");
+    let identity = provider.discover().await.unwrap();
+    provider
+        .assign_blocks(
+            &identity.nic_id,
+            &identity.subnet_id,
+            1,
+            AZURE_PREFIX_LENGTH,
+        )
+        .await
+        .unwrap();
+    let nic_path = "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Network/networkInterfaces/node-1-nic";
+    let block_length = |nic: &serde_json::Value| {
+        nic["properties"]["ipConfigurations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"].as_str().unwrap().starts_with("vnet-cni-"))
+            .unwrap()["properties"]["privateIPAddressPrefixLength"]
+            .clone()
+    };
+    let (status, current) = lab.arm_get(nic_path, "2024-05-01").await;
+    assert_eq!(status, 200);
+    assert_eq!(block_length(&current), json!(28));
+    let (status, old) = lab.arm_get(nic_path, "2023-06-01").await;
+    assert_eq!(status, 200);
+    assert!(block_length(&old).is_null(), "{old}");
+}
+
+#[tokio::test]
 async fn a_uniform_instance_refuses_prefix_mode_and_writes_nothing() {
     let lab = Lab::start(mixed_topology("10.240.0.0/16")).await;
     let (provider, _) = lab.provider("node-2");

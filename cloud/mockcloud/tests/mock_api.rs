@@ -50,8 +50,10 @@ async fn add_configs(http: &reqwest::Client, base: &str, vm: &str, names: &[&str
     for name in names {
         configs.push(json!({"name": name, "properties": {"subnet": {"id": SUBNET}}}));
     }
+    // Another supported api-version than the GET's, to see the operation URL follow the PUT's.
+    let put_url = format!("{base}{NIC}/{vm}-nic?api-version=2023-11-01");
     let response = http
-        .put(&url)
+        .put(&put_url)
         .header("If-Match", etag)
         .json(&nic)
         .send()
@@ -62,6 +64,11 @@ async fn add_configs(http: &reqwest::Client, base: &str, vm: &str, names: &[&str
         .to_str()
         .unwrap()
         .to_string();
+    // ARM's operation URL carries the api-version of the request that started it.
+    assert!(
+        operation.ends_with("?api-version=2023-11-01"),
+        "{operation}"
+    );
     loop {
         let status: Value = http
             .get(&operation)

@@ -3,14 +3,15 @@
 
 use std::time::Instant;
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{Value, json};
 
+use super::write::{LongRunningPut, OperationPath};
 use super::{App, Ctx, action_for, arm_error, json_response, lock, nic_response};
 use crate::auth::{Principal, check_linked_access};
-use crate::faults::{FaultKind, FaultSpec};
-use crate::model::{ArmError, Failure, Timing};
+use crate::faults::FaultSpec;
+use crate::model::ArmError;
 use crate::rules;
 use crate::scaleset::{COMPUTE_OPERATION_API_VERSION, VMSS_NIC_API_VERSIONS};
 
@@ -113,43 +114,18 @@ pub(super) fn instance_put(
     }) {
         return arm_error(e);
     }
-    let if_match = ctx
-        .headers
-        .get(header::IF_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    if if_match.is_some() && app.roll(FaultKind::EtagRace, "vmss_vm_put").is_some() {
-        app.with_cloud(|c| {
-            c.bump_instance_etag(set, instance);
-            ((), Vec::new())
-        });
-    }
-    let failure = app
-        .roll(FaultKind::AsyncFailure, "vmss_vm_put")
-        .map(|spec| Failure {
-            code: spec.code.unwrap_or_else(|| "InternalServerError".into()),
-            message: spec
-                .message
-                .unwrap_or_else(|| "The operation failed with an internal error.".to_string()),
-            rollback: spec.rollback,
-        });
-    let (polls, retry_after, base_url) = {
-        let faults = lock(&app.faults);
-        (
-            faults.operation_polls(),
-            faults.operation_retry_after_secs(),
-            faults.operation_base_url.clone(),
-        )
-    };
+    let put = LongRunningPut::new(app, ctx, "vmss_vm_put", |c| {
+        c.bump_instance_etag(set, instance)
+    });
     let (result, _) = app.with_cloud(|c| {
         let result = c
             .put_instance(
                 set,
                 instance,
-                if_match.as_deref(),
+                put.if_match.as_deref(),
                 &body,
-                failure,
-                Timing::new(polls, retry_after.max(1)),
+                put.failure.clone(),
+                put.timing,
                 Instant::now(),
             )
             .map(|op| {
@@ -166,25 +142,13 @@ pub(super) fn instance_put(
         Ok(ok) => ok,
         Err(e) => return arm_error(e),
     };
-    if app.roll(FaultKind::LostResponse, "vmss_vm_put").is_some() {
-        return arm_error(ArmError::new(
-            500,
-            "InternalServerError",
-            "An error occurred.",
-        ));
-    }
-    let mut response = nic_response(StatusCode::OK, doc.unwrap_or(Value::Null));
-    let base = base_url.unwrap_or_else(|| format!("http://{}", ctx.host()));
-    let url = format!(
-        "{}/subscriptions/{sub}/providers/Microsoft.Compute/locations/{location}/operations/{op}?api-version={COMPUTE_OPERATION_API_VERSION}",
-        base.trim_end_matches('/')
-    );
-    let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&url) {
-        headers.insert("azure-asyncoperation", value);
-    }
-    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-    response
+    let path = OperationPath {
+        subscription: &sub,
+        provider: "Microsoft.Compute",
+        location: &location,
+        default_api_version: COMPUTE_OPERATION_API_VERSION,
+    };
+    put.started(app, ctx, doc, path, &op)
 }
 
 /// `POST /admin/scalesets/{set}/virtualMachines/{instance}/reimage`: the instance's
