@@ -4,9 +4,10 @@
 #
 #   deploy/image/build.sh [--bin-dir DIR] [--tag TAG] [--version V]
 #
-# --bin-dir DIR  take vnet-cni, vnet-agent, vnetctl (and vnet-mockcloud, if there) from DIR;
-#                default: a release build (deploy/node-image/release.sh's static binaries, plus
-#                vnet-mockcloud built the same way). The tests pass their debug binaries.
+# --bin-dir DIR  take vnet-cni, vnet-agent, vnetctl (and vnet-mockcloud, vnet-allocator, if
+#                there) from DIR; default: a release build (deploy/node-image/release.sh's static
+#                binaries, plus vnet-mockcloud and vnet-allocator built the same way). The tests
+#                pass their debug binaries.
 # --tag TAG      image name (default vnet-cni:<version>).
 # --version V    the image's version label (default: the workspace version).
 # DOCKER         the docker client to use (default: docker); DOCKER_HOST selects the engine.
@@ -48,8 +49,9 @@ if [[ -z $bin_dir ]]; then
     tar -xzf "$tarball" -C "$work"
     bin_dir=$(echo "$work"/vnet-cni-*-linux-amd64/bin)
     (cd "$repo" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-        cargo build --release --locked --target x86_64-unknown-linux-gnu -p vnet-mockcloud --bins >&2)
+        cargo build --release --locked --target x86_64-unknown-linux-gnu -p vnet-mockcloud -p vnet-allocator --bins >&2)
     cp "$repo/target/x86_64-unknown-linux-gnu/release/vnet-mockcloud" "$bin_dir/"
+    cp "$repo/target/x86_64-unknown-linux-gnu/release/vnet-allocator" "$bin_dir/"
 fi
 for bin in vnet-cni vnet-agent vnetctl; do
     [[ -x $bin_dir/$bin ]] || die "$bin_dir/$bin is missing or not executable"
@@ -59,6 +61,12 @@ if [[ -x $bin_dir/vnet-mockcloud ]]; then
     install -m 0755 "$bin_dir/vnet-mockcloud" "$context/bin/vnet-mockcloud"
 else
     log "no vnet-mockcloud in $bin_dir: the image will not serve deploy/kind's mock cloud"
+fi
+# Cluster mode's allocator (deploy/cluster-mode).
+if [[ -x $bin_dir/vnet-allocator ]]; then
+    install -m 0755 "$bin_dir/vnet-allocator" "$context/bin/vnet-allocator"
+else
+    log "no vnet-allocator in $bin_dir: the image will not run deploy/cluster-mode's allocator"
 fi
 install -m 0755 "$here/install-cni" "$context/install-cni"
 cp "$repo/deploy/Dockerfile" "$context/Dockerfile"

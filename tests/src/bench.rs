@@ -199,17 +199,25 @@ fn run_phase(lab: &Lab, v: &Variant, op: &str, pods: &[String], conc: usize) -> 
     let next = AtomicUsize::new(0);
     let samples = Mutex::new(Vec::with_capacity(pods.len()));
     let failures = AtomicUsize::new(0);
+    let st = lab.state();
+    let node_ns = st.node("node-1").expect("node-1").ns.clone();
     let agent = lab.agent_pid("node-1");
     let cpu_before = CpuMark::now(agent);
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..conc.max(1) {
             s.spawn(|| {
+                // This thread only starts cnitool and ends with the phase.
+                if let Err(e) = enter_thread_netns(&node_ns) {
+                    eprintln!("    {}: {e}", v.label);
+                    failures.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(pod) = pods.get(i) else { break };
-                    match lab.cnitool("node-1", op, &v.network, &v.conf_dir, pod) {
-                        Ok((_, took)) => samples
+                    match cnitool_from_here(&st, op, v, pod) {
+                        Ok(took) => samples
                             .lock()
                             .expect("samples")
                             .push(took.as_secs_f64() * 1e3),
@@ -230,6 +238,43 @@ fn run_phase(lab: &Lab, v: &Variant, op: &str, pods: &[String], conc: usize) -> 
         cpu: CpuMark::now(agent).since(&cpu_before),
     }
 }
+
+/// Moves the calling thread (only it) into network namespace `ns`. For the phase's own threads:
+/// a child started from such a thread starts in `ns`.
+fn enter_thread_netns(ns: &str) -> Result<(), LabError> {
+    let fail = |e: std::io::Error| LabError::Failed(format!("cannot enter namespace {ns}: {e}"));
+    let handle = fs::File::open(exec::netns_path(ns)).map_err(fail)?;
+    // SAFETY: setns only reads the fd, which `handle` keeps open for the call; it changes the
+    // namespace of this thread alone, which does nothing else.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&handle), libc::CLONE_NEWNET) } != 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// `cnitool <op>` for one pod, started from a thread already in the node's namespace
+/// ([`enter_thread_netns`]), timed from spawn to exit. No `pre_exec` hook, so the child is
+/// started with `posix_spawn` (a vfork-style clone), as a Go runtime such as containerd starts
+/// plugins. A fork instead (which `pre_exec` needs) costs this harness ~1 ms of CPU per call
+/// here, copy-on-write faults of its busy threads until the child execs: the same for every
+/// plugin, but it weighs on whichever is CPU-bound.
+fn cnitool_from_here(
+    st: &crate::state::LabState,
+    op: &str,
+    v: &Variant,
+    pod: &str,
+) -> Result<Duration, LabError> {
+    let mut cmd = Command::new(&st.cnitool);
+    cmd.args([op, &v.network, &format!("/var/run/netns/{pod}")])
+        .env("NETCONFPATH", &v.conf_dir)
+        .env("CNI_PATH", &st.cni_path);
+    let (output, took) = exec::run_timed(&mut cmd, None, CNITOOL_TIMEOUT)?;
+    exec::check(&cmd, output)?;
+    Ok(took)
+}
+
+/// As the lab's own cnitool calls.
+const CNITOOL_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn write_ptp_conflist(lab: &Lab) -> Result<Variant, LabError> {
     let st = lab.state();

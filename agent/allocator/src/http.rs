@@ -145,3 +145,40 @@ pub async fn serve(listener: TcpListener, app: Router) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use vnet_cloud::azure::{AzureConfig, CredentialConfig};
+
+    #[test]
+    fn metrics_are_prometheus_text_with_every_counter() {
+        let counters = Counters::default();
+        counters.jobs_done.store(7, Ordering::Relaxed);
+        counters.throttled.store(2, Ordering::Relaxed);
+        counters.leading.store(1, Ordering::Relaxed);
+        let cloud = AzureProvider::new(AzureConfig::mock(
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:9",
+            CredentialConfig::None,
+        ))
+        .unwrap();
+        let text = metrics(&counters, &cloud);
+        for line in [
+            "vnet_allocator_jobs_total 7",
+            "vnet_allocator_arm_throttled_total 2",
+            "vnet_allocator_leader 1",
+            "vnet_allocator_queue_depth 0",
+            "# TYPE vnet_allocator_jobs_total counter",
+            "# TYPE vnet_allocator_queue_depth gauge",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing in:\n{text}"
+            );
+        }
+        // ARM has not reported a budget yet: no made-up gauge.
+        assert!(!text.contains("arm_remaining"));
+    }
+}

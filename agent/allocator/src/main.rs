@@ -55,12 +55,12 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:9465")]
     listen: SocketAddr,
     /// The principal's ARM reads bucket as SIZE/REFILL_PER_SEC (ARM: 250/25; a margin below).
-    #[arg(long, default_value = "225/24")]
+    #[arg(long, default_value = "240/24.5")]
     reads_bucket: String,
     /// The writes bucket (ARM: 200/10).
-    #[arg(long, default_value = "180/9.5")]
+    #[arg(long, default_value = "190/9.8")]
     writes_bucket: String,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     max_in_flight: usize,
     /// text | json.
     #[arg(long, default_value = "text")]
@@ -70,7 +70,7 @@ struct Args {
 fn bucket(text: &str, flag: &str) -> anyhow::Result<BucketSettings> {
     let (size, rate) = text
         .split_once('/')
-        .with_context(|| format!("{flag} {text:?}: want SIZE/REFILL_PER_SEC, e.g. 225/24"))?;
+        .with_context(|| format!("{flag} {text:?}: want SIZE/REFILL_PER_SEC, e.g. 240/24.5"))?;
     Ok(BucketSettings {
         size: size
             .trim()
@@ -114,16 +114,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &args.client_secret_file,
         )?,
     };
-    let mut config = if args.mock_token.is_some() {
+    let config = if args.mock_token.is_some() {
         AzureConfig::mock(&args.arm_endpoint, &args.imds_endpoint, credential)
     } else {
         AzureConfig::new(&args.arm_endpoint, &args.imds_endpoint, credential)
     };
-    // The allocator paces the principal itself: the per-request pacing of an agent would only
-    // delay what the allocator already budgeted.
-    config.pacing.reads_floor = 0;
-    config.pacing.writes_floor = 0;
-    let cloud = Arc::new(AzureProvider::new(config)?);
+    let cloud = Arc::new(AzureProvider::new(vnet_allocator::cloud_config(config))?);
     let settings = Settings {
         namespace: args.namespace,
         holder: args.pod_name,

@@ -1,13 +1,10 @@
-//! The allocator's loop: which node's request to work on next, and when ARM's budget lets it.
+//! The allocator's loop: the Lease, the watch, and starting jobs in the queue's order when ARM's
+//! budget lets them ([`crate::queue`] says which nodes and in which order).
 //!
-//! - A node needs work when its `cloudRequest.generation` differs from the generation last
-//!   answered (or the answer was a retryable error whose retry is due).
-//! - Nodes with pods waiting go first (most waiting first), then by how long their request has
-//!   waited. The order is strict: when the budget cannot pay for the first node's job yet, no
-//!   later node's job starts in its place.
-//! - A job reserves its expected ARM calls from the local buckets before it starts and is
-//!   charged what it really sent when it ends; after a 429 nothing starts until its
-//!   `Retry-After` has passed.
+//! - The order is strict: when the budget cannot pay for the first node's job yet, no later
+//!   node's job starts in its place.
+//! - A job reserves its expected ARM calls before it starts; its calls are counted as it sends
+//!   them ([`crate::budget`]); after a 429 nothing starts until its `Retry-After` has passed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,61 +13,59 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
-use vnet_cloud::azure::{ArmCalls, AzureProvider, count_calls};
-use vnet_cloud::{CloudError, CloudProvider, NodeIdentity};
-use vnet_kube::crd::{CloudRequest, NodeIPPool};
+use vnet_cloud::CloudError;
+use vnet_cloud::azure::{ArmCalls, AzureProvider, CallCounter, count_calls_into};
+use vnet_kube::crd::NodeIPPool;
 
 use crate::budget::{Budget, Cost};
 use crate::lease::{self, Leadership, LeaseSettings};
+use crate::queue::{Estimates, Memo, candidates, expected_cost, next_retry, order, retry_delay};
 use crate::work::{self, Done, Outcome};
 use crate::{Counters, Settings};
 
 /// The longest the loop sleeps without looking again (leadership may have changed).
 const IDLE_TICK: Duration = Duration::from_millis(500);
-/// Retry of a node whose job failed retryably, without `Retry-After`: doubling up to this.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
-
-/// What the allocator remembers of one node.
-#[derive(Debug, Default)]
-struct Memo {
-    identity: Option<NodeIdentity>,
-    /// The provider holds the NIC as read after our last write (the next job needs no read).
-    nic_known: bool,
-    /// The generation last answered and, if its answer was a retryable error, when to retry.
-    answered: Option<(u64, Option<Instant>)>,
-    /// Consecutive retryable failures (for the back-off).
-    failures: u32,
-    /// The generation waiting and since when (this replica's clock).
-    seen: Option<(u64, Instant)>,
-    /// Nothing for this node before then (its answer could not be written).
-    not_before: Option<Instant>,
-}
-
-/// A node's request, ready to be ordered.
-struct Candidate {
-    name: String,
-    request: CloudRequest,
-    waiting_pods: u32,
-    since: Instant,
-}
 
 struct Finished {
     name: String,
-    reserved: Cost,
     done: Done,
     calls: ArmCalls,
 }
 
-/// Reads per job beyond what is known, learned from what jobs really cost.
-struct Estimates {
-    /// Reads of a NIC write once the NIC is known (the settle reads).
-    write_reads: f64,
-    resolved_any: bool,
+/// The jobs under way: what each reserved, and what it has sent so far.
+struct InFlight {
+    jobs: HashMap<String, (Cost, Arc<CallCounter>)>,
+}
+
+impl InFlight {
+    fn new() -> InFlight {
+        InFlight {
+            jobs: HashMap::new(),
+        }
+    }
+
+    fn names(&self) -> HashSet<String> {
+        self.jobs.keys().cloned().collect()
+    }
+
+    /// What the jobs under way reserved and have not sent yet (a job that sent more than it
+    /// reserved owes nothing here: the level already took it).
+    fn outstanding(&self) -> Cost {
+        let mut owed = Cost::default();
+        for (reserved, counter) in self.jobs.values() {
+            let sent = counter.calls();
+            owed.add(Cost {
+                reads: (reserved.reads - sent.reads as f64).max(0.0),
+                writes: (reserved.writes - sent.writes as f64).max(0.0),
+            });
+        }
+        owed
+    }
 }
 
 pub(crate) async fn run(
@@ -117,20 +112,43 @@ pub(crate) async fn run(
         })
     };
 
-    let mut budget = Budget::new(settings.reads, settings.writes, Instant::now());
+    let sent = cloud.arm_calls();
+    let mut budget = Budget::new(
+        settings.reads,
+        settings.writes,
+        Instant::now(),
+        Cost {
+            reads: sent.reads as f64,
+            writes: sent.writes as f64,
+        },
+    );
     let mut estimates = Estimates {
         write_reads: 2.0,
         resolved_any: false,
     };
     let mut memos: HashMap<String, Memo> = HashMap::new();
-    let mut in_flight: HashSet<String> = HashSet::new();
+    let mut in_flight = InFlight::new();
     let mut jobs: JoinSet<Finished> = JoinSet::new();
 
+    let mut was_leading = false;
     loop {
         let leading = leadership.leading();
         counters
             .leading
             .store(u64::from(leading), Ordering::Relaxed);
+        if was_leading && !leading {
+            // Another replica may answer and write from now on: what this one remembers of
+            // answers and NICs is no longer the truth (identities stay: a VM's NIC and subnet
+            // do not change under it).
+            tracing::info!("not leading: forgetting answers and NICs");
+            for memo in memos.values_mut() {
+                memo.answered = None;
+                memo.nic_known = false;
+                memo.not_before = None;
+            }
+            cloud.forget_nics();
+        }
+        was_leading = leading;
         let wake = if leading {
             start_jobs(
                 &store,
@@ -155,7 +173,7 @@ pub(crate) async fn run(
                     Err(error) => {
                         // A panicked job: its node stays in flight no longer than this.
                         tracing::error!(%error, "allocator job failed");
-                        in_flight.clear();
+                        in_flight.jobs.clear();
                     }
                 }
             }
@@ -164,7 +182,19 @@ pub(crate) async fn run(
         }
         counters
             .in_flight
-            .store(in_flight.len() as u64, Ordering::Relaxed);
+            .store(in_flight.jobs.len() as u64, Ordering::Relaxed);
+        let sent = cloud.arm_calls();
+        budget.advance(Instant::now(), sent.reads, sent.writes);
+        let outstanding = in_flight.outstanding();
+        let free = |level: f64, owed: f64| (level - owed).max(0.0).floor() as u64;
+        counters.local_reads.store(
+            free(budget.reads.level(), outstanding.reads),
+            Ordering::Relaxed,
+        );
+        counters.local_writes.store(
+            free(budget.writes.level(), outstanding.writes),
+            Ordering::Relaxed,
+        );
     }
     // Jobs under way finish (a NIC write is not cut short); nothing new starts.
     while let Some(finished) = jobs.join_next().await {
@@ -196,11 +226,11 @@ fn start_jobs(
     budget: &mut Budget,
     estimates: &Estimates,
     memos: &mut HashMap<String, Memo>,
-    in_flight: &mut HashSet<String>,
+    in_flight: &mut InFlight,
     jobs: &mut JoinSet<Finished>,
 ) -> Option<Duration> {
     let now = Instant::now();
-    let mut candidates = candidates(store, memos, in_flight, now);
+    let mut candidates = candidates(store, memos, &in_flight.names(), now);
     let queued = candidates.len() as u64;
     let depth = |started: u64| {
         settings
@@ -212,30 +242,31 @@ fn start_jobs(
     if candidates.is_empty() {
         return next_retry(memos, now);
     }
-    candidates.sort_by(|a, b| {
-        b.waiting_pods
-            .cmp(&a.waiting_pods)
-            .then(a.since.cmp(&b.since))
-            .then(a.name.cmp(&b.name))
-    });
+    order(&mut candidates);
     if let Some(until) = cloud.throttled_until() {
         return Some(until.saturating_duration_since(now));
     }
+    let sent = cloud.arm_calls();
+    budget.advance(now, sent.reads, sent.writes);
+    let mut outstanding = in_flight.outstanding();
     let mut started = 0;
     for candidate in candidates {
-        if in_flight.len() >= settings.max_in_flight {
+        if in_flight.jobs.len() >= settings.max_in_flight {
             break;
         }
         let memo = memos.entry(candidate.name.clone()).or_default();
         let cost = expected_cost(memo, estimates);
-        let wait = budget.wait_for(cost, now);
+        let wait = budget.wait_for(cost, outstanding);
         if !wait.is_zero() {
             // Strict priority: the first node waits for the budget, nobody overtakes it.
             depth(started);
             return Some(wait);
         }
-        budget.take(cost, now);
-        in_flight.insert(candidate.name.clone());
+        outstanding.add(cost);
+        let counter = Arc::new(CallCounter::default());
+        in_flight
+            .jobs
+            .insert(candidate.name.clone(), (cost, counter.clone()));
         started += 1;
         let pools = pools.clone();
         let cloud = cloud.clone();
@@ -244,108 +275,24 @@ fn start_jobs(
         let name = candidate.name;
         tracing::debug!(node = %name, generation = candidate.request.generation, waiting = candidate.waiting_pods, ?cost, "starting job");
         jobs.spawn(async move {
-            let (done, calls) = count_calls(work::run(
+            let work = work::run(
                 pools,
                 cloud,
                 name.clone(),
                 candidate.request,
                 known,
                 timeout,
-            ))
-            .await;
+            );
+            let done = count_calls_into(counter.clone(), work).await;
             Finished {
                 name,
-                reserved: cost,
                 done,
-                calls,
+                calls: counter.calls(),
             }
         });
     }
     depth(started);
     None
-}
-
-fn candidates(
-    store: &Store<NodeIPPool>,
-    memos: &mut HashMap<String, Memo>,
-    in_flight: &HashSet<String>,
-    now: Instant,
-) -> Vec<Candidate> {
-    let mut out = Vec::new();
-    for pool in store.state() {
-        let name = pool.name_any();
-        let Some(status) = pool.status.as_ref() else {
-            continue;
-        };
-        let Some(request) = status.cloud_request.clone() else {
-            continue;
-        };
-        let memo = memos.entry(name.clone()).or_default();
-        // After a restart the resource says what was answered; afterwards this replica's own
-        // memory does (the watch may not have shown its last patch yet).
-        let answered = memo.answered.or_else(|| {
-            status.cloud.as_ref().map(|a| {
-                let retry = a
-                    .error
-                    .as_ref()
-                    .is_some_and(|e| e.to_cloud_error("").is_retryable())
-                    .then_some(now);
-                (a.observed_generation, retry)
-            })
-        });
-        if memo.identity.is_none()
-            && let Some(known) = status.cloud.as_ref().and_then(|a| a.identity.as_ref())
-        {
-            memo.identity = NodeIdentity::try_from(known).ok();
-        }
-        let due = match answered {
-            None => true,
-            Some((generation, _)) if generation != request.generation => true,
-            Some((_, retry)) => retry.is_some_and(|at| at <= now),
-        };
-        let held = memo.not_before.is_some_and(|at| at > now);
-        if !due || held || in_flight.contains(&name) {
-            continue;
-        }
-        let since = match memo.seen {
-            Some((generation, at)) if generation == request.generation => at,
-            _ => {
-                memo.seen = Some((request.generation, now));
-                now
-            }
-        };
-        out.push(Candidate {
-            name,
-            waiting_pods: request.waiting_pods,
-            request,
-            since,
-        });
-    }
-    out
-}
-
-/// When the earliest retry of a failed node is due.
-fn next_retry(memos: &HashMap<String, Memo>, now: Instant) -> Option<Duration> {
-    memos
-        .values()
-        .flat_map(|m| [m.answered.and_then(|(_, retry)| retry), m.not_before])
-        .flatten()
-        .filter(|at| *at > now)
-        .min()
-        .map(|at| at.saturating_duration_since(now))
-}
-
-/// What a job for this node is expected to send: a resolve when its identity is unknown (VM,
-/// NIC, and the subnet and VNet the first time), the NIC read when the provider does not hold
-/// it, and the write with its settle reads.
-fn expected_cost(memo: &Memo, estimates: &Estimates) -> Cost {
-    let mut reads = estimates.write_reads;
-    if memo.identity.is_none() {
-        reads += 2.0 + if estimates.resolved_any { 0.0 } else { 2.0 };
-    } else if !memo.nic_known {
-        reads += 1.0;
-    }
-    Cost { reads, writes: 1.0 }
 }
 
 fn finish(
@@ -355,22 +302,26 @@ fn finish(
     budget: &mut Budget,
     estimates: &mut Estimates,
     memos: &mut HashMap<String, Memo>,
-    in_flight: &mut HashSet<String>,
+    in_flight: &mut InFlight,
 ) {
     let now = Instant::now();
-    in_flight.remove(&f.name);
-    let spent = Cost {
-        reads: f.calls.reads as f64,
-        writes: f.calls.writes as f64,
-    };
-    budget.settle(f.reserved, spent, now);
-    if let Some(reported) = cloud.arm_budget() {
-        if let Some(reads) = reported.remaining_reads {
-            budget.reads.at_most(reads as f64, now);
-        }
-        if let Some(writes) = reported.remaining_writes {
-            budget.writes.at_most(writes as f64, now);
-        }
+    in_flight.jobs.remove(&f.name);
+    let sent = cloud.arm_calls();
+    budget.advance(now, sent.reads, sent.writes);
+    // What ARM last reported, plus the refill since, minus what was sent since: a caller the
+    // allocator does not see (a person's `az`, another tool on the principal) lowers it.
+    let reported = cloud.arm_remaining();
+    if let Some(r) = reported.reads {
+        let refilled = r.age.as_secs_f64() * budget.reads.refill_per_sec();
+        budget
+            .reads
+            .at_most(r.remaining as f64 + refilled - r.sent_since as f64);
+    }
+    if let Some(w) = reported.writes {
+        let refilled = w.age.as_secs_f64() * budget.writes.refill_per_sec();
+        budget
+            .writes
+            .at_most(w.remaining as f64 + refilled - w.sent_since as f64);
     }
     counters
         .arm_reads
@@ -404,6 +355,7 @@ fn finish(
                         0.8 * estimates.write_reads + 0.2 * f.calls.reads as f64;
                 }
             }
+            memo.due_since = None;
             match error {
                 None => {
                     memo.failures = 0;
@@ -439,12 +391,4 @@ fn finish(
                 Some(now + retry_delay(&CloudError::Transient(reason), memo.failures));
         }
     }
-}
-
-fn retry_delay(error: &CloudError, failures: u32) -> Duration {
-    if let Some(after) = error.retry_after() {
-        return after;
-    }
-    let exp = Duration::from_secs(1).saturating_mul(1 << failures.saturating_sub(1).min(6));
-    exp.min(MAX_RETRY_DELAY)
 }

@@ -153,6 +153,17 @@ async fn pacing_keeps_429s_at_zero_when_the_buckets_are_small() {
     assert_eq!(calls.throttled, 0, "no 429 in {calls:?}");
     assert_eq!(allocator.counters.snapshot().throttled, 0);
     assert_eq!(lab.nic_puts(), 8, "one write per node");
+    // Eight nodes of one subnet: the subnet and the VNet are read once (resolves that miss the
+    // cache together wait for one read), the VM once per node, and the NIC read by the resolve
+    // is where the write starts from.
+    let mock = lab.mock.counters();
+    assert_eq!((mock.calls("subnet_get"), mock.calls("vnet_get")), (1, 1));
+    assert_eq!(mock.calls("vm_get"), 8);
+    assert_eq!(
+        mock.calls("nic_get"),
+        8 * 3,
+        "resolve + two settle reads per node"
+    );
     // Without pacing the same work runs into the mock's buckets (the test can fail).
     assert!(
         calls.reads > 12 && calls.writes > 3,
@@ -228,4 +239,163 @@ async fn a_second_allocator_waits_while_the_first_leads_and_takes_over_when_it_s
     cut_off.store(false, Ordering::SeqCst);
     first.stop().await;
     let _ = Duration::ZERO;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_or_a_412_never_adds_twice() {
+    use vnet_mockcloud::{FaultSpec, Faults};
+    let lab = Lab::new(1, "10.6.0.0/24", roomy_limits()).await;
+    let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    lab.ask("node-1", 1, 2, &[], 1);
+    lab.answered("node-1", 1).await;
+    let once = |probability: f64| FaultSpec {
+        probability,
+        count: Some(1),
+        operations: vec!["nic_put".into()],
+        ..FaultSpec::default()
+    };
+    // The next write is applied but answered 500: the allocator cannot know it took effect.
+    lab.mock.set_faults(Faults {
+        operation_retry_after_secs: Some(1),
+        lost_response: Some(once(1.0)),
+        ..Faults::default()
+    });
+    lab.ask("node-1", 2, 5, &[], 1);
+    let answer = lab.answered("node-1", 2).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(
+        lab.nic_addresses("node-1").len(),
+        5,
+        "the lost write counted, not repeated"
+    );
+    assert_eq!(ips(&answer), lab.nic_addresses("node-1"));
+    assert_eq!(lab.mock.counters().injected("lost_response"), 1);
+    // Someone else changes the NIC after the allocator last read it: its remembered NIC is
+    // stale, the PUT gets 412, and what to add is counted again from a fresh read.
+    lab.mock.set_faults(Faults {
+        operation_retry_after_secs: Some(1),
+        etag_race: Some(once(1.0)),
+        ..Faults::default()
+    });
+    lab.ask("node-1", 3, 8, &[], 1);
+    let answer = lab.answered("node-1", 3).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(lab.mock.counters().injected("etag_race"), 1);
+    assert_eq!(lab.nic_addresses("node-1").len(), 8);
+    assert_eq!(ips(&answer), lab.nic_addresses("node-1"));
+    allocator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_mode_blocks_come_in_the_same_single_write_and_go_only_whole() {
+    use vnet_kube::crd::CloudRequest;
+    let lab = Lab::new(1, "10.7.0.0/22", roomy_limits()).await;
+    let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    let ask = |generation: u64, blocks: u32, release: Vec<String>| CloudRequest {
+        generation,
+        instance: lab.instance("node-1"),
+        blocks,
+        block_prefix_length: Some(28),
+        release,
+        waiting_pods: 1,
+        ..CloudRequest::default()
+    };
+    lab.request("node-1", ask(1, 2, vec![]));
+    let answer = lab.answered("node-1", 1).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(answer.secondary_ips.len(), 2);
+    assert!(answer.secondary_ips.iter().all(|s| s.prefix_length == 28));
+    assert_eq!(lab.nic_puts(), 1);
+    let first: Ipv4Addr = answer.secondary_ips[0].ip.parse().unwrap();
+    let second: Ipv4Addr = answer.secondary_ips[1].ip.parse().unwrap();
+    // Part of the first block named: it stays (pods may use the rest).
+    lab.request("node-1", ask(2, 1, vec![first.to_string()]));
+    let answer = lab.answered("node-1", 2).await;
+    assert_eq!(answer.secondary_ips.len(), 2, "{answer:?}");
+    // All of its sixteen addresses: it goes, the other stays, nothing is added.
+    let whole: Vec<String> = (0..16)
+        .map(|i| Ipv4Addr::from(u32::from(first) + i).to_string())
+        .collect();
+    lab.request("node-1", ask(3, 1, whole));
+    let answer = lab.answered("node-1", 3).await;
+    let left: Vec<Ipv4Addr> = answer
+        .secondary_ips
+        .iter()
+        .map(|s| s.ip.parse().unwrap())
+        .collect();
+    assert_eq!(left, vec![second]);
+    allocator.stop().await;
+}
+
+/// Every AKS node is a Uniform scale-set instance: its NIC is written through the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uniform_scale_set_instance_gets_its_addresses_in_one_instance_write() {
+    use vnet_kube::crd::CloudRequest;
+    use vnet_mockcloud::Topology;
+    use vnet_mockcloud::topology::{Orchestration, ScaleSetSpec};
+    let mut topology = Topology::single_subnet("10.8.0.0/24".parse().unwrap(), 2);
+    topology.scale_sets = vec![ScaleSetSpec {
+        name: "pool1".into(),
+        orchestration: Orchestration::Uniform,
+    }];
+    topology.vms[1].scale_set = Some("pool1".into());
+    let lab = Lab::with_topology(topology, roomy_limits()).await;
+    let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    let instance = lab.imds_instance("node-2").await;
+    assert!(
+        instance
+            .vm_id
+            .contains("/virtualMachineScaleSets/pool1/virtualMachines/")
+    );
+    lab.request(
+        "node-2",
+        CloudRequest {
+            generation: 1,
+            instance: instance.clone(),
+            addresses: 3,
+            waiting_pods: 1,
+            ..CloudRequest::default()
+        },
+    );
+    let answer = lab.answered("node-2", 1).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(answer.secondary_ips.len(), 3);
+    assert_eq!(answer.identity.as_ref().unwrap().kind, "uniform");
+    let mock = lab.mock.counters();
+    assert_eq!(mock.calls("vmss_vm_put"), 1);
+    assert_eq!(mock.calls("nic_put"), 0);
+    // And a release with an addition, again one instance write.
+    let all = ips(&answer);
+    lab.request(
+        "node-2",
+        CloudRequest {
+            generation: 2,
+            instance,
+            addresses: 3,
+            release: vec![all[0].to_string()],
+            ..CloudRequest::default()
+        },
+    );
+    let answer = lab.answered("node-2", 2).await;
+    let now = ips(&answer);
+    assert_eq!(now.len(), 3);
+    assert!(!now.contains(&all[0]) && now.contains(&all[1]) && now.contains(&all[2]));
+    assert_eq!(lab.mock.counters().calls("vmss_vm_put"), 2);
+    // Blocks cannot be written through an instance: a fatal answer, nothing written.
+    lab.request(
+        "node-2",
+        CloudRequest {
+            generation: 3,
+            instance: lab.imds_instance("node-2").await,
+            addresses: 3,
+            blocks: 1,
+            block_prefix_length: Some(28),
+            ..CloudRequest::default()
+        },
+    );
+    let answer = lab.answered("node-2", 3).await;
+    assert_eq!(answer.error.map(|e| e.code), Some("fatal".to_string()));
+    assert_eq!(lab.mock.counters().calls("vmss_vm_put"), 2);
+    assert_eq!(lab.nic_addresses("node-2"), now);
+    allocator.stop().await;
 }

@@ -44,6 +44,8 @@ fn every_manifest_is_a_valid_kubernetes_object() {
         "ClusterRoleBinding",
         "Deployment",
         "Service",
+        "Role",
+        "RoleBinding",
     ] {
         assert!(kinds.contains(kind), "no {kind} in deploy/");
     }
@@ -149,27 +151,180 @@ fn agent_runs_with_least_privilege_and_api_independent_probes() {
     );
 }
 
+/// Cluster mode's allocator: two replicas on different nodes, no privilege at all, a probe on
+/// the port its --listen flag names, and roles that grant exactly the calls it makes (its
+/// tests run against a fake API server that enforces them). The agent's role is not widened.
+#[test]
+fn the_allocator_runs_unprivileged_with_its_own_roles() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    let deployment: Deployment = typed(&find("Deployment", "vnet-cni-allocator")).unwrap();
+    let spec = deployment.spec.unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.unwrap();
+    // It gives the nodes their addresses, so it cannot wait for one itself.
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.dns_policy.as_deref(), Some("Default"));
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some("vnet-cni-allocator")
+    );
+    let anti = pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .expect("required pod anti-affinity");
+    assert!(
+        anti.iter()
+            .any(|t| t.topology_key == "kubernetes.io/hostname")
+    );
+    assert!(
+        pod.volumes.iter().flatten().all(|v| v.host_path.is_none()),
+        "no host path"
+    );
+
+    let allocator = &pod.containers[0];
+    let security = allocator.security_context.as_ref().unwrap();
+    assert_ne!(security.privileged, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.run_as_non_root, Some(true));
+    let caps = security.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert!(caps.add.is_none(), "no capability added");
+    let resources = allocator.resources.as_ref().unwrap();
+    assert!(resources.requests.is_some() && resources.limits.is_some());
+    let command = allocator.command.clone().unwrap();
+    assert_eq!(command[0], "/usr/local/bin/vnet-allocator");
+    let listen = command
+        .iter()
+        .position(|a| a == "--listen")
+        .map(|i| command[i + 1].clone())
+        .expect("--listen");
+    let probe = allocator
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("an httpGet liveness probe");
+    assert_eq!(probe.path.as_deref(), Some("/healthz"));
+    let port = match &probe.port {
+        IntOrString::Int(p) => *p,
+        other => panic!("probe port {other:?}"),
+    };
+    assert_eq!(
+        listen,
+        format!("{}:{port}", probe.host.as_deref().unwrap()),
+        "the probe reaches the listener"
+    );
+    assert_ne!(
+        port, 9464,
+        "the agent's port on the same node (hostNetwork)"
+    );
+    let env: BTreeSet<String> = allocator
+        .env
+        .iter()
+        .flatten()
+        .filter(|e| e.value_from.is_some())
+        .map(|e| e.name.clone())
+        .collect();
+    assert!(env.contains("POD_NAME") && env.contains("POD_NAMESPACE"));
+
+    let grants = |rules: Vec<k8s_openapi::api::rbac::v1::PolicyRule>| -> BTreeSet<String> {
+        rules
+            .into_iter()
+            .flat_map(|r| {
+                let groups = r.api_groups.unwrap_or_default();
+                let resources = r.resources.unwrap_or_default();
+                let verbs = r.verbs;
+                groups.into_iter().flat_map(move |g| {
+                    let verbs = verbs.clone();
+                    resources.clone().into_iter().flat_map(move |res| {
+                        let g = g.clone();
+                        verbs
+                            .clone()
+                            .into_iter()
+                            .map(move |v| format!("{g}/{res}:{v}"))
+                    })
+                })
+            })
+            .collect()
+    };
+    let cluster: ClusterRole = typed(&find("ClusterRole", "vnet-cni-allocator")).unwrap();
+    assert_eq!(
+        grants(cluster.rules.unwrap()),
+        BTreeSet::from([
+            "vnet-cni.io/nodeippools:list".to_string(),
+            "vnet-cni.io/nodeippools:watch".to_string(),
+            "vnet-cni.io/nodeippools/status:patch".to_string(),
+        ])
+    );
+    let role: Role = typed(&find("Role", "vnet-cni-allocator")).unwrap();
+    assert_eq!(role.metadata.namespace.as_deref(), Some("kube-system"));
+    assert_eq!(
+        grants(role.rules.unwrap()),
+        BTreeSet::from([
+            "coordination.k8s.io/leases:get".to_string(),
+            "coordination.k8s.io/leases:create".to_string(),
+            "coordination.k8s.io/leases:update".to_string(),
+        ])
+    );
+    let agent: ClusterRole = typed(&find("ClusterRole", "vnet-cni-agent")).unwrap();
+    let agent = grants(agent.rules.unwrap());
+    assert!(
+        agent.iter().all(|g| !g.starts_with("coordination.k8s.io/")),
+        "the agent's role is not widened for cluster mode: {agent:?}"
+    );
+    for binding in ["ClusterRoleBinding", "RoleBinding"] {
+        let doc = find(binding, "vnet-cni-allocator");
+        assert_eq!(doc["roleRef"]["name"], "vnet-cni-allocator");
+        assert_eq!(doc["subjects"][0]["name"], "vnet-cni-allocator");
+    }
+
+    // Cluster mode's agents make no cloud call and hold no Azure credential.
+    let config: toml::Table = std::fs::read_to_string(deploy_dir().join(CLUSTER_MODE_CONFIG))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let cloud = config["cloud"].as_table().unwrap();
+    assert_eq!(cloud["provider"].as_str(), Some("cluster"));
+    assert_eq!(cloud.len(), 1, "no credential in cluster mode: {cloud:?}");
+}
+
 // The ClusterRole is checked against the calls the agent really makes in
 // tests/integration.rs (`cluster_role_grants_exactly_what_the_scenarios_call`).
 
-/// The agent configs in deploy/: the AKS one and kind's (each becomes the vnet-cni-config
-/// ConfigMap through kustomize), and the node image's /etc/vnet-cni/agent.toml. Kind's is last.
+/// The agent configs in deploy/: the AKS one, cluster mode's and kind's (each becomes the
+/// vnet-cni-config ConfigMap through kustomize), and the node image's /etc/vnet-cni/agent.toml.
+/// Kind's is last.
 fn agent_configs() -> Vec<(PathBuf, toml::Table)> {
-    [NODE_IMAGE_CONFIG, "manifests/agent.toml", "kind/agent.toml"]
-        .into_iter()
-        .map(|file| {
-            let path = deploy_dir().join(file);
-            let text = std::fs::read_to_string(&path).unwrap();
-            let config = text
-                .parse()
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            (path, config)
-        })
-        .collect()
+    [
+        NODE_IMAGE_CONFIG,
+        "manifests/agent.toml",
+        CLUSTER_MODE_CONFIG,
+        "kind/agent.toml",
+    ]
+    .into_iter()
+    .map(|file| {
+        let path = deploy_dir().join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = text
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        (path, config)
+    })
+    .collect()
 }
 
 /// Installed on the VM by the node image, not mounted by a DaemonSet.
 const NODE_IMAGE_CONFIG: &str = "node-image/agent.toml";
+/// Cluster mode's agent config (deploy/cluster-mode): the allocator makes the cloud calls.
+const CLUSTER_MODE_CONFIG: &str = "cluster-mode/agent.toml";
 
 fn kind_agent_config() -> toml::Table {
     agent_configs().pop().unwrap().1
@@ -218,8 +373,8 @@ fn agent_configs_use_only_keys_the_agent_knows() {
     let configs = agent_configs();
     assert_eq!(
         configs.len(),
-        3,
-        "expected the node image's, the AKS and the kind agent configs"
+        4,
+        "expected the node image's, the AKS, the cluster-mode and the kind agent configs"
     );
     for (path, config) in &configs {
         for (key, value) in config {

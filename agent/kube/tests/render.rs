@@ -177,6 +177,7 @@ fn render_feeds_one_image_into_every_flavour() {
     for args in [
         vec!["--image", image],
         vec!["--image", image, "--component", "kind"],
+        vec!["--image", image, "--component", "cluster-mode"],
         vec!["--image", image, "--uninstall"],
     ] {
         let docs = render(&args);
@@ -212,6 +213,26 @@ fn render_feeds_one_image_into_every_flavour() {
     let aks = render(&["--client-id", id]);
     assert_eq!(config(&aks)["cloud"]["client_id"].as_str(), Some(id));
     assert_eq!(config(&aks)["cloud"]["provider"].as_str(), Some("azure"));
+    // Cluster mode: the allocator and its roles, and the agents' config without a cloud
+    // credential, the one the DaemonSet mounts.
+    let cluster = render(&["--image", image, "--component", "cluster-mode"]);
+    named(&cluster, "Deployment", "vnet-cni-allocator");
+    named(&cluster, "ClusterRole", "vnet-cni-allocator");
+    named(&cluster, "Role", "vnet-cni-allocator");
+    assert_eq!(
+        config(&cluster)["cloud"]["provider"].as_str(),
+        Some("cluster")
+    );
+    let ds = named(&cluster, "DaemonSet", "vnet-cni-agent");
+    let mounted = ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap()["configMap"]["name"]
+        .clone();
+    let cm = cluster.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    assert_eq!(cm["metadata"]["name"], mounted);
 
     for bad in [
         vec!["--image", "vnet-cni:1.0"],
@@ -343,6 +364,7 @@ fn every_manifest_passes_kubernetes_validate_strict() {
         for (label, args) in [
             ("aks", vec![]),
             ("kind", vec!["--component", "kind"]),
+            ("cluster-mode", vec!["--component", "cluster-mode"]),
             ("uninstall", vec!["--uninstall"]),
         ] {
             let docs = render(&args);

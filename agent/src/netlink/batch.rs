@@ -6,7 +6,8 @@
 //! `netdev_run_todo` waits in `rcu_barrier()` (~15-20 ms here: a full RCU grace period) before it
 //! frees them, and only then does the request's `sendmsg` return. During that second part nothing
 //! of the links can be seen or used in any namespace. So a batch is answered once the listener
-//! has seen the `RTM_DELLINK` of every link in it (a few ms after the request), while the
+//! has seen the `RTM_DELLINK` of every link in it, by interface index (a few ms after the
+//! request), while the
 //! request's own thread and socket wait out the kernel in the background. A lost notification
 //! (a full socket buffer) only means that batch is answered by the request's acknowledgement.
 
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkExtentMask, LinkMessage};
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::sys::time::TimeVal;
 use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
@@ -142,6 +143,12 @@ impl Deleter {
 
     /// Sends one request and waits for its acknowledgement.
     fn request(&mut self, msg: RouteNetlinkMessage) -> Result<(), LinkError> {
+        self.exchange(msg).map(|_| ())
+    }
+
+    /// Sends one request and waits for its acknowledgement; the index of the link the kernel
+    /// answered with, if it answered with one (`RTM_GETLINK`).
+    fn exchange(&mut self, msg: RouteNetlinkMessage) -> Result<Option<u32>, LinkError> {
         self.seq = self.seq.wrapping_add(1);
         let mut nl = NetlinkMessage::from(msg);
         nl.header.flags = NLM_F_REQUEST | NLM_F_ACK;
@@ -151,6 +158,7 @@ impl Deleter {
         nl.serialize(&mut buf);
         let io = |e: std::io::Error| LinkError::Other(e.to_string());
         self.socket.send(&buf, 0).map_err(io)?;
+        let mut index = None;
         loop {
             let (data, _) = self.socket.recv_from_full().map_err(io)?;
             let mut offset = 0;
@@ -158,16 +166,22 @@ impl Deleter {
                 let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
                     .map_err(|e| LinkError::Other(e.to_string()))?;
                 let len = reply.header.length as usize;
-                if reply.header.sequence_number == self.seq
-                    && let NetlinkPayload::Error(e) = reply.payload
-                {
-                    return match e.code {
-                        None => Ok(()),
-                        Some(code) => Err(LinkError::Kernel {
-                            errno: code.get().abs(),
-                            message: e.to_io().to_string(),
-                        }),
-                    };
+                if reply.header.sequence_number == self.seq {
+                    match reply.payload {
+                        NetlinkPayload::Error(e) => {
+                            return match e.code {
+                                None => Ok(index),
+                                Some(code) => Err(LinkError::Kernel {
+                                    errno: code.get().abs(),
+                                    message: e.to_io().to_string(),
+                                }),
+                            };
+                        }
+                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                            index = Some(link.header.index);
+                        }
+                        _ => {}
+                    }
                 }
                 if len == 0 {
                     break;
@@ -175,6 +189,26 @@ impl Deleter {
                 offset += len;
             }
         }
+    }
+
+    /// The index of the link named `name` (ENODEV when there is none).
+    fn index_of(&mut self, name: &str) -> Result<u32, LinkError> {
+        let mut get = LinkMessage::default();
+        get.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        // Only the index is read: spare the kernel filling in the counters.
+        get.attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+        self.exchange(RouteNetlinkMessage::GetLink(get))?
+            .ok_or_else(|| LinkError::Other(format!("no link in the answer for {name}")))
+    }
+
+    /// Moves link `index` into `group`; returns the index.
+    fn join(&mut self, index: u32, group: u32) -> Result<u32, LinkError> {
+        let mut join = LinkMessage::default();
+        join.header.index = index;
+        join.attributes.push(LinkAttribute::Group(group));
+        self.request(RouteNetlinkMessage::SetLink(join))
+            .map(|()| index)
     }
 
     /// `RTM_DELLINK` by name; a link that is not there is success.
@@ -200,12 +234,14 @@ impl Deleter {
         let mut results: Vec<Option<Result<(), LinkError>>> = Vec::with_capacity(names.len());
         let mut members = HashSet::new();
         for name in names {
-            let mut join = LinkMessage::default();
-            join.attributes.push(LinkAttribute::IfName(name.clone()));
-            join.attributes.push(LinkAttribute::Group(group));
-            match self.request(RouteNetlinkMessage::SetLink(join)) {
-                Ok(()) => {
-                    members.insert(name.clone());
+            // By index from here on: the batch waits for the unlisting of these very links, not
+            // of a later link that took the same name.
+            match self
+                .index_of(name)
+                .and_then(|index| self.join(index, group))
+            {
+                Ok(index) => {
+                    members.insert(index);
                     results.push(None);
                 }
                 // Already gone: nothing to delete.
@@ -257,7 +293,10 @@ fn clone_result(r: &Result<(), LinkError>) -> Result<(), LinkError> {
 }
 
 /// Listens to the namespace's link notifications and tells each waiting batch when every link of
-/// it has been unlisted (`RTM_DELLINK` with its name, in its group).
+/// it has been unlisted (`RTM_DELLINK` with its index, in its group). By index, not by name: the
+/// listener may read a notification late, and the late `RTM_DELLINK` of an earlier link with the
+/// same tombstone name (the same container and interface added and deleted again meanwhile), in
+/// a group used again, must not answer the batch of the link that replaced it.
 #[derive(Default)]
 struct GoneWatch {
     waiters: Mutex<Vec<Waiter>>,
@@ -267,7 +306,8 @@ struct GoneWatch {
 struct Waiter {
     id: u64,
     group: u32,
-    left: HashSet<String>,
+    /// Indexes of the links not seen unlisted yet.
+    left: HashSet<u32>,
     tx: oneshot::Sender<()>,
 }
 
@@ -289,7 +329,7 @@ impl GoneWatch {
     }
 
     /// Registers a batch before its deletion is sent.
-    fn watch(&self, group: u32, left: HashSet<String>) -> (u64, oneshot::Receiver<()>) {
+    fn watch(&self, group: u32, left: HashSet<u32>) -> (u64, oneshot::Receiver<()>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap().push(Waiter {
@@ -306,12 +346,12 @@ impl GoneWatch {
         self.waiters.lock().unwrap().retain(|w| w.id != id);
     }
 
-    fn unlisted(&self, name: &str, group: u32) {
+    fn unlisted(&self, index: u32, group: u32) {
         let mut waiters = self.waiters.lock().unwrap();
         let mut i = 0;
         while i < waiters.len() {
             let w = &mut waiters[i];
-            if w.group == group && w.left.remove(name) && w.left.is_empty() {
+            if w.group == group && w.left.remove(&index) && w.left.is_empty() {
                 let _ = waiters.swap_remove(i).tx.send(());
             } else {
                 i += 1;
@@ -345,14 +385,14 @@ fn listen(socket: Socket, watch: Weak<GoneWatch>) {
         let Some(watch) = watch.upgrade() else {
             return;
         };
-        for (name, group) in unlisted_links(&data) {
-            watch.unlisted(&name, group);
+        for (index, group) in unlisted_links(&data) {
+            watch.unlisted(index, group);
         }
     }
 }
 
-/// The (name, group) of every `RTM_DELLINK` in a buffer of notifications.
-fn unlisted_links(data: &[u8]) -> Vec<(String, u32)> {
+/// The (index, group) of every `RTM_DELLINK` in a buffer of notifications.
+fn unlisted_links(data: &[u8]) -> Vec<(u32, u32)> {
     let mut found = Vec::new();
     let mut offset = 0;
     while offset < data.len() {
@@ -361,16 +401,11 @@ fn unlisted_links(data: &[u8]) -> Vec<(String, u32)> {
         };
         let len = msg.header.length as usize;
         if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) = msg.payload {
-            let mut name = None;
-            let mut group = 0;
-            for attr in link.attributes {
-                match attr {
-                    LinkAttribute::IfName(n) => name = Some(n),
-                    LinkAttribute::Group(g) => group = g,
-                    _ => {}
-                }
-            }
-            found.extend(name.map(|n| (n, group)));
+            let group = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Group(g) => Some(*g),
+                _ => None,
+            });
+            found.push((link.header.index, group.unwrap_or(0)));
         }
         if len == 0 {
             break;
@@ -392,37 +427,40 @@ mod tests {
         buf
     }
 
-    fn link(name: &str, group: u32) -> LinkMessage {
+    fn link(name: &str, index: u32, group: u32) -> LinkMessage {
         let mut msg = LinkMessage::default();
+        msg.header.index = index;
         msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
         msg.attributes.push(LinkAttribute::Group(group));
         msg
     }
 
+    fn indexes(i: &[u32]) -> HashSet<u32> {
+        i.iter().copied().collect()
+    }
+
     #[test]
     fn only_dellink_notifications_count_as_unlisted() {
-        let mut data = notification(RouteNetlinkMessage::NewLink(link("vdela", REAP_GROUP)));
+        let mut data = notification(RouteNetlinkMessage::NewLink(link("vdela", 7, REAP_GROUP)));
         data.extend(notification(RouteNetlinkMessage::DelLink(link(
-            "vdela", REAP_GROUP,
+            "vdela", 7, REAP_GROUP,
         ))));
-        data.extend(notification(RouteNetlinkMessage::DelLink(link("eth0", 0))));
-        assert_eq!(
-            unlisted_links(&data),
-            vec![("vdela".to_owned(), REAP_GROUP), ("eth0".to_owned(), 0)]
-        );
+        data.extend(notification(RouteNetlinkMessage::DelLink(link(
+            "eth0", 2, 0,
+        ))));
+        assert_eq!(unlisted_links(&data), vec![(7, REAP_GROUP), (2, 0)]);
     }
 
     #[tokio::test]
     async fn a_batch_is_unlisted_once_all_its_links_are_seen_in_its_group() {
         let watch = GoneWatch::default();
-        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
-        let (_, mut first) = watch.watch(REAP_GROUP, names(&["vdela", "vdelb"]));
-        let (other, mut second) = watch.watch(REAP_GROUP + 1, names(&["vdelc"]));
-        watch.unlisted("vdela", REAP_GROUP);
-        // Same name, another group: not this batch's link.
-        watch.unlisted("vdelb", REAP_GROUP + 1);
-        assert!(first.try_recv().is_err(), "vdelb is not unlisted yet");
-        watch.unlisted("vdelb", REAP_GROUP);
+        let (_, mut first) = watch.watch(REAP_GROUP, indexes(&[7, 8]));
+        let (other, mut second) = watch.watch(REAP_GROUP + 1, indexes(&[9]));
+        watch.unlisted(7, REAP_GROUP);
+        // Same index, another group: not this batch's link.
+        watch.unlisted(8, REAP_GROUP + 1);
+        assert!(first.try_recv().is_err(), "link 8 is not unlisted yet");
+        watch.unlisted(8, REAP_GROUP);
         assert!(first.try_recv().is_ok());
         // A batch whose request ended is forgotten: its sender is dropped.
         watch.forget(other);
@@ -431,5 +469,30 @@ mod tests {
             Err(oneshot::error::TryRecvError::Closed)
         ));
         assert!(watch.waiters.lock().unwrap().is_empty());
+    }
+
+    /// The same container and interface added and deleted again within the listener's lag: the
+    /// new tombstone has the old one's name and its batch may get the old batch's group. The
+    /// old link's late `RTM_DELLINK`, read from the listener's socket after the new batch was
+    /// registered, must not answer the new batch while its link is still there.
+    #[tokio::test]
+    async fn a_late_notification_of_an_earlier_link_with_the_same_name_answers_nothing() {
+        let watch = GoneWatch::default();
+        // The new batch: tombstone "vdela", now link 12, in the group the old batch used.
+        let (_, mut batch) = watch.watch(REAP_GROUP, indexes(&[12]));
+        // Read late: the old "vdela" (link 7) in the same group.
+        let late = notification(RouteNetlinkMessage::DelLink(link("vdela", 7, REAP_GROUP)));
+        for (index, group) in unlisted_links(&late) {
+            watch.unlisted(index, group);
+        }
+        assert!(
+            batch.try_recv().is_err(),
+            "answered by another link's notification"
+        );
+        let own = notification(RouteNetlinkMessage::DelLink(link("vdela", 12, REAP_GROUP)));
+        for (index, group) in unlisted_links(&own) {
+            watch.unlisted(index, group);
+        }
+        assert!(batch.try_recv().is_ok());
     }
 }

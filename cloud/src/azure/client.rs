@@ -111,6 +111,26 @@ struct Budget {
     writes_sent: AtomicU64,
     /// After a 429 (not a busy answer): no request should go before this.
     throttled_until: Mutex<Option<Instant>>,
+    /// `reads_sent` / `writes_sent` when `reads` / `writes` were last reported.
+    reads_sent_at_report: AtomicU64,
+    writes_sent_at_report: AtomicU64,
+}
+
+/// One of ARM's `x-ms-ratelimit-remaining-*` headers as last seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reported {
+    pub remaining: u64,
+    /// How long ago it was reported (the bucket has refilled since).
+    pub age: Duration,
+    /// Requests of this kind this client sent since (ARM has taken them since, or will).
+    pub sent_since: u64,
+}
+
+/// What ARM last reported of both buckets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ArmRemaining {
+    pub reads: Option<Reported>,
+    pub writes: Option<Reported>,
 }
 
 /// ARM requests made, by the bucket ARM takes them from.
@@ -122,12 +142,23 @@ pub struct ArmCalls {
     pub throttled: u64,
 }
 
-/// Per-task counting of ARM calls (see [`count_calls`]).
+/// The ARM requests one piece of work sent so far (see [`count_calls`]); readable while the
+/// work runs.
 #[derive(Debug, Default)]
-struct CallCounter {
+pub struct CallCounter {
     reads: AtomicU64,
     writes: AtomicU64,
     throttled: AtomicU64,
+}
+
+impl CallCounter {
+    pub fn calls(&self) -> ArmCalls {
+        ArmCalls {
+            reads: self.reads.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            throttled: self.throttled.load(Ordering::Relaxed),
+        }
+    }
 }
 
 tokio::task_local! {
@@ -139,13 +170,13 @@ tokio::task_local! {
 /// counted): the cluster allocator charges each job exactly what it cost.
 pub async fn count_calls<F: Future>(work: F) -> (F::Output, ArmCalls) {
     let counter = Arc::new(CallCounter::default());
-    let output = CALLS.scope(counter.clone(), work).await;
-    let calls = ArmCalls {
-        reads: counter.reads.load(Ordering::Relaxed),
-        writes: counter.writes.load(Ordering::Relaxed),
-        throttled: counter.throttled.load(Ordering::Relaxed),
-    };
-    (output, calls)
+    let output = count_calls_into(counter.clone(), work).await;
+    (output, counter.calls())
+}
+
+/// [`count_calls`] into a counter the caller holds (and may read while `work` runs).
+pub async fn count_calls_into<F: Future>(counter: Arc<CallCounter>, work: F) -> F::Output {
+    CALLS.scope(counter, work).await
 }
 
 pub struct Client {
@@ -197,6 +228,8 @@ impl Client {
                 reads_sent: AtomicU64::new(0),
                 writes_sent: AtomicU64::new(0),
                 throttled_until: Mutex::new(None),
+                reads_sent_at_report: AtomicU64::new(0),
+                writes_sent_at_report: AtomicU64::new(0),
             },
         })
     }
@@ -254,6 +287,42 @@ impl Client {
         }
     }
 
+    /// ARM's last reported remaining reads and writes, each with how long ago it was reported.
+    pub fn budget_age(&self) -> ArmRemaining {
+        let read = |gauge: &AtomicU64,
+                    seen: &Mutex<Option<Instant>>,
+                    sent: &AtomicU64,
+                    sent_then: &AtomicU64| {
+            let value = gauge.load(Ordering::Relaxed);
+            let at = *seen.lock().unwrap_or_else(|p| p.into_inner());
+            match (value, at) {
+                (UNKNOWN, _) | (_, None) => None,
+                (remaining, Some(at)) => Some(Reported {
+                    remaining,
+                    age: at.elapsed(),
+                    sent_since: sent
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(sent_then.load(Ordering::Relaxed)),
+                }),
+            }
+        };
+        let b = &self.budget;
+        ArmRemaining {
+            reads: read(
+                &b.reads,
+                &b.reads_seen,
+                &b.reads_sent,
+                &b.reads_sent_at_report,
+            ),
+            writes: read(
+                &b.writes,
+                &b.writes_seen,
+                &b.writes_sent,
+                &b.writes_sent_at_report,
+            ),
+        }
+    }
+
     /// Until when ARM's last 429 asked the caller to wait (`None`: no such wait pending).
     pub fn throttled_until(&self) -> Option<Instant> {
         let until = *self
@@ -278,12 +347,21 @@ impl Client {
     }
 
     fn note_budget(&self, reply_headers: &HeaderMap, status: StatusCode, body: &Value) {
-        for (name, gauge, seen) in [
-            (REMAINING_READS, &self.budget.reads, &self.budget.reads_seen),
+        let b = &self.budget;
+        for (name, gauge, seen, sent, sent_then) in [
+            (
+                REMAINING_READS,
+                &b.reads,
+                &b.reads_seen,
+                &b.reads_sent,
+                &b.reads_sent_at_report,
+            ),
             (
                 REMAINING_WRITES,
-                &self.budget.writes,
-                &self.budget.writes_seen,
+                &b.writes,
+                &b.writes_seen,
+                &b.writes_sent,
+                &b.writes_sent_at_report,
             ),
         ] {
             if let Some(v) = reply_headers
@@ -292,6 +370,7 @@ impl Client {
                 .and_then(|v| v.trim().parse::<u64>().ok())
             {
                 gauge.store(v, Ordering::Relaxed);
+                sent_then.store(sent.load(Ordering::Relaxed), Ordering::Relaxed);
                 *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 tracing::debug!(header = name, remaining = v, "ARM budget");
             }

@@ -26,7 +26,7 @@ mod config;
 mod reconcile;
 mod vmss;
 
-pub use client::{ArmCalls, count_calls};
+pub use client::{ArmCalls, ArmRemaining, CallCounter, Reported, count_calls, count_calls_into};
 use client::{Client, Reply, Target, error_from_reply, error_parts, map_error};
 pub use client::{REMAINING_READS, REMAINING_WRITES};
 pub use client::{Sleeper, TokioSleeper};
@@ -55,6 +55,8 @@ struct Inner {
     /// Subnet ID (lowercase) -> its prefix and its VNet's address space: a cluster allocator
     /// resolving a thousand nodes of one subnet reads the subnet and the VNet once.
     subnets: Mutex<HashMap<String, SubnetFacts>>,
+    /// One subnet read at a time: resolves that miss the cache together read it once.
+    subnet_reads: tokio::sync::Mutex<()>,
     /// NIC ID (lowercase) -> the NIC as last read after our own write, and its etag
     /// ([`AzureProvider::reconcile_nic`] only): the next write starts from it, with `If-Match`
     /// catching any change since.
@@ -94,6 +96,7 @@ impl AzureProvider {
                 client: Client::new(config)?,
                 writers: Mutex::new(HashMap::new()),
                 subnets: Mutex::new(HashMap::new()),
+                subnet_reads: tokio::sync::Mutex::new(()),
                 nics: Mutex::new(HashMap::new()),
             }),
         })
@@ -124,6 +127,7 @@ impl AzureProvider {
                 client,
                 writers: Mutex::new(HashMap::new()),
                 subnets: Mutex::new(HashMap::new()),
+                subnet_reads: tokio::sync::Mutex::new(()),
                 nics: Mutex::new(HashMap::new()),
             }),
         })
@@ -141,14 +145,20 @@ impl Inner {
         subnet_id: &str,
     ) -> Result<(Ipv4Network, Vec<Ipv4Network>), CloudError> {
         let key = subnet_id.to_ascii_lowercase();
-        if let Some((facts, at)) = self
-            .subnets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            && at.elapsed() < SUBNET_FACTS_TTL
-        {
-            return Ok(facts.clone());
+        let cached = || {
+            self.subnets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .filter(|(_, at)| at.elapsed() < SUBNET_FACTS_TTL)
+                .map(|(facts, _)| facts.clone())
+        };
+        if let Some(facts) = cached() {
+            return Ok(facts);
+        }
+        let _reading = self.subnet_reads.lock().await;
+        if let Some(facts) = cached() {
+            return Ok(facts);
         }
         let subnet = self.arm_get(subnet_id, NETWORK_API_VERSION).await?;
         let prefix_text = subnet["properties"]["addressPrefix"]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::Value;
 
-use super::client::{ArmCalls, Reply, Target, error_from_reply};
+use super::client::{ArmCalls, ArmRemaining, Reply, Target, error_from_reply};
 use super::{Add, AzureProvider, Inner, NETWORK_API_VERSION, config_network, vmss};
 use super::{complete_secondary_ips, edited, is_failed, unique_name};
 use crate::{CloudError, IP_CONFIG_PREFIX, SINGLE_ADDRESS, SecondaryIp};
@@ -54,6 +54,11 @@ impl AzureProvider {
         nic_id: &str,
         want: &NicDesired,
     ) -> Result<NicReconciled, CloudError> {
+        if want.blocks > 0 && vmss::instance_of_nic(nic_id).is_some() {
+            return Err(CloudError::Fatal(format!(
+                "prefix mode is not available on a Uniform scale-set instance ({nic_id}): Compute's instance update has no privateIPAddressPrefixLength (docs/cloud.md); use address mode"
+            )));
+        }
         let inner = &self.inner;
         let writer = inner.writer(&vmss::write_key(nic_id));
         let _guard = writer.write_lock.clone().lock_owned().await;
@@ -82,9 +87,25 @@ impl AzureProvider {
         self.inner.forget_nic(nic_id);
     }
 
+    /// Drops every remembered NIC (an allocator that stopped leading: another may have written
+    /// them since).
+    pub fn forget_nics(&self) {
+        self.inner
+            .nics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Every ARM request this provider sent so far, by kind, and the 429s among them.
     pub fn arm_calls(&self) -> ArmCalls {
         self.inner.client.calls()
+    }
+
+    /// ARM's last reported remaining reads and writes (`x-ms-ratelimit-remaining-*`), each with
+    /// how long ago: the bucket has refilled since.
+    pub fn arm_remaining(&self) -> ArmRemaining {
+        self.inner.client.budget_age()
     }
 
     /// Until when ARM's last 429 asked the principal to wait.
@@ -124,9 +145,6 @@ impl Inner {
         let policy = &self.client.config.retry;
         let url = self.arm_url(nic_id, NETWORK_API_VERSION);
         let mut remembered = self.remembered_nic(nic_id);
-        // The names of the entries to add are fixed on the first read, so a write whose outcome
-        // was lost is recognised on the next read instead of being made twice.
-        let mut plan: Option<Vec<Add>> = None;
         let mut attempt = 0;
         let mut last_error: Option<CloudError> = None;
         loop {
@@ -134,7 +152,10 @@ impl Inner {
                 Some(known) => known,
                 None => self.settled_nic(nic_id).await?,
             };
-            let adds = plan.get_or_insert_with(|| additions(&nic, want, release));
+            // What to add follows from the NIC as read, every round: a write whose outcome was
+            // lost (a timeout, a 5xx) and took effect shows in the next read, so it is never
+            // made twice; a write refused (412) adds nothing to count.
+            let adds = &additions(&nic, want, release);
             let failed = is_failed(&nic);
             let body = match edited(&nic, adds, release) {
                 Some(body) => body,

@@ -40,7 +40,15 @@ impl Running {
 impl Lab {
     /// `nodes` VMs in one subnet of `prefix`; the lab's operation timing (Retry-After 1 s).
     pub async fn new(nodes: usize, prefix: &str, limits: RateLimits) -> Lab {
-        let mut config = MockConfig::new(Topology::single_subnet(prefix.parse().unwrap(), nodes));
+        Lab::with_topology(
+            Topology::single_subnet(prefix.parse().unwrap(), nodes),
+            limits,
+        )
+        .await
+    }
+
+    pub async fn with_topology(topology: Topology, limits: RateLimits) -> Lab {
+        let mut config = MockConfig::new(topology);
         config.rate_limits = limits;
         config.faults = Faults {
             operation_retry_after_secs: Some(1),
@@ -61,11 +69,8 @@ impl Lab {
             &self.mock.imds_endpoint("node-1"),
             CredentialConfig::None,
         );
-        // The allocator paces; the agents' per-request pacing stays out of the way.
-        config.pacing.reads_floor = 0;
-        config.pacing.writes_floor = 0;
         config.retry.initial_backoff = Duration::from_millis(50);
-        Arc::new(AzureProvider::new(config).unwrap())
+        Arc::new(AzureProvider::new(vnet_allocator::cloud_config(config)).unwrap())
     }
 
     /// Settings for a test: short lease timing, the given buckets.
@@ -112,6 +117,17 @@ impl Lab {
         });
         pool["status"]["cloudRequest"] = serde_json::to_value(&request).unwrap();
         self.api.put(POOLS, pool);
+    }
+
+    /// What IMDS tells `node` about itself (as its agent would put it in the request).
+    pub async fn imds_instance(&self, node: &str) -> InstanceRef {
+        let provider = AzureProvider::new(AzureConfig::mock(
+            &self.mock.base_url(),
+            &self.mock.imds_endpoint(node),
+            CredentialConfig::None,
+        ))
+        .unwrap();
+        InstanceRef::from(&provider.instance_metadata().await.unwrap())
     }
 
     pub fn instance(&self, node: &str) -> InstanceRef {

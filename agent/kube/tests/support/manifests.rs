@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -38,7 +38,8 @@ pub fn files_under(dir: &Path, extensions: &[&str]) -> Vec<PathBuf> {
     found
 }
 
-/// Kubernetes manifests: deploy/crds, deploy/manifests, deploy/kind (but its kind cluster config)
+/// Kubernetes manifests: deploy/crds, deploy/manifests, deploy/kind (but its kind cluster config),
+/// deploy/cluster-mode
 /// and deploy/*.yaml; kustomization.yaml files are kustomize's, not Kubernetes objects. deploy/node-image (cloud-init for image builders) and deploy/terraform are
 /// not Kubernetes objects.
 pub fn manifest_files() -> Vec<PathBuf> {
@@ -47,7 +48,7 @@ pub fn manifest_files() -> Vec<PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"));
-    let mut files: Vec<PathBuf> = ["crds", "manifests", "kind"]
+    let mut files: Vec<PathBuf> = ["crds", "manifests", "kind", "cluster-mode"]
         .into_iter()
         .flat_map(|dir| files_under(&deploy.join(dir), &[".yaml", ".yml"]))
         .chain(top_level)
@@ -120,6 +121,8 @@ pub fn check_document(doc: &Value) -> Result<(), String> {
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
             typed::<ClusterRoleBinding>(doc).map(drop)
         }
+        ("rbac.authorization.k8s.io/v1", "Role") => typed::<Role>(doc).map(drop),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => typed::<RoleBinding>(doc).map(drop),
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
             typed::<CustomResourceDefinition>(doc).map(drop)
         }

@@ -1,0 +1,206 @@
+//! Which nodes need work, in which order, and what a job for each is expected to cost.
+//!
+//! - A node needs work when its `cloudRequest.generation` differs from the generation last
+//!   answered (or the answer was a retryable error whose retry is due).
+//! - Nodes with pods waiting go first (most waiting first), then by how long they have had work
+//!   waiting, then by name.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+use vnet_cloud::{CloudError, NodeIdentity};
+use vnet_kube::crd::{CloudRequest, NodeIPPool};
+
+use crate::budget::Cost;
+
+/// Retry of a node whose job failed retryably, without `Retry-After`: doubling up to this.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+/// What the allocator remembers of one node.
+#[derive(Debug, Default)]
+pub(crate) struct Memo {
+    pub(crate) identity: Option<NodeIdentity>,
+    /// The provider holds the NIC as read after our last write (the next job needs no read).
+    pub(crate) nic_known: bool,
+    /// The generation last answered and, if its answer was a retryable error, when to retry.
+    pub(crate) answered: Option<(u64, Option<Instant>)>,
+    /// Consecutive retryable failures (for the back-off).
+    pub(crate) failures: u32,
+    /// Since when the node has had work waiting (this replica's clock): kept while the agent
+    /// changes its request, so a node that updates often keeps its place in the queue.
+    pub(crate) due_since: Option<Instant>,
+    /// Nothing for this node before then (its answer could not be written).
+    pub(crate) not_before: Option<Instant>,
+}
+
+/// A node's request, ready to be ordered.
+pub(crate) struct Candidate {
+    pub(crate) name: String,
+    pub(crate) request: CloudRequest,
+    pub(crate) waiting_pods: u32,
+    pub(crate) since: Instant,
+}
+
+/// Reads per job beyond what is known, learned from what jobs really cost.
+pub(crate) struct Estimates {
+    /// Reads of a NIC write once the NIC is known (the settle reads).
+    pub(crate) write_reads: f64,
+    pub(crate) resolved_any: bool,
+}
+
+pub(crate) fn candidates(
+    store: &Store<NodeIPPool>,
+    memos: &mut HashMap<String, Memo>,
+    in_flight: &HashSet<String>,
+    now: Instant,
+) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    let pools = store.state();
+    // Nodes gone (their NodeIPPool deleted with the Node) are forgotten.
+    if memos.len() > pools.len() {
+        let present: HashSet<String> = pools.iter().map(|p| p.name_any()).collect();
+        memos.retain(|name, _| present.contains(name) || in_flight.contains(name));
+    }
+    for pool in pools {
+        let name = pool.name_any();
+        let Some(status) = pool.status.as_ref() else {
+            continue;
+        };
+        let Some(request) = status.cloud_request.clone() else {
+            continue;
+        };
+        let memo = memos.entry(name.clone()).or_default();
+        // After a restart the resource says what was answered; afterwards this replica's own
+        // memory does (the watch may not have shown its last patch yet).
+        let answered = memo.answered.or_else(|| {
+            status.cloud.as_ref().map(|a| {
+                let retry = a
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.to_cloud_error("").is_retryable())
+                    .then_some(now);
+                (a.observed_generation, retry)
+            })
+        });
+        if memo.identity.is_none()
+            && let Some(known) = status.cloud.as_ref().and_then(|a| a.identity.as_ref())
+        {
+            memo.identity = NodeIdentity::try_from(known).ok();
+        }
+        let due = match answered {
+            None => true,
+            Some((generation, _)) if generation != request.generation => true,
+            Some((_, retry)) => retry.is_some_and(|at| at <= now),
+        };
+        let held = memo.not_before.is_some_and(|at| at > now);
+        if !due || held || in_flight.contains(&name) {
+            continue;
+        }
+        let since = *memo.due_since.get_or_insert(now);
+        out.push(Candidate {
+            name,
+            waiting_pods: request.waiting_pods,
+            request,
+            since,
+        });
+    }
+    out
+}
+
+/// Most pods waiting first, then the longest waiting, then by name.
+pub(crate) fn order(candidates: &mut [Candidate]) {
+    candidates.sort_by(|a, b| {
+        b.waiting_pods
+            .cmp(&a.waiting_pods)
+            .then(a.since.cmp(&b.since))
+            .then(a.name.cmp(&b.name))
+    });
+}
+
+/// When the earliest retry of a failed node is due.
+pub(crate) fn next_retry(memos: &HashMap<String, Memo>, now: Instant) -> Option<Duration> {
+    memos
+        .values()
+        .flat_map(|m| [m.answered.and_then(|(_, retry)| retry), m.not_before])
+        .flatten()
+        .filter(|at| *at > now)
+        .min()
+        .map(|at| at.saturating_duration_since(now))
+}
+
+/// What a job for this node is expected to send: a resolve when its identity is unknown (VM,
+/// NIC, and the subnet and VNet the first time), the NIC read when the provider does not hold
+/// it, and the write with its settle reads.
+pub(crate) fn expected_cost(memo: &Memo, estimates: &Estimates) -> Cost {
+    let mut reads = estimates.write_reads;
+    if memo.identity.is_none() {
+        reads += 2.0 + if estimates.resolved_any { 0.0 } else { 2.0 };
+    } else if !memo.nic_known {
+        reads += 1.0;
+    }
+    Cost { reads, writes: 1.0 }
+}
+
+pub(crate) fn retry_delay(error: &CloudError, failures: u32) -> Duration {
+    if let Some(after) = error.retry_after() {
+        return after;
+    }
+    let exp = Duration::from_secs(1).saturating_mul(1 << failures.saturating_sub(1).min(6));
+    exp.min(MAX_RETRY_DELAY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(name: &str, waiting_pods: u32, since: Instant) -> Candidate {
+        Candidate {
+            name: name.into(),
+            request: CloudRequest::default(),
+            waiting_pods,
+            since,
+        }
+    }
+
+    #[test]
+    fn waiting_pods_first_then_the_oldest_then_by_name() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(5);
+        let mut queue = vec![
+            candidate("top-up-old", 0, t0),
+            candidate("one-waiting-new", 1, later),
+            candidate("three-waiting-new", 3, later),
+            candidate("one-waiting-old", 1, t0),
+            candidate("b-top-up-new", 0, later),
+            candidate("a-top-up-new", 0, later),
+        ];
+        order(&mut queue);
+        let names: Vec<&str> = queue.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "three-waiting-new",
+                "one-waiting-old",
+                "one-waiting-new",
+                "top-up-old",
+                "a-top-up-new",
+                "b-top-up-new"
+            ]
+        );
+    }
+
+    #[test]
+    fn retries_back_off_from_one_second_to_a_minute_unless_told() {
+        let transient = CloudError::Transient("x".into());
+        assert_eq!(retry_delay(&transient, 1), Duration::from_secs(1));
+        assert_eq!(retry_delay(&transient, 3), Duration::from_secs(4));
+        assert_eq!(retry_delay(&transient, 30), MAX_RETRY_DELAY);
+        let busy = CloudError::Busy {
+            code: "AnotherOperationInProgress".into(),
+            retry_after: Duration::from_secs(7),
+        };
+        assert_eq!(retry_delay(&busy, 5), Duration::from_secs(7));
+    }
+}
