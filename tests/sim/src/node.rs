@@ -103,9 +103,8 @@ pub(crate) fn provider(policy: Policy, arm: &str, imds: &str, pacing: &Pacing) -
     );
     config.pacing = pacing.clone();
     if policy == Policy::Cluster {
-        // The allocator's own client: it paces the principal itself (as its binary sets up).
-        config.pacing.reads_floor = 0;
-        config.pacing.writes_floor = 0;
+        // The allocator's own client, as its binary builds it (it paces the principal itself).
+        config = vnet_allocator::cloud_config(config);
     }
     if policy == Policy::Naive {
         // No pacing, and every 429 goes straight back to the caller (which waits its fixed
