@@ -154,6 +154,10 @@ pub enum ProviderKind {
     /// The Azure client against `vnet-mockcloud` endpoints (plain HTTP allowed; no credential,
     /// or the mock's static `test_token`).
     Mock,
+    /// Cluster mode: no ARM call from the node. The agent asks the cluster allocator (a
+    /// Deployment) through its NodeIPPool's status; only IMDS is read here. Needs a Kubernetes
+    /// client.
+    Cluster,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -204,6 +208,9 @@ pub struct CloudConfig {
     pub client_secret_file: String,
     /// With `credential = "test_token"`: the bearer token sent to vnet-mockcloud.
     pub test_token: String,
+    /// `provider = "cluster"`: how long the agent waits for the allocator's answer to one
+    /// request before it withdraws the request and treats the call as failed (retried).
+    pub cluster_answer_timeout_secs: u64,
     /// Not supported: must be empty. Azure refuses a NIC whose ipConfigurations are in different
     /// subnets, so pod addresses come from the node NIC's subnet (kept so that a config which
     /// still names it gets a clear error instead of "unknown key").
@@ -258,6 +265,7 @@ impl Default for CloudConfig {
             tenant_id: String::new(),
             client_secret_file: String::new(),
             test_token: String::new(),
+            cluster_answer_timeout_secs: 120,
             pod_subnet_id: String::new(),
         }
     }
@@ -536,6 +544,21 @@ impl Config {
     fn validate_cloud(&self) -> Result<(), ConfigError> {
         let cloud = &self.cloud;
         let mock = cloud.provider == ProviderKind::Mock;
+        if cloud.cluster_answer_timeout_secs == 0 || cloud.cluster_answer_timeout_secs > 3600 {
+            return Err(invalid(
+                "cloud.cluster_answer_timeout_secs",
+                format!(
+                    "{} is out of range; use 1 to 3600",
+                    cloud.cluster_answer_timeout_secs
+                ),
+            ));
+        }
+        if cloud.provider == ProviderKind::Cluster && !cloud.arm_endpoint.is_empty() {
+            return Err(invalid(
+                "cloud.arm_endpoint",
+                "not used with provider = \"cluster\" (the node makes no ARM call; the allocator has the ARM settings): remove it",
+            ));
+        }
         if !cloud.pod_subnet_id.trim().is_empty() {
             return Err(invalid(
                 "cloud.pod_subnet_id",
@@ -654,6 +677,7 @@ client_id = ""
 tenant_id = ""
 client_secret_file = ""
 test_token = ""
+cluster_answer_timeout_secs = 120
 pod_subnet_id = ""
 [pool]
 mode = "address"
@@ -773,6 +797,27 @@ allocate_timeout_secs = 30
             ),
         ];
         for (toml, key) in cases {
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn cluster_mode_takes_no_arm_endpoint_and_a_bounded_answer_wait() {
+        let ok = Config::from_toml("[cloud]\nprovider = \"cluster\"\n").unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.cloud.provider, ProviderKind::Cluster);
+        assert_eq!(ok.cloud.cluster_answer_timeout_secs, 120);
+        for (toml, key) in [
+            (
+                "[cloud]\nprovider = \"cluster\"\narm_endpoint = \"https://management.azure.com\"\n",
+                "cloud.arm_endpoint",
+            ),
+            (
+                "[cloud]\nprovider = \"cluster\"\ncluster_answer_timeout_secs = 0\n",
+                "cloud.cluster_answer_timeout_secs",
+            ),
+        ] {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
             assert!(err.to_string().contains(key), "{toml}: {err}");
         }

@@ -510,7 +510,8 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
 /// The Kubernetes node name: the configured one, else the name kubelet registers by default, the
 /// host name: Azure's computer name (lowercased, as kubelet does), else the kernel's. Never the
 /// VM name: on a Uniform instance IMDS `compute.name` is `{ss}_{id}`, not a valid node name.
-fn node_name(
+/// (Cluster mode's provider names the node's NodeIPPool by the same rule.)
+pub fn node_name(
     configured: Option<&str>,
     computer_name: &str,
     hostname: impl FnOnce() -> Option<String>,

@@ -92,7 +92,7 @@ async fn main_async(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Resu
             std::process::exit(1);
         });
     });
-    let cloud = provider::build(&config.cloud)?;
+    // The Kubernetes client first: cluster mode's provider works through it.
     let source = vnet_kube::ClientSource::from_env(kubeconfig.as_deref());
     let kube_client = vnet_kube::client(&source)
         .await
@@ -102,6 +102,14 @@ async fn main_async(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Resu
             "no Kubernetes client (no --kubeconfig, not in a cluster): running standalone"
         );
     }
+    let configured = config.node_name.clone();
+    let namer: vnet_kube::NodeNamer = Box::new(move |instance| {
+        daemon::node_name(configured.as_deref(), &instance.computer_name, || {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").ok()
+        })
+        .map_err(|e| e.to_string())
+    });
+    let cloud = provider::build_with(&config.cloud, kube_client.as_ref(), namer)?;
     let links: Arc<dyn LinkOps> = if config.manage_host {
         Arc::new(Rtnetlink::open()?)
     } else {

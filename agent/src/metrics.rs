@@ -318,6 +318,10 @@ impl CloudProvider for MeteredCloud {
         r
     }
 
+    fn set_waiting_pods(&self, pods: u32) {
+        self.inner.set_waiting_pods(pods);
+    }
+
     fn arm_budget(&self) -> Option<vnet_cloud::ArmBudget> {
         self.inner.arm_budget()
     }

@@ -2,7 +2,9 @@
 //!
 //! `azure`: the Azure client with the configured credential, `https://` only. `mock`: the same
 //! client against vnet-mockcloud endpoints (plain HTTP allowed), with the mock's static test
-//! token when `credential = "test_token"` and no credential otherwise.
+//! token when `credential = "test_token"` and no credential otherwise. `cluster`: no ARM client
+//! at all; [`vnet_kube::ClusterProvider`] asks the cluster allocator through the node's
+//! NodeIPPool, reading only IMDS itself (no credential).
 
 use std::sync::Arc;
 
@@ -17,6 +19,10 @@ pub enum ProviderError {
     Credential(vnet_cloud::CloudError),
     #[error("cannot build the cloud client: {0}")]
     Client(vnet_cloud::CloudError),
+    #[error(
+        "cloud.provider = \"cluster\" needs the Kubernetes API (the cluster allocator answers through the node's NodeIPPool), but the agent runs standalone: run it in the cluster (KUBERNETES_SERVICE_HOST) or give --kubeconfig, or use provider = \"azure\""
+    )]
+    ClusterNeedsKubernetes,
 }
 
 pub fn azure_config(config: &CloudConfig) -> Result<AzureConfig, ProviderError> {
@@ -26,7 +32,8 @@ pub fn azure_config(config: &CloudConfig) -> Result<AzureConfig, ProviderError> 
                 token: config.test_token.clone(),
             }
         }
-        ProviderKind::Mock => CredentialConfig::None,
+        // IMDS only: it answers without a credential.
+        ProviderKind::Mock | ProviderKind::Cluster => CredentialConfig::None,
         ProviderKind::Azure => {
             let kind = match config.credential {
                 CredentialKind::ManagedIdentity => "managed_identity",
@@ -51,14 +58,39 @@ pub fn azure_config(config: &CloudConfig) -> Result<AzureConfig, ProviderError> 
         ProviderKind::Azure => {
             AzureConfig::new(&config.arm_endpoint, &config.imds_endpoint, credential)
         }
+        // IMDS is plain http:// by design (169.254.169.254); no ARM endpoint is used.
+        ProviderKind::Cluster => AzureConfig::mock("", &config.imds_endpoint, credential),
     };
     azure.validate().map_err(ProviderError::Client)?;
     Ok(azure)
 }
 
+/// The provider `config` names, standalone (no Kubernetes client: cluster mode is refused).
 pub fn build(config: &CloudConfig) -> Result<Arc<dyn CloudProvider>, ProviderError> {
+    build_with(config, None, Box::new(|_| Err("no node name".into())))
+}
+
+/// The provider `config` names. `kube` is the Kubernetes client (`None`: standalone), which
+/// cluster mode needs; `node_name` names the node from its IMDS facts (the daemon's rule).
+pub fn build_with(
+    config: &CloudConfig,
+    kube: Option<&kube::Client>,
+    node_name: vnet_kube::NodeNamer,
+) -> Result<Arc<dyn CloudProvider>, ProviderError> {
     let provider = AzureProvider::new(azure_config(config)?).map_err(ProviderError::Client)?;
-    Ok(Arc::new(provider))
+    if config.provider != ProviderKind::Cluster {
+        return Ok(Arc::new(provider));
+    }
+    let client = kube.ok_or(ProviderError::ClusterNeedsKubernetes)?;
+    let settings = vnet_kube::ClusterSettings {
+        answer_timeout: std::time::Duration::from_secs(config.cluster_answer_timeout_secs),
+    };
+    Ok(Arc::new(vnet_kube::ClusterProvider::new(
+        client.clone(),
+        vnet_kube::InstanceSource::Imds(provider),
+        node_name,
+        settings,
+    )))
 }
 
 #[cfg(test)]
@@ -101,5 +133,23 @@ mod tests {
                 client_id: Some("id".into())
             }
         );
+    }
+
+    #[test]
+    fn cluster_mode_has_no_credential_and_needs_kubernetes() {
+        let config = CloudConfig {
+            provider: ProviderKind::Cluster,
+            client_id: "id".into(),
+            ..CloudConfig::default()
+        };
+        assert_eq!(
+            azure_config(&config).unwrap().credential,
+            CredentialConfig::None
+        );
+        let Err(err) = build(&config) else {
+            panic!("cluster mode without Kubernetes must fail");
+        };
+        assert!(matches!(err, ProviderError::ClusterNeedsKubernetes));
+        assert!(err.to_string().contains("--kubeconfig"), "{err}");
     }
 }

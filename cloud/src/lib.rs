@@ -204,7 +204,9 @@ pub trait CloudProvider: Send + Sync + 'static {
     async fn list_secondary_ips(&self, nic_id: &str) -> Result<Vec<SecondaryIp>, CloudError>;
 
     /// Adds `count` dynamic addresses from `subnet_id` and returns exactly the new ones.
-    /// Concurrent calls for one NIC may be coalesced into one cloud write.
+    /// Concurrent calls for one NIC may be coalesced into one cloud write. A provider told of
+    /// more waiting pods while the call waits ([`CloudProvider::set_waiting_pods`]) may add
+    /// theirs to the same write and return them too.
     async fn assign_ips(
         &self,
         nic_id: &str,
@@ -236,5 +238,14 @@ pub trait CloudProvider: Send + Sync + 'static {
     /// The cloud API's last reported request budget, for metrics (`None`: not reported).
     fn arm_budget(&self) -> Option<ArmBudget> {
         None
+    }
+
+    /// Pods on this node waiting for an address that the free ones cannot serve; the agent
+    /// says so before the assign that is for them and whenever a pod starts waiting. A
+    /// provider that shares the cloud with other nodes (cluster mode) has nodes with waiting
+    /// pods served first, and lets pods that start waiting join an assign still unanswered;
+    /// one that calls the cloud itself ignores it.
+    fn set_waiting_pods(&self, pods: u32) {
+        let _ = pods;
     }
 }

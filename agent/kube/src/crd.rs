@@ -65,9 +65,11 @@ pub struct NodeIPPoolSpec {
     pub max: Option<u32>,
 }
 
-/// What the agent reports. Counts are addresses of the pool on the node's NIC.
+/// What the agent reports. Counts are addresses of the pool on the node's NIC. Every field has
+/// a default: in cluster mode `cloudRequest` (and the allocator's `cloud`) can be written before
+/// the agent's first status.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct NodeIPPoolStatus {
     pub total: u32,
     pub allocated: u32,

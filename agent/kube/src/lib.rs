@@ -5,6 +5,8 @@
 //!   the node, releases allocations whose pod is gone, and tells the pool how many pods are on
 //!   their way. It talks to the agent only through [`NodeAgent`].
 //! - [`conflist`]: the CNI config writer, free of Kubernetes types (standalone agents use it).
+//! - [`delegate`]: cluster mode's [`ClusterProvider`], the agent's cloud provider that asks the
+//!   cluster allocator through the NodeIPPool instead of calling Azure.
 //! - [`client`]: in-cluster, `--kubeconfig`, or standalone (`None`).
 //!
 //! Every API-server failure (including an RBAC 403) is logged, shown as the
@@ -29,6 +31,7 @@
 pub mod cloud_ref;
 pub mod conflist;
 pub mod crd;
+pub mod delegate;
 mod sync;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +49,7 @@ pub use crd::{
     CloudAnswer, CloudErrorRef, CloudRequest, IdentityRef, InstanceRef, NodeIPPool, NodeIPPoolSpec,
     NodeIPPoolStatus, PoolCondition, SecondaryIpRef,
 };
+pub use delegate::{ClusterProvider, ClusterSettings, InstanceSource, NodeNamer};
 pub use sync::run;
 
 /// Errors the agent returns to this crate; shown in logs only.

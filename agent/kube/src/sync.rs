@@ -378,40 +378,50 @@ impl StatusPublisher {
         }
     }
 
-    /// Creates the resource, owned by the Node so it goes away with it. Already existing is fine.
+    /// Creates the resource (see [`create_pool`]).
     async fn create(&self) -> Result<(), kube::Error> {
-        let node = with_timeout(self.nodes.get(&self.node_name)).await?;
-        let owner = OwnerReference {
-            api_version: "v1".into(),
-            kind: "Node".into(),
-            name: self.node_name.clone(),
-            uid: node.metadata.uid.unwrap_or_default(),
+        create_pool(&self.pools, &self.nodes, &self.node_name).await
+    }
+}
+
+/// Creates the node's NodeIPPool, owned by the Node so it goes away with it. Already existing
+/// is fine. Also used by the cluster provider, which needs the resource before the agent is ready.
+pub(crate) async fn create_pool(
+    pools: &Api<NodeIPPool>,
+    nodes: &Api<Node>,
+    node_name: &str,
+) -> Result<(), kube::Error> {
+    let node = with_timeout(nodes.get(node_name)).await?;
+    let owner = OwnerReference {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        name: node_name.to_string(),
+        uid: node.metadata.uid.unwrap_or_default(),
+        ..Default::default()
+    };
+    let pool = NodeIPPool {
+        metadata: ObjectMeta {
+            name: Some(node_name.to_string()),
+            owner_references: Some(vec![owner]),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "vnet-agent".to_string(),
+                )]
+                .into(),
+            ),
             ..Default::default()
-        };
-        let pool = NodeIPPool {
-            metadata: ObjectMeta {
-                name: Some(self.node_name.clone()),
-                owner_references: Some(vec![owner]),
-                labels: Some(
-                    [(
-                        "app.kubernetes.io/managed-by".to_string(),
-                        "vnet-agent".to_string(),
-                    )]
-                    .into(),
-                ),
-                ..Default::default()
-            },
-            spec: NodeIPPoolSpec::default(),
-            status: None,
-        };
-        match with_timeout(self.pools.create(&PostParams::default(), &pool)).await {
-            Ok(_) => {
-                info!(node = %self.node_name, "created NodeIPPool");
-                Ok(())
-            }
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-            Err(error) => Err(error),
+        },
+        spec: NodeIPPoolSpec::default(),
+        status: None,
+    };
+    match with_timeout(pools.create(&PostParams::default(), &pool)).await {
+        Ok(_) => {
+            info!(node = %node_name, "created NodeIPPool");
+            Ok(())
         }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(error) => Err(error),
     }
 }
 

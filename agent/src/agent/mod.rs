@@ -201,6 +201,10 @@ impl WaiterGuard<'_> {
             (false, true) => {
                 st.waiters += 1;
                 st.note_arrival();
+                // A provider that shares the cloud (cluster mode) lets these join a write that
+                // is still unanswered; the Azure provider ignores it.
+                let unserved = st.waiters.saturating_sub(st.ipam.counts().free);
+                self.agent.cloud.set_waiting_pods(unserved);
             }
             (true, false) => st.waiters -= 1,
             _ => {}

@@ -216,6 +216,12 @@ impl Agent {
 
     async fn grow(&self, n: u32) {
         let prefix_len = self.settings.pool.prefix_len;
+        // ADDs the free addresses cannot serve: this write is for them, not only a top-up.
+        let waiting = {
+            let st = self.state.lock().unwrap();
+            st.waiters.saturating_sub(st.ipam.counts().free)
+        };
+        self.cloud.set_waiting_pods(waiting);
         let result = if prefix_len < vnet_cloud::SINGLE_ADDRESS {
             let blocks = n.div_ceil(crate::config::addresses_per_entry(prefix_len));
             info!(count = n, blocks, "asking the cloud for blocks");

@@ -10,6 +10,11 @@
 //!
 //! Pods follow a schedule ([`Scenario`]) and call the node's allocate as the plugin would; a
 //! "try again later" is retried as kubelet's pod worker does ([`kubelet`]).
+//!
+//! The cluster policy ([`Policy::Cluster`]) runs the agents over `vnet_kube::ClusterProvider`
+//! instead: they make no ARM call, and ONE `vnet_allocator` (one `AzureProvider`, the one
+//! principal) makes every NIC write, the two coordinating through NodeIPPool resources in ONE
+//! in-process `vnet-fakeapi` (each node's agent holds a clone of its client).
 
 use std::time::Duration;
 
@@ -65,6 +70,10 @@ pub struct SimConfig {
     pub node: NodeParams,
     /// A run that has not wired every pod by then stops and reports what it has.
     pub give_up_after: Duration,
+    /// Cluster policy: the buckets the allocator plans with (its defaults: a margin below
+    /// ARM's documented ones).
+    pub allocator_reads: vnet_allocator::BucketSettings,
+    pub allocator_writes: vnet_allocator::BucketSettings,
 }
 
 impl SimConfig {
@@ -83,6 +92,8 @@ impl SimConfig {
             churn_duration: Duration::from_secs(120),
             node: NodeParams::default(),
             give_up_after: Duration::from_secs(3 * 3600),
+            allocator_reads: vnet_allocator::DEFAULT_READS,
+            allocator_writes: vnet_allocator::DEFAULT_WRITES,
         }
     }
 }
@@ -119,18 +130,23 @@ pub struct Bound {
 pub const READS_PER_WRITE: u64 = 4;
 /// Reads of a node's discovery (VM, NIC, subnet, VNet) and its first NIC read (reconcile).
 pub const READS_PER_START: u64 = 5;
+/// Cluster policy: the allocator starts a NIC write from the NIC as it last read it (`If-Match`
+/// catches a change) and learns the new addresses by reading the NIC after the PUT until it
+/// leaves `Updating`: with the mock's operation (`InProgress` once) that is two reads per
+/// write, the NIC while updating and the NIC done (the agent's client needs four: the NIC
+/// before, two operation polls, the NIC after).
+pub const CLUSTER_READS_PER_WRITE: u64 = 2;
+/// Cluster policy: resolving a node reads its VM and its NIC (that read also starts the first
+/// write); the subnet and the VNet are read once for the cluster ([`CLUSTER_READS_ONCE`]).
+pub const CLUSTER_READS_PER_START: u64 = 2;
+pub const CLUSTER_READS_ONCE: u64 = 2;
 
 impl Bound {
     pub fn of(cfg: &SimConfig) -> Bound {
         let n = cfg.nodes as u64;
-        // One write per node serves 30 pods plus the warm target (the NIC takes 255).
-        let (writes, reads) = match cfg.scenario {
-            Scenario::Cold => (n, n * (READS_PER_START + READS_PER_WRITE)),
-            Scenario::ScaleOut => (n, n * READS_PER_WRITE),
-            // The warm pool (8) absorbs the cooldown (30 s / 5 s = 6 addresses) of one pod
-            // replaced per 5 s: no cloud call is needed.
-            Scenario::Churn => (0, 0),
-        };
+        // One write per node serves 30 pods plus the warm target (the NIC takes 255; in prefix
+        // mode 30 pods exceed the warm block's 16 addresses, and one write adds the blocks).
+        let (writes, reads) = Bound::needs(cfg.scenario, cfg.policy, n);
         let over =
             |need: u64, b: Bucket| need.saturating_sub(u64::from(b.size)) as f64 / b.refill_per_sec;
         let writes_s = over(writes, cfg.limits.writes);
@@ -147,6 +163,23 @@ impl Bound {
             reads_s,
             one_write_s: one_write,
             all_wired_s: Bound::all_wired(writes_s, reads_s, one_write),
+        }
+    }
+
+    /// The writes and reads a scenario cannot do without, for `n` nodes.
+    pub fn needs(scenario: Scenario, policy: crate::Policy, n: u64) -> (u64, u64) {
+        let cluster = policy == crate::Policy::Cluster;
+        match scenario {
+            Scenario::Cold if cluster => (
+                n,
+                n * (CLUSTER_READS_PER_START + CLUSTER_READS_PER_WRITE) + CLUSTER_READS_ONCE,
+            ),
+            Scenario::ScaleOut if cluster => (n, n * CLUSTER_READS_PER_WRITE),
+            Scenario::Cold => (n, n * (READS_PER_START + READS_PER_WRITE)),
+            Scenario::ScaleOut => (n, n * READS_PER_WRITE),
+            // The warm pool (8) absorbs the cooldown (30 s / 5 s = 6 addresses) of one pod
+            // replaced per 5 s: no cloud call is needed.
+            Scenario::Churn => (0, 0),
         }
     }
 

@@ -1,5 +1,6 @@
-//! `vnet-clustersim run --nodes N --scenario cold|scale-out|churn --policy agent|naive --out DIR`
-//! runs one simulation and writes `DIR/<scenario>-<policy>-<N>.json`;
+//! `vnet-clustersim run --nodes N --scenario cold|scale-out|churn --policy agent|naive|cluster
+//! [--mode address|prefix] --out DIR` runs one simulation and writes
+//! `DIR/<scenario>-<policy>[-prefix]-<N>.json`;
 //! `vnet-clustersim report --out DIR` turns every result in DIR into `report.md` and `chart.svg`.
 
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use vnet_agent::config::PoolMode;
 use vnet_clustersim::{Policy, Scenario, SimConfig, SimResult, report};
 
 #[derive(Parser)]
@@ -29,6 +31,13 @@ enum ScenarioArg {
 enum PolicyArg {
     Agent,
     Naive,
+    Cluster,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Address,
+    Prefix,
 }
 
 #[derive(Subcommand)]
@@ -43,6 +52,9 @@ enum Command {
         policy: PolicyArg,
         #[arg(long, default_value_t = 30)]
         pods_per_node: u32,
+        /// The agents' `pool.mode`.
+        #[arg(long, value_enum, default_value = "address")]
+        mode: ModeArg,
         /// Naive policy: seconds between a node's looks at its pool.
         #[arg(long, default_value_t = 1.0)]
         naive_timer_s: f64,
@@ -66,6 +78,7 @@ fn main() -> anyhow::Result<()> {
             scenario,
             policy,
             pods_per_node,
+            mode,
             naive_timer_s,
             naive_backoff_s,
             out,
@@ -78,9 +91,14 @@ fn main() -> anyhow::Result<()> {
             let policy = match policy {
                 PolicyArg::Agent => Policy::Agent,
                 PolicyArg::Naive => Policy::Naive,
+                PolicyArg::Cluster => Policy::Cluster,
             };
             let mut cfg = SimConfig::new(nodes, scenario, policy);
             cfg.pods_per_node = pods_per_node;
+            cfg.node.pool.mode = match mode {
+                ModeArg::Address => PoolMode::Address,
+                ModeArg::Prefix => PoolMode::Prefix,
+            };
             cfg.node.naive_timer = Duration::from_secs_f64(naive_timer_s);
             cfg.node.naive_backoff = Duration::from_secs_f64(naive_backoff_s);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -91,7 +109,7 @@ fn main() -> anyhow::Result<()> {
             let path = out.join(format!(
                 "{}-{}-{}.json",
                 scenario.as_str(),
-                policy.as_str(),
+                result.policy,
                 nodes
             ));
             std::fs::write(&path, serde_json::to_vec_pretty(&result)?)?;

@@ -15,6 +15,7 @@ use vnet_agent::store::{MemoryStore, StoreState};
 use vnet_api::{AllocateRequest, ReleaseRequest};
 use vnet_cloud::azure::{AzureConfig, AzureProvider, CredentialConfig, Pacing, RetryPolicy};
 use vnet_cloud::{CloudError, CloudProvider, NodeIdentity};
+use vnet_kube::{ClusterProvider, ClusterSettings, InstanceSource};
 
 /// The bearer token every node sends: on AKS all nodes act as one principal (the kubelet
 /// identity), so they draw from one set of ARM buckets.
@@ -27,6 +28,10 @@ pub enum Policy {
     Agent,
     /// Each node tops up on its own timer, no pacing, 429 retried after a fixed back-off.
     Naive,
+    /// Cluster mode: each node's real agent over `vnet_kube::ClusterProvider` (no ARM call),
+    /// ONE `vnet_allocator` making every NIC write with one `AzureProvider`, coordinating
+    /// through NodeIPPool resources in an in-process fake API server.
+    Cluster,
 }
 
 impl Policy {
@@ -34,6 +39,7 @@ impl Policy {
         match self {
             Policy::Agent => "agent",
             Policy::Naive => "naive",
+            Policy::Cluster => "cluster",
         }
     }
 }
@@ -49,6 +55,9 @@ pub struct NodeParams {
     /// The agent's client pacing (the agent always runs with the default: ARM's documented
     /// refill rates; tests with tiny buckets tell it their rates).
     pub pacing: Pacing,
+    /// Cluster policy: the agent's bound on one wait for the allocator
+    /// (`cloud.cluster_answer_timeout_secs`, default 120 s).
+    pub cluster_answer_timeout: Duration,
 }
 
 impl Default for NodeParams {
@@ -58,6 +67,7 @@ impl Default for NodeParams {
             naive_timer: Duration::from_secs(1),
             naive_backoff: Duration::from_secs(2),
             pacing: Pacing::default(),
+            cluster_answer_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -79,9 +89,11 @@ pub enum Node {
         naive: Arc<NaiveNode>,
         provider: AzureProvider,
     },
+    /// Its ARM calls are the allocator's (counted there).
+    Cluster { agent: Arc<Agent> },
 }
 
-fn provider(policy: Policy, arm: &str, imds: &str, pacing: &Pacing) -> AzureProvider {
+pub(crate) fn provider(policy: Policy, arm: &str, imds: &str, pacing: &Pacing) -> AzureProvider {
     let mut config = AzureConfig::mock(
         arm,
         imds,
@@ -90,6 +102,10 @@ fn provider(policy: Policy, arm: &str, imds: &str, pacing: &Pacing) -> AzureProv
         },
     );
     config.pacing = pacing.clone();
+    if policy == Policy::Cluster {
+        // The allocator's own client, as its binary builds it (it paces the principal itself).
+        config = vnet_allocator::cloud_config(config);
+    }
     if policy == Policy::Naive {
         // No pacing, and every 429 goes straight back to the caller (which waits its fixed
         // back-off) instead of being waited out inside the client.
@@ -137,51 +153,81 @@ where
     }
 }
 
+/// The daemon's start (discover, first reconcile, serve) of the real agent over `cloud`.
+async fn start_agent(
+    cloud: Arc<dyn CloudProvider>,
+    params: &NodeParams,
+    shutdown: watch::Receiver<bool>,
+) -> Arc<Agent> {
+    let identity = with_daemon_retry(|| cloud.discover()).await;
+    let p = &params.pool;
+    let settings = AgentSettings {
+        node_name: identity.vm_name.clone(),
+        pool: pool::Settings {
+            warm: p.warm,
+            batch: p.batch,
+            max: p.max,
+            release_delay: Duration::from_secs(p.release_delay_secs),
+            // 32: address mode; 28: prefix mode (/28 blocks).
+            prefix_len: p.mode.prefix_len(),
+        },
+        cooldown_secs: p.cooldown_secs,
+        allocate_timeout: Duration::from_secs(p.allocate_timeout_secs),
+        host_veth_prefix: vnet_api::DEFAULT_HOST_VETH_PREFIX.into(),
+        mtu: 1500,
+        subnet_id: identity.subnet_id.clone(),
+        spool_dir: None,
+    };
+    let agent = Agent::new(
+        settings,
+        identity,
+        cloud,
+        Arc::new(MemoryStore::new()),
+        StoreState::default(),
+        Arc::new(Metrics::new()),
+    );
+    with_daemon_retry(|| agent.reconcile_with_cloud()).await;
+    agent.set_ready(true);
+    tokio::spawn(agent.clone().run_pool(shutdown));
+    agent
+}
+
 impl Node {
     /// Starts a node as its daemon would (discover, reconcile, serve) and returns it ready.
+    /// `kube`: the API server client (cluster policy only; one clone per node).
     pub async fn start(
         policy: Policy,
         arm: &str,
         imds: &str,
         params: &NodeParams,
+        kube: Option<kube::Client>,
         shutdown: watch::Receiver<bool>,
     ) -> Node {
-        let provider = provider(policy, arm, imds, &params.pacing);
         match policy {
             Policy::Agent => {
-                let identity = with_daemon_retry(|| provider.discover()).await;
-                let p = &params.pool;
-                let settings = AgentSettings {
-                    node_name: identity.vm_name.clone(),
-                    pool: pool::Settings {
-                        warm: p.warm,
-                        batch: p.batch,
-                        max: p.max,
-                        release_delay: Duration::from_secs(p.release_delay_secs),
-                        // Address mode; 28 runs the agent's pool in prefix mode (/28 blocks).
-                        prefix_len: 32,
-                    },
-                    cooldown_secs: p.cooldown_secs,
-                    allocate_timeout: Duration::from_secs(p.allocate_timeout_secs),
-                    host_veth_prefix: vnet_api::DEFAULT_HOST_VETH_PREFIX.into(),
-                    mtu: 1500,
-                    subnet_id: identity.subnet_id.clone(),
-                    spool_dir: None,
-                };
-                let agent = Agent::new(
-                    settings,
-                    identity,
-                    Arc::new(provider.clone()),
-                    Arc::new(MemoryStore::new()),
-                    StoreState::default(),
-                    Arc::new(Metrics::new()),
-                );
-                with_daemon_retry(|| agent.reconcile_with_cloud()).await;
-                agent.set_ready(true);
-                tokio::spawn(agent.clone().run_pool(shutdown));
+                let provider = provider(policy, arm, imds, &params.pacing);
+                let agent = start_agent(Arc::new(provider.clone()), params, shutdown).await;
                 Node::Agent { agent, provider }
             }
+            Policy::Cluster => {
+                // IMDS only: the node has no ARM credential in cluster mode.
+                let imds_only =
+                    AzureProvider::new(AzureConfig::mock("", imds, CredentialConfig::None))
+                        .expect("the mock's IMDS config is valid");
+                let cluster = ClusterProvider::new(
+                    kube.expect("the cluster policy has an API server"),
+                    InstanceSource::Imds(imds_only),
+                    // The sim's NodeIPPools are named like the VMs.
+                    Box::new(|m| Ok(m.vm_name.clone())),
+                    ClusterSettings {
+                        answer_timeout: params.cluster_answer_timeout,
+                    },
+                );
+                let agent = start_agent(Arc::new(cluster), params, shutdown).await;
+                Node::Cluster { agent }
+            }
             Policy::Naive => {
+                let provider = provider(policy, arm, imds, &params.pacing);
                 let backoff = params.naive_backoff;
                 let identity = with_fixed_retry(backoff, || provider.discover()).await;
                 let listed =
@@ -202,7 +248,7 @@ impl Node {
 
     pub async fn allocate(&self, key: &str) -> Result<Ipv4Addr, Refusal> {
         match self {
-            Node::Agent { agent, .. } => {
+            Node::Agent { agent, .. } | Node::Cluster { agent } => {
                 let req = AllocateRequest {
                     key: key.parse().expect("valid attachment key"),
                     network: None,
@@ -224,7 +270,7 @@ impl Node {
 
     pub async fn release(&self, key: &str) {
         match self {
-            Node::Agent { agent, .. } => {
+            Node::Agent { agent, .. } | Node::Cluster { agent } => {
                 let req = ReleaseRequest {
                     key: key.parse().expect("valid attachment key"),
                     dying_veth: None,
@@ -239,6 +285,7 @@ impl Node {
     pub fn throttled(&self) -> u64 {
         let provider = match self {
             Node::Agent { provider, .. } | Node::Naive { provider, .. } => provider,
+            Node::Cluster { .. } => return 0,
         };
         provider.arm_budget().map_or(0, |b| b.throttled)
     }
@@ -246,7 +293,9 @@ impl Node {
     /// The addresses the node's pods hold.
     pub fn held(&self) -> Vec<Ipv4Addr> {
         match self {
-            Node::Agent { agent, .. } => agent.allocations().iter().map(|a| a.ip).collect(),
+            Node::Agent { agent, .. } | Node::Cluster { agent } => {
+                agent.allocations().iter().map(|a| a.ip).collect()
+            }
             Node::Naive { naive, .. } => {
                 naive.state.lock().unwrap().held.values().copied().collect()
             }
@@ -255,7 +304,7 @@ impl Node {
 
     pub fn identity(&self) -> &NodeIdentity {
         match self {
-            Node::Agent { agent, .. } => agent.identity(),
+            Node::Agent { agent, .. } | Node::Cluster { agent } => agent.identity(),
             Node::Naive { naive, .. } => &naive.identity,
         }
     }
@@ -263,7 +312,7 @@ impl Node {
     /// No cloud write in flight or due: free addresses at least `warm` (and none pending).
     pub fn settled(&self) -> bool {
         match self {
-            Node::Agent { agent, .. } => {
+            Node::Agent { agent, .. } | Node::Cluster { agent } => {
                 let s = agent.status();
                 s.pool.pending == 0 && s.pool.free + s.pool.cooldown >= agent.settings().pool.warm
             }

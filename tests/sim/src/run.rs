@@ -11,10 +11,14 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
+use vnet_agent::config::PoolMode;
+use vnet_cloud::CloudProvider;
+use vnet_cloud::azure::AzureProvider;
+use vnet_fakeapi::{FakeApi, NODES, POOLS};
 use vnet_mockcloud::{Counters, Faults, Latency, MockConfig, MockServer, Topology};
 
 use crate::kubelet::{self, Tally};
-use crate::node::Node;
+use crate::node::{Node, Policy};
 use crate::{Bound, Scenario, SimConfig, SimResult, percentile, unthrottled};
 
 type Slot = watch::Sender<Option<Arc<Node>>>;
@@ -69,6 +73,7 @@ async fn start_nodes(
     cfg: &SimConfig,
     mock: &MockServer,
     slots: &[Slot],
+    kube: Option<&kube::Client>,
     shutdown: &watch::Receiver<bool>,
 ) -> JoinSet<()> {
     let mut set = JoinSet::new();
@@ -77,8 +82,9 @@ async fn start_nodes(
         let imds = mock.imds_endpoint(&format!("node-{}", i + 1));
         let (policy, params, shutdown, slot) =
             (cfg.policy, cfg.node.clone(), shutdown.clone(), slot.clone());
+        let kube = kube.cloned();
         set.spawn(async move {
-            let node = Node::start(policy, &arm, &imds, &params, shutdown).await;
+            let node = Node::start(policy, &arm, &imds, &params, kube, shutdown).await;
             slot.send_replace(Some(Arc::new(node)));
         });
     }
@@ -123,6 +129,9 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
         .await
         .context("starting the mock")?;
     let (stop, shutdown) = watch::channel(false);
+    let cluster = (cfg.policy == Policy::Cluster)
+        .then(|| Cluster::start(cfg, &mock, shutdown.clone()))
+        .transpose()?;
     let slots: Vec<Slot> = (0..cfg.nodes).map(|_| watch::channel(None).0).collect();
     let tally = Arc::new(Tally::default());
     let (waits_tx, mut waits_rx) = mpsc::unbounded_channel();
@@ -139,9 +148,15 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
         Scenario::Cold => {
             let t0 = Instant::now();
             let before = mock.counters();
-            start_nodes(cfg, &mock, &slots, &shutdown)
-                .await
-                .detach_all();
+            start_nodes(
+                cfg,
+                &mock,
+                &slots,
+                cluster.as_ref().map(|c| &c.client),
+                &shutdown,
+            )
+            .await
+            .detach_all();
             for (i, slot) in slots.iter().enumerate() {
                 for p in 0..cfg.pods_per_node as usize {
                     pods.spawn(slot.subscribe(), key(i, p), t0);
@@ -151,7 +166,14 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
             (t0, before)
         }
         Scenario::ScaleOut | Scenario::Churn => {
-            let mut starts = start_nodes(cfg, &mock, &slots, &shutdown).await;
+            let mut starts = start_nodes(
+                cfg,
+                &mock,
+                &slots,
+                cluster.as_ref().map(|c| &c.client),
+                &shutdown,
+            )
+            .await;
             while starts.join_next().await.is_some() {}
             let nodes: Vec<Arc<Node>> = slots.iter().map(|s| s.borrow().clone().unwrap()).collect();
             if cfg.scenario == Scenario::Churn {
@@ -172,7 +194,8 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
             // Past the agent's repeated start-up reconcile (30 s), so the measurement starts
             // from steady state; then ARM's buckets, full.
             tokio::time::sleep(Duration::from_secs(35)).await;
-            throttled_before = nodes.iter().map(|n| n.throttled()).sum();
+            throttled_before = nodes.iter().map(|n| n.throttled()).sum::<u64>()
+                + cluster.as_ref().map_or(0, Cluster::throttled);
             mock.set_rate_limits(cfg.limits);
             let before = mock.counters();
             let t0 = Instant::now();
@@ -207,7 +230,9 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
     pods.abort_all();
 
     let nodes: Vec<Arc<Node>> = slots.iter().filter_map(|s| s.borrow().clone()).collect();
-    let client_throttled: u64 = nodes.iter().map(|n| n.throttled()).sum::<u64>() - throttled_before;
+    let client_throttled: u64 = nodes.iter().map(|n| n.throttled()).sum::<u64>()
+        + cluster.as_ref().map_or(0, Cluster::throttled)
+        - throttled_before;
     let (duplicates, not_on_nic) = verify(&mock, &nodes);
     let _ = stop.send(true);
 
@@ -224,7 +249,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
     let result = SimResult {
         nodes: cfg.nodes,
         scenario: cfg.scenario.as_str().into(),
-        policy: cfg.policy.as_str().into(),
+        policy: policy_label(cfg),
         pods: pods_count,
         wired: waits.len() as u64,
         try_again: t.try_again.load(Ordering::Relaxed),
@@ -255,6 +280,77 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
     drop(nodes);
     mock.shutdown().await;
     Ok(result)
+}
+
+/// The policy as the tables name it (prefix mode is its own row).
+fn policy_label(cfg: &SimConfig) -> String {
+    match cfg.node.pool.mode {
+        PoolMode::Address => cfg.policy.as_str().into(),
+        PoolMode::Prefix => format!("{}-prefix", cfg.policy.as_str()),
+    }
+}
+
+/// The cluster policy's shared parts: ONE fake API server (every node's NodeIPPool, created as
+/// the agent's integration would, each node's agent a client clone of it) and ONE allocator
+/// with ONE AzureProvider (the one principal) against the mock.
+struct Cluster {
+    client: kube::Client,
+    cloud: Arc<AzureProvider>,
+}
+
+impl Cluster {
+    fn start(
+        cfg: &SimConfig,
+        mock: &MockServer,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Cluster> {
+        // One role for all: the allocator's (list/watch nodeippools, patch their status,
+        // its Lease). The agents' calls (watch of their pool, patch of its status) are within
+        // it too; the pools exist before the agents start, so none needs `create`.
+        let fake = FakeApi::with_role("vnet-cni-allocator");
+        for i in 1..=cfg.nodes {
+            let name = format!("node-{i}");
+            fake.put(
+                NODES,
+                serde_json::json!({"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": name, "uid": format!("uid-{name}")}}),
+            );
+            fake.put(
+                POOLS,
+                serde_json::json!({"apiVersion": "vnet-cni.io/v1alpha1", "kind": "NodeIPPool",
+                    "metadata": {"name": name, "ownerReferences": [{"apiVersion": "v1",
+                        "kind": "Node", "name": name, "uid": format!("uid-{name}")}]},
+                    "spec": {}}),
+            );
+        }
+        let client = fake.client();
+        let cloud = Arc::new(crate::node::provider(
+            Policy::Cluster,
+            &mock.base_url(),
+            &mock.imds_endpoint("node-1"),
+            &cfg.node.pacing,
+        ));
+        let settings = vnet_allocator::Settings {
+            holder: "sim-allocator".into(),
+            reads: cfg.allocator_reads,
+            writes: cfg.allocator_writes,
+            ..vnet_allocator::Settings::default()
+        };
+        let allocator_client = client.clone();
+        let allocator_cloud = cloud.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                vnet_allocator::run(allocator_client, allocator_cloud, settings, shutdown).await
+            {
+                eprintln!("allocator: {e}");
+            }
+        });
+        Ok(Cluster { client, cloud })
+    }
+
+    fn throttled(&self) -> u64 {
+        self.cloud.arm_budget().map_or(0, |b| b.throttled)
+    }
 }
 
 /// Starts pod tasks; each reports its wait when wired.
@@ -317,10 +413,15 @@ fn churn_schedule(cfg: &SimConfig, slots: &[Slot], pods: &Pods) -> u64 {
 /// Addresses held twice, and held addresses not on the node's NIC in the mock.
 fn verify(mock: &MockServer, nodes: &[Arc<Node>]) -> (u64, u64) {
     let state = mock.state();
+    // A block (prefix mode) holds every address of its prefix.
     let on_nic: HashSet<(String, Ipv4Addr)> = state
         .addresses
         .iter()
-        .map(|a| (a.vm.clone(), a.ip))
+        .flat_map(|a| {
+            let len = a.prefix_len.unwrap_or(32);
+            let block = Ipv4Network::new(a.ip, len).expect("a valid block");
+            block.iter().map(move |ip| (a.vm.clone(), ip))
+        })
         .collect();
     let mut seen: HashMap<Ipv4Addr, usize> = HashMap::new();
     let mut missing = 0;
@@ -346,7 +447,10 @@ fn settings_json(cfg: &SimConfig) -> serde_json::Value {
         "operation_retry_after_secs": cfg.operation_retry_after_secs,
         "churn_interval_s": cfg.churn_interval.as_secs_f64(),
         "churn_duration_s": cfg.churn_duration.as_secs_f64(),
-        "pool": {"warm": p.warm, "batch": p.batch, "max": p.max, "cooldown_secs": p.cooldown_secs, "allocate_timeout_secs": p.allocate_timeout_secs, "release_delay_secs": p.release_delay_secs},
+        "pool": {"mode": p.mode, "warm": p.warm, "batch": p.batch, "max": p.max, "cooldown_secs": p.cooldown_secs, "allocate_timeout_secs": p.allocate_timeout_secs, "release_delay_secs": p.release_delay_secs},
+        "cluster_answer_timeout_s": cfg.node.cluster_answer_timeout.as_secs_f64(),
+        "allocator_reads": {"size": cfg.allocator_reads.size, "refill_per_sec": cfg.allocator_reads.refill_per_sec},
+        "allocator_writes": {"size": cfg.allocator_writes.size, "refill_per_sec": cfg.allocator_writes.refill_per_sec},
         "naive_timer_s": cfg.node.naive_timer.as_secs_f64(),
         "naive_backoff_s": cfg.node.naive_backoff.as_secs_f64(),
     })
