@@ -308,12 +308,16 @@ impl Cluster {
         // its Lease). The agents' calls (watch of their pool, patch of its status) are within
         // it too; the pools exist before the agents start, so none needs `create`.
         let fake = FakeApi::with_role("vnet-cni-allocator");
+        let topology = mock.topology();
         for i in 1..=cfg.nodes {
             let name = format!("node-{i}");
+            // As kubelet registers it on Azure: the allocator serves a pool only for its Node's VM.
+            let provider_id = vnet_allocator::provider_id(&topology.vm_id(&name));
             fake.put(
                 NODES,
                 serde_json::json!({"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": name, "uid": format!("uid-{name}")}}),
+                    "metadata": {"name": name, "uid": format!("uid-{name}")},
+                    "spec": {"providerID": provider_id}}),
             );
             fake.put(
                 POOLS,
