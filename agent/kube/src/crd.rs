@@ -114,9 +114,11 @@ pub struct CloudRequest {
     /// Prefix length of new blocks (Azure: 28).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_prefix_length: Option<u8>,
-    /// Addresses the agent gave up (free and cooled down; a block only with every one of its
-    /// addresses): the allocator removes their ipConfigurations. The counts above already
-    /// exclude them.
+    /// Names of the ipConfigurations of ours the agent gave up (the `name` of entries in
+    /// `status.cloud.secondaryIps`; a block is one entry, listed only when every one of its
+    /// addresses is free and cooled down): the allocator removes those entries. Names, not
+    /// addresses: Azure hands a released address out again under a new name, and that entry
+    /// must stay. The counts above already exclude them.
     #[serde(default)]
     pub release: Vec<String>,
     /// Pods waiting on this node for an address now: nodes with waiting pods are served before

@@ -72,7 +72,13 @@ enum Mode {
 #[derive(Default)]
 struct Nic {
     entries: Vec<SecondaryIpRef>,
+    /// Names are never given twice (Azure's are random).
     next: u32,
+    /// Released single addresses (`10.0.1.<n>`): handed out again first, lowest first, as Azure
+    /// and the mock do.
+    free: BTreeSet<u32>,
+    /// Highest single address handed out.
+    top: u32,
 }
 
 /// The allocator's side, scripted: it answers in `status.cloud` through the fake's store (no API
@@ -103,7 +109,19 @@ impl Script {
                 updated: "2026-12-01T00:00:00Z".into(),
             });
         }
-        nic.entries.retain(|e| !release.contains(e.ip.as_str()));
+        // By name (the contract), or by address as the first contract had it: the tests check
+        // what the provider writes, and an address there shows its danger (a reused address).
+        let named = |e: &SecondaryIpRef| {
+            release.contains(e.name.as_str()) || release.contains(e.ip.as_str())
+        };
+        let gone: Vec<SecondaryIpRef> = nic.entries.iter().filter(|e| named(e)).cloned().collect();
+        for e in &gone {
+            if e.prefix_length == 32 {
+                let n = e.ip.rsplit('.').next().unwrap().parse().unwrap();
+                nic.free.insert(n);
+            }
+        }
+        nic.entries.retain(|e| !named(e));
         let singles = nic.entries.iter().filter(|e| e.prefix_length == 32).count() as u32;
         let blocks = nic.entries.len() as u32 - singles;
         let wants_more = request.addresses > singles || request.blocks > blocks;
@@ -121,9 +139,16 @@ impl Script {
                 Mode::Serve | Mode::GateReleases | Mode::RefuseReleases | Mode::HoldAsks => {
                     for _ in singles..request.addresses {
                         nic.next += 1;
-                        let n = nic.next;
+                        let name = format!("vnet-cni-{}", nic.next);
+                        let n = match nic.free.pop_first() {
+                            Some(n) => n,
+                            None => {
+                                nic.top += 1;
+                                nic.top
+                            }
+                        };
                         nic.entries.push(SecondaryIpRef {
-                            name: format!("vnet-cni-{n}"),
+                            name,
                             ip: format!("10.0.1.{n}"),
                             prefix_length: 32,
                         });
@@ -337,7 +362,7 @@ async fn release_waits_for_the_answer_then_forgets_the_addresses() {
     });
     // Let the request be written and seen; the allocator holds its answer.
     until(
-        || stored_request(&fake).release.contains(&ip.to_string()),
+        || stored_request(&fake).release.contains(&got[0].name),
         "the release is written",
     )
     .await;
@@ -488,4 +513,86 @@ async fn pods_that_start_waiting_join_the_unanswered_ask() {
     // A hint with no ask outstanding raises nothing.
     p.set_waiting_pods(50);
     assert_eq!(stored_request(&fake).addresses, 38);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_released_address_given_back_under_a_new_name_is_never_asked_to_be_released() {
+    let fake = fake_with_node();
+    let script = allocator(&fake, Mode::GateReleases);
+    let p = Arc::new(provider(&fake, LONG));
+    let id = p.discover().await.unwrap();
+    let got = p.assign_ips(&id.nic_id, SUBNET, 3).await.unwrap();
+    let old = got[0].clone();
+    // The release is written; its answer is held...
+    let release = tokio::spawn({
+        let (p, nic, ip) = (p.clone(), id.nic_id.clone(), old.ip);
+        async move { p.release_ips(&nic, &[ip]).await }
+    });
+    until(
+        || !stored_request(&fake).release.is_empty(),
+        "the release is written",
+    )
+    .await;
+    let stored = stored_request(&fake).release;
+    // ...and an assign writes the next generation, which still lists the release.
+    let assign = tokio::spawn({
+        let (p, nic) = (p.clone(), id.nic_id.clone());
+        async move { p.assign_ips(&nic, SUBNET, 1).await }
+    });
+    let asked = stored_request(&fake).generation;
+    until(
+        || stored_request(&fake).generation > asked,
+        "the assign is written",
+    )
+    .await;
+    // The allocator removes the old entry and gives its address back under a new name.
+    script.gate.notify_one();
+    release.await.unwrap().unwrap();
+    let new = assign.await.unwrap().unwrap();
+    assert_eq!(new.len(), 1);
+    assert_eq!(
+        new[0].ip, old.ip,
+        "the scripted allocator reuses the address"
+    );
+    assert_ne!(new[0].name, old.name);
+    // The pod's new entry is never asked to be released, by address or by name.
+    *script.mode.lock().unwrap() = Mode::Serve;
+    p.assign_ips(&id.nic_id, SUBNET, 1).await.unwrap();
+    let request = stored_request(&fake);
+    assert!(
+        !request.release.contains(&old.ip.to_string()) && !request.release.contains(&new[0].name),
+        "{:?}",
+        request.release
+    );
+    let listed = p.list_secondary_ips(&id.nic_id).await.unwrap();
+    assert!(
+        listed.contains(&new[0]),
+        "the reused address stays on the NIC"
+    );
+    assert_eq!(listed.len(), 4);
+    assert_eq!(stored, vec![old.name.clone()], "released by name");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_block_is_released_by_its_name_only_with_every_address() {
+    let fake = fake_with_node();
+    allocator(&fake, Mode::Serve);
+    let p = provider(&fake, LONG);
+    let id = p.discover().await.unwrap();
+    let blocks = p.assign_blocks(&id.nic_id, SUBNET, 1, 28).await.unwrap();
+    let addresses: Vec<_> = blocks[0].addresses().collect();
+    assert_eq!(addresses.len(), 16);
+    // Part of the block, and an address of no entry: nothing asked, no error.
+    let stranger = "10.9.9.9".parse().unwrap();
+    let generation = stored_request(&fake).generation;
+    p.release_ips(&id.nic_id, &[addresses[0], stranger])
+        .await
+        .unwrap();
+    assert_eq!(stored_request(&fake).generation, generation);
+    assert_eq!(p.list_secondary_ips(&id.nic_id).await.unwrap().len(), 1);
+    p.release_ips(&id.nic_id, &addresses).await.unwrap();
+    let request = stored_request(&fake);
+    assert_eq!(request.release, vec![blocks[0].name.clone()]);
+    assert_eq!(request.blocks, 0);
+    assert!(p.list_secondary_ips(&id.nic_id).await.unwrap().is_empty());
 }

@@ -249,6 +249,6 @@ pub(super) fn held_of_kind(
 ) -> u32 {
     on_nic
         .iter()
-        .filter(|e| of_kind(e) && !e.addresses().all(|a| d.releasing.contains_key(&a)))
+        .filter(|e| of_kind(e) && !d.releasing.contains(&e.name))
         .count() as u32
 }

@@ -10,7 +10,7 @@
 //! `list_secondary_ips` shows them and the agent's reconcile adopts them into its pool (and
 //! releases what it does not need).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -80,8 +80,9 @@ struct Desired {
     sent: u64,
     /// Names of entries already returned by an assign (so two coalesced callers split them).
     handed: HashSet<String>,
-    /// Released addresses, with the generation that asked for their removal.
-    releasing: BTreeMap<Ipv4Addr, u64>,
+    /// Names of the entries released and still listed by the allocator. Names, not addresses:
+    /// Azure hands a released address out again under a new name, and that entry must stay.
+    releasing: BTreeSet<String>,
     /// From the agent's hint; sent with the next change.
     waiting_pods: u32,
     /// The assign waiting for the allocator, which pods that start waiting meanwhile join.
@@ -230,8 +231,7 @@ impl ClusterProvider {
                 return Ok(());
             }
             let mut request = d.request.clone().unwrap_or_default();
-            let releasing = &d.releasing;
-            request.release = releasing.keys().map(|ip| ip.to_string()).collect();
+            request.release = d.releasing.iter().cloned().collect();
             d.sent = request.generation;
             request
         };
@@ -311,18 +311,15 @@ impl ClusterProvider {
     }
 }
 
-/// Forgets released addresses the allocator removed (an answer at or after their generation no
-/// longer shows them): the NIC may get the same address again later, and it must stay then.
+/// Forgets released entries the allocator removed (the answer no longer lists their name): a
+/// name is never given again, so an entry gone never comes back, and asking for it is useless.
 fn prune_released(d: &mut Desired, answer: &CloudAnswer) {
-    let held: HashSet<Ipv4Addr> = answer
+    let listed: HashSet<&str> = answer
         .secondary_ips
         .iter()
-        .filter_map(|e| e.to_secondary_ip("").ok())
-        .flat_map(|e| e.addresses())
+        .map(|e| e.name.as_str())
         .collect();
-    let observed = answer.observed_generation;
-    d.releasing
-        .retain(|ip, asked| observed < *asked || held.contains(ip));
+    d.releasing.retain(|name| listed.contains(name.as_str()));
 }
 
 #[async_trait]
@@ -392,13 +389,24 @@ impl CloudProvider for ClusterProvider {
     async fn release_ips(&self, _nic_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
         let ctx = self.ctx().await?;
         let on_nic = Self::on_nic(ctx);
-        let named: HashSet<Ipv4Addr> = ips.iter().copied().collect();
-        // Entries that go: a single address named, or a block with every address named.
+        let given: HashSet<Ipv4Addr> = ips.iter().copied().collect();
+        // Entries that go: a single address given, or a block with every address given. They
+        // are released by name (the allocator's contract).
         let going: Vec<SecondaryIp> = on_nic
             .iter()
-            .filter(|e| e.addresses().all(|a| named.contains(&a)))
+            .filter(|e| e.addresses().all(|a| given.contains(&a)))
             .cloned()
             .collect();
+        let covered: HashSet<Ipv4Addr> = going.iter().flat_map(|e| e.addresses()).collect();
+        let unknown: Vec<String> = ips
+            .iter()
+            .filter(|ip| !covered.contains(ip))
+            .map(|ip| ip.to_string())
+            .collect();
+        if !unknown.is_empty() {
+            // Absent entries are no error (the trait's rule); a block given in part stays whole.
+            info!(node = %ctx.name, addresses = ?unknown, "not releasing addresses that are no whole entry of the allocator's last answer");
+        }
         if going.is_empty() {
             return Ok(());
         }
@@ -409,9 +417,7 @@ impl CloudProvider for ClusterProvider {
             .change(ctx, |r, d| {
                 let held_s = held_of_kind(&on_nic, d, |e| !e.is_block());
                 let held_b = held_of_kind(&on_nic, d, |e| e.is_block());
-                for ip in going.iter().flat_map(|e| e.addresses()) {
-                    d.releasing.insert(ip, r.generation);
-                }
+                d.releasing.extend(going.iter().map(|e| e.name.clone()));
                 r.addresses = r.addresses.min(held_s).saturating_sub(singles);
                 r.blocks = r.blocks.min(held_b).saturating_sub(blocks);
             })
@@ -443,8 +449,8 @@ impl CloudProvider for ClusterProvider {
                 // Not released: the agent reads the NIC and takes back what is still there.
                 let restore = self
                     .change(ctx, |r, d| {
-                        for ip in going.iter().flat_map(|e| e.addresses()) {
-                            d.releasing.remove(&ip);
+                        for e in &going {
+                            d.releasing.remove(&e.name);
                         }
                         r.addresses += singles;
                         r.blocks += blocks;
