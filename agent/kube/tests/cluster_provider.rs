@@ -596,3 +596,32 @@ async fn a_block_is_released_by_its_name_only_with_every_address() {
     assert_eq!(request.blocks, 0);
     assert!(p.list_secondary_ips(&id.nic_id).await.unwrap().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_during_an_allocator_outage_answers_from_the_stored_answer() {
+    let fake = fake_with_node();
+    let script = allocator(&fake, Mode::Serve);
+    let id = {
+        let p = provider(&fake, LONG);
+        let id = p.discover().await.unwrap();
+        p.assign_ips(&id.nic_id, SUBNET, 3).await.unwrap();
+        id
+    };
+    // The allocator goes down; the previous run had asked for more before it stopped.
+    *script.mode.lock().unwrap() = Mode::Silent;
+    let mut pool = fake.get(POOLS, NODE).unwrap();
+    let mut pending = stored_request(&fake);
+    pending.generation += 1;
+    pending.addresses += 2;
+    pool["status"]["cloudRequest"] = serde_json::to_value(&pending).unwrap();
+    fake.put(POOLS, pool);
+    // A restarted provider: the node and the NIC as last answered, not an error after the
+    // answer timeout (no answer will come), and no new ask.
+    let p = provider(&fake, LONG);
+    assert_eq!(p.discover().await.unwrap(), id);
+    assert_eq!(stored_request(&fake).generation, pending.generation);
+    assert_eq!(p.list_secondary_ips(&id.nic_id).await.unwrap().len(), 3);
+    // Its own ask is still waited for (and times out unanswered).
+    let err = p.assign_ips(&id.nic_id, SUBNET, 1).await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+}

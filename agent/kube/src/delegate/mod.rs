@@ -74,8 +74,11 @@ impl InstanceSource {
 struct Desired {
     /// `None` until read from the stored status (a restart continues its generation).
     request: Option<CloudRequest>,
-    /// Highest generation written successfully.
+    /// Highest generation written successfully (by this process or, read at start, an earlier one).
     written: u64,
+    /// Highest generation this process wrote: only its own asks are worth waiting for (an
+    /// earlier run's may stay unanswered while the allocator is down).
+    mine: u64,
     /// Highest generation a snapshot was taken of (a change after it needs a new generation).
     sent: u64,
     /// Names of entries already returned by an assign (so two coalesced callers split them).
@@ -245,6 +248,7 @@ impl ClusterProvider {
                 debug!(node = %ctx.name, generation = snapshot.generation, addresses = snapshot.addresses, blocks = snapshot.blocks, release = snapshot.release.len(), "cloud request written");
                 let mut d = self.desired.lock().unwrap();
                 d.written = d.written.max(snapshot.generation);
+                d.mine = d.mine.max(snapshot.generation);
                 Ok(())
             }
             Err(e) => Err(transient(format!(
@@ -328,6 +332,30 @@ impl CloudProvider for ClusterProvider {
         let instance = self.instance.get().await?;
         let ctx = self.ctx().await?;
         let wanted = InstanceRef::from(&instance);
+        // Resolved by an earlier run for the same VM: at once, even with the allocator down and
+        // that run's last ask unanswered (the identity of a VM does not change).
+        let stored = ctx
+            .seen
+            .borrow()
+            .answer
+            .as_ref()
+            .and_then(|a| a.identity.clone())
+            .filter(|i| i.vm_id.eq_ignore_ascii_case(&wanted.vm_id));
+        if let Some(identity) = stored {
+            let same = self
+                .desired
+                .lock()
+                .unwrap()
+                .request
+                .as_ref()
+                .is_some_and(|r| r.instance == wanted);
+            if !same {
+                // The allocator's later work uses the facts of now.
+                self.change(ctx, |r, _| r.instance = wanted).await?;
+            }
+            return NodeIdentity::try_from(&identity)
+                .map_err(|e| CloudError::Fatal(format!("the allocator's answer: {e}")));
+        }
         // Known from an earlier run (same machine, answered with its identity): no new ask.
         let known = {
             let d = self.desired.lock().unwrap();
@@ -358,8 +386,11 @@ impl CloudProvider for ClusterProvider {
 
     async fn list_secondary_ips(&self, _nic_id: &str) -> Result<Vec<SecondaryIp>, CloudError> {
         let ctx = self.ctx().await?;
-        let outstanding = self.desired.lock().unwrap().written;
-        let answer = self.answer(ctx, outstanding).await?;
+        // Waits only for this process's own writes: the allocator is the only writer of the
+        // answer, which lists every entry of ours after its last read or write, so the latest
+        // one is the NIC as far as anyone knows (a restart during an outage does not stall).
+        let mine = self.desired.lock().unwrap().mine;
+        let answer = self.answer(ctx, mine).await?;
         if answer.identity.is_none() {
             return Err(Self::error_of(&answer)
                 .unwrap_or_else(|| transient("the cluster allocator has not resolved this node")));
