@@ -276,7 +276,7 @@ pub async fn run(options: Options, mut shutdown: watch::Receiver<bool>) -> Resul
     // Served until `run` returns (not stopped by the signal): the probes keep answering while
     // in-flight requests finish, with /readyz saying the agent is stopping.
     let mut metrics_task = AbortOnDrop(tokio::spawn(async move {
-        crate::listener::serve(metrics_listener, metrics_app).await;
+        vnet_kube::listener::serve(metrics_listener, metrics_app).await;
     }));
 
     probes.set_phase("discovering the node through the cloud");

@@ -16,7 +16,6 @@ pub mod config;
 pub mod daemon;
 pub mod ipam;
 pub mod kubernetes;
-pub mod listener;
 pub mod logging;
 pub mod masq;
 pub mod metrics;

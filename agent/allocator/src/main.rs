@@ -144,7 +144,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let listener_task = tokio::spawn(http::serve(listener, http::router(counters, cloud.clone())));
+    let listener_task = tokio::spawn(vnet_kube::listener::serve(
+        listener,
+        http::router(counters, cloud.clone()),
+    ));
 
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -32,6 +32,7 @@ pub mod cloud_ref;
 pub mod conflist;
 pub mod crd;
 pub mod delegate;
+pub mod listener;
 mod sync;
 
 use std::path::{Path, PathBuf};

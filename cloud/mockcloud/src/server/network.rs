@@ -149,8 +149,9 @@ pub(super) async fn arm(
 /// `privateIPAddressPrefixLength` (Azure/azure-rest-api-specs#27014 adds it to 2023-09-01).
 pub const PREFIX_API_VERSION: &str = "2023-09-01";
 
-/// A NIC as an api-version shows it: one older than [`PREFIX_API_VERSION`] has no
-/// `privateIPAddressPrefixLength` (what else NRP shows of a block then is unverified).
+/// A NIC document (read or written) as the request's api-version knows it: one older than
+/// [`PREFIX_API_VERSION`] has no `privateIPAddressPrefixLength` (what else NRP shows of a block
+/// then, or does with such a write, is unverified).
 fn as_of_api_version(mut doc: Value, ctx: &Ctx) -> Value {
     let version = ctx.query.get("api-version").map(String::as_str);
     if version.is_some_and(|v| v < PREFIX_API_VERSION)
@@ -166,7 +167,7 @@ fn as_of_api_version(mut doc: Value, ctx: &Ctx) -> Value {
 }
 
 fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &str) -> Response {
-    let mut body: Value = match serde_json::from_slice(&ctx.body) {
+    let body: Value = match serde_json::from_slice(&ctx.body) {
         Ok(body) => body,
         Err(e) => {
             return arm_error(ArmError::bad_request(
@@ -176,17 +177,8 @@ fn nic_put(app: &App, ctx: &Ctx, nic: &str, caller: Option<&Principal>, scope: &
         }
     };
     // An older api-version has no such property: the request's prefix length is dropped and
-    // the configuration gets one address (what NRP does then is unverified).
-    let version = ctx.query.get("api-version").map(String::as_str);
-    if version.is_some_and(|v| v < PREFIX_API_VERSION)
-        && let Some(configs) = body["properties"]["ipConfigurations"].as_array_mut()
-    {
-        for config in configs {
-            if let Some(props) = config["properties"].as_object_mut() {
-                props.remove("privateIPAddressPrefixLength");
-            }
-        }
-    }
+    // the configuration gets one address.
+    let body = as_of_api_version(body, ctx);
     let refs = rules::nic_linked_references(&body);
     if let Err(e) = check_linked_access(caller, action_for("nic_put"), scope, refs) {
         return arm_error(e);

@@ -1,5 +1,5 @@
-//! The metrics and probe listener (TCP): bounded so that no local process can exhaust the
-//! agent's file descriptors or tasks and break ADD.
+//! The metrics and probe listener (TCP) of the agent and the allocator: bounded so that no local
+//! process can exhaust their file descriptors or tasks (on a node that would break ADD).
 //!
 //! - at most [`MAX_CONNECTIONS`] at once: a connection over the cap is closed at once (the
 //!   kernel's backlog does not fill; a probe retried a moment later gets in);
