@@ -116,6 +116,13 @@ pub struct CountersSnapshot {
 }
 
 impl Counters {
+    /// Adds the ARM calls a job sent (finished, aborted or panicked alike).
+    pub(crate) fn add_calls(&self, calls: &vnet_cloud::azure::ArmCalls) {
+        self.arm_reads.fetch_add(calls.reads, Ordering::Relaxed);
+        self.arm_writes.fetch_add(calls.writes, Ordering::Relaxed);
+        self.throttled.fetch_add(calls.throttled, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> CountersSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CountersSnapshot {

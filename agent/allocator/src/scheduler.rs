@@ -316,13 +316,7 @@ async fn abort_jobs(jobs: &mut JoinSet<Finished>, in_flight: &mut InFlight, coun
     );
     jobs.shutdown().await;
     let sent = in_flight.clear();
-    counters.arm_reads.fetch_add(sent.reads, Ordering::Relaxed);
-    counters
-        .arm_writes
-        .fetch_add(sent.writes, Ordering::Relaxed);
-    counters
-        .throttled
-        .fetch_add(sent.throttled, Ordering::Relaxed);
+    counters.add_calls(&sent);
     counters.in_flight.store(0, Ordering::Relaxed);
 }
 
@@ -346,13 +340,7 @@ fn joined(
                 return;
             };
             tracing::error!(node = %name, %error, "allocator job failed");
-            counters.arm_reads.fetch_add(sent.reads, Ordering::Relaxed);
-            counters
-                .arm_writes
-                .fetch_add(sent.writes, Ordering::Relaxed);
-            counters
-                .throttled
-                .fetch_add(sent.throttled, Ordering::Relaxed);
+            counters.add_calls(&sent);
             let memo = memos.entry(name).or_default();
             memo.nic_known = false;
             memo.failures += 1;
@@ -526,15 +514,7 @@ fn finish(
             .writes
             .at_most(w.remaining as f64 + refilled - w.sent_since as f64);
     }
-    counters
-        .arm_reads
-        .fetch_add(f.calls.reads, Ordering::Relaxed);
-    counters
-        .arm_writes
-        .fetch_add(f.calls.writes, Ordering::Relaxed);
-    counters
-        .throttled
-        .fetch_add(f.calls.throttled, Ordering::Relaxed);
+    counters.add_calls(&f.calls);
     let memo = memos.entry(f.name.clone()).or_default();
     let resolved = memo.identity.is_none() && f.done.identity.is_some();
     if resolved {

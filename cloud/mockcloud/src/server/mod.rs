@@ -331,30 +331,17 @@ async fn route(app: &App, ctx: &Ctx, segments: &[&str]) -> (Option<&'static str>
             "subscriptions",
             sub,
             "providers",
-            "Microsoft.Network",
+            provider @ ("Microsoft.Network" | "Microsoft.Compute"),
             "locations",
             _,
             "operations",
             id,
         ] => {
-            let op = "operation_get";
-            let scope = format!("/{}", segments.join("/"));
-            if let Err(e) = arm_prelude(app, ctx, op, sub, None, &Method::GET, &scope).await {
-                return (Some(op), arm_error(e));
-            }
-            (Some(op), operation_status(app, ctx, id).await)
-        }
-        [
-            "subscriptions",
-            sub,
-            "providers",
-            "Microsoft.Compute",
-            "locations",
-            _,
-            "operations",
-            id,
-        ] => {
-            let op = "compute_operation_get";
+            let op = if *provider == "Microsoft.Network" {
+                "operation_get"
+            } else {
+                "compute_operation_get"
+            };
             let scope = format!("/{}", segments.join("/"));
             if let Err(e) = arm_prelude(app, ctx, op, sub, None, &Method::GET, &scope).await {
                 return (Some(op), arm_error(e));
