@@ -393,6 +393,14 @@ async fn a_leader_cut_off_stops_its_job_before_the_standby_calls_arm() {
         old,
         "no ARM call of the old leader after the new leader's first"
     );
+    // The answer is visible once its patch lands; the job is counted when the scheduler joins
+    // it, a moment later.
+    for _ in 0..100 {
+        if second.counters.snapshot().jobs_done > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert_eq!(second.counters.snapshot().jobs_done, 1);
     second.stop().await;
     cut_off.store(false, Ordering::SeqCst);
