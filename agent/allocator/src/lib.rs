@@ -10,9 +10,9 @@
 //!
 //! Leader-elected through a Lease ([`lease`]): of its replicas only the leader calls ARM.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use vnet_cloud::azure::AzureProvider;
 
@@ -97,6 +97,21 @@ pub struct Counters {
     /// What the allocator believes is left in ARM's buckets (whole tokens).
     pub local_reads: AtomicU64,
     pub local_writes: AtomicU64,
+    /// When the scheduler's loop last went round ([`monotonic_ms`]; 0: not started). It goes
+    /// round at least every half second, so an old value means the loop is wedged.
+    pub loop_at_ms: AtomicU64,
+}
+
+/// The scheduler's loop may go this long without a round before /healthz fails (and the
+/// kubelet restarts the replica): far beyond its half-second tick, well inside a liveness
+/// probe's patience.
+pub const LOOP_STALL: Duration = Duration::from_secs(30);
+
+/// Milliseconds on a monotonic clock that starts with the process (never 0 once read: it
+/// starts at 1).
+pub fn monotonic_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// A snapshot of [`Counters`].
@@ -121,6 +136,26 @@ impl Counters {
         self.arm_reads.fetch_add(calls.reads, Ordering::Relaxed);
         self.arm_writes.fetch_add(calls.writes, Ordering::Relaxed);
         self.throttled.fetch_add(calls.throttled, Ordering::Relaxed);
+    }
+
+    /// The loop went round just now.
+    pub(crate) fn loop_went_round(&self) {
+        self.loop_at_ms.store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// For /healthz: an error naming how long the scheduler's loop has not gone round, when
+    /// that is longer than [`LOOP_STALL`] (a loop that has not started yet is healthy).
+    pub fn loop_health(&self, now_ms: u64) -> Result<(), String> {
+        let at = self.loop_at_ms.load(Ordering::Relaxed);
+        let idle = Duration::from_millis(now_ms.saturating_sub(at));
+        if at != 0 && idle > LOOP_STALL {
+            return Err(format!(
+                "the allocator's scheduler loop has not run for {} s (limit {} s)",
+                idle.as_secs(),
+                LOOP_STALL.as_secs()
+            ));
+        }
+        Ok(())
     }
 
     pub fn snapshot(&self) -> CountersSnapshot {
@@ -199,4 +234,23 @@ fn validate(s: &Settings) -> Result<(), Error> {
         return bad("holder, lease_name and namespace must be set".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_fails_once_the_loop_has_not_gone_round_for_the_stall_limit() {
+        let counters = Counters::default();
+        // Not started yet: healthy (the Lease and the watches may still be starting).
+        assert_eq!(counters.loop_health(1_000_000), Ok(()));
+        counters.loop_at_ms.store(10_000, Ordering::Relaxed);
+        let stall = LOOP_STALL.as_millis() as u64;
+        assert_eq!(counters.loop_health(10_000 + stall), Ok(()));
+        let err = counters.loop_health(10_000 + stall + 1_000).unwrap_err();
+        assert!(err.contains("has not run for 31 s"), "{err}");
+        counters.loop_went_round();
+        assert_eq!(counters.loop_health(monotonic_ms()), Ok(()));
+    }
 }

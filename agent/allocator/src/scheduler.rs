@@ -215,6 +215,7 @@ pub(crate) async fn run(
 
     let mut was_holding = false;
     loop {
+        counters.loop_went_round();
         let leading = leadership.leading();
         let jobs_until = leadership.jobs_until();
         counters
