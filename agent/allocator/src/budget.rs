@@ -17,6 +17,15 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+/// The share of each bucket that work nobody waits for (a warm-pool top-up, a release) may not
+/// spend: below it only nodes with pods waiting, and resolves (a node's agent cannot serve
+/// before its identity is known), are started. A quarter, as the agents' own top-up gate uses
+/// in per-node mode: at the default plan 60 reads and 47 writes, room for a wave of nodes whose
+/// pods wait. When a cluster starts cold, the resolves drain the read bucket within seconds, so
+/// a node's first top-up waits, and the pods that reach the node meanwhile join it: one write
+/// for both instead of a top-up followed at once by a second write for the pods.
+pub const SPARE_RESERVE: f64 = 0.25;
+
 /// One of ARM's buckets: `size` tokens, refilled at `refill_per_sec`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct BucketSettings {
@@ -68,7 +77,17 @@ impl Bucket {
     /// estimate: a full bucket waits for the outstanding calls to be sent). A job larger than
     /// the bucket waits for a full bucket.
     pub fn wait_for(&self, n: f64, outstanding: f64) -> Duration {
-        let need = outstanding + n.min(self.settings.size);
+        self.wait_for_level(outstanding + n.min(self.settings.size))
+    }
+
+    /// As [`Bucket::wait_for`], but the job may not take the bucket below [`SPARE_RESERVE`]
+    /// of its size: that part is kept for work pods wait for.
+    pub fn wait_for_spare(&self, n: f64, outstanding: f64) -> Duration {
+        let reserve = self.settings.size * SPARE_RESERVE;
+        self.wait_for_level(outstanding + (n + reserve).min(self.settings.size))
+    }
+
+    fn wait_for_level(&self, need: f64) -> Duration {
         if self.level >= need {
             return Duration::ZERO;
         }
@@ -121,6 +140,14 @@ impl Budget {
             .wait_for(cost.reads, outstanding.reads)
             .max(self.writes.wait_for(cost.writes, outstanding.writes))
     }
+
+    /// As [`Budget::wait_for`] for work nobody waits for: it leaves [`SPARE_RESERVE`] of each
+    /// bucket untouched.
+    pub fn wait_for_spare(&self, cost: Cost, outstanding: Cost) -> Duration {
+        self.reads
+            .wait_for_spare(cost.reads, outstanding.reads)
+            .max(self.writes.wait_for_spare(cost.writes, outstanding.writes))
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +183,22 @@ mod tests {
         assert_eq!(b.level(), 3.0);
         // Larger than the bucket: waits for a full one, not forever.
         assert_eq!(b.wait_for(50.0, 0.0), Duration::from_secs_f64(3.5));
+    }
+
+    #[test]
+    fn spare_work_leaves_a_quarter_of_the_bucket_to_work_pods_wait_for() {
+        let t0 = Instant::now();
+        let mut b = bucket(t0);
+        // Full (10): a job of 2 fits either way.
+        assert_eq!(b.wait_for_spare(2.0, 0.0), Duration::ZERO);
+        // Level 4, reserve 2.5: a job of 2 fits only if pods wait for it.
+        b.advance(t0, 6);
+        assert_eq!(b.wait_for(2.0, 0.0), Duration::ZERO);
+        assert_eq!(b.wait_for_spare(2.0, 0.0), Duration::from_secs_f64(0.25));
+        // Outstanding reservations count against the spare part too.
+        assert_eq!(b.wait_for_spare(1.0, 1.0), Duration::from_secs_f64(0.25));
+        // Never more than the bucket's size.
+        assert_eq!(b.wait_for_spare(50.0, 0.0), Duration::from_secs(3));
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod scheduler;
 mod work;
 
 pub use budget::BucketSettings;
+pub use queue::START_SETTLE;
 
 /// How the allocator runs. [`Settings::default`] suits a real cluster.
 #[derive(Debug, Clone)]

@@ -2,8 +2,10 @@
 //!
 //! - A node needs work when its `cloudRequest.generation` differs from the generation last
 //!   answered (or the answer was a retryable error whose retry is due).
-//! - Nodes with pods waiting go first (most waiting first), then by how long they have had work
-//!   waiting, then by name.
+//! - Nodes with pods waiting go first (most waiting first), then nodes still to be resolved (their
+//!   agent cannot serve anything before), then by how long they have had work waiting, then by
+//!   name. What is left is work nobody waits for (a warm-pool top-up, a release): it may not
+//!   spend the budget's reserve ([`crate::budget::SPARE_RESERVE`]).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -17,6 +19,16 @@ use crate::budget::Cost;
 
 /// Retry of a node whose job failed retryably, without `Retry-After`: doubling up to this.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+/// How long after a node is resolved its first write waits for its first pods. A node that has
+/// just started is about to get pods: kubelet re-checks a pod held back while the node's network
+/// was not ready every 1-1.5 s (`backOffOnTransientErrorPeriod`, jittered by half), so they reach
+/// the agent over that much time after it is ready. The agent asks for its warm pool the moment
+/// it is resolved, and each pod that arrives while the ask is unanswered joins it. Written at
+/// once, the ask would leave with the warm pool and the first pod or two, and the rest would
+/// wait for a second write (3 s later at the lab's timing, 20 s or more on Azure). Held, one
+/// write serves them all: the first pods wait up to this much longer, the last ones less.
+pub const START_SETTLE: Duration = Duration::from_secs(2);
 
 /// What the allocator remembers of one node.
 #[derive(Debug, Default)]
@@ -33,6 +45,16 @@ pub(crate) struct Memo {
     pub(crate) due_since: Option<Instant>,
     /// Nothing for this node before then (its answer could not be written).
     pub(crate) not_before: Option<Instant>,
+    /// When this replica resolved the node (its identity came from a job, not a stored answer).
+    pub(crate) resolved_at: Option<Instant>,
+}
+
+impl Memo {
+    /// How much longer the node's first write waits for its pods ([`START_SETTLE`]), if it does.
+    pub(crate) fn settling(&self, now: Instant) -> Option<Duration> {
+        let until = self.resolved_at? + START_SETTLE;
+        (now < until).then(|| until - now)
+    }
 }
 
 /// A node's request, ready to be ordered.
@@ -40,7 +62,17 @@ pub(crate) struct Candidate {
     pub(crate) name: String,
     pub(crate) request: CloudRequest,
     pub(crate) waiting_pods: u32,
+    /// The node's identity is not known yet: its job resolves it first.
+    pub(crate) resolve: bool,
     pub(crate) since: Instant,
+}
+
+impl Candidate {
+    /// No pod waits for this job, and the node's agent already serves (it knows its identity):
+    /// a warm-pool top-up, a release.
+    pub(crate) fn waits_for_nobody(&self) -> bool {
+        self.waiting_pods == 0 && !self.resolve
+    }
 }
 
 /// Reads per job beyond what is known, learned from what jobs really cost.
@@ -84,7 +116,9 @@ pub(crate) fn candidates(
                 (a.observed_generation, retry)
             })
         });
+        // (Not while its job runs: the job brings the identity, and says it resolved the node.)
         if memo.identity.is_none()
+            && !in_flight.contains(&name)
             && let Some(known) = status.cloud.as_ref().and_then(|a| a.identity.as_ref())
         {
             memo.identity = NodeIdentity::try_from(known).ok();
@@ -102,6 +136,7 @@ pub(crate) fn candidates(
         out.push(Candidate {
             name,
             waiting_pods: request.waiting_pods,
+            resolve: memo.identity.is_none(),
             request,
             since,
         });
@@ -109,11 +144,12 @@ pub(crate) fn candidates(
     out
 }
 
-/// Most pods waiting first, then the longest waiting, then by name.
+/// Most pods waiting first, then resolves, then the longest waiting, then by name.
 pub(crate) fn order(candidates: &mut [Candidate]) {
     candidates.sort_by(|a, b| {
         b.waiting_pods
             .cmp(&a.waiting_pods)
+            .then(b.resolve.cmp(&a.resolve))
             .then(a.since.cmp(&b.since))
             .then(a.name.cmp(&b.name))
     });
@@ -160,6 +196,7 @@ mod tests {
             name: name.into(),
             request: CloudRequest::default(),
             waiting_pods,
+            resolve: false,
             since,
         }
     }
@@ -189,6 +226,36 @@ mod tests {
                 "b-top-up-new"
             ]
         );
+    }
+
+    #[test]
+    fn resolves_go_after_waiting_pods_and_before_older_top_ups() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(5);
+        let resolve = |name: &str| Candidate {
+            resolve: true,
+            ..candidate(name, 0, later)
+        };
+        let mut queue = vec![
+            candidate("top-up-old", 0, t0),
+            resolve("new-node"),
+            candidate("waiting-new", 1, later),
+        ];
+        order(&mut queue);
+        let names: Vec<&str> = queue.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["waiting-new", "new-node", "top-up-old"]);
+        let nobody: Vec<bool> = queue.iter().map(Candidate::waits_for_nobody).collect();
+        assert_eq!(nobody, [false, false, true]);
+    }
+
+    #[test]
+    fn a_freshly_resolved_node_settles_for_start_settle() {
+        let t0 = Instant::now();
+        let mut memo = Memo::default();
+        assert_eq!(memo.settling(t0), None, "identity from a stored answer");
+        memo.resolved_at = Some(t0);
+        assert_eq!(memo.settling(t0), Some(START_SETTLE));
+        assert_eq!(memo.settling(t0 + START_SETTLE), None);
     }
 
     #[test]

@@ -413,11 +413,20 @@ fn start_jobs(
     budget.advance(now, sent.reads, sent.writes);
     let mut outstanding = in_flight.outstanding();
     let mut started = 0;
+    // The soonest a top-up held for its node's pods may start.
+    let mut settled: Option<Duration> = None;
     for candidate in candidates {
         if in_flight.jobs.len() >= settings.max_in_flight {
             break;
         }
         let memo = memos.entry(candidate.name.clone()).or_default();
+        if !candidate.resolve
+            && let Some(left) = memo.settling(now)
+        {
+            // A node that has just started: the rest of its first pods are about to join.
+            settled = Some(settled.map_or(left, |s| s.min(left)));
+            continue;
+        }
         let provider_id = nodes.provider_id(&candidate.name);
         if provider_id.is_none() && now.saturating_duration_since(candidate.since) < NODE_GRACE {
             // The Node's watch event may trail its NodeIPPool's: wait for it a little (the
@@ -446,11 +455,17 @@ fn start_jobs(
             continue;
         }
         let cost = expected_cost(memo, estimates);
-        let wait = budget.wait_for(cost, outstanding);
+        let wait = if candidate.waits_for_nobody() {
+            // A top-up or a release leaves the reserve to nodes whose pods wait; while it
+            // waits, the pods that reach its node join its request (one write for both).
+            budget.wait_for_spare(cost, outstanding)
+        } else {
+            budget.wait_for(cost, outstanding)
+        };
         if !wait.is_zero() {
             // Strict priority: the first node waits for the budget, nobody overtakes it.
             depth(started);
-            return Some(wait);
+            return Some(settled.map_or(wait, |s| s.min(wait)));
         }
         outstanding.add(cost);
         let counter = Arc::new(CallCounter::default());
@@ -484,7 +499,7 @@ fn start_jobs(
         in_flight.insert(task.id(), name, cost, counter);
     }
     depth(started);
-    None
+    settled
 }
 
 fn finish(
@@ -520,6 +535,7 @@ fn finish(
     let resolved = memo.identity.is_none() && f.done.identity.is_some();
     if resolved {
         estimates.resolved_any = true;
+        memo.resolved_at = Some(now);
     }
     if let Some(identity) = f.done.identity {
         memo.identity = Some(identity);

@@ -5,10 +5,10 @@ mod support;
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{Lab, ROOMY, ips, names_of, nic_entries, roomy_limits, until};
-use vnet_allocator::BucketSettings;
+use vnet_allocator::{BucketSettings, START_SETTLE};
 use vnet_mockcloud::{Bucket, RateLimits};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,6 +209,80 @@ async fn a_node_with_waiting_pods_is_served_before_a_top_up_when_the_budget_allo
     );
     assert!(lab.nic_addresses("node-1").is_empty());
     assert_eq!(lab.nic_puts(), 1);
+    allocator.stop().await;
+}
+
+/// A cold start's first top-up leaves the budget's reserve to nodes whose pods wait; the pods
+/// that reach its node meanwhile join its request, and one write serves both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_leaves_the_reserve_to_waiting_pods_and_the_pods_that_come_join_it() {
+    let lab = Lab::new(2, "10.3.1.0/24", roomy_limits()).await;
+    // Two writes in the budget (a quarter of it, 0.5, is the reserve), no refill worth the name.
+    let writes = BucketSettings {
+        size: 2.0,
+        refill_per_sec: 0.001,
+    };
+    let allocator = lab.start(Lab::settings("a", ROOMY, writes));
+    // node-1 starts: resolved, nothing to write; past the hold of a new node's top-ups.
+    lab.ask("node-1", 1, 0, &[], 0);
+    assert_eq!(lab.answered("node-1", 1).await.error, None);
+    tokio::time::sleep(START_SETTLE).await;
+    // Pods wait on node-2: its write takes the budget down to one write.
+    lab.ask("node-2", 1, 3, &[], 3);
+    assert_eq!(lab.answered("node-2", 1).await.secondary_ips.len(), 3);
+    assert_eq!(lab.nic_puts(), 1);
+    // node-1's warm-pool top-up: one write is left, but only the reserve.
+    lab.ask("node-1", 2, 4, &[], 0);
+    until("the top-up is queued behind the reserve", || {
+        allocator.counters.queue_depth.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        lab.answer("node-1").map(|a| a.observed_generation),
+        Some(1),
+        "the top-up waits"
+    );
+    assert!(lab.nic_addresses("node-1").is_empty());
+    // Its pods arrive and join the ask (as the agent raises it): the last write serves both.
+    lab.ask("node-1", 3, 6, &[], 2);
+    let answer = lab.answered("node-1", 3).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(answer.secondary_ips.len(), 6);
+    assert_eq!(ips(&answer), lab.nic_addresses("node-1"));
+    assert_eq!(lab.nic_puts(), 2, "one write per node");
+    allocator.stop().await;
+}
+
+/// A node that has just started: its first top-up waits (the budget is full) for the pods about
+/// to arrive, which join it in one write; with no pod coming it goes alone after the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_nodes_top_up_waits_for_its_pods_and_goes_alone_when_none_come() {
+    let lab = Lab::new(2, "10.3.2.0/24", roomy_limits()).await;
+    let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    for node in ["node-1", "node-2"] {
+        lab.ask(node, 1, 0, &[], 0);
+        assert_eq!(lab.answered(node, 1).await.error, None);
+    }
+    let resolved = Instant::now();
+    // Both agents ask for their warm pool at once.
+    lab.ask("node-1", 2, 4, &[], 0);
+    lab.ask("node-2", 2, 4, &[], 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // (Only while the hold certainly runs: a test thread stalled past it proves nothing.)
+    if resolved.elapsed() < START_SETTLE / 2 {
+        assert_eq!(lab.answer("node-1").unwrap().observed_generation, 1);
+        assert_eq!(lab.nic_puts(), 0, "the top-ups wait for pods");
+    }
+    // node-1's pods arrive and join its ask: one write for both.
+    lab.ask("node-1", 3, 6, &[], 2);
+    let answer = lab.answered("node-1", 3).await;
+    assert_eq!(answer.secondary_ips.len(), 6);
+    // node-2 gets none: its top-up goes alone once the hold is over.
+    let answer = lab.answered("node-2", 2).await;
+    assert!(resolved.elapsed() >= START_SETTLE);
+    assert_eq!(answer.secondary_ips.len(), 4);
+    assert_eq!(lab.nic_puts(), 2, "one write per node");
     allocator.stop().await;
 }
 
