@@ -10,6 +10,13 @@
 //! ARM's bucket was full must not let the local one refill meanwhile (measured: that let 1,000
 //! nodes' settle reads bunch into 68 429s).
 //!
+//! A write's settle reads (the operation poll, the NIC done) cannot come before the operation's
+//! `Retry-After` has passed, so they count as due then, not at once: what refills until then
+//! pays for them (never past the bucket's size). How soon they come is learned from the jobs'
+//! own calls (the shortest of the latest delays; until one is seen, they count as due at once).
+//! Without that, the last writes of a read-bound burst start only once their settle reads are in
+//! the bucket already, a write's duration later than the budget needs.
+//!
 //! What ARM reports (`x-ms-ratelimit-remaining-*`, plus the refill since and minus what was sent
 //! since) lowers the level when ARM knows of less (a caller the allocator does not see).
 
@@ -87,6 +94,24 @@ impl Bucket {
         self.wait_for_level(outstanding + (n + reserve).min(self.settings.size))
     }
 
+    /// How long until `now` tokens can be taken at once and, besides, each of `later`'s amounts
+    /// when it falls due (seconds from now), leaving `reserve` in the bucket throughout. What
+    /// refills before a due time counts towards it, never past the bucket's size.
+    pub fn wait_for_dues(&self, now: f64, later: &[(f64, f64)], reserve: f64) -> Duration {
+        let rate = self.settings.refill_per_sec;
+        let mut short = (now + reserve - self.level).max(0.0);
+        let base = self.level - now;
+        let mut later = later.to_vec();
+        later.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut due = 0.0;
+        for (at, amount) in later {
+            due += amount;
+            let available = (base + rate * at.max(0.0)).min(self.settings.size) - reserve;
+            short = short.max(due - available);
+        }
+        Duration::from_secs_f64(short.max(0.0) / rate)
+    }
+
     fn wait_for_level(&self, need: f64) -> Duration {
         if self.level >= need {
             return Duration::ZERO;
@@ -105,12 +130,59 @@ impl Bucket {
 pub struct Cost {
     pub reads: f64,
     pub writes: f64,
+    /// Of `reads`, those that follow the job's write (its settle reads: they cannot be sent
+    /// before the write's operation is polled, `Retry-After` after the write).
+    pub settle_reads: f64,
 }
 
 impl Cost {
     pub fn add(&mut self, other: Cost) {
         self.reads += other.reads;
         self.writes += other.writes;
+        self.settle_reads += other.settle_reads;
+    }
+
+    /// The reads due at once (before the write).
+    pub fn first_reads(&self) -> f64 {
+        (self.reads - self.settle_reads).max(0.0)
+    }
+}
+
+/// What the jobs under way still owe the read bucket: at once, and later (the settle reads,
+/// with how many seconds from now they may fall due).
+#[derive(Debug, Clone, Default)]
+pub struct ReadDues {
+    pub now: f64,
+    pub later: Vec<(f64, f64)>,
+}
+
+/// How soon after a write each of its settle reads may come (the k-th poll no sooner than
+/// `delays[k]`; polls past the last known one no sooner than it). Empty: at once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SettleTiming {
+    pub delays: Vec<Duration>,
+}
+
+impl SettleTiming {
+    pub fn at(&self, k: usize) -> Duration {
+        self.delays
+            .get(k)
+            .or(self.delays.last())
+            .copied()
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// `n` settle reads of a write sent `since` seconds ago, the first `first` of them already
+    /// sent: each remaining read by when it falls due, in seconds from now.
+    pub fn dues(&self, n: f64, first: usize, since: f64, out: &mut Vec<(f64, f64)>) {
+        let mut left = n;
+        let mut k = first;
+        while left > 1e-9 {
+            let amount = left.min(1.0);
+            out.push(((self.at(k).as_secs_f64() - since).max(0.0), amount));
+            left -= amount;
+            k += 1;
+        }
     }
 }
 
@@ -134,19 +206,36 @@ impl Budget {
         self.writes.advance(now, sent_writes);
     }
 
-    /// How long until `cost` can start beside the `outstanding` calls of the jobs in flight.
-    pub fn wait_for(&self, cost: Cost, outstanding: Cost) -> Duration {
-        self.reads
-            .wait_for(cost.reads, outstanding.reads)
-            .max(self.writes.wait_for(cost.writes, outstanding.writes))
-    }
-
-    /// As [`Budget::wait_for`] for work nobody waits for: it leaves [`SPARE_RESERVE`] of each
-    /// bucket untouched.
-    pub fn wait_for_spare(&self, cost: Cost, outstanding: Cost) -> Duration {
-        self.reads
-            .wait_for_spare(cost.reads, outstanding.reads)
-            .max(self.writes.wait_for_spare(cost.writes, outstanding.writes))
+    /// How long until a job of `cost` can start beside the jobs under way, counting the read
+    /// bucket's refill until each settle read falls due: a write's settle reads come no sooner
+    /// than `settle` says (learned from what jobs did; when not known yet, every read counts as
+    /// due at once). `outstanding` is the jobs' total still owed (writes from
+    /// it), `dues` the same reads by when they fall due. `spare`: work nobody waits for, which
+    /// leaves [`SPARE_RESERVE`] of each bucket untouched.
+    pub fn wait_for_job(
+        &self,
+        cost: Cost,
+        outstanding: Cost,
+        dues: &ReadDues,
+        settle: &SettleTiming,
+        spare: bool,
+    ) -> Duration {
+        let reserve = |size: f64| if spare { size * SPARE_RESERVE } else { 0.0 };
+        let size = self.reads.settings.size;
+        let reads_reserve = reserve(size);
+        // A job larger than the bucket waits for a full bucket, as in `wait_for`.
+        let fit = ((size - reads_reserve) / cost.reads.max(f64::MIN_POSITIVE)).min(1.0);
+        let mut later = dues.later.clone();
+        settle.dues(cost.settle_reads * fit, 0, 0.0, &mut later);
+        let reads =
+            self.reads
+                .wait_for_dues(dues.now + cost.first_reads() * fit, &later, reads_reserve);
+        let writes = if spare {
+            self.writes.wait_for_spare(cost.writes, outstanding.writes)
+        } else {
+            self.writes.wait_for(cost.writes, outstanding.writes)
+        };
+        reads.max(writes)
     }
 }
 
@@ -199,6 +288,104 @@ mod tests {
         assert_eq!(b.wait_for_spare(1.0, 1.0), Duration::from_secs_f64(0.25));
         // Never more than the bucket's size.
         assert_eq!(b.wait_for_spare(50.0, 0.0), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn settle_reads_count_the_refill_until_they_fall_due() {
+        let t0 = Instant::now();
+        let mut b = bucket(t0);
+        b.advance(t0, 8);
+        // Level 2, refill 2/s. Four reads at once: 1 s short.
+        assert_eq!(b.wait_for_dues(4.0, &[], 0.0), Duration::from_secs(1));
+        // Two at once and two due in 1 s (refilled by then): nothing to wait for.
+        assert_eq!(b.wait_for_dues(2.0, &[(1.0, 2.0)], 0.0), Duration::ZERO);
+        // Due sooner, 0.5 s: 1 refilled by then, 1 short (0.5 s).
+        assert_eq!(
+            b.wait_for_dues(2.0, &[(0.5, 2.0)], 0.0),
+            Duration::from_secs_f64(0.5)
+        );
+        // Dues add up in order: 2 by 1 s, 4 more by 2 s (6 refilled by then): 0 short, then 0.
+        assert_eq!(
+            b.wait_for_dues(0.0, &[(2.0, 4.0), (1.0, 2.0)], 0.0),
+            Duration::ZERO
+        );
+        // The refill never counts past the bucket's size (10): 12 due in 100 s is 1 s short.
+        assert_eq!(
+            b.wait_for_dues(0.0, &[(100.0, 12.0)], 0.0),
+            Duration::from_secs(1)
+        );
+        // A reserve stays untouched throughout.
+        assert_eq!(
+            b.wait_for_dues(2.0, &[(1.0, 2.0)], 1.0),
+            Duration::from_secs_f64(0.5)
+        );
+    }
+
+    #[test]
+    fn a_job_starts_when_its_settle_reads_will_have_refilled_and_not_before() {
+        let t0 = Instant::now();
+        let settings = BucketSettings {
+            size: 10.0,
+            refill_per_sec: 2.0,
+        };
+        let mut budget = Budget::new(settings, settings, t0, Cost::default());
+        budget.advance(t0, 9, 0);
+        let job = Cost {
+            reads: 3.0,
+            writes: 1.0,
+            settle_reads: 2.0,
+        };
+        let none = ReadDues::default();
+        // Level 1: the first read fits now; the two settle reads only if they come 0.5 s later.
+        let after = |ms: &[u64]| SettleTiming {
+            delays: ms.iter().map(|&ms| Duration::from_millis(ms)).collect(),
+        };
+        let wait = |settle_ms| {
+            budget.wait_for_job(job, Cost::default(), &none, &after(&[settle_ms]), false)
+        };
+        assert_eq!(wait(0), Duration::from_secs(1));
+        assert_eq!(wait(500), Duration::from_secs_f64(0.5));
+        assert_eq!(wait(1000), Duration::ZERO);
+        // Another job's settle reads due first take that refill.
+        let busy = ReadDues {
+            now: 0.0,
+            later: vec![(0.5, 1.0)],
+        };
+        assert_eq!(
+            budget.wait_for_job(job, Cost::default(), &busy, &after(&[1000]), false),
+            Duration::from_secs_f64(0.5)
+        );
+        // Work nobody waits for keeps the reserve (2.5 of 10) as well.
+        assert_eq!(
+            budget.wait_for_job(job, Cost::default(), &none, &after(&[1000]), true),
+            Duration::from_secs_f64(1.25)
+        );
+        // Polls a second apart: the second settle read refills a second longer.
+        assert_eq!(
+            budget.wait_for_job(job, Cost::default(), &none, &after(&[500, 1500]), false),
+            Duration::ZERO
+        );
+        assert_eq!(
+            budget.wait_for_job(job, Cost::default(), &none, &after(&[]), false),
+            Duration::from_secs(1),
+            "not known: at once"
+        );
+    }
+
+    #[test]
+    fn settle_reads_fall_due_poll_by_poll() {
+        let timing = SettleTiming {
+            delays: vec![Duration::from_secs(2), Duration::from_secs(3)],
+        };
+        let mut out = Vec::new();
+        // 2.5 reads of a write sent 0.5 s ago, none sent yet: 1 at 1.5 s, 1 at 2.5 s, 0.5 at
+        // 2.5 s (a third poll no sooner than the last known).
+        timing.dues(2.5, 0, 0.5, &mut out);
+        assert_eq!(out, [(1.5, 1.0), (2.5, 1.0), (2.5, 0.5)]);
+        // One sent already, 4 s after the write: the rest is due at once.
+        out.clear();
+        timing.dues(1.0, 1, 4.0, &mut out);
+        assert_eq!(out, [(0.0, 1.0)]);
     }
 
     #[test]

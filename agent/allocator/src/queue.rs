@@ -7,7 +7,7 @@
 //!   name. What is left is work nobody waits for (a warm-pool top-up, a release): it may not
 //!   spend the budget's reserve ([`crate::budget::SPARE_RESERVE`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
@@ -15,7 +15,7 @@ use kube::runtime::reflector::Store;
 use vnet_cloud::{CloudError, NodeIdentity};
 use vnet_kube::crd::{CloudRequest, NodeIPPool};
 
-use crate::budget::Cost;
+use crate::budget::{Cost, SettleTiming};
 
 /// Retry of a node whose job failed retryably, without `Retry-After`: doubling up to this.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
@@ -75,11 +75,48 @@ impl Candidate {
     }
 }
 
-/// Reads per job beyond what is known, learned from what jobs really cost.
+/// Reads per job beyond what is known, and when a write's settle reads come, learned from what
+/// jobs really did.
 pub(crate) struct Estimates {
     /// Reads of a NIC write once the NIC is known (the settle reads).
     pub(crate) write_reads: f64,
     pub(crate) resolved_any: bool,
+    /// How long after its write each settle read of the latest jobs came (or was planned).
+    pub(crate) settle_delays: VecDeque<Vec<Duration>>,
+}
+
+/// Jobs whose settle timing is remembered: per poll, the shortest is the one planned with.
+const SETTLE_SAMPLES: usize = 32;
+
+impl Estimates {
+    pub(crate) fn new() -> Estimates {
+        Estimates {
+            write_reads: 2.0,
+            resolved_any: false,
+            settle_delays: VecDeque::new(),
+        }
+    }
+
+    /// The soonest each settle read of a write may come: per poll, the shortest delay of the
+    /// latest jobs (nothing until one was seen: the budget then plans them as due at once).
+    pub(crate) fn settle_timing(&self) -> SettleTiming {
+        let polls = self.settle_delays.iter().map(Vec::len).max().unwrap_or(0);
+        let delays = (0..polls)
+            .filter_map(|k| self.settle_delays.iter().filter_map(|d| d.get(k)).min())
+            .copied()
+            .collect();
+        SettleTiming { delays }
+    }
+
+    pub(crate) fn learn_settle_delays(&mut self, delays: Vec<Duration>) {
+        if delays.is_empty() {
+            return;
+        }
+        if self.settle_delays.len() == SETTLE_SAMPLES {
+            self.settle_delays.pop_front();
+        }
+        self.settle_delays.push_back(delays);
+    }
 }
 
 pub(crate) fn candidates(
@@ -170,13 +207,18 @@ pub(crate) fn next_retry(memos: &HashMap<String, Memo>, now: Instant) -> Option<
 /// NIC, and the subnet and VNet the first time), the NIC read when the provider does not hold
 /// it, and the write with its settle reads.
 pub(crate) fn expected_cost(memo: &Memo, estimates: &Estimates) -> Cost {
-    let mut reads = estimates.write_reads;
+    let settle_reads = estimates.write_reads;
+    let mut reads = settle_reads;
     if memo.identity.is_none() {
         reads += 2.0 + if estimates.resolved_any { 0.0 } else { 2.0 };
     } else if !memo.nic_known {
         reads += 1.0;
     }
-    Cost { reads, writes: 1.0 }
+    Cost {
+        reads,
+        writes: 1.0,
+        settle_reads,
+    }
 }
 
 pub(crate) fn retry_delay(error: &CloudError, failures: u32) -> Duration {
@@ -256,6 +298,26 @@ mod tests {
         memo.resolved_at = Some(t0);
         assert_eq!(memo.settling(t0), Some(START_SETTLE));
         assert_eq!(memo.settling(t0 + START_SETTLE), None);
+    }
+
+    #[test]
+    fn the_settle_timing_planned_with_is_the_shortest_of_the_latest_jobs_per_poll() {
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|&m| Duration::from_millis(m))
+                .collect::<Vec<_>>()
+        };
+        let mut e = Estimates::new();
+        assert_eq!(e.settle_timing().delays, ms(&[]), "nothing seen: no credit");
+        e.learn_settle_delays(ms(&[2100, 3100]));
+        e.learn_settle_delays(ms(&[1900]));
+        e.learn_settle_delays(ms(&[2500, 3000, 4000]));
+        assert_eq!(e.settle_timing().delays, ms(&[1900, 3000, 4000]));
+        // The short ones age out once SETTLE_SAMPLES later jobs were seen.
+        for _ in 0..SETTLE_SAMPLES {
+            e.learn_settle_delays(ms(&[10_000]));
+        }
+        assert_eq!(e.settle_timing().delays, ms(&[10_000]));
     }
 
     #[test]

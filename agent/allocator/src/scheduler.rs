@@ -26,7 +26,7 @@ use vnet_cloud::CloudError;
 use vnet_cloud::azure::{ArmCalls, AzureProvider, CallCounter, count_calls_into};
 use vnet_kube::crd::NodeIPPool;
 
-use crate::budget::{Budget, Cost};
+use crate::budget::{Budget, Cost, ReadDues, SettleTiming};
 use crate::lease::{self, Leadership, LeaseSettings};
 use crate::queue::{Estimates, Memo, candidates, expected_cost, next_retry, order, retry_delay};
 use crate::work::{self, Done, Outcome};
@@ -43,11 +43,23 @@ struct Finished {
     name: String,
     done: Done,
     calls: ArmCalls,
+    /// How long after its write each settle read of the job came.
+    settle_delays: Vec<Duration>,
 }
 
-/// The jobs under way: what each reserved, and what it has sent so far.
+/// One job under way.
+struct Job {
+    reserved: Cost,
+    /// What it has sent so far.
+    counter: Arc<CallCounter>,
+    started: Instant,
+    /// Its settle delay was learned (it is learned once, as soon as the first settle read goes).
+    settle_learned: bool,
+}
+
+/// The jobs under way.
 struct InFlight {
-    jobs: HashMap<String, (Cost, Arc<CallCounter>)>,
+    jobs: HashMap<String, Job>,
     /// The node of each job's task, so a task that panicked frees its node alone.
     tasks: HashMap<tokio::task::Id, String>,
 }
@@ -68,21 +80,27 @@ impl InFlight {
         counter: Arc<CallCounter>,
     ) {
         self.tasks.insert(task, name.clone());
-        self.jobs.insert(name, (cost, counter));
+        let job = Job {
+            reserved: cost,
+            counter,
+            started: Instant::now(),
+            settle_learned: false,
+        };
+        self.jobs.insert(name, job);
     }
 
     /// Removes the job of `task`; its node and what it sent.
     fn remove(&mut self, task: tokio::task::Id) -> Option<(String, ArmCalls)> {
         let name = self.tasks.remove(&task)?;
-        let (_, counter) = self.jobs.remove(&name)?;
-        Some((name, counter.calls()))
+        let job = self.jobs.remove(&name)?;
+        Some((name, job.counter.calls()))
     }
 
     /// Every job's calls so far, and none in flight any more (the jobs were aborted).
     fn clear(&mut self) -> ArmCalls {
         let mut sent = ArmCalls::default();
-        for (_, counter) in self.jobs.values() {
-            let calls = counter.calls();
+        for job in self.jobs.values() {
+            let calls = job.counter.calls();
             sent.reads += calls.reads;
             sent.writes += calls.writes;
             sent.throttled += calls.throttled;
@@ -100,14 +118,57 @@ impl InFlight {
     /// reserved owes nothing here: the level already took it).
     fn outstanding(&self) -> Cost {
         let mut owed = Cost::default();
-        for (reserved, counter) in self.jobs.values() {
+        for Job {
+            reserved, counter, ..
+        } in self.jobs.values()
+        {
             let sent = counter.calls();
             owed.add(Cost {
                 reads: (reserved.reads - sent.reads as f64).max(0.0),
                 writes: (reserved.writes - sent.writes as f64).max(0.0),
+                settle_reads: 0.0,
             });
         }
         owed
+    }
+
+    /// The reads the jobs under way still owe, by when: what comes before a job's write at once,
+    /// its settle reads as `settle` says, counted from the job's start (its write is later).
+    fn read_dues(&self, now: Instant, settle: &SettleTiming) -> ReadDues {
+        let mut dues = ReadDues::default();
+        for Job {
+            reserved,
+            counter,
+            started,
+            ..
+        } in self.jobs.values()
+        {
+            let sent = counter.calls().reads as f64;
+            let first = reserved.first_reads();
+            dues.now += (first - sent).max(0.0);
+            let owed = (reserved.reads - sent.max(first)).max(0.0);
+            let polled = (sent - first).max(0.0).floor() as usize;
+            let since = now.saturating_duration_since(*started).as_secs_f64();
+            settle.dues(owed, polled, since, &mut dues.later);
+        }
+        dues
+    }
+
+    /// The settle delays of jobs whose first poll is known (planned or sent) since the last
+    /// look: learned at once, not only when the job ends (a write's last poll comes a
+    /// `Retry-After` or two later).
+    fn learn_settle_delays(&mut self, estimates: &mut Estimates) {
+        for job in self.jobs.values_mut() {
+            if job.settle_learned {
+                continue;
+            }
+            let calls = job.counter.calls();
+            let delays = job.counter.settle_delays();
+            if !delays.is_empty() && calls.writes == 1 && calls.throttled == 0 {
+                job.settle_learned = true;
+                estimates.learn_settle_delays(delays);
+            }
+        }
     }
 }
 
@@ -203,12 +264,10 @@ pub(crate) async fn run(
         Cost {
             reads: sent.reads as f64,
             writes: sent.writes as f64,
+            settle_reads: 0.0,
         },
     );
-    let mut estimates = Estimates {
-        write_reads: 2.0,
-        resolved_any: false,
-    };
+    let mut estimates = Estimates::new();
     let mut memos: HashMap<String, Memo> = HashMap::new();
     let mut in_flight = InFlight::new();
     let mut jobs: JoinSet<Finished> = JoinSet::new();
@@ -246,7 +305,7 @@ pub(crate) async fn run(
                 &cloud,
                 &settings,
                 &mut budget,
-                &estimates,
+                &mut estimates,
                 &mut memos,
                 &mut in_flight,
                 &mut jobs,
@@ -383,7 +442,7 @@ fn start_jobs(
     cloud: &Arc<AzureProvider>,
     settings: &Settings,
     budget: &mut Budget,
-    estimates: &Estimates,
+    estimates: &mut Estimates,
     memos: &mut HashMap<String, Memo>,
     in_flight: &mut InFlight,
     jobs: &mut JoinSet<Finished>,
@@ -412,6 +471,9 @@ fn start_jobs(
     let sent = cloud.arm_calls();
     budget.advance(now, sent.reads, sent.writes);
     let mut outstanding = in_flight.outstanding();
+    in_flight.learn_settle_delays(estimates);
+    let settle = estimates.settle_timing();
+    let mut dues = in_flight.read_dues(now, &settle);
     let mut started = 0;
     // The soonest a top-up held for its node's pods may start.
     let mut settled: Option<Duration> = None;
@@ -448,6 +510,7 @@ fn start_jobs(
                     name: job_name,
                     done,
                     calls: ArmCalls::default(),
+                    settle_delays: Vec::new(),
                 }
             });
             in_flight.insert(task.id(), name, Cost::default(), counter);
@@ -455,19 +518,18 @@ fn start_jobs(
             continue;
         }
         let cost = expected_cost(memo, estimates);
-        let wait = if candidate.waits_for_nobody() {
-            // A top-up or a release leaves the reserve to nodes whose pods wait; while it
-            // waits, the pods that reach its node join its request (one write for both).
-            budget.wait_for_spare(cost, outstanding)
-        } else {
-            budget.wait_for(cost, outstanding)
-        };
+        // A top-up or a release leaves the reserve to nodes whose pods wait; while it waits,
+        // the pods that reach its node join its request (one write for both).
+        let spare = candidate.waits_for_nobody();
+        let wait = budget.wait_for_job(cost, outstanding, &dues, &settle, spare);
         if !wait.is_zero() {
             // Strict priority: the first node waits for the budget, nobody overtakes it.
             depth(started);
             return Some(settled.map_or(wait, |s| s.min(wait)));
         }
         outstanding.add(cost);
+        dues.now += cost.first_reads();
+        settle.dues(cost.settle_reads, 0, 0.0, &mut dues.later);
         let counter = Arc::new(CallCounter::default());
         started += 1;
         let pools = pools.clone();
@@ -494,6 +556,7 @@ fn start_jobs(
                 name,
                 done,
                 calls: counter.calls(),
+                settle_delays: counter.settle_delays(),
             }
         });
         in_flight.insert(task.id(), name, cost, counter);
@@ -553,6 +616,11 @@ fn finish(
                 if memo.nic_known && !resolved && f.calls.writes == 1 && f.calls.throttled == 0 {
                     estimates.write_reads =
                         0.8 * estimates.write_reads + 0.2 * f.calls.reads as f64;
+                }
+                // Learn how soon after a write each settle read came, all polls now (one write,
+                // no 429: a retried write would shorten them).
+                if f.calls.writes == 1 && f.calls.throttled == 0 {
+                    estimates.learn_settle_delays(f.settle_delays);
                 }
             }
             memo.due_since = None;
@@ -615,10 +683,7 @@ mod tests {
             Instant::now(),
             Cost::default(),
         );
-        let mut estimates = Estimates {
-            write_reads: 2.0,
-            resolved_any: false,
-        };
+        let mut estimates = Estimates::new();
         let mut memos = HashMap::new();
         let mut in_flight = InFlight::new();
         let mut jobs: JoinSet<Finished> = JoinSet::new();

@@ -149,7 +149,20 @@ pub struct CallCounter {
     reads: AtomicU64,
     writes: AtomicU64,
     throttled: AtomicU64,
+    settle: Mutex<Settle>,
 }
+
+/// When the work's first write was sent, and the reads after it (the write's settle reads: its
+/// polls), each when sent or when planned (known a `Retry-After` before it is sent).
+#[derive(Debug, Default)]
+struct Settle {
+    write: Option<Instant>,
+    reads: Vec<Instant>,
+    planned: Vec<Instant>,
+}
+
+/// Settle reads timed per piece of work (a NIC write polls two or three times).
+const SETTLE_READS_TIMED: usize = 8;
 
 impl CallCounter {
     pub fn calls(&self) -> ArmCalls {
@@ -157,6 +170,49 @@ impl CallCounter {
             reads: self.reads.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
             throttled: self.throttled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// How long after its first write the work sent (or will send) each read that followed it:
+    /// a NIC write's polls, each a `Retry-After` after the one before. Empty before the write.
+    pub fn settle_delays(&self) -> Vec<Duration> {
+        let settle = self.settle.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(write) = settle.write else {
+            return Vec::new();
+        };
+        let known = settle.reads.len().max(settle.planned.len());
+        (0..known)
+            .filter_map(|i| {
+                let at = match (settle.reads.get(i), settle.planned.get(i)) {
+                    (Some(read), Some(planned)) => *read.min(planned),
+                    (Some(at), None) | (None, Some(at)) => *at,
+                    (None, None) => return None,
+                };
+                Some(at.saturating_duration_since(write))
+            })
+            .collect()
+    }
+
+    fn count(&self, write: bool) {
+        let now = Instant::now();
+        if write {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut settle = self.settle.lock().unwrap_or_else(|p| p.into_inner());
+        if write {
+            settle.write.get_or_insert(now);
+        } else if settle.write.is_some() && settle.reads.len() < SETTLE_READS_TIMED {
+            settle.reads.push(now);
+        }
+    }
+
+    fn plan_read(&self, at: Instant) {
+        let mut settle = self.settle.lock().unwrap_or_else(|p| p.into_inner());
+        if settle.write.is_some() && settle.planned.len() < SETTLE_READS_TIMED {
+            // A poll planned while an earlier one is still only planned comes after it.
+            settle.planned.push(at);
         }
     }
 }
@@ -172,6 +228,13 @@ pub async fn count_calls<F: Future>(work: F) -> (F::Output, ArmCalls) {
     let counter = Arc::new(CallCounter::default());
     let output = count_calls_into(counter.clone(), work).await;
     (output, counter.calls())
+}
+
+/// The counted work's next read comes `after` from now at the soonest: the next poll of the
+/// write it has sent, `Retry-After` away. Known before the read is sent, so the allocator can
+/// plan the next jobs' settle reads with it.
+pub(crate) fn note_settle_planned(after: Duration) {
+    let _ = CALLS.try_with(|c| c.plan_read(Instant::now() + after));
 }
 
 /// [`count_calls`] into a counter the caller holds (and may read while `work` runs).
@@ -341,9 +404,7 @@ impl Client {
             &self.budget.reads_sent
         };
         global.fetch_add(1, Ordering::Relaxed);
-        let _ = CALLS.try_with(|c| {
-            if write { &c.writes } else { &c.reads }.fetch_add(1, Ordering::Relaxed);
-        });
+        let _ = CALLS.try_with(|c| c.count(write));
     }
 
     fn note_budget(&self, reply_headers: &HeaderMap, status: StatusCode, body: &Value) {
@@ -1158,5 +1219,34 @@ mod tests {
             configured.arm_endpoint(),
             "https://management.usgovcloudapi.net"
         );
+    }
+
+    /// The settle delays of a write: from the write to each poll, known as soon as the poll is
+    /// planned; reads before the write do not count.
+    #[tokio::test]
+    async fn a_writes_settle_delays_are_known_once_its_polls_are_planned() {
+        let counter = Arc::new(CallCounter::default());
+        let c = counter.clone();
+        count_calls_into(counter.clone(), async move {
+            c.count(false);
+            note_settle_planned(Duration::from_secs(5));
+            assert!(c.settle_delays().is_empty(), "no write yet");
+            c.count(true);
+            assert!(c.settle_delays().is_empty());
+            note_settle_planned(Duration::from_secs(2));
+            let planned = c.settle_delays();
+            assert_eq!(planned.len(), 1);
+            assert!(planned[0] >= Duration::from_secs(2) && planned[0] < Duration::from_secs(3));
+            // The read comes when planned (or earlier): the earlier of the two counts.
+            c.count(false);
+            assert!(c.settle_delays()[0] < Duration::from_secs(2));
+            // The second poll, planned and sent.
+            note_settle_planned(Duration::from_secs(1));
+            c.count(false);
+            assert_eq!(c.settle_delays().len(), 2);
+        })
+        .await;
+        assert_eq!(counter.calls().reads, 3);
+        assert_eq!(counter.calls().writes, 1);
     }
 }

@@ -282,6 +282,7 @@ impl Inner {
                     "{nic_id} still Updating after {waited:?}"
                 )));
             }
+            super::client::note_settle_planned(step);
             self.client.sleep(step).await;
             waited += step;
             let reply = self.client.get(Target::Arm, url).await?;

@@ -101,6 +101,14 @@ fn main() -> anyhow::Result<()> {
             };
             cfg.node.naive_timer = Duration::from_secs_f64(naive_timer_s);
             cfg.node.naive_backoff = Duration::from_secs_f64(naive_backoff_s);
+            // RUST_LOG=vnet_allocator=debug (say) traces a run on stderr; off by default, since
+            // thousands of nodes' logs would cost more than the run.
+            if std::env::var_os("RUST_LOG").is_some() {
+                tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                    .with_writer(std::io::stderr)
+                    .init();
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
