@@ -163,6 +163,12 @@ fn the_allocator_runs_unprivileged_with_its_own_roles() {
     let deployment: Deployment = typed(&find("Deployment", "vnet-cni-allocator")).unwrap();
     let spec = deployment.spec.unwrap();
     assert_eq!(spec.replicas, Some(2));
+    // A drain takes one replica at a time, and the budget covers exactly these pods.
+    let budget: k8s_openapi::api::policy::v1::PodDisruptionBudget =
+        typed(&find("PodDisruptionBudget", "vnet-cni-allocator")).unwrap();
+    let budget = budget.spec.unwrap();
+    assert_eq!(budget.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(budget.selector, Some(spec.selector.clone()));
     let pod = spec.template.spec.unwrap();
     // It gives the nodes their addresses, so it cannot wait for one itself.
     assert_eq!(pod.host_network, Some(true));

@@ -217,6 +217,7 @@ fn render_feeds_one_image_into_every_flavour() {
     // credential, the one the DaemonSet mounts.
     let cluster = render(&["--image", image, "--component", "cluster-mode"]);
     named(&cluster, "Deployment", "vnet-cni-allocator");
+    named(&cluster, "PodDisruptionBudget", "vnet-cni-allocator");
     named(&cluster, "ClusterRole", "vnet-cni-allocator");
     named(&cluster, "Role", "vnet-cni-allocator");
     assert_eq!(

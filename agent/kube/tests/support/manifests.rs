@@ -114,6 +114,9 @@ pub fn check_document(doc: &Value) -> Result<(), String> {
     match (api_version, kind) {
         ("apps/v1", "DaemonSet") => typed::<DaemonSet>(doc).map(drop),
         ("apps/v1", "Deployment") => typed::<Deployment>(doc).map(drop),
+        ("policy/v1", "PodDisruptionBudget") => {
+            typed::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(doc).map(drop)
+        }
         ("v1", "ConfigMap") => typed::<ConfigMap>(doc).map(drop),
         ("v1", "Service") => typed::<Service>(doc).map(drop),
         ("v1", "ServiceAccount") => typed::<ServiceAccount>(doc).map(drop),
