@@ -119,6 +119,12 @@ impl Bucket {
         Duration::from_secs_f64((need - self.level) / self.settings.refill_per_sec)
     }
 
+    /// Empty from `now` on: it refills at its rate.
+    pub fn empty(&mut self, now: Instant) {
+        self.advance(now, self.sent);
+        self.level = self.level.min(0.0);
+    }
+
     /// ARM said the level is at most `level`: never believe in more.
     pub fn at_most(&mut self, level: f64) {
         self.level = self.level.min(level);
@@ -199,6 +205,13 @@ impl Budget {
             reads: Bucket::new(reads, now, sent.reads as u64),
             writes: Bucket::new(writes, now, sent.writes as u64),
         }
+    }
+
+    /// Both buckets empty from `now` on (a new leader does not know what the one before it
+    /// spent).
+    pub fn empty(&mut self, now: Instant) {
+        self.reads.empty(now);
+        self.writes.empty(now);
     }
 
     pub fn advance(&mut self, now: Instant, sent_reads: u64, sent_writes: u64) {

@@ -43,6 +43,9 @@ pub struct LeaseSettings {
 pub struct Leadership {
     /// (start jobs until, abort jobs at), local clock; `None` when not leading.
     until: Mutex<Option<(Instant, Instant)>>,
+    /// This replica's leadership began by creating the Lease: no replica led before it, so no
+    /// other caller has spent ARM's budget lately.
+    created: std::sync::atomic::AtomicBool,
     /// Told on every change (the scheduler wakes at once when leadership ends).
     changed: tokio::sync::Notify,
 }
@@ -59,6 +62,11 @@ impl Leadership {
         self.get()
             .map(|(_, abort_at)| abort_at)
             .filter(|abort_at| Instant::now() < *abort_at)
+    }
+
+    /// This replica created the Lease (none existed): nobody led before it.
+    pub fn created_lease(&self) -> bool {
+        self.created.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Resolves when leadership changed (renewed, lost) since the last call.
@@ -97,7 +105,12 @@ pub async fn run(
     loop {
         let started = Instant::now();
         match try_acquire_or_renew(&api, &settings, &mut observed).await {
-            Ok(true) => {
+            Ok(Some(created)) => {
+                if !was_leading {
+                    leadership
+                        .created
+                        .store(created, std::sync::atomic::Ordering::Relaxed);
+                }
                 if !was_leading {
                     tracing::info!(holder = %settings.holder, lease = %settings.name, "became the leader");
                 }
@@ -108,7 +121,7 @@ pub async fn run(
                     until(settings.abort_margin),
                 )));
             }
-            Ok(false) => {
+            Ok(None) => {
                 if was_leading {
                     tracing::warn!(holder = %settings.holder, "lost the lease");
                 }
@@ -131,11 +144,13 @@ pub async fn run(
     }
 }
 
+/// `Some(created)` while this replica holds the Lease (`created`: it created it just now),
+/// `None` while another does.
 async fn try_acquire_or_renew(
     api: &Api<Lease>,
     settings: &LeaseSettings,
     observed: &mut Option<Observed>,
-) -> Result<bool, kube::Error> {
+) -> Result<Option<bool>, kube::Error> {
     let now = Timestamp::now();
     let Some(current) = api.get_opt(&settings.name).await? else {
         let lease = Lease {
@@ -147,8 +162,8 @@ async fn try_acquire_or_renew(
             spec: Some(spec(settings, now, now, 0)),
         };
         return match api.create(&PostParams::default(), &lease).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Ok(_) => Ok(Some(true)),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
             Err(e) => Err(e),
         };
     };
@@ -178,7 +193,7 @@ async fn try_acquire_or_renew(
             .as_ref()
             .is_some_and(|o| o.at.elapsed() >= duration && !changed);
     if !mine && !expired {
-        return Ok(false);
+        return Ok(None);
     }
     let (acquired, transitions) = if mine {
         (
@@ -195,9 +210,9 @@ async fn try_acquire_or_renew(
         .replace(&settings.name, &PutParams::default(), &next)
         .await
     {
-        Ok(_) => Ok(true),
+        Ok(_) => Ok(Some(false)),
         // Someone else wrote it since we read it: not ours this round.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
         Err(e) => Err(e),
     }
 }

@@ -296,6 +296,14 @@ pub(crate) async fn run(
             }
             cloud.forget_nics();
         }
+        if !was_holding && jobs_until.is_some() && !leadership.created_lease() {
+            // Another replica led before this one, and may have spent ARM's buckets until just
+            // before the takeover (its last call is at least lease_duration / 6 earlier, a
+            // released Lease not even that): start from empty buckets. They refill at ARM's
+            // rate, so only the burst is lost, for at most a bucket's refill time (~10 s).
+            tracing::info!("leading a Lease another replica held: planning from empty buckets");
+            budget.empty(Instant::now());
+        }
         was_holding = jobs_until.is_some();
         let wake = if leading {
             start_jobs(

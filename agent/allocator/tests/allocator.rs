@@ -354,6 +354,11 @@ async fn a_second_allocator_waits_while_the_first_leads_and_takes_over_when_it_s
         first.counters.leading.load(Ordering::Relaxed) == 1
     })
     .await;
+    // It created the Lease: nobody led before it, it plans from full buckets (1,000).
+    until("the first plans from full buckets", || {
+        first.counters.local_reads.load(Ordering::Relaxed) > 900
+    })
+    .await;
     let second = lab.start(Lab::settings("second", ROOMY, ROOMY));
 
     lab.ask("node-1", 1, 2, &[], 1);
@@ -379,6 +384,13 @@ async fn a_second_allocator_waits_while_the_first_leads_and_takes_over_when_it_s
     .await;
     until("the second takes over", || {
         second.counters.leading.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // The first may have spent ARM's buckets until it stopped: the second plans from empty
+    // ones, refilling at 100/s (full again only after 10 s).
+    until("the second plans from empty buckets", || {
+        let s = second.counters.snapshot();
+        s.local_reads < 500 && s.local_writes < 500
     })
     .await;
     lab.ask("node-2", 1, 3, &[], 1);
@@ -434,6 +446,11 @@ async fn a_leader_cut_off_stops_its_job_before_the_standby_calls_arm() {
     let first = lab.start_with(first_client, Lab::settings("first", ROOMY, ROOMY));
     until("the first leads", || {
         first.counters.leading.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // It created the Lease: nobody led before it, it plans from full buckets (1,000).
+    until("the first plans from full buckets", || {
+        first.counters.local_reads.load(Ordering::Relaxed) > 900
     })
     .await;
     let second = lab.start(Lab::settings("second", ROOMY, ROOMY));
