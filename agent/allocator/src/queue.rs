@@ -47,6 +47,9 @@ pub(crate) struct Memo {
     pub(crate) not_before: Option<Instant>,
     /// When this replica resolved the node (its identity came from a job, not a stored answer).
     pub(crate) resolved_at: Option<Instant>,
+    /// The NodeIPPool this is about (`metadata.uid`): a pool deleted and created again under
+    /// the same name (a node replaced by one of the same name) starts from nothing remembered.
+    pub(crate) uid: Option<String>,
 }
 
 impl Memo {
@@ -141,6 +144,15 @@ pub(crate) fn candidates(
             continue;
         };
         let memo = memos.entry(name.clone()).or_default();
+        let uid = pool.metadata.uid.clone();
+        if memo.uid != uid && !in_flight.contains(&name) {
+            // Its generations, answers and identity were another pool's (the new one may even
+            // be another VM): a new request numbered 1 would otherwise look answered.
+            *memo = Memo {
+                uid,
+                ..Memo::default()
+            };
+        }
         // After a restart the resource says what was answered; afterwards this replica's own
         // memory does (the watch may not have shown its last patch yet).
         let answered = memo.answered.or_else(|| {
@@ -318,6 +330,44 @@ mod tests {
             e.learn_settle_delays(ms(&[10_000]));
         }
         assert_eq!(e.settle_timing().delays, ms(&[10_000]));
+    }
+
+    fn pool(name: &str, uid: &str, generation: u64, answered: Option<u64>) -> NodeIPPool {
+        use vnet_kube::crd::{CloudAnswer, NodeIPPoolSpec, NodeIPPoolStatus};
+        let mut pool = NodeIPPool::new(name, NodeIPPoolSpec::default());
+        pool.metadata.uid = Some(uid.into());
+        pool.status = Some(NodeIPPoolStatus {
+            cloud_request: Some(CloudRequest {
+                generation,
+                ..CloudRequest::default()
+            }),
+            cloud: answered.map(|g| CloudAnswer {
+                observed_generation: g,
+                ..CloudAnswer::default()
+            }),
+            ..NodeIPPoolStatus::default()
+        });
+        pool
+    }
+
+    #[test]
+    fn a_pool_created_again_under_the_same_name_is_served_from_scratch() {
+        use kube::runtime::{reflector, watcher};
+        let (store, mut writer) = reflector::store();
+        let now = Instant::now();
+        let mut memos = HashMap::new();
+        let none = HashSet::new();
+        writer.apply_watcher_event(&watcher::Event::Apply(pool("node-1", "uid-1", 1, None)));
+        assert_eq!(candidates(&store, &mut memos, &none, now).len(), 1);
+        // Answered generation 1; then the pool is replaced by a new one whose first request is
+        // also generation 1, before the allocator saw it gone.
+        memos.get_mut("node-1").unwrap().answered = Some((1, None));
+        assert!(candidates(&store, &mut memos, &none, now).is_empty());
+        writer.apply_watcher_event(&watcher::Event::Delete(pool("node-1", "uid-1", 1, None)));
+        writer.apply_watcher_event(&watcher::Event::Apply(pool("node-1", "uid-2", 1, None)));
+        let due = candidates(&store, &mut memos, &none, now);
+        assert_eq!(due.len(), 1, "the new pool's request is due");
+        assert!(due[0].resolve, "and its node is resolved again");
     }
 
     #[test]
