@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 /// The share of each bucket that work nobody waits for (a warm-pool top-up, a release) may not
 /// spend: below it only nodes with pods waiting, and resolves (a node's agent cannot serve
 /// before its identity is known), are started. A quarter, as the agents' own top-up gate uses
-/// in per-node mode: at the default plan 60 reads and 47 writes, room for a wave of nodes whose
+/// in per-node mode: at the default plan 60 reads and 47.5 writes, room for a wave of nodes whose
 /// pods wait. When a cluster starts cold, the resolves drain the read bucket within seconds, so
 /// a node's first top-up waits, and the pods that reach the node meanwhile join it: one write
 /// for both instead of a top-up followed at once by a second write for the pods.

@@ -67,6 +67,8 @@ pub(crate) struct Candidate {
     pub(crate) waiting_pods: u32,
     /// The node's identity is not known yet: its job resolves it first.
     pub(crate) resolve: bool,
+    /// The NodeIPPool's `metadata.uid`.
+    pub(crate) uid: Option<String>,
     pub(crate) since: Instant,
 }
 
@@ -84,8 +86,9 @@ pub(crate) struct Estimates {
     /// Reads of a NIC write once the NIC is known (the settle reads).
     pub(crate) write_reads: f64,
     pub(crate) resolved_any: bool,
-    /// How long after its write each settle read of the latest jobs came (or was planned).
-    pub(crate) settle_delays: VecDeque<Vec<Duration>>,
+    /// How long after its write each settle read of the latest jobs came (or was planned), by
+    /// job (a job's sample is replaced as it learns more).
+    pub(crate) settle_delays: VecDeque<(u64, Vec<Duration>)>,
 }
 
 /// Jobs whose settle timing is remembered: per poll, the shortest is the one planned with.
@@ -103,22 +106,37 @@ impl Estimates {
     /// The soonest each settle read of a write may come: per poll, the shortest delay of the
     /// latest jobs (nothing until one was seen: the budget then plans them as due at once).
     pub(crate) fn settle_timing(&self) -> SettleTiming {
-        let polls = self.settle_delays.iter().map(Vec::len).max().unwrap_or(0);
+        let polls = self
+            .settle_delays
+            .iter()
+            .map(|(_, d)| d.len())
+            .max()
+            .unwrap_or(0);
         let delays = (0..polls)
-            .filter_map(|k| self.settle_delays.iter().filter_map(|d| d.get(k)).min())
+            .filter_map(|k| {
+                self.settle_delays
+                    .iter()
+                    .filter_map(|(_, d)| d.get(k))
+                    .min()
+            })
             .copied()
             .collect();
         SettleTiming { delays }
     }
 
-    pub(crate) fn learn_settle_delays(&mut self, delays: Vec<Duration>) {
+    /// Job `job`'s settle delays so far (replacing what it taught before).
+    pub(crate) fn learn_settle_delays(&mut self, job: u64, delays: Vec<Duration>) {
         if delays.is_empty() {
+            return;
+        }
+        if let Some((_, known)) = self.settle_delays.iter_mut().find(|(j, _)| *j == job) {
+            *known = delays;
             return;
         }
         if self.settle_delays.len() == SETTLE_SAMPLES {
             self.settle_delays.pop_front();
         }
-        self.settle_delays.push_back(delays);
+        self.settle_delays.push_back((job, delays));
     }
 }
 
@@ -186,6 +204,7 @@ pub(crate) fn candidates(
             name,
             waiting_pods: request.waiting_pods,
             resolve: memo.identity.is_none(),
+            uid: pool.metadata.uid.clone(),
             request,
             since,
         });
@@ -251,6 +270,7 @@ mod tests {
             request: CloudRequest::default(),
             waiting_pods,
             resolve: false,
+            uid: None,
             since,
         }
     }
@@ -321,13 +341,17 @@ mod tests {
         };
         let mut e = Estimates::new();
         assert_eq!(e.settle_timing().delays, ms(&[]), "nothing seen: no credit");
-        e.learn_settle_delays(ms(&[2100, 3100]));
-        e.learn_settle_delays(ms(&[1900]));
-        e.learn_settle_delays(ms(&[2500, 3000, 4000]));
+        e.learn_settle_delays(1, ms(&[2100, 3100]));
+        e.learn_settle_delays(2, ms(&[1900]));
+        e.learn_settle_delays(3, ms(&[2500, 3000, 4000]));
         assert_eq!(e.settle_timing().delays, ms(&[1900, 3000, 4000]));
+        // A job that learns more replaces its own sample (one sample per job).
+        e.learn_settle_delays(2, ms(&[1950, 2800]));
+        assert_eq!(e.settle_timing().delays, ms(&[1950, 2800, 4000]));
+        assert_eq!(e.settle_delays.len(), 3);
         // The short ones age out once SETTLE_SAMPLES later jobs were seen.
-        for _ in 0..SETTLE_SAMPLES {
-            e.learn_settle_delays(ms(&[10_000]));
+        for job in 10..10 + SETTLE_SAMPLES as u64 {
+            e.learn_settle_delays(job, ms(&[10_000]));
         }
         assert_eq!(e.settle_timing().delays, ms(&[10_000]));
     }

@@ -2,7 +2,8 @@
 //! budget lets them ([`crate::queue`] says which nodes and in which order).
 //!
 //! - The order is strict: when the budget cannot pay for the first node's job yet, no later
-//!   node's job starts in its place.
+//!   node's job starts in its place (a node held for its first pods, `START_SETTLE`, is passed
+//!   over while held).
 //! - A job reserves its expected ARM calls before it starts; its calls are counted as it sends
 //!   them ([`crate::budget`]); after a 429 nothing starts until its `Retry-After` has passed.
 //! - Only the leader calls ARM: when leadership ends (a renewal failed long enough, or the Lease
@@ -53,13 +54,18 @@ struct Job {
     /// What it has sent so far.
     counter: Arc<CallCounter>,
     started: Instant,
-    /// Its settle delay was learned (it is learned once, as soon as the first settle read goes).
-    settle_learned: bool,
+    /// Its number, for what it teaches about settle timing (one sample per job).
+    seq: u64,
+    /// Planned polls already learned from (the rest is learned as it is planned, all of it again
+    /// when the job ends).
+    polls_learned: usize,
 }
 
 /// The jobs under way.
 struct InFlight {
     jobs: HashMap<String, Job>,
+    /// Jobs started, ever (the next job's `seq`).
+    started: u64,
     /// The node of each job's task, so a task that panicked frees its node alone.
     tasks: HashMap<tokio::task::Id, String>,
 }
@@ -68,6 +74,7 @@ impl InFlight {
     fn new() -> InFlight {
         InFlight {
             jobs: HashMap::new(),
+            started: 0,
             tasks: HashMap::new(),
         }
     }
@@ -80,11 +87,13 @@ impl InFlight {
         counter: Arc<CallCounter>,
     ) {
         self.tasks.insert(task, name.clone());
+        self.started += 1;
         let job = Job {
             reserved: cost,
             counter,
             started: Instant::now(),
-            settle_learned: false,
+            seq: self.started,
+            polls_learned: 0,
         };
         self.jobs.insert(name, job);
     }
@@ -132,41 +141,47 @@ impl InFlight {
         owed
     }
 
-    /// The reads the jobs under way still owe, by when: what comes before a job's write at once,
-    /// its settle reads as `settle` says, counted from the job's start (its write is later).
+    /// The reads the jobs under way still owe, by when. A job that has written owes only its
+    /// polls not sent yet, each due as `settle` says after its write; one that has not owes its
+    /// first reads at once and its polls counted from its start (its write comes later).
     fn read_dues(&self, now: Instant, settle: &SettleTiming) -> ReadDues {
         let mut dues = ReadDues::default();
-        for Job {
-            reserved,
-            counter,
-            started,
-            ..
-        } in self.jobs.values()
-        {
-            let sent = counter.calls().reads as f64;
-            let first = reserved.first_reads();
-            dues.now += (first - sent).max(0.0);
-            let owed = (reserved.reads - sent.max(first)).max(0.0);
-            let polled = (sent - first).max(0.0).floor() as usize;
-            let since = now.saturating_duration_since(*started).as_secs_f64();
-            settle.dues(owed, polled, since, &mut dues.later);
+        for job in self.jobs.values() {
+            let sent = job.counter.calls().reads as f64;
+            let reserved = &job.reserved;
+            match job.counter.written_at() {
+                Some(write) => {
+                    let owed = (reserved.reads - sent).max(0.0);
+                    let since = now.saturating_duration_since(write).as_secs_f64();
+                    let polled = job.counter.reads_after_write();
+                    settle.dues(owed, polled, since, &mut dues.later);
+                }
+                None => {
+                    let first = reserved.first_reads();
+                    dues.now += (first - sent).max(0.0);
+                    let owed = (reserved.reads - sent.max(first)).max(0.0);
+                    let since = now.saturating_duration_since(job.started).as_secs_f64();
+                    settle.dues(owed, 0, since, &mut dues.later);
+                }
+            }
         }
         dues
     }
 
-    /// The settle delays of jobs whose first poll is known (planned or sent) since the last
-    /// look: learned at once, not only when the job ends (a write's last poll comes a
-    /// `Retry-After` or two later).
+    /// What the jobs under way have planned of their polls since the last look: learned at
+    /// once, not only when the job ends (a write's last poll comes a `Retry-After` or two after
+    /// its first). Only planned polls count here: a read after a write that is not a poll (the
+    /// NIC re-read after a 412) says nothing about when polls come.
     fn learn_settle_delays(&mut self, estimates: &mut Estimates) {
         for job in self.jobs.values_mut() {
-            if job.settle_learned {
+            let calls = job.counter.calls();
+            if calls.writes != 1 || calls.throttled != 0 {
                 continue;
             }
-            let calls = job.counter.calls();
-            let delays = job.counter.settle_delays();
-            if !delays.is_empty() && calls.writes == 1 && calls.throttled == 0 {
-                job.settle_learned = true;
-                estimates.learn_settle_delays(delays);
+            let planned = job.counter.planned_delays();
+            if planned.len() > job.polls_learned {
+                job.polls_learned = planned.len();
+                estimates.learn_settle_delays(job.seq, planned);
             }
         }
     }
@@ -300,7 +315,8 @@ pub(crate) async fn run(
             // Another replica led before this one, and may have spent ARM's buckets until just
             // before the takeover (its last call is at least lease_duration / 6 earlier, a
             // released Lease not even that): start from empty buckets. They refill at ARM's
-            // rate, so only the burst is lost, for at most a bucket's refill time (~10 s).
+            // rate, so only the burst is lost, for at most a bucket's refill time (10 s for
+            // reads, 19 s for writes at the default plan).
             tracing::info!("leading a Lease another replica held: planning from empty buckets");
             budget.empty(Instant::now());
         }
@@ -512,8 +528,13 @@ fn start_jobs(
             let (pools, name, timeout) = (pools.clone(), candidate.name, settings.request_timeout);
             let generation = candidate.request.generation;
             let job_name = name.clone();
+            let uid = candidate.uid;
             let task = jobs.spawn(async move {
-                let done = work::refuse(pools, job_name.clone(), generation, error, timeout).await;
+                let pool = work::PoolRef {
+                    name: job_name.clone(),
+                    uid,
+                };
+                let done = work::refuse(pools, pool, generation, error, timeout).await;
                 Finished {
                     name: job_name,
                     done,
@@ -551,14 +572,11 @@ fn start_jobs(
         let task = jobs.spawn(async move {
             let counter = job_counter;
             let name = job_name;
-            let work = work::run(
-                pools,
-                cloud,
-                name.clone(),
-                candidate.request,
-                known,
-                timeout,
-            );
+            let pool = work::PoolRef {
+                name: name.clone(),
+                uid: candidate.uid,
+            };
+            let work = work::run(pools, cloud, pool, candidate.request, known, timeout);
             let done = count_calls_into(counter.clone(), work).await;
             Finished {
                 name,
@@ -583,7 +601,7 @@ fn finish(
     in_flight: &mut InFlight,
 ) {
     let now = Instant::now();
-    in_flight.jobs.remove(&f.name);
+    let seq = in_flight.jobs.remove(&f.name).map(|job| job.seq);
     let sent = cloud.arm_calls();
     budget.advance(now, sent.reads, sent.writes);
     // What ARM last reported, plus the refill since, minus what was sent since: a caller the
@@ -625,10 +643,13 @@ fn finish(
                     estimates.write_reads =
                         0.8 * estimates.write_reads + 0.2 * f.calls.reads as f64;
                 }
-                // Learn how soon after a write each settle read came, all polls now (one write,
-                // no 429: a retried write would shorten them).
-                if f.calls.writes == 1 && f.calls.throttled == 0 {
-                    estimates.learn_settle_delays(f.settle_delays);
+                // All its polls now, replacing what it taught while it ran (one write and no 429
+                // only: after a retried write the reads are not all polls of one write).
+                if let Some(seq) = seq
+                    && f.calls.writes == 1
+                    && f.calls.throttled == 0
+                {
+                    estimates.learn_settle_delays(seq, f.settle_delays);
                 }
             }
             memo.due_since = None;

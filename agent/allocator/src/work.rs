@@ -34,10 +34,17 @@ pub(crate) struct Done {
     pub identity: Option<NodeIdentity>,
 }
 
+/// The NodeIPPool a job answers: its name, and its uid (the answer's patch carries it as a
+/// precondition, so it never lands on a pool created again under the same name meanwhile).
+pub(crate) struct PoolRef {
+    pub(crate) name: String,
+    pub(crate) uid: Option<String>,
+}
+
 pub(crate) async fn run(
     pools: Api<NodeIPPool>,
     cloud: std::sync::Arc<AzureProvider>,
-    name: String,
+    pool: PoolRef,
     request: CloudRequest,
     known: Option<NodeIdentity>,
     request_timeout: Duration,
@@ -46,13 +53,13 @@ pub(crate) async fn run(
     let identity = match identity(&cloud, &request, known).await {
         Ok(identity) => identity,
         Err(error) => {
-            return answer(&pools, &name, generation, None, Err(error), request_timeout).await;
+            return answer(&pools, &pool, generation, None, Err(error), request_timeout).await;
         }
     };
     let result = reconcile(&cloud, &identity, &request).await;
     answer(
         &pools,
-        &name,
+        &pool,
         generation,
         Some(identity),
         result,
@@ -64,12 +71,12 @@ pub(crate) async fn run(
 /// Answers `error` for `generation` without any cloud call (the request was refused).
 pub(crate) async fn refuse(
     pools: Api<NodeIPPool>,
-    name: String,
+    pool: PoolRef,
     generation: u64,
     error: CloudError,
     request_timeout: Duration,
 ) -> Done {
-    answer(&pools, &name, generation, None, Err(error), request_timeout).await
+    answer(&pools, &pool, generation, None, Err(error), request_timeout).await
 }
 
 /// Why the request of the NodeIPPool `name` must not be served, if it must not: a NodeIPPool
@@ -172,7 +179,7 @@ fn check_release(request: &CloudRequest) -> Result<(), CloudError> {
 /// Writes `status.cloud` (a merge patch of that field only) for `generation`.
 async fn answer(
     pools: &Api<NodeIPPool>,
-    name: &str,
+    pool: &PoolRef,
     generation: u64,
     identity: Option<NodeIdentity>,
     result: Result<Reconciled, CloudError>,
@@ -210,7 +217,13 @@ async fn answer(
     if answer.identity.is_none() {
         cloud.as_object_mut().expect("an object").remove("identity");
     }
-    let patch = Patch::Merge(json!({ "status": { "cloud": cloud } }));
+    let name = pool.name.as_str();
+    let mut patch = json!({ "status": { "cloud": cloud } });
+    if let Some(uid) = &pool.uid {
+        // A precondition: the API server refuses (409) a patch whose uid is not the object's.
+        patch["metadata"] = json!({ "uid": uid });
+    }
+    let patch = Patch::Merge(patch);
     let written = tokio::time::timeout(
         request_timeout,
         pools.patch_status(name, &PatchParams::default(), &patch),

@@ -260,11 +260,12 @@ async fn a_top_up_leaves_the_reserve_to_waiting_pods_and_the_pods_that_come_join
 async fn a_new_nodes_top_up_waits_for_its_pods_and_goes_alone_when_none_come() {
     let lab = Lab::new(2, "10.3.2.0/24", roomy_limits()).await;
     let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    // Before the asks: the allocator resolves the nodes (and starts their hold) after this.
+    let resolved = Instant::now();
     for node in ["node-1", "node-2"] {
         lab.ask(node, 1, 0, &[], 0);
         assert_eq!(lab.answered(node, 1).await.error, None);
     }
-    let resolved = Instant::now();
     // Both agents ask for their warm pool at once.
     lab.ask("node-1", 2, 4, &[], 0);
     lab.ask("node-2", 2, 4, &[], 0);
@@ -349,7 +350,12 @@ async fn pacing_keeps_429s_at_zero_when_the_buckets_are_small() {
 async fn a_second_allocator_waits_while_the_first_leads_and_takes_over_when_it_stops_renewing() {
     let lab = Lab::new(2, "10.5.0.0/24", roomy_limits()).await;
     let (first_client, cut_off) = lab.api.client_with_switch();
-    let first = lab.start_with(first_client, Lab::settings("first", ROOMY, ROOMY));
+    // Refilling 1/s: emptied, its buckets could not look full again during the test.
+    let slow = BucketSettings {
+        size: 1000.0,
+        refill_per_sec: 1.0,
+    };
+    let first = lab.start_with(first_client, Lab::settings("first", slow, slow));
     until("the first leads", || {
         first.counters.leading.load(Ordering::Relaxed) == 1
     })
@@ -427,6 +433,29 @@ async fn a_second_allocator_waits_while_the_first_leads_and_takes_over_when_it_s
 }
 
 /// A NIC that stays `Updating` for `polls` reads (1 s apart): a job that lasts that long.
+/// A NodeIPPool deleted and created again under the same name while a job for the old one runs
+/// (a node replaced by one of the same name): the old job's answer, which carries the old pool's
+/// uid as a precondition, is refused, and the new pool's own request is served from scratch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_for_a_replaced_pool_never_lands_on_its_successor() {
+    let lab = Lab::new(1, "10.3.3.0/24", roomy_limits()).await;
+    slow_operations(&lab, 3);
+    let allocator = lab.start(Lab::settings("a", ROOMY, ROOMY));
+    lab.ask("node-1", 1, 2, &[], 1);
+    until("the old pool's write is under way", || lab.nic_puts() == 1).await;
+    let old_uid = lab.api.get(vnet_fakeapi::POOLS, "node-1").unwrap()["metadata"]["uid"].clone();
+    lab.api.delete(vnet_fakeapi::POOLS, "node-1");
+    lab.ask("node-1", 1, 5, &[], 1);
+    let new_uid = lab.api.get(vnet_fakeapi::POOLS, "node-1").unwrap()["metadata"]["uid"].clone();
+    assert_ne!(old_uid, new_uid);
+    // The new pool's generation 1 asks for 5: its answer says 5, never the old job's 2.
+    let answer = lab.answered("node-1", 1).await;
+    assert_eq!(answer.error, None);
+    assert_eq!(answer.secondary_ips.len(), 5, "{answer:?}");
+    assert_eq!(ips(&answer), lab.nic_addresses("node-1"));
+    allocator.stop().await;
+}
+
 fn slow_operations(lab: &Lab, polls: u32) {
     lab.mock.set_faults(vnet_mockcloud::Faults {
         operation_retry_after_secs: Some(1),
@@ -443,7 +472,12 @@ async fn a_leader_cut_off_stops_its_job_before_the_standby_calls_arm() {
     let lab = Lab::new(1, "10.10.0.0/24", roomy_limits()).await;
     slow_operations(&lab, 10);
     let (first_client, cut_off) = lab.api.client_with_switch();
-    let first = lab.start_with(first_client, Lab::settings("first", ROOMY, ROOMY));
+    // Refilling 1/s: emptied, its buckets could not look full again during the test.
+    let slow = BucketSettings {
+        size: 1000.0,
+        refill_per_sec: 1.0,
+    };
+    let first = lab.start_with(first_client, Lab::settings("first", slow, slow));
     until("the first leads", || {
         first.counters.leading.load(Ordering::Relaxed) == 1
     })

@@ -193,6 +193,37 @@ impl CallCounter {
             .collect()
     }
 
+    /// When the work sent its first write, if it did.
+    pub fn written_at(&self) -> Option<Instant> {
+        self.settle.lock().unwrap_or_else(|p| p.into_inner()).write
+    }
+
+    /// Reads the work sent after its first write (its polls, for a NIC write).
+    pub fn reads_after_write(&self) -> usize {
+        self.settle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reads
+            .len()
+    }
+
+    /// How long after its first write each poll of it was planned to come ([`settle_delays`]
+    /// counting planned polls only: a read after the write that was not a poll, such as the NIC
+    /// re-read after a 412, is not one).
+    ///
+    /// [`settle_delays`]: CallCounter::settle_delays
+    pub fn planned_delays(&self) -> Vec<Duration> {
+        let settle = self.settle.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(write) = settle.write else {
+            return Vec::new();
+        };
+        settle
+            .planned
+            .iter()
+            .map(|at| at.saturating_duration_since(write))
+            .collect()
+    }
+
     fn count(&self, write: bool) {
         let now = Instant::now();
         if write {
