@@ -34,8 +34,8 @@ pub(crate) struct Done {
     pub identity: Option<NodeIdentity>,
 }
 
-/// The NodeIPPool a job answers: its name, and its uid (the answer's patch carries it as a
-/// precondition, so it never lands on a pool created again under the same name meanwhile).
+/// The NodeIPPool a job answers: its name, and its uid (checked before the answer is written,
+/// so it does not land on a pool created again under the same name meanwhile).
 pub(crate) struct PoolRef {
     pub(crate) name: String,
     pub(crate) uid: Option<String>,
@@ -218,12 +218,46 @@ async fn answer(
         cloud.as_object_mut().expect("an object").remove("identity");
     }
     let name = pool.name.as_str();
-    let mut patch = json!({ "status": { "cloud": cloud } });
-    if let Some(uid) = &pool.uid {
-        // A precondition: the API server refuses (409) a patch whose uid is not the object's.
-        patch["metadata"] = json!({ "uid": uid });
+    // The pool may have been deleted and created again under its name while the job ran (a
+    // node replaced by one of the same name): this answer is not the new pool's. A status patch
+    // cannot carry the uid as a precondition (the status subresource keeps the stored metadata),
+    // so the pool is read first; only a replacement within that read's round trip gets past.
+    match tokio::time::timeout(request_timeout, pools.get_opt(name)).await {
+        Ok(Ok(Some(current))) if current.metadata.uid == pool.uid => {}
+        Ok(Ok(_)) => {
+            tracing::info!(
+                node = name,
+                generation,
+                "pool deleted or replaced: answer dropped"
+            );
+            return Done {
+                outcome: Outcome::Unanswered {
+                    reason: format!("{name} was deleted or replaced while its job ran"),
+                    wrote,
+                },
+                identity: None,
+            };
+        }
+        Ok(Err(e)) => {
+            return Done {
+                outcome: Outcome::Unanswered {
+                    reason: format!("reading {name} before its answer: {e}"),
+                    wrote,
+                },
+                identity,
+            };
+        }
+        Err(_) => {
+            return Done {
+                outcome: Outcome::Unanswered {
+                    reason: format!("reading {name}: no answer within {request_timeout:?}"),
+                    wrote,
+                },
+                identity,
+            };
+        }
     }
-    let patch = Patch::Merge(patch);
+    let patch = Patch::Merge(json!({ "status": { "cloud": cloud } }));
     let written = tokio::time::timeout(
         request_timeout,
         pools.patch_status(name, &PatchParams::default(), &patch),

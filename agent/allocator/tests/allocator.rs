@@ -434,8 +434,8 @@ async fn a_second_allocator_waits_while_the_first_leads_and_takes_over_when_it_s
 
 /// A NIC that stays `Updating` for `polls` reads (1 s apart): a job that lasts that long.
 /// A NodeIPPool deleted and created again under the same name while a job for the old one runs
-/// (a node replaced by one of the same name): the old job's answer, which carries the old pool's
-/// uid as a precondition, is refused, and the new pool's own request is served from scratch.
+/// (a node replaced by one of the same name): the old job's answer is dropped (the pool's uid
+/// is no longer its), and the new pool's own request is served from scratch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_for_a_replaced_pool_never_lands_on_its_successor() {
     let lab = Lab::new(1, "10.3.3.0/24", roomy_limits()).await;

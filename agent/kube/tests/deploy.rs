@@ -265,6 +265,7 @@ fn the_allocator_runs_unprivileged_with_its_own_roles() {
     assert_eq!(
         grants(cluster.rules.unwrap()),
         BTreeSet::from([
+            "vnet-cni.io/nodeippools:get".to_string(),
             "vnet-cni.io/nodeippools:list".to_string(),
             "vnet-cni.io/nodeippools:watch".to_string(),
             "vnet-cni.io/nodeippools/status:patch".to_string(),

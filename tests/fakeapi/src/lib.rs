@@ -323,19 +323,6 @@ impl FakeApi {
                     return status_error(404, "NotFound", &format!("{name} not found"));
                 };
                 let patch: Value = serde_json::from_slice(&body).unwrap();
-                // A uid in the patch is a precondition, as the API server's storage checks it.
-                if let Some(uid) = patch["metadata"]["uid"].as_str()
-                    && object["metadata"]["uid"].as_str() != Some(uid)
-                {
-                    return status_error(
-                        409,
-                        "Conflict",
-                        &format!(
-                            "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                            object["metadata"]["uid"].as_str().unwrap_or_default()
-                        ),
-                    );
-                }
                 merge(&mut object["status"], &patch["status"]);
                 let object = state.put(collection, object);
                 json_response(StatusCode::OK, &object)
