@@ -3,7 +3,7 @@
 //! selectors on `spec.nodeName` / `metadata.name`, and injectable 403s. It runs as a tower service,
 //! so tests work under paused tokio time without sockets.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
@@ -28,9 +28,18 @@ const LEASE_GROUP: &str = "/apis/coordination.k8s.io/v1/namespaces/";
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 struct Watch {
-    collection: &'static str,
-    selector: Option<(String, String)>,
     events: mpsc::UnboundedSender<Bytes>,
+}
+
+/// A collection's watches: those without a selector, and those with a field selector indexed by
+/// (JSON pointer, value), so an event reaches its watchers without a look at every other one
+/// (5,000 agents each watch their own NodeIPPool by name in the cluster simulation).
+#[derive(Default)]
+struct Watches {
+    all: Vec<Watch>,
+    selected: HashMap<(String, String), Vec<Watch>>,
+    /// The pointers the selected watches use.
+    pointers: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -39,7 +48,7 @@ struct State {
     objects: BTreeMap<&'static str, BTreeMap<String, Value>>,
     resource_version: u64,
     history: Vec<(u64, &'static str, Value)>,
-    watches: Vec<Watch>,
+    watches: HashMap<&'static str, Watches>,
     /// (method, path prefix) answered with 403.
     forbidden: Vec<(Method, String)>,
     pub requests: Vec<String>,
@@ -97,8 +106,12 @@ fn matches(object: &Value, selector: &Option<(String, String)>) -> bool {
     let Some((field, value)) = selector else {
         return true;
     };
-    let pointer = format!("/{}", field.replace('.', "/"));
-    object.pointer(&pointer).and_then(Value::as_str) == Some(value.as_str())
+    object.pointer(&pointer_of(field)).and_then(Value::as_str) == Some(value.as_str())
+}
+
+/// The JSON pointer of a field selector's field (`metadata.name` -> `/metadata/name`).
+fn pointer_of(field: &str) -> String {
+    format!("/{}", field.replace('.', "/"))
 }
 
 fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
@@ -414,11 +427,21 @@ impl State {
         self.history
             .push((self.resource_version, collection, event.clone()));
         let line = Bytes::from(format!("{event}\n"));
-        self.watches.retain(|w| {
-            w.collection != collection
-                || !matches(&event["object"], &w.selector)
-                || w.events.send(line.clone()).is_ok()
-        });
+        let Some(watches) = self.watches.get_mut(collection) else {
+            return;
+        };
+        watches.all.retain(|w| w.events.send(line.clone()).is_ok());
+        for pointer in &watches.pointers {
+            let Some(value) = event["object"].pointer(pointer).and_then(Value::as_str) else {
+                continue;
+            };
+            if let Some(selected) = watches
+                .selected
+                .get_mut(&(pointer.clone(), value.to_string()))
+            {
+                selected.retain(|w| w.events.send(line.clone()).is_ok());
+            }
+        }
     }
 
     fn list(
@@ -461,11 +484,19 @@ impl State {
                 let _ = events.send(Bytes::from(format!("{event}\n")));
             }
         }
-        self.watches.push(Watch {
-            collection,
-            selector,
-            events,
-        });
+        let watches = self.watches.entry(collection).or_default();
+        match selector {
+            None => watches.all.push(Watch { events }),
+            Some((field, value)) => {
+                let pointer = pointer_of(&field);
+                watches.pointers.insert(pointer.clone());
+                watches
+                    .selected
+                    .entry((pointer, value))
+                    .or_default()
+                    .push(Watch { events });
+            }
+        }
         let stream = tokio_stream_from(receiver).map(|line| Ok::<_, Infallible>(Frame::data(line)));
         Response::builder()
             .status(StatusCode::OK)
