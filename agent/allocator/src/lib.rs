@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use vnet_cloud::azure::AzureProvider;
 
 pub mod budget;
+mod inflight;
 pub mod lease;
 mod queue;
 mod scheduler;
