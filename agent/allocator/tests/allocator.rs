@@ -60,6 +60,7 @@ async fn a_request_gets_its_addresses_in_one_nic_write_and_release_removes_exact
     // The other node was never touched.
     assert!(lab.nic_addresses("node-2").is_empty());
     assert!(lab.answer("node-2").is_none());
+    support::jobs_counted(&allocator.counters, 4).await;
     let counters = allocator.counters.snapshot();
     assert_eq!(counters.jobs_done, 4);
     assert_eq!(counters.nic_writes, 3);
@@ -369,6 +370,7 @@ async fn a_second_allocator_waits_while_the_first_leads_and_takes_over_when_it_s
 
     lab.ask("node-1", 1, 2, &[], 1);
     lab.answered("node-1", 1).await;
+    support::jobs_counted(&first.counters, 1).await;
     assert_eq!(first.counters.snapshot().jobs_done, 1);
     let standby = second.counters.snapshot();
     assert_eq!(
@@ -402,6 +404,7 @@ async fn a_second_allocator_waits_while_the_first_leads_and_takes_over_when_it_s
     lab.ask("node-2", 1, 3, &[], 1);
     let answer = lab.answered("node-2", 1).await;
     assert_eq!(answer.secondary_ips.len(), 3);
+    support::jobs_counted(&second.counters, 1).await;
     assert_eq!(second.counters.snapshot().jobs_done, 1);
     assert_eq!(
         first.counters.snapshot().jobs_done,
@@ -518,14 +521,7 @@ async fn a_leader_cut_off_stops_its_job_before_the_standby_calls_arm() {
         old,
         "no ARM call of the old leader after the new leader's first"
     );
-    // The answer is visible once its patch lands; the job is counted when the scheduler joins
-    // it, a moment later.
-    for _ in 0..100 {
-        if second.counters.snapshot().jobs_done > 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    support::jobs_counted(&second.counters, 1).await;
     assert_eq!(second.counters.snapshot().jobs_done, 1);
     second.stop().await;
     cut_off.store(false, Ordering::SeqCst);

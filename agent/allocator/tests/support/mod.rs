@@ -282,3 +282,14 @@ pub async fn until(what: &str, mut ready: impl FnMut() -> bool) {
     }
     panic!("never happened: {what}");
 }
+
+/// Waits (at most 5 s) until `counters` count `jobs` jobs done: an answer is visible as soon as
+/// its patch lands, and its job is counted when the scheduler joins it, a moment later.
+pub async fn jobs_counted(counters: &Counters, jobs: u64) {
+    for _ in 0..100 {
+        if counters.snapshot().jobs_done >= jobs {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
