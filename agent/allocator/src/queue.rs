@@ -153,21 +153,29 @@ pub(crate) fn candidates(
         let present: HashSet<String> = pools.iter().map(|p| p.name_any()).collect();
         memos.retain(|name, _| present.contains(name) || in_flight.contains(name));
     }
+    // Every pass looks at every pool (a pass follows each batch of watch events): nothing is
+    // copied for a pool that is not due.
     for pool in pools {
-        let name = pool.name_any();
+        let Some(name) = pool.metadata.name.as_deref() else {
+            continue;
+        };
         let Some(status) = pool.status.as_ref() else {
             continue;
         };
-        let Some(request) = status.cloud_request.clone() else {
+        let Some(request) = status.cloud_request.as_ref() else {
             continue;
         };
-        let memo = memos.entry(name.clone()).or_default();
-        let uid = pool.metadata.uid.clone();
-        if memo.uid != uid && !in_flight.contains(&name) {
+        if !memos.contains_key(name) {
+            memos.insert(name.to_string(), Memo::default());
+        }
+        let memo = memos.get_mut(name).expect("inserted above");
+        let uid = pool.metadata.uid.as_deref();
+        let running = in_flight.contains(name);
+        if memo.uid.as_deref() != uid && !running {
             // Its generations, answers and identity were another pool's (the new one may even
             // be another VM): a new request numbered 1 would otherwise look answered.
             *memo = Memo {
-                uid,
+                uid: uid.map(str::to_string),
                 ..Memo::default()
             };
         }
@@ -185,7 +193,7 @@ pub(crate) fn candidates(
         });
         // (Not while its job runs: the job brings the identity, and says it resolved the node.)
         if memo.identity.is_none()
-            && !in_flight.contains(&name)
+            && !running
             && let Some(known) = status.cloud.as_ref().and_then(|a| a.identity.as_ref())
         {
             memo.identity = NodeIdentity::try_from(known).ok();
@@ -196,16 +204,16 @@ pub(crate) fn candidates(
             Some((_, retry)) => retry.is_some_and(|at| at <= now),
         };
         let held = memo.not_before.is_some_and(|at| at > now);
-        if !due || held || in_flight.contains(&name) {
+        if !due || held || running {
             continue;
         }
         let since = *memo.due_since.get_or_insert(now);
         out.push(Candidate {
-            name,
+            name: name.to_string(),
             waiting_pods: request.waiting_pods,
             resolve: memo.identity.is_none(),
-            uid: pool.metadata.uid.clone(),
-            request,
+            uid: uid.map(str::to_string),
+            request: request.clone(),
             since,
         });
     }
