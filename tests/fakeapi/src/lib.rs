@@ -479,8 +479,11 @@ impl State {
         since: u64,
     ) -> Response<Body> {
         let (events, receiver) = mpsc::unbounded_channel();
-        for (rv, c, event) in &self.history {
-            if *rv > since && *c == collection && matches(&event["object"], &selector) {
+        // The history is in resourceVersion order: a watch resumed from a recent version (a
+        // kube-rs watcher does every ~5 min) replays only what came after it.
+        let start = self.history.partition_point(|(rv, _, _)| *rv <= since);
+        for (_, c, event) in &self.history[start..] {
+            if *c == collection && matches(&event["object"], &selector) {
                 let _ = events.send(Bytes::from(format!("{event}\n")));
             }
         }
