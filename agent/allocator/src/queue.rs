@@ -20,7 +20,8 @@ use crate::budget::{Cost, SettleTiming};
 /// Retry of a node whose job failed retryably, without `Retry-After`: doubling up to this.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
-/// How long after a node is resolved its first write waits for its first pods. A node that has
+/// How long after a node is resolved its first write waits for its first pods (the node's
+/// `not_before`, as for any hold). A node that has
 /// just started is about to get pods: kubelet re-checks a pod held back while the node's network
 /// was not ready every 1-1.5 s (`backOffOnTransientErrorPeriod`, jittered by half), so they reach
 /// the agent over that much time after it is ready. The agent asks for its warm pool the moment
@@ -45,19 +46,9 @@ pub(crate) struct Memo {
     pub(crate) due_since: Option<Instant>,
     /// Nothing for this node before then (its answer could not be written).
     pub(crate) not_before: Option<Instant>,
-    /// When this replica resolved the node (its identity came from a job, not a stored answer).
-    pub(crate) resolved_at: Option<Instant>,
     /// The NodeIPPool this is about (`metadata.uid`): a pool deleted and created again under
     /// the same name (a node replaced by one of the same name) starts from nothing remembered.
     pub(crate) uid: Option<String>,
-}
-
-impl Memo {
-    /// How much longer the node's first write waits for its pods ([`START_SETTLE`]), if it does.
-    pub(crate) fn settling(&self, now: Instant) -> Option<Duration> {
-        let until = self.resolved_at? + START_SETTLE;
-        (now < until).then(|| until - now)
-    }
 }
 
 /// A node's request, ready to be ordered.
@@ -332,12 +323,23 @@ mod tests {
 
     #[test]
     fn a_freshly_resolved_node_settles_for_start_settle() {
+        use kube::runtime::{reflector, watcher};
+        let (store, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Apply(pool("node-1", "uid-1", 2, Some(1))));
         let t0 = Instant::now();
-        let mut memo = Memo::default();
-        assert_eq!(memo.settling(t0), None, "identity from a stored answer");
-        memo.resolved_at = Some(t0);
-        assert_eq!(memo.settling(t0), Some(START_SETTLE));
-        assert_eq!(memo.settling(t0 + START_SETTLE), None);
+        let none = HashSet::new();
+        let mut memos = HashMap::new();
+        // Identity from a stored answer (no hold): due at once.
+        assert_eq!(candidates(&store, &mut memos, &none, t0).len(), 1);
+        assert_eq!(next_retry(&memos, t0), None);
+        // Resolved by this replica just now: held START_SETTLE, and the loop wakes for it.
+        memos.get_mut("node-1").unwrap().not_before = Some(t0 + START_SETTLE);
+        assert!(candidates(&store, &mut memos, &none, t0).is_empty());
+        assert_eq!(next_retry(&memos, t0), Some(START_SETTLE));
+        assert_eq!(
+            candidates(&store, &mut memos, &none, t0 + START_SETTLE).len(),
+            1
+        );
     }
 
     #[test]

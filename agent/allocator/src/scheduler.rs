@@ -30,7 +30,9 @@ use vnet_kube::crd::NodeIPPool;
 use crate::budget::{Budget, Cost};
 use crate::inflight::InFlight;
 use crate::lease::{self, Leadership, LeaseSettings};
-use crate::queue::{Estimates, Memo, candidates, expected_cost, next_retry, order, retry_delay};
+use crate::queue::{
+    Estimates, Memo, START_SETTLE, candidates, expected_cost, next_retry, order, retry_delay,
+};
 use crate::work::{self, Done, Outcome};
 use crate::{Counters, Settings};
 
@@ -361,20 +363,13 @@ fn start_jobs(
     let settle = estimates.settle_timing();
     let mut dues = in_flight.read_dues(now, &settle);
     let mut started = 0;
-    // The soonest a top-up held for its node's pods may start.
-    let mut settled: Option<Duration> = None;
+    // The soonest a held node (a new node waiting for its pods, a failed answer) is due.
+    let held = next_retry(memos, now);
     for candidate in candidates {
         if in_flight.jobs.len() >= settings.max_in_flight {
             break;
         }
         let memo = memos.entry(candidate.name.clone()).or_default();
-        if !candidate.resolve
-            && let Some(left) = memo.settling(now)
-        {
-            // A node that has just started: the rest of its first pods are about to join.
-            settled = Some(settled.map_or(left, |s| s.min(left)));
-            continue;
-        }
         let provider_id = nodes.provider_id(&candidate.name);
         if provider_id.is_none() && now.saturating_duration_since(candidate.since) < NODE_GRACE {
             // The Node's watch event may trail its NodeIPPool's: wait for it a little (the
@@ -416,7 +411,7 @@ fn start_jobs(
         if !wait.is_zero() {
             // Strict priority: the first node waits for the budget, nobody overtakes it.
             depth(started);
-            return Some(settled.map_or(wait, |s| s.min(wait)));
+            return Some(held.map_or(wait, |h| h.min(wait)));
         }
         outstanding.add(cost);
         dues.now += cost.first_reads();
@@ -450,7 +445,7 @@ fn start_jobs(
         in_flight.insert(task.id(), name, cost, counter);
     }
     depth(started);
-    settled
+    held
 }
 
 fn finish(
@@ -486,7 +481,8 @@ fn finish(
     let resolved = memo.identity.is_none() && f.done.identity.is_some();
     if resolved {
         estimates.resolved_any = true;
-        memo.resolved_at = Some(now);
+        // A node that has just started: its first pods are about to join its next request.
+        memo.not_before = Some(now + START_SETTLE);
     }
     if let Some(identity) = f.done.identity {
         memo.identity = Some(identity);
