@@ -84,14 +84,25 @@ impl Bucket {
     /// estimate: a full bucket waits for the outstanding calls to be sent). A job larger than
     /// the bucket waits for a full bucket.
     pub fn wait_for(&self, n: f64, outstanding: f64) -> Duration {
-        self.wait_for_level(outstanding + n.min(self.settings.size))
+        self.wait_for_reserving(n, outstanding, 0.0)
     }
 
     /// As [`Bucket::wait_for`], but the job may not take the bucket below [`SPARE_RESERVE`]
     /// of its size: that part is kept for work pods wait for.
     pub fn wait_for_spare(&self, n: f64, outstanding: f64) -> Duration {
-        let reserve = self.settings.size * SPARE_RESERVE;
-        self.wait_for_level(outstanding + (n + reserve).min(self.settings.size))
+        self.wait_for_reserving(n, outstanding, self.spare_reserve())
+    }
+
+    /// The part of the bucket work nobody waits for leaves untouched.
+    pub fn spare_reserve(&self) -> f64 {
+        self.settings.size * SPARE_RESERVE
+    }
+
+    /// `n` tokens at once beside `outstanding`, keeping `reserve`; a job larger than the rest of
+    /// the bucket waits for a full one.
+    fn wait_for_reserving(&self, n: f64, outstanding: f64, reserve: f64) -> Duration {
+        let n = n.min(self.settings.size - reserve);
+        self.wait_for_dues(outstanding + n, &[], reserve)
     }
 
     /// How long until `now` tokens can be taken at once and, besides, each of `later`'s amounts
@@ -110,13 +121,6 @@ impl Bucket {
             short = short.max(due - available);
         }
         Duration::from_secs_f64(short.max(0.0) / rate)
-    }
-
-    fn wait_for_level(&self, need: f64) -> Duration {
-        if self.level >= need {
-            return Duration::ZERO;
-        }
-        Duration::from_secs_f64((need - self.level) / self.settings.refill_per_sec)
     }
 
     /// Empty from `now` on: it refills at its rate.
@@ -233,9 +237,12 @@ impl Budget {
         settle: &SettleTiming,
         spare: bool,
     ) -> Duration {
-        let reserve = |size: f64| if spare { size * SPARE_RESERVE } else { 0.0 };
         let size = self.reads.settings.size;
-        let reads_reserve = reserve(size);
+        let reads_reserve = if spare {
+            self.reads.spare_reserve()
+        } else {
+            0.0
+        };
         // A job larger than the bucket waits for a full bucket, as in `wait_for`.
         let fit = ((size - reads_reserve) / cost.reads.max(f64::MIN_POSITIVE)).min(1.0);
         let mut later = dues.later.clone();
