@@ -112,11 +112,10 @@ impl InFlight {
         for job in self.jobs.values() {
             let sent = job.counter.calls().reads as f64;
             let reserved = &job.reserved;
-            match job.counter.written_at() {
-                Some(write) => {
+            match job.counter.after_write() {
+                Some((write, polled)) => {
                     let owed = (reserved.reads - sent).max(0.0);
                     let since = now.saturating_duration_since(write).as_secs_f64();
-                    let polled = job.counter.reads_after_write();
                     settle.dues(owed, polled, since, &mut dues.later);
                 }
                 None => {

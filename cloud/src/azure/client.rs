@@ -193,18 +193,11 @@ impl CallCounter {
             .collect()
     }
 
-    /// When the work sent its first write, if it did.
-    pub fn written_at(&self) -> Option<Instant> {
-        self.settle.lock().unwrap_or_else(|p| p.into_inner()).write
-    }
-
-    /// Reads the work sent after its first write (its polls, for a NIC write).
-    pub fn reads_after_write(&self) -> usize {
-        self.settle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .reads
-            .len()
+    /// When the work sent its first write, and how many reads it sent after it (its polls, for
+    /// a NIC write), if it wrote.
+    pub fn after_write(&self) -> Option<(Instant, usize)> {
+        let settle = self.settle.lock().unwrap_or_else(|p| p.into_inner());
+        settle.write.map(|at| (at, settle.reads.len()))
     }
 
     /// How long after its first write each poll of it was planned to come ([`settle_delays`]
@@ -1262,6 +1255,7 @@ mod tests {
             c.count(false);
             note_settle_planned(Duration::from_secs(5));
             assert!(c.settle_delays().is_empty(), "no write yet");
+            assert_eq!(c.after_write(), None);
             c.count(true);
             assert!(c.settle_delays().is_empty());
             note_settle_planned(Duration::from_secs(2));
@@ -1275,6 +1269,8 @@ mod tests {
             note_settle_planned(Duration::from_secs(1));
             c.count(false);
             assert_eq!(c.settle_delays().len(), 2);
+            // Two reads after the write (the read before it is not one of its polls).
+            assert_eq!(c.after_write().map(|(_, polls)| polls), Some(2));
         })
         .await;
         assert_eq!(counter.calls().reads, 3);
