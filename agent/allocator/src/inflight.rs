@@ -2,7 +2,7 @@
 //! buckets (at once, and by when a write's polls fall due); and what their polls teach about
 //! settle timing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -80,10 +80,6 @@ impl InFlight {
         self.jobs.clear();
         self.tasks.clear();
         sent
-    }
-
-    pub(crate) fn names(&self) -> HashSet<String> {
-        self.jobs.keys().cloned().collect()
     }
 
     /// What the jobs under way reserved and have not sent yet (a job that sent more than it

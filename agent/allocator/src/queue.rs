@@ -7,7 +7,8 @@
 //!   name. What is left is work nobody waits for (a warm-pool top-up, a release): it may not
 //!   spend the budget's reserve ([`crate::budget::SPARE_RESERVE`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
@@ -51,23 +52,73 @@ pub(crate) struct Memo {
     pub(crate) uid: Option<String>,
 }
 
-/// A node's request, ready to be ordered.
+/// A node's request, ready to be ordered. It holds the watched pool itself: every pass orders
+/// every due node (thousands in a cold start), so nothing of a pool is copied until its job
+/// starts.
 pub(crate) struct Candidate {
-    pub(crate) name: String,
-    pub(crate) request: CloudRequest,
+    pub(crate) pool: Arc<NodeIPPool>,
     pub(crate) waiting_pods: u32,
     /// The node's identity is not known yet: its job resolves it first.
     pub(crate) resolve: bool,
-    /// The NodeIPPool's `metadata.uid`.
-    pub(crate) uid: Option<String>,
     pub(crate) since: Instant,
 }
 
 impl Candidate {
+    pub(crate) fn name(&self) -> &str {
+        self.pool.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// The NodeIPPool's `metadata.uid`.
+    pub(crate) fn uid(&self) -> Option<&str> {
+        self.pool.metadata.uid.as_deref()
+    }
+
+    /// The request (a candidate is made only for a pool that has one).
+    pub(crate) fn request(&self) -> &CloudRequest {
+        self.pool
+            .status
+            .as_ref()
+            .and_then(|s| s.cloud_request.as_ref())
+            .expect("a candidate has a request")
+    }
+
     /// No pod waits for this job, and the node's agent already serves (it knows its identity):
     /// a warm-pool top-up, a release.
     pub(crate) fn waits_for_nobody(&self) -> bool {
         self.waiting_pods == 0 && !self.resolve
+    }
+
+    /// Most pods waiting first, then resolves, then the longest waiting, then by name.
+    fn priority(&self, other: &Candidate) -> std::cmp::Ordering {
+        other
+            .waiting_pods
+            .cmp(&self.waiting_pods)
+            .then(other.resolve.cmp(&self.resolve))
+            .then(self.since.cmp(&other.since))
+            .then(self.name().cmp(other.name()))
+    }
+}
+
+/// A candidate in the order jobs start: the max-heap's greatest is the first to serve.
+struct Queued(Candidate);
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Queued) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Queued) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Queued) -> std::cmp::Ordering {
+        other.0.priority(&self.0)
     }
 }
 
@@ -131,10 +182,12 @@ impl Estimates {
     }
 }
 
+/// The nodes due for a job now (not running one, not held), unordered. `running` says whether
+/// a node's job is under way.
 pub(crate) fn candidates(
     store: &Store<NodeIPPool>,
     memos: &mut HashMap<String, Memo>,
-    in_flight: &HashSet<String>,
+    running: impl Fn(&str) -> bool,
     now: Instant,
 ) -> Vec<Candidate> {
     let mut out = Vec::new();
@@ -142,7 +195,7 @@ pub(crate) fn candidates(
     // Nodes gone (their NodeIPPool deleted with the Node) are forgotten.
     if memos.len() > pools.len() {
         let present: HashSet<String> = pools.iter().map(|p| p.name_any()).collect();
-        memos.retain(|name, _| present.contains(name) || in_flight.contains(name));
+        memos.retain(|name, _| present.contains(name) || running(name));
     }
     // Every pass looks at every pool (a pass follows each batch of watch events): nothing is
     // copied for a pool that is not due.
@@ -161,7 +214,7 @@ pub(crate) fn candidates(
         }
         let memo = memos.get_mut(name).expect("inserted above");
         let uid = pool.metadata.uid.as_deref();
-        let running = in_flight.contains(name);
+        let running = running(name);
         if memo.uid.as_deref() != uid && !running {
             // Its generations, answers and identity were another pool's (the new one may even
             // be another VM): a new request numbered 1 would otherwise look answered.
@@ -200,26 +253,22 @@ pub(crate) fn candidates(
         }
         let since = *memo.due_since.get_or_insert(now);
         out.push(Candidate {
-            name: name.to_string(),
             waiting_pods: request.waiting_pods,
             resolve: memo.identity.is_none(),
-            uid: uid.map(str::to_string),
-            request: request.clone(),
             since,
+            pool: pool.clone(),
         });
     }
     out
 }
 
-/// Most pods waiting first, then resolves, then the longest waiting, then by name.
-pub(crate) fn order(candidates: &mut [Candidate]) {
-    candidates.sort_by(|a, b| {
-        b.waiting_pods
-            .cmp(&a.waiting_pods)
-            .then(b.resolve.cmp(&a.resolve))
-            .then(a.since.cmp(&b.since))
-            .then(a.name.cmp(&b.name))
-    });
+/// The candidates first to last (most pods waiting first, then resolves, then the longest
+/// waiting, then by name), each found when asked for: a pass starts a few jobs and stops at the
+/// first that must wait for the budget, so ordering all of thousands of due nodes every pass
+/// would be wasted (it was most of the allocator's CPU in a 5,000-node cold start).
+pub(crate) fn order(candidates: Vec<Candidate>) -> impl Iterator<Item = Candidate> {
+    let mut heap: BinaryHeap<Queued> = candidates.into_iter().map(Queued).collect();
+    std::iter::from_fn(move || heap.pop().map(|q| q.0))
 }
 
 /// When the earliest retry of a failed node is due.
@@ -265,11 +314,9 @@ mod tests {
 
     fn candidate(name: &str, waiting_pods: u32, since: Instant) -> Candidate {
         Candidate {
-            name: name.into(),
-            request: CloudRequest::default(),
+            pool: Arc::new(pool(name, "uid", 1, None)),
             waiting_pods,
             resolve: false,
-            uid: None,
             since,
         }
     }
@@ -278,7 +325,7 @@ mod tests {
     fn waiting_pods_first_then_the_oldest_then_by_name() {
         let t0 = Instant::now();
         let later = t0 + Duration::from_secs(5);
-        let mut queue = vec![
+        let queue = vec![
             candidate("top-up-old", 0, t0),
             candidate("one-waiting-new", 1, later),
             candidate("three-waiting-new", 3, later),
@@ -286,8 +333,8 @@ mod tests {
             candidate("b-top-up-new", 0, later),
             candidate("a-top-up-new", 0, later),
         ];
-        order(&mut queue);
-        let names: Vec<&str> = queue.iter().map(|c| c.name.as_str()).collect();
+        let queue: Vec<Candidate> = order(queue).collect();
+        let names: Vec<&str> = queue.iter().map(Candidate::name).collect();
         assert_eq!(
             names,
             [
@@ -309,13 +356,13 @@ mod tests {
             resolve: true,
             ..candidate(name, 0, later)
         };
-        let mut queue = vec![
+        let queue = vec![
             candidate("top-up-old", 0, t0),
             resolve("new-node"),
             candidate("waiting-new", 1, later),
         ];
-        order(&mut queue);
-        let names: Vec<&str> = queue.iter().map(|c| c.name.as_str()).collect();
+        let queue: Vec<Candidate> = order(queue).collect();
+        let names: Vec<&str> = queue.iter().map(Candidate::name).collect();
         assert_eq!(names, ["waiting-new", "new-node", "top-up-old"]);
         let nobody: Vec<bool> = queue.iter().map(Candidate::waits_for_nobody).collect();
         assert_eq!(nobody, [false, false, true]);
@@ -327,17 +374,17 @@ mod tests {
         let (store, mut writer) = reflector::store();
         writer.apply_watcher_event(&watcher::Event::Apply(pool("node-1", "uid-1", 2, Some(1))));
         let t0 = Instant::now();
-        let none = HashSet::new();
+        let none = |_: &str| false;
         let mut memos = HashMap::new();
         // Identity from a stored answer (no hold): due at once.
-        assert_eq!(candidates(&store, &mut memos, &none, t0).len(), 1);
+        assert_eq!(candidates(&store, &mut memos, none, t0).len(), 1);
         assert_eq!(next_retry(&memos, t0), None);
         // Resolved by this replica just now: held START_SETTLE, and the loop wakes for it.
         memos.get_mut("node-1").unwrap().not_before = Some(t0 + START_SETTLE);
-        assert!(candidates(&store, &mut memos, &none, t0).is_empty());
+        assert!(candidates(&store, &mut memos, none, t0).is_empty());
         assert_eq!(next_retry(&memos, t0), Some(START_SETTLE));
         assert_eq!(
-            candidates(&store, &mut memos, &none, t0 + START_SETTLE).len(),
+            candidates(&store, &mut memos, none, t0 + START_SETTLE).len(),
             1
         );
     }
@@ -390,16 +437,16 @@ mod tests {
         let (store, mut writer) = reflector::store();
         let now = Instant::now();
         let mut memos = HashMap::new();
-        let none = HashSet::new();
+        let none = |_: &str| false;
         writer.apply_watcher_event(&watcher::Event::Apply(pool("node-1", "uid-1", 1, None)));
-        assert_eq!(candidates(&store, &mut memos, &none, now).len(), 1);
+        assert_eq!(candidates(&store, &mut memos, none, now).len(), 1);
         // Answered generation 1; then the pool is replaced by a new one whose first request is
         // also generation 1, before the allocator saw it gone.
         memos.get_mut("node-1").unwrap().answered = Some((1, None));
-        assert!(candidates(&store, &mut memos, &none, now).is_empty());
+        assert!(candidates(&store, &mut memos, none, now).is_empty());
         writer.apply_watcher_event(&watcher::Event::Delete(pool("node-1", "uid-1", 1, None)));
         writer.apply_watcher_event(&watcher::Event::Apply(pool("node-1", "uid-2", 1, None)));
-        let due = candidates(&store, &mut memos, &none, now);
+        let due = candidates(&store, &mut memos, none, now);
         assert_eq!(due.len(), 1, "the new pool's request is due");
         assert!(due[0].resolve, "and its node is resolved again");
     }
