@@ -218,6 +218,11 @@ pub struct SimResult {
     pub not_on_nic: u64,
     pub peak_rss_mib: f64,
     pub wall_s: f64,
+    /// CPU seconds (user and system) the whole simulation process spent during the
+    /// measurement: divided by `all_wired_s`, the cores it used. Near the machine's cores, a
+    /// figure would measure the simulation rather than the policy.
+    #[serde(default)]
+    pub cpu_s: f64,
     /// The mock's counters over the measurement: calls by operation, answers by status.
     #[serde(default)]
     pub counters: vnet_mockcloud::Counters,
@@ -253,6 +258,20 @@ pub fn raise_nofile_limit() -> u64 {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
     lim.rlim_cur
+}
+
+/// CPU seconds (user and system) this process has spent so far.
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct we pass.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return 0.0;
+        }
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// Peak resident memory of this process (VmHWM), MiB.

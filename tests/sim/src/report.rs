@@ -118,7 +118,7 @@ pub fn tables(results: &[SimResult]) -> String {
                     format!("{} (min {})", r.reads, r.bound.reads),
                     format!("{} ({:.2}%)", r.throttled, r.throttled_pct()),
                     format!(
-                        "{:.0} s (bound {:.0} s, {})",
+                        "{:.1} s (bound {:.1} s, {})",
                         r.all_wired_s,
                         r.bound.all_wired_s,
                         ratio(r.all_wired_s, r.bound.all_wired_s)
@@ -126,6 +126,11 @@ pub fn tables(results: &[SimResult]) -> String {
                     format!("{:.1} / {:.1} s", r.wait_p50_s, r.wait_p99_s),
                     r.try_again.to_string(),
                     format!("{:.0} MiB", r.peak_rss_mib),
+                    if r.cpu_s > 0.0 && r.all_wired_s > 0.0 {
+                        format!("{:.2}", r.cpu_s / r.all_wired_s)
+                    } else {
+                        "-".into()
+                    },
                     if missed.is_empty() {
                         "all met".into()
                     } else {
@@ -147,6 +152,7 @@ pub fn tables(results: &[SimResult]) -> String {
                 "pod wait p50 / p99",
                 "try-again answers",
                 "peak RSS",
+                "sim CPU (cores)",
                 "targets",
                 "vs naive",
             ],

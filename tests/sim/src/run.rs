@@ -144,9 +144,10 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
     let mut throttled_before = 0;
     let mut pods_count = 0u64;
 
-    let (t0, before) = match cfg.scenario {
+    let (t0, before, cpu_at_t0) = match cfg.scenario {
         Scenario::Cold => {
             let t0 = Instant::now();
+            let cpu_at_t0 = crate::cpu_seconds();
             let before = mock.counters();
             start_nodes(
                 cfg,
@@ -163,7 +164,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
                     pods_count += 1;
                 }
             }
-            (t0, before)
+            (t0, before, cpu_at_t0)
         }
         Scenario::ScaleOut | Scenario::Churn => {
             let mut starts = start_nodes(
@@ -199,6 +200,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
             mock.set_rate_limits(cfg.limits);
             let before = mock.counters();
             let t0 = Instant::now();
+            let cpu_at_t0 = crate::cpu_seconds();
             if cfg.scenario == Scenario::ScaleOut {
                 for (i, slot) in slots.iter().enumerate() {
                     for p in 0..cfg.pods_per_node as usize {
@@ -209,7 +211,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
             } else {
                 pods_count += churn_schedule(cfg, &slots, &pods);
             }
-            (t0, before)
+            (t0, before, cpu_at_t0)
         }
     };
 
@@ -226,6 +228,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
         }
     }
     let all_wired_s = t0.elapsed().as_secs_f64();
+    let cpu_s = crate::cpu_seconds() - cpu_at_t0;
     let after = mock.counters();
     pods.abort_all();
 
@@ -273,6 +276,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
         not_on_nic,
         peak_rss_mib: crate::peak_rss_mib(),
         wall_s: wall.elapsed().as_secs_f64(),
+        cpu_s,
         wired_at_s: wired_at,
         counters: c.clone(),
         settings: settings_json(cfg),
