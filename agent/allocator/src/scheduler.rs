@@ -202,8 +202,8 @@ pub(crate) async fn run(
             let until = planned_wake.map_or(gap_end, |at| at.min(gap_end));
             Some(until.saturating_duration_since(Instant::now()))
         } else if leading {
-            last_pass = Instant::now();
-            let wake = start_jobs(
+            let pass_started = Instant::now();
+            let passed = start_jobs(
                 &store,
                 &nodes,
                 &pools,
@@ -215,7 +215,14 @@ pub(crate) async fn run(
                 &mut in_flight,
                 &mut jobs,
             );
-            planned_wake = wake.map(|after| last_pass + after);
+            // Never sooner than PASS_GAP either: the budget's wait is an estimate, and one that
+            // is too short (a shortfall at a later settle read, which waiting a little does not
+            // cure) would otherwise bring the loop round every few milliseconds until it passes.
+            let wake = passed.map(|after| after.max(PASS_GAP));
+            // The gap counts from the pass's end: a pass that takes longer than the gap (thousands
+            // of pools on a busy machine) still leaves the loop idle for the gap after it.
+            last_pass = Instant::now();
+            planned_wake = wake.and_then(|after| pass_started.checked_add(after));
             wake
         } else {
             None
