@@ -48,6 +48,10 @@ struct State {
     objects: BTreeMap<&'static str, BTreeMap<String, Value>>,
     resource_version: u64,
     history: Vec<(u64, &'static str, Value)>,
+    /// Where in `history` each object's events are, by collection and `metadata.name`: a watch
+    /// of one object by name (every agent watches its own NodeIPPool so, and its kube-rs
+    /// watcher resumes every ~5 min) replays its object's events, not the whole history's.
+    history_by_name: HashMap<(&'static str, String), Vec<usize>>,
     watches: HashMap<&'static str, Watches>,
     /// (method, path prefix) answered with 403.
     forbidden: Vec<(Method, String)>,
@@ -424,6 +428,12 @@ impl State {
 
     fn emit(&mut self, collection: &'static str, kind: &str, object: Value) {
         let event = json!({"type": kind, "object": object});
+        if let Some(name) = event["object"]["metadata"]["name"].as_str() {
+            self.history_by_name
+                .entry((collection, name.to_string()))
+                .or_default()
+                .push(self.history.len());
+        }
         self.history
             .push((self.resource_version, collection, event.clone()));
         let line = Bytes::from(format!("{event}\n"));
@@ -481,11 +491,32 @@ impl State {
         let (events, receiver) = mpsc::unbounded_channel();
         // The history is in resourceVersion order: a watch resumed from a recent version (a
         // kube-rs watcher does every ~5 min) replays only what came after it.
-        let start = self.history.partition_point(|(rv, _, _)| *rv <= since);
-        for (_, c, event) in &self.history[start..] {
-            if *c == collection && matches(&event["object"], &selector) {
-                let _ = events.send(Bytes::from(format!("{event}\n")));
+        let by_name = match &selector {
+            Some((field, name)) if field == "metadata.name" => Some(
+                self.history_by_name
+                    .get(&(collection, name.clone()))
+                    .map_or(&[][..], Vec::as_slice),
+            ),
+            _ => None,
+        };
+        let replay: Vec<&Value> = match by_name {
+            Some(at) => {
+                let start = at.partition_point(|&i| self.history[i].0 <= since);
+                at[start..].iter().map(|&i| &self.history[i].2).collect()
             }
+            None => {
+                let start = self.history.partition_point(|(rv, _, _)| *rv <= since);
+                self.history[start..]
+                    .iter()
+                    .filter(|(_, c, event)| {
+                        *c == collection && matches(&event["object"], &selector)
+                    })
+                    .map(|(_, _, event)| event)
+                    .collect()
+            }
+        };
+        for event in replay {
+            let _ = events.send(Bytes::from(format!("{event}\n")));
         }
         let watches = self.watches.entry(collection).or_default();
         match selector {
@@ -627,4 +658,68 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watch events a fresh watch has been sent so far, as (resourceVersion, name).
+    async fn replayed(response: Response<Body>) -> Vec<(u64, String)> {
+        let mut body = response.into_body();
+        let mut seen = Vec::new();
+        let next = std::time::Duration::from_millis(100);
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout(next, body.frame()).await {
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            for line in data.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let event: Value = serde_json::from_slice(line).unwrap();
+                let meta = &event["object"]["metadata"];
+                let rv = meta["resourceVersion"].as_str().unwrap().parse().unwrap();
+                seen.push((rv, meta["name"].as_str().unwrap().to_string()));
+            }
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_resumed_watch_replays_what_came_after_its_version_and_only_what_it_selects() {
+        let mut state = State::default();
+        for n in 0..3 {
+            for name in ["a", "b"] {
+                state.put(POOLS, json!({"metadata": {"name": name}, "spec": {"n": n}}));
+            }
+        }
+        // Versions: a 1, b 2, a 3, b 4, a 5, b 6; and a Node named "a" at 7.
+        state.put(NODES, json!({"metadata": {"name": "a"}}));
+        let by_name = Some(("metadata.name".to_string(), "a".to_string()));
+        let a = |rvs: &[u64]| {
+            rvs.iter()
+                .map(|&rv| (rv, "a".to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            replayed(state.watch(POOLS, by_name.clone(), 2)).await,
+            a(&[3, 5])
+        );
+        assert_eq!(
+            replayed(state.watch(POOLS, by_name.clone(), 0)).await,
+            a(&[1, 3, 5])
+        );
+        assert_eq!(
+            replayed(state.watch(POOLS, by_name.clone(), 5)).await,
+            a(&[])
+        );
+        assert_eq!(replayed(state.watch(NODES, by_name, 0)).await, a(&[7]));
+        // Another field: the whole history after the version, filtered.
+        let by_uid = Some(("metadata.uid".to_string(), "uid-4".to_string()));
+        assert_eq!(
+            replayed(state.watch(POOLS, by_uid, 0)).await,
+            [(4, "b".to_string())]
+        );
+        let all = replayed(state.watch(POOLS, None, 3)).await;
+        let rvs: Vec<u64> = all.iter().map(|(rv, _)| *rv).collect();
+        assert_eq!(rvs, [4, 5, 6]);
+    }
 }
