@@ -40,7 +40,7 @@ use crate::{Counters, Settings};
 const IDLE_TICK: Duration = Duration::from_millis(500);
 
 /// The shortest time between two passes that a watch event starts. Every pass looks at every
-/// pool, and in a large cluster's cold start the pools change thousands of times a second
+/// pool, and in a large cluster's cold start the pools change many times a second
 /// (each pod that reaches its node changes the node's request): passing on every change kept
 /// the loop busy on a CPU at 5,000 nodes. A change after a quiet spell is looked at at once; a
 /// change within this of the last pass waits for the rest of it, with any others that come.
