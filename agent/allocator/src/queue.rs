@@ -369,7 +369,7 @@ mod tests {
     }
 
     #[test]
-    fn a_freshly_resolved_node_settles_for_start_settle() {
+    fn a_held_node_is_not_due_until_its_hold_ends_and_the_loop_wakes_for_it() {
         use kube::runtime::{reflector, watcher};
         let (store, mut writer) = reflector::store();
         writer.apply_watcher_event(&watcher::Event::Apply(pool("node-1", "uid-1", 2, Some(1))));

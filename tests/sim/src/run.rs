@@ -192,15 +192,12 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<SimResult> {
                 while warm.join_next().await.is_some() {}
             }
             // The mock is unthrottled for the warm-up, but in cluster mode the allocator does not
-            // know: it paces the warm-up by its model of ARM's read bucket, about 4 reads per node
-            // (resolve and settle) at 24.5/s, which at 5,000 nodes is longer than 600 s (counted
-            // here at 20/s, plus 300 s, for margin).
-            let paced = Duration::from_secs_f64(cfg.nodes as f64 * 4.0 / 20.0);
-            wait_settled(
-                &nodes,
-                Duration::from_secs(600).max(paced + Duration::from_secs(300)),
-            )
-            .await?;
+            // know: it paces the warm-up by its own read bucket, about 4 reads per node (resolve
+            // and settle), which at 5,000 nodes takes longer than 600 s. Twice that, for margin.
+            let paced = Duration::from_secs_f64(
+                2.0 * cfg.nodes as f64 * 4.0 / cfg.allocator_reads.refill_per_sec,
+            );
+            wait_settled(&nodes, Duration::from_secs(600).max(paced)).await?;
             // Past the agent's repeated start-up reconcile (30 s), so the measurement starts
             // from steady state; then ARM's buckets, full.
             tokio::time::sleep(Duration::from_secs(35)).await;
